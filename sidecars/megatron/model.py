@@ -1,0 +1,162 @@
+"""Build a megatron-core GPTModel for an HF Llama/Qwen2 checkpoint, load its weights, export them back.
+
+Consumes: an HF model directory (config.json + safetensors), an initialised Megatron parallel
+state (`parallel.init_distributed`). Produces: the model on this rank (its TP shard), and, on
+export, full HF-named tensors gathered over the tensor-parallel group.
+Uses the local layer spec on CPU and the Transformer Engine spec where TE is installed on GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sidecars.megatron import compat
+from sidecars.megatron.arch import ModelArch
+from sidecars.megatron.convert import (
+    ConversionError,
+    Tensors,
+    hf_to_megatron,
+    megatron_to_hf,
+    tp_merge,
+    tp_shard,
+    tp_split_dim,
+)
+
+
+def _use_transformer_engine() -> bool:
+    if not compat.on_gpu():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_model(arch: ModelArch, params_dtype: torch.dtype = torch.float32):  # -> GPTModel
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer import TransformerConfig
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    arch.check_tensor_parallel(tp)
+    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise ValueError("the trainer supports pipeline_parallel=1 only (CPU pipeline schedules need CUDA)")
+    config = TransformerConfig(
+        num_layers=arch.layers,
+        hidden_size=arch.hidden,
+        ffn_hidden_size=arch.intermediate,
+        num_attention_heads=arch.heads,
+        num_query_groups=arch.kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        params_dtype=params_dtype,
+        use_cpu_initialization=not compat.on_gpu(),
+    )
+    if _use_transformer_engine():
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=arch.vocab_size,
+        max_sequence_length=arch.max_positions,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        parallel_output=True,
+    )
+    return model.to(compat.device())
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own weights by local name (TE's `_extra_state` and buffers left out)."""
+    return {n: p for n, p in model.state_dict(keep_vars=True).items() if not n.endswith("_extra_state")}
+
+
+def uses_fused_norms(model: torch.nn.Module) -> bool:
+    return any(n.endswith("layer_norm_weight") for n in _weights(model))
+
+
+def read_hf_tensors(model_dir: str | Path) -> Tensors:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no *.safetensors files")
+    tensors: Tensors = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def load_hf_weights(model: torch.nn.Module, hf: Tensors, arch: ModelArch) -> None:
+    """Copy HF tensors into this rank's shard of `model`; shape mismatches name the tensor."""
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    full = hf_to_megatron(hf, arch, fused_norms=uses_fused_norms(model))
+    with torch.no_grad():
+        for name, param in _weights(model).items():
+            if name not in full:
+                raise ConversionError(f"no HF tensor maps to Megatron parameter {name!r}")
+            shard = tp_shard(name, full[name], rank, size)
+            if shard.shape != param.shape:
+                raise ConversionError(
+                    f"{name}: converted shard has shape {list(shard.shape)}, the model expects {list(param.shape)}"
+                )
+            param.copy_(shard)
+
+
+def export_hf_weights(model: torch.nn.Module, arch: ModelArch) -> Tensors:
+    """Full HF-named tensors, gathered over the TP group (same on every TP rank)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    full: Tensors = {}
+    for name, param in _weights(model).items():
+        local = param.detach().contiguous()
+        if size == 1 or tp_split_dim(name) is None:
+            full[name] = local.clone()
+            continue
+        shards = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(shards, local, group=group)
+        full[name] = tp_merge(name, shards)
+    return megatron_to_hf(full, arch, fused_norms=uses_fused_norms(model))
+
+
+def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits [batch, seq, vocab] for `tokens` [batch, seq] (gathered over TP)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    dev = compat.device()
+    tokens = tokens.to(dev)
+    positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+    logits = model(tokens, positions, compat.causal_mask(tokens.shape[1], dev))
+    return gather_from_tensor_model_parallel_region(logits)

@@ -1,0 +1,55 @@
+"""Process-group set-up for the trainer ranks: torch.distributed plus Megatron's model-parallel groups.
+
+Reads the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or the arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sidecars.megatron import compat
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Join the torchrun group (gloo on CPU, NCCL on GPU) and build Megatron's parallel state."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    compat.apply_cpu_shims()
+    if not dist.is_initialized():
+        if compat.on_gpu():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=compat.distributed_backend())
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
+    if world % model_parallel:
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel*pipeline_parallel = {model_parallel}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_parallel,
+            pipeline_model_parallel_size=parallel.pipeline_parallel,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,28 @@
+"""vLLM worker extension: loads pushed weights into a live engine that started with dummy weights.
+
+vLLM's CPU backend repacks linear weights after loading, so `model.load_weights()` on a live
+engine fails; `Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)` runs the
+full loader path (HF names in, repacking after) and works on CPU and GPU alike.
+Called from the engine process through `collective_rpc("<method>", args=...)`.
+"""
+
+from __future__ import annotations
+
+from checkpoint_engine.shm_buffer import Manifest, read_region
+
+
+class WeightReceiverExtension:
+    """Mixed into vLLM's Worker via `worker_extension_cls`."""
+
+    loaded_version: int = -1
+
+    def load_from_shm(self, manifest_dict: dict) -> int:
+        """Load every tensor of a `Manifest` (as `to_dict()`: RPC arguments cross processes as
+        plain data) from shared memory; returns the version now live."""
+        manifest = Manifest.from_dict(manifest_dict)
+        self.reload_weights(weights_iterator=read_region(manifest), is_checkpoint_format=True)
+        self.loaded_version = manifest.version
+        return self.loaded_version
+
+    def weight_version(self) -> int:
+        return self.loaded_version
