@@ -1,0 +1,64 @@
+"""vLLM started with dummy weights receives the real ones through shared memory and then generates
+exactly what HF transformers generates greedily."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_engine.shm_buffer import list_regions, remove_region, write_region
+from engine.tiny_model import TinyModelSpec, write_tiny_model
+from sidecars.megatron.model import read_hf_tensors
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+MAX_TOKENS = 12
+
+
+def _hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        ids = model.generate(
+            torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0
+        )
+        out.append(ids[0, len(p) :].tolist())
+    return out
+
+
+def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    model_dir = write_tiny_model(tmp_path / "model", TinyModelSpec(layers=2, hidden=128, heads=4, kv_heads=2))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tok(t)["input_ids"] for t in ("12+34=", "sort:3,1,2=", "hello world")]
+    region = f"timeshare-test-{uuid.uuid4().hex[:8]}"
+    manifest = write_region(region, 5, read_hf_tensors(model_dir))
+    try:
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest.to_dict()))
+        cmd = [
+            sys.executable, str(REPO / "tests/integration/vllm_push_driver.py"), "--model", str(model_dir),
+            "--manifest", str(tmp_path / "manifest.json"), "--prompts", json.dumps(prompts),
+            "--max-tokens", str(MAX_TOKENS), "--out", str(tmp_path / "out.json"),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
+    finally:
+        remove_region(region)
+    result = json.loads((tmp_path / "out.json").read_text())
+
+    want = _hf_greedy(model_dir, prompts)
+    assert result["versions"] == [5]
+    assert result["before"] != want, "dummy weights already produced the real model's output"
+    assert result["after"] == want
+    assert region not in list_regions()

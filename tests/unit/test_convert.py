@@ -1,0 +1,139 @@
+"""HF <-> Megatron naming and layout rules, on random tensors, without processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sidecars.megatron.arch import ModelArch
+from sidecars.megatron.convert import (
+    ConversionError,
+    hf_to_megatron,
+    interleave_qkv,
+    megatron_to_hf,
+    split_qkv,
+    tp_merge,
+    tp_shard,
+)
+
+
+def _arch(**over: object) -> ModelArch:
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "tie_word_embeddings": False,
+    }
+    cfg.update(over)
+    return ModelArch.from_hf_config(cfg)
+
+
+def _hf_tensors(a: ModelArch) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    shapes = {"model.embed_tokens.weight": (a.vocab_size, a.hidden), "model.norm.weight": (a.hidden,)}
+    if not a.tie_embeddings:
+        shapes["lm_head.weight"] = (a.vocab_size, a.hidden)
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (q, a.hidden),
+            p + "self_attn.k_proj.weight": (kv, a.hidden),
+            p + "self_attn.v_proj.weight": (kv, a.hidden),
+            p + "self_attn.o_proj.weight": (a.hidden, q),
+            p + "input_layernorm.weight": (a.hidden,),
+            p + "post_attention_layernorm.weight": (a.hidden,),
+            p + "mlp.gate_proj.weight": (a.intermediate, a.hidden),
+            p + "mlp.up_proj.weight": (a.intermediate, a.hidden),
+            p + "mlp.down_proj.weight": (a.hidden, a.intermediate),
+        }
+        if a.qkv_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)}
+            shapes |= {p + "self_attn.v_proj.bias": (kv,)}
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("fused_norms", [False, True])
+def test_round_trip_is_exact(family: str, tie: bool, fused_norms: bool) -> None:
+    a = _arch(architectures=[family], tie_word_embeddings=tie)
+    hf = _hf_tensors(a)
+    back = megatron_to_hf(hf_to_megatron(hf, a, fused_norms), a, fused_norms)
+    assert set(back) == set(hf)
+    for name, t in hf.items():
+        assert torch.equal(back[name], t), name
+
+
+def test_qkv_groups_are_interleaved() -> None:
+    a = _arch()  # 4 heads in 2 groups, head_dim 8
+    q = torch.arange(32).repeat_interleave(1).reshape(32, 1).float()
+    k = 100 + torch.arange(16).reshape(16, 1).float()
+    v = 200 + torch.arange(16).reshape(16, 1).float()
+    qkv = interleave_qkv(q, k, v, a).flatten().tolist()
+    group0 = list(range(16)) + list(range(100, 108)) + list(range(200, 208))
+    assert qkv[:32] == group0
+    assert [t.flatten().tolist() for t in split_qkv(interleave_qkv(q, k, v, a), a)] == [
+        q.flatten().tolist(),
+        k.flatten().tolist(),
+        v.flatten().tolist(),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "embedding.word_embeddings.weight",
+        "output_layer.weight",
+        "decoder.layers.0.self_attention.linear_qkv.weight",
+        "decoder.layers.0.self_attention.linear_qkv.bias",
+        "decoder.layers.0.self_attention.linear_proj.weight",
+        "decoder.layers.0.mlp.linear_fc1.weight",
+        "decoder.layers.0.mlp.linear_fc2.weight",
+        "decoder.layers.0.input_layernorm.weight",
+    ],
+)
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_tp_shard_merge_inverse(name: str, tp: int) -> None:
+    full = torch.randn(16, 8) if not name.endswith(("bias", "layernorm.weight")) else torch.randn(16)
+    shards = [tp_shard(name, full, r, tp) for r in range(tp)]
+    assert torch.equal(tp_merge(name, shards), full)
+    if name.endswith("linear_fc1.weight") and tp == 2:
+        gate, up = full.chunk(2)
+        assert torch.equal(shards[1], torch.cat([gate[4:], up[4:]]))  # [gate_r; up_r] per rank
+
+
+def test_shape_mismatch_names_tensor_and_shape() -> None:
+    a = _arch()
+    hf = _hf_tensors(a)
+    hf["model.layers.1.mlp.up_proj.weight"] = torch.zeros(47, 32)
+    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\[47, 32\].*\[48, 32\]"):
+        hf_to_megatron(hf, a)
+
+
+def test_missing_and_unknown_tensors_are_errors() -> None:
+    a = _arch()
+    hf = _hf_tensors(a)
+    del hf["model.norm.weight"]
+    with pytest.raises(ConversionError, match=r"lacks tensor 'model\.norm\.weight'"):
+        hf_to_megatron(hf, a)
+    hf = _hf_tensors(a) | {"model.layers.0.self_attn.q_norm.weight": torch.zeros(8)}
+    with pytest.raises(ConversionError, match="q_norm"):
+        hf_to_megatron(hf, a)
+
+
+def test_unsupported_architecture_lists_supported() -> None:
+    with pytest.raises(ValueError, match=r"unsupported architecture \['GPT2LMHeadModel'\].*LlamaForCausalLM"):
+        _arch(architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        _arch(hidden_act="gelu")
+
+
+def test_tensor_parallel_divisibility() -> None:
+    with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by tensor_parallel=4"):
+        _arch().check_tensor_parallel(4)

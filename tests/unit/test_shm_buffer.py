@@ -1,0 +1,67 @@
+"""Shared-memory weight buffer: layout planning and a write/read round trip through /dev/shm."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+from checkpoint_engine.shm_buffer import (
+    ALIGNMENT,
+    Manifest,
+    list_regions,
+    plan_layout,
+    read_region,
+    remove_region,
+    write_region,
+)
+
+
+@pytest.fixture
+def region():
+    name = f"timeshare-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    remove_region(name)
+
+
+def test_layout_is_aligned_and_disjoint() -> None:
+    tensors = {"a": torch.zeros(3), "b": torch.zeros(5, 7, dtype=torch.bfloat16), "c": torch.zeros(1)}
+    slots, size = plan_layout(tensors)
+    assert [s.offset % ALIGNMENT for s in slots] == [0, 0, 0]
+    assert [s.nbytes for s in slots] == [12, 70, 4]
+    ends = [s.offset + s.nbytes for s in slots]
+    assert all(end <= nxt.offset for end, nxt in zip(ends, slots[1:], strict=False))
+    assert size == ends[-1]
+
+
+def test_round_trip_preserves_every_byte(region: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(33, 17, generator=g),
+        "b16": torch.randn(9, generator=g).to(torch.bfloat16),
+        "h": torch.randn(4, 4, generator=g).half(),
+        "ids": torch.arange(5),
+    }
+    manifest = Manifest.from_dict(write_region(region, 3, tensors).to_dict())
+    assert manifest.version == 3
+    assert region in list_regions()
+    got = dict(read_region(manifest))
+    assert list(got) == list(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype
+        assert torch.equal(got[name], t), name
+
+
+def test_existing_region_is_not_overwritten(region: str) -> None:
+    first = write_region(region, 1, {"x": torch.ones(2)})
+    with pytest.raises(FileExistsError):
+        write_region(region, 2, {"x": torch.zeros(2)})
+    assert torch.equal(dict(read_region(first))["x"], torch.ones(2))
+
+
+def test_unsupported_dtype_and_schema_are_refused(region: str) -> None:
+    with pytest.raises(ValueError, match="complex64"):
+        write_region(region, 1, {"z": torch.zeros(2, dtype=torch.complex64)})
+    with pytest.raises(ValueError, match="schema 9"):
+        Manifest.from_dict({"schema": 9, "region": region, "version": 1, "size": 1, "slots": []})
