@@ -14,7 +14,12 @@ On a machine with CUDA nothing here patches anything.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+# megatron-core warns at import that TE/Apex are absent; on CPU that is the expected set-up.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed.*")
 
 _PATCHED = False
 

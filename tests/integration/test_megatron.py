@@ -42,8 +42,26 @@ def _run_megatron(model_dir: Path, out: Path, tp: int, nproc: int) -> None:
 
 @pytest.mark.parametrize(
     ("arch", "tie", "tp", "nproc"),
-    [("llama", False, 1, 1), ("llama", False, 2, 2), ("qwen2", False, 2, 2), ("llama", True, 1, 2)],
-    ids=["llama-tp1", "llama-tp2", "qwen2-tp2", "llama-tied-tp1-dp2"],
+    [
+        ("llama", False, 1, 1),
+        ("llama", False, 2, 2),
+        ("qwen2", False, 2, 2),
+        ("llama", True, 1, 2),
+        pytest.param(
+            "qwen2",
+            False,
+            1,
+            1,
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    not torch.cuda.is_available(),
+                    reason="needs CUDA: NCCL and, where installed, the Transformer Engine spec with fused norms",
+                ),
+            ],
+        ),
+    ],
+    ids=["llama-tp1", "llama-tp2", "qwen2-tp2", "llama-tied-tp1-dp2", "qwen2-gpu"],
 )
 def test_round_trip_and_logits(tmp_path: Path, arch: str, tie: bool, tp: int, nproc: int) -> None:
     from transformers import AutoModelForCausalLM
