@@ -1,0 +1,135 @@
+"""Which estimator and loss to train with, and the per-algorithm rules that tie them together.
+
+`compute_advantages` runs at batch-building time (no gradients); `policy_loss` in the train step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from engine.algorithms import advantages as adv
+from engine.algorithms.kl import KL_ESTIMATORS, KlEstimator, kl_estimate
+from engine.algorithms.losses import AGGREGATIONS, Aggregation, clipped_policy_loss, kimi_loss
+
+AlgoName = Literal["kimi", "grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"]
+ALGORITHMS: tuple[AlgoName, ...] = ("kimi", "grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo")
+# Each estimator's own aggregation (what its paper does) when the config leaves it unset.
+NATURAL_AGGREGATION: dict[str, Aggregation] = {
+    "grpo": "seq_mean_token_mean",
+    "dr_grpo": "seq_sum",
+    "rloo": "token_mean",
+    "reinforce_pp": "token_mean",
+    "ppo": "token_mean",
+}
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    name: AlgoName = "kimi"
+    tau: float = 0.1  # kimi: weight of the squared log-ratio to pi_old
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: KlEstimator = "k3"
+    aggregation: Aggregation | None = None  # None: the algorithm's own (NATURAL_AGGREGATION)
+    norm_tokens: float = 1.0  # seq_sum divisor, e.g. the generation budget for Dr.GRPO
+    gamma: float = 1.0
+    lam: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.name not in ALGORITHMS:
+            raise ValueError(f"algo.name must be one of {ALGORITHMS}, got {self.name!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"algo.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.aggregation is not None and self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"algo.aggregation must be one of {AGGREGATIONS} or null, got {self.aggregation!r}")
+        if self.name == "kimi" and self.aggregation is not None:
+            raise ValueError("algo.aggregation does not apply to kimi (its loss is per sequence); leave it null")
+        if self.name == "kimi" and self.tau <= 0:
+            raise ValueError(f"algo.tau must be > 0 for kimi, got {self.tau}")
+        if self.name == "reinforce_pp" and self.kl_coef < 0:
+            raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
+        for name in ("clip_low", "clip_high"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"algo.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.name == "ppo"
+
+    @property
+    def loss_aggregation(self) -> Aggregation:
+        return self.aggregation or NATURAL_AGGREGATION[self.name]
+
+
+def compute_advantages(
+    cfg: AlgoConfig,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Advantages for a batch of sequences in group-major order: [batch] or [batch, tokens]."""
+    groups = rewards.view(-1, group_size)
+    if cfg.name in ("kimi", "dr_grpo"):
+        return adv.dr_grpo(groups).flatten()  # kimi's mean-reward baseline is the same quantity
+    if cfg.name == "grpo":
+        return adv.grpo(groups).flatten()
+    if cfg.name == "rloo":
+        return adv.rloo(groups).flatten()
+    kl = torch.zeros_like(mask, dtype=torch.float32)
+    if cfg.kl_coef:
+        if old_logp is None or ref_logp is None:
+            raise ValueError(f"{cfg.name} with kl_coef > 0 needs old and reference logprobs")
+        kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator)
+    if cfg.name == "reinforce_pp":
+        return adv.reinforce_pp(rewards, kl, mask, cfg.kl_coef)
+    if values is None:
+        raise ValueError("ppo needs critic values for GAE")
+    last = (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)) & mask.bool()
+    token_rewards = last * rewards[:, None] - cfg.kl_coef * kl * mask
+    advantages, _ = adv.gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+    return advantages
+
+
+def policy_loss(
+    cfg: AlgoConfig,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    rewards: torch.Tensor | None = None,
+    group_size: int | None = None,
+    ref_logp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The scalar to minimise for this algorithm on one (micro-)batch."""
+    if cfg.name == "kimi":
+        if rewards is None or group_size is None:
+            raise ValueError("kimi's loss needs the rewards and the group size")
+        return kimi_loss(logp, old_logp, rewards.view(-1, group_size), mask, cfg.tau)
+    # REINFORCE++ and PPO put the KL into the reward; GRPO-style estimators add it to the loss.
+    kl_in_loss = cfg.name in ("grpo", "dr_grpo", "rloo")
+    return clipped_policy_loss(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        aggregation=cfg.loss_aggregation,
+        norm_tokens=cfg.norm_tokens,
+        ref_logp=ref_logp,
+        kl_coef=cfg.kl_coef if kl_in_loss else 0.0,
+        kl_estimator=cfg.kl_estimator,
+    )
