@@ -64,14 +64,27 @@ def char_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
 
 
+# GPT-2 byte-level symbols of the two whitespace characters; printable ASCII otherwise maps to itself.
+_BYTE_LEVEL = {" ": "\u0120", "\n": "\u010a"}
+
+
 def build_char_tokenizer():  # -> transformers.PreTrainedTokenizerFast
-    """One token per character; BPE with no merges splits any text into its characters."""
-    from tokenizers import Tokenizer, decoders, models, processors
+    """One token per character; BPE with no merges splits any text into its characters.
+
+    The vocabulary is stored byte-level (space as `Ġ`, newline as `Ċ`) because transformers 5
+    loads a `qwen2` checkpoint's tokenizer.json into Qwen2Tokenizer, which forces a byte-level
+    pre-tokenizer and decoder whatever the file says: a plain character vocabulary then loses
+    every space and newline. Token ids are those of `char_vocab()` either way.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = char_vocab()
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()
+    tok = Tokenizer(
+        models.BPE(vocab={_BYTE_LEVEL.get(t, t): i for t, i in vocab.items()}, merges=[], unk_token="<unk>")
+    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from engine.tasks.base import Sample, Split, check_split, first_line, split_of
+from engine.tasks.base import Sample, Split, check_count, check_split, first_line, split_of
 
 
 @dataclass
@@ -23,6 +23,7 @@ class AdditionTask:
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
         check_split(split)
+        check_count(n)
         upper = 10**self.max_digits
         capacity = upper * upper
         rng = random.Random(f"{self.name}:{split}:{seed}")

@@ -43,6 +43,13 @@ def check_split(split: str) -> Split:
     return split  # type: ignore[return-value]
 
 
+def check_count(n: int) -> int:
+    # A negative n would never equal len(seen) in the generators' loops and return whatever they drew.
+    if n < 0:
+        raise ValueError(f"number of samples must be >= 0, got {n}")
+    return n
+
+
 def split_of(key: str, heldout_fraction: float) -> Split:
     """Assign `key` to a split by hash, so the splits are disjoint whatever the seed or order."""
     if not 0.0 < heldout_fraction < 1.0:

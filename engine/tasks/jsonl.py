@@ -2,7 +2,9 @@
 
 Each line is a JSON object with a prompt field and an answer field (names configurable);
 GSM8K's `question` / `answer` with a `#### 42` tail works with `prompt_key=question`.
-Records go to train or held-out by a hash of their prompt, so the split is stable.
+`prompt_template` has `{prompt}` replaced literally, so other braces (`\\boxed{}`) may appear in it.
+Records go to train or held-out by a hash of their prompt field (not the templated prompt), so
+the split is stable and a change of template cannot move training records into held-out.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.tasks.base import Sample, Split, check_split, split_of
+from engine.tasks.base import Sample, Split, check_count, check_split, split_of
 from engine.tasks.math_verify import extract_answer, math_reward
 
 
@@ -31,14 +33,15 @@ class JsonlTask:
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"jsonl.prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
         self._records = {"train": [], "heldout": []}
-        for sample in self._load():
-            self._records[split_of(sample.prompt, self.heldout_fraction)].append(sample)
+        for key, sample in self._load():
+            self._records[split_of(key, self.heldout_fraction)].append(sample)
 
-    def _load(self) -> list[Sample]:
+    def _load(self) -> list[tuple[str, Sample]]:
+        """(raw prompt field, sample) for each record."""
         path = Path(self.path)
         if not path.is_file():
             raise FileNotFoundError(f"jsonl.path {self.path!r} is not a file")
-        samples: list[Sample] = []
+        samples: list[tuple[str, Sample]] = []
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -47,24 +50,26 @@ class JsonlTask:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 missing = [k for k in (self.prompt_key, self.answer_key) if k not in record]
                 if missing:
                     raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; fields present: {sorted(record)}")
                 raw_answer = str(record[self.answer_key])
                 answer = extract_answer(raw_answer) if "####" in raw_answer or "\\boxed" in raw_answer else raw_answer
-                prompt = self.prompt_template.format(prompt=record[self.prompt_key])
+                raw_prompt = str(record[self.prompt_key])
+                prompt = self.prompt_template.replace("{prompt}", raw_prompt)
                 uid = "jsonl:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
                 difficulty = float(record.get("difficulty", 0.0))  # optional field of the format
-                samples.append(
-                    Sample(uid=uid, prompt=prompt, answer=(answer or raw_answer).strip(), difficulty=difficulty)
-                )
+                sample = Sample(uid=uid, prompt=prompt, answer=(answer or raw_answer).strip(), difficulty=difficulty)
+                samples.append((raw_prompt, sample))
         if not samples:
             raise ValueError(f"{path} holds no records")
         return samples
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
         pool = self._records[check_split(split)]
-        if n > len(pool):
+        if check_count(n) > len(pool):
             raise ValueError(f"{self.path} has {len(pool)} {split} records, {n} asked for")
         return random.Random(f"{self.name}:{split}:{seed}").sample(pool, n)
 

@@ -12,7 +12,8 @@ import re
 from fractions import Fraction
 
 UNICODE_MINUS = "\u2212"  # what LaTeX-to-text and some datasets use for a sign
-_NUMBER = re.compile(r"[-+\u2212]?\s*(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
+# Commas only between digits, so "is 3, so" gives "3" and "1,234" stays whole.
+_NUMBER = re.compile(r"[-+\u2212]?\s*(?:\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
 _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 
 
@@ -36,6 +37,8 @@ def extract_answer(text: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip()
+    if "\\boxed{" in text or "\\fbox{" in text:
+        return None  # a box that never closes is malformed; the fallbacks below would guess a number inside it
     if "####" in text:
         return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
     tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
@@ -47,7 +50,8 @@ def extract_answer(text: str) -> str | None:
 
 def to_number(text: str) -> Fraction | None:
     """Parse `text` as an exact rational, or None when it is not a plain number."""
-    s = text.strip().strip("$").strip()
+    # MATH escapes dollars inside LaTeX ("\\$18.90"); a `$` is never part of a number.
+    s = text.replace("\\$", "").replace("$", "").strip()
     s = s.replace("\\!", "").replace("\\,", "").replace(UNICODE_MINUS, "-").replace("\\left", "").replace("\\right", "")
     s = re.sub(r"^\\text\{(.*)\}$", r"\1", s)
     s = _FRAC.sub(r"(\1)/(\2)", s)

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.tasks.base import Sample, Split, check_split, first_line, split_of
+from engine.tasks.base import Sample, Split, check_count, check_split, first_line, split_of
 
 RewardKind = Literal["exact", "partial"]
 REWARD_KINDS: tuple[RewardKind, ...] = ("exact", "partial")
@@ -33,6 +33,7 @@ class SortTask:
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
         check_split(split)
+        check_count(n)
         rng = random.Random(f"{self.name}:{split}:{seed}")
         seen: dict[str, Sample] = {}
         for _ in range(50 * n + 1000):
@@ -46,7 +47,10 @@ class SortTask:
             answer = "".join(map(str, sorted(digits)))
             seen[key] = Sample(uid=f"sort:{key}", prompt=f"sort:{key}=", answer=answer, difficulty=float(length))
         if len(seen) < n:
-            raise ValueError(f"sort({self.min_len}..{self.max_len}) cannot give {n} distinct {split} samples")
+            raise ValueError(
+                f"sort(min_len={self.min_len}, max_len={self.max_len}) cannot give {n} distinct {split} samples; "
+                "ask for fewer or raise max_len"
+            )
         return list(seen.values())
 
     def reward(self, response: str, sample: Sample) -> float:
