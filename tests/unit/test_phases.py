@@ -1,0 +1,73 @@
+"""The phase machine: order, versions, refusals that name both states, serialisation."""
+
+from __future__ import annotations
+
+import pytest
+
+from checkpoint_engine.phases import (
+    CYCLE,
+    IllegalTransition,
+    Phase,
+    PhaseState,
+    check_transition,
+    fail,
+    initial_state,
+    next_state,
+    recover_to,
+)
+
+
+def test_two_iterations_walk_the_cycle_with_versions() -> None:
+    s = initial_state()
+    seen = [(s.iteration, s.phase, s.weight_version)]
+    for _ in range(2 * len(CYCLE)):
+        n = next_state(s)
+        check_transition(s, n)
+        s = n
+        seen.append((s.iteration, s.phase, s.weight_version))
+    assert seen[:7] == [
+        (0, Phase.EXPORT, 0),
+        (0, Phase.START_VLLM, 0),
+        (0, Phase.UPDATE_WEIGHTS, 0),
+        (0, Phase.ROLLOUT, 0),
+        (0, Phase.TERMINATE_VLLM, 0),
+        (0, Phase.ONLOAD, 0),
+        (1, Phase.TRAIN, 0),
+    ]
+    assert (1, Phase.EXPORT, 1) in seen
+    assert seen[-1] == (2, Phase.EXPORT, 2)
+
+
+@pytest.mark.parametrize("target", [Phase.ROLLOUT, Phase.TRAIN, Phase.EXPORT])
+def test_skipping_a_phase_is_refused_with_both_names(target: Phase) -> None:
+    cur = PhaseState(iteration=3, phase=Phase.START_VLLM, weight_version=3)
+    with pytest.raises(IllegalTransition, match=rf"START_VLLM \(iteration 3\) -> {target.value}.*UPDATE_WEIGHTS"):
+        check_transition(cur, PhaseState(iteration=3, phase=target, weight_version=3))
+
+
+def test_wrong_iteration_or_version_is_refused() -> None:
+    cur = PhaseState(iteration=3, phase=Phase.ONLOAD, weight_version=3)
+    with pytest.raises(IllegalTransition):
+        check_transition(cur, PhaseState(iteration=3, phase=Phase.TRAIN, weight_version=3))
+    check_transition(cur, PhaseState(iteration=4, phase=Phase.TRAIN, weight_version=3))
+
+
+def test_failure_and_recovery() -> None:
+    cur = PhaseState(iteration=2, phase=Phase.ROLLOUT, weight_version=2)
+    failed = fail(cur)
+    check_transition(cur, failed)
+    with pytest.raises(IllegalTransition, match="FAILED has no successor"):
+        next_state(failed)
+    with pytest.raises(IllegalTransition, match="recovery"):
+        check_transition(failed, cur)
+    back = recover_to(failed, Phase.START_VLLM)
+    assert (back.phase, back.iteration, back.weight_version) == (Phase.START_VLLM, 2, 2)
+    with pytest.raises(IllegalTransition):
+        recover_to(cur, Phase.TRAIN)
+
+
+def test_round_trip_and_schema() -> None:
+    s = PhaseState(iteration=5, phase=Phase.UPDATE_WEIGHTS, weight_version=5, started_at=12.5)
+    assert PhaseState.from_dict(s.to_dict()) == s
+    with pytest.raises(ValueError, match="schema 2"):
+        PhaseState.from_dict({**s.to_dict(), "schema": 2})
