@@ -1,0 +1,250 @@
+"""A private, single-member etcd server for one job, and the client that talks to it.
+
+Consumes: the `etcd` binary (Debian package `etcd-server`, 3.4) and a directory owned by the job.
+Produces: a running server listening on 127.0.0.1 only, its endpoint "127.0.0.1:PORT", a log at
+`<dir>/etcd.log` and its data under `<dir>/etcd-data` (a later server started on the same
+directory finds the keys again). Waits on: the server answering a read, up to `start_timeout`.
+
+The launcher starts one of these when no etcd endpoint is configured; every other process only
+ever sees the endpoint string and calls `connect`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    import pyetcd
+
+DEBIAN_BINARY = "/usr/bin/etcd"
+LOOPBACK = "127.0.0.1"
+MEMBER_NAME = "timeshare"
+LOG_TAIL_LINES = 40
+# A second server racing us for a port found free is the only start failure worth retrying.
+_PORT_TAKEN = "address already in use"
+_START_ATTEMPTS = 3
+
+
+def find_etcd_binary() -> str:
+    """The etcd binary on PATH, else Debian's path; missing is a setup error, not a job error."""
+    found = shutil.which("etcd")
+    if found is not None:
+        return found
+    if Path(DEBIAN_BINARY).is_file():
+        return DEBIAN_BINARY
+    raise FileNotFoundError(
+        f"etcd binary not found on PATH or at {DEBIAN_BINARY}: install the Debian package `etcd-server` "
+        "(`make setup` does it), or pass an etcd endpoint so that no local server is needed"
+    )
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split "HOST:PORT"; a scheme, a path or a bad port is rejected here rather than as a gRPC hang."""
+    host, sep, port_text = endpoint.rpartition(":")
+    expected = "expected HOST:PORT, e.g. 127.0.0.1:2379 (no scheme, no path)"
+    if not sep or not host or "/" in endpoint:
+        raise ValueError(f"bad etcd endpoint {endpoint!r}: {expected}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad etcd endpoint {endpoint!r}: port {port_text!r} is not in 1..65535; {expected}")
+    return host, int(port_text)
+
+
+def connect(endpoint: str, timeout: float = 5.0) -> pyetcd.MultiEndpointEtcd3Client:
+    """A pyetcd client whose every call gives up after `timeout` seconds.
+
+    pyetcd's `client()` marks its only endpoint failed for 300 s after one UNAVAILABLE answer and
+    then raises "Trying to use a failed node" without trying; `time_retry=0` lets a coordinator
+    ride out an etcd restart or a start-up race instead.
+    """
+    import pyetcd
+
+    host, port = parse_endpoint(endpoint)
+    node = pyetcd.Endpoint(host, port, secure=False, time_retry=0.0)
+    return pyetcd.MultiEndpointEtcd3Client(endpoints=[node], timeout=timeout)
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """Distinct ports the kernel just gave out on 127.0.0.1; another process may still take one first.
+
+    The sockets stay bound until all are picked, so the kernel cannot hand out the same port twice.
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((LOOPBACK, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int) -> list[str]:
+    """The argv of a one-member cluster bound to loopback (pure, so it is testable without etcd)."""
+    client_url = f"http://{LOOPBACK}:{client_port}"
+    peer_url = f"http://{LOOPBACK}:{peer_port}"
+    return [
+        binary,
+        f"--name={MEMBER_NAME}",
+        f"--data-dir={data_dir}",
+        f"--listen-client-urls={client_url}",
+        f"--advertise-client-urls={client_url}",
+        f"--listen-peer-urls={peer_url}",
+        f"--initial-advertise-peer-urls={peer_url}",
+        f"--initial-cluster={MEMBER_NAME}={peer_url}",
+        "--initial-cluster-state=new",
+        # 3.4 defaults to the deprecated capnslog logger and says so on every start.
+        "--logger=zap",
+        "--log-outputs=stderr",
+    ]
+
+
+def _read_tail(path: Path, offset: int, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+class LocalEtcd:
+    """One etcd process for one job: `with LocalEtcd(run_dir / "etcd") as etcd: connect(etcd.endpoint)`.
+
+    Leaving the block, normally or by an exception, stops the process: SIGTERM, then SIGKILL after
+    `stop_grace` seconds; nothing is left running.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        binary: str | None = None,
+        start_timeout: float = 30.0,
+        stop_grace: float = 10.0,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.binary = binary
+        self.start_timeout = start_timeout
+        self.stop_grace = stop_grace
+        self.log_path = self.data_dir / "etcd.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._endpoint: str | None = None
+
+    def __repr__(self) -> str:
+        state = f"running at {self._endpoint}, pid {self.pid}" if self.running else "stopped"
+        return f"LocalEtcd({str(self.data_dir)!r}, {state})"
+
+    @property
+    def endpoint(self) -> str:
+        """The running server's address, "127.0.0.1:PORT"; what every other process is given."""
+        if self._endpoint is None or not self.running:
+            raise RuntimeError(f"{self!r} has no endpoint: it is not running")
+        return self._endpoint
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the last process started (kept after stop, so callers can check it is gone)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start etcd and return once it answers a read; on any failure the process is stopped."""
+        if self.running:
+            raise RuntimeError(f"{self!r} is already running")
+        binary = self.binary or find_etcd_binary()
+        if not Path(binary).is_file():
+            raise FileNotFoundError(
+                f"etcd binary {binary!r} does not exist: install the Debian package `etcd-server` (`make setup`)"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                self._start_once(binary)
+                return
+            except _PortTakenError:
+                if attempt == _START_ATTEMPTS:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start_once(self, binary: str) -> None:
+        client_port, peer_port = free_loopback_ports(2)
+        # Append, so that the log of an earlier server on the same directory survives a restart.
+        self._log = self.log_path.open("ab")
+        log_start = self._log.tell()
+        # etcd itself creates the data directory with mode 0700 (it warns on anything looser).
+        command = etcd_command(binary, self.data_dir / "etcd-data", client_port, peer_port)
+        self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        self._endpoint = f"{LOOPBACK}:{client_port}"
+        try:
+            self._wait_ready(self._proc, self._endpoint, log_start)
+        except RuntimeError as exc:
+            self.stop()
+            if _PORT_TAKEN in str(exc):
+                raise _PortTakenError(str(exc)) from exc
+            raise
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], endpoint: str, log_start: int) -> None:
+        """Poll until a linearizable read succeeds, i.e. the member has elected itself leader."""
+        deadline = time.monotonic() + self.start_timeout
+        with connect(endpoint, timeout=1.0) as client:
+            while True:
+                code = proc.poll()
+                if code is not None:
+                    raise RuntimeError(
+                        f"etcd exited with code {code} before answering on {endpoint}; "
+                        f"last lines of {self.log_path}:\n{_read_tail(self.log_path, log_start)}"
+                    )
+                try:
+                    client.get("/")
+                    return
+                except Exception:  # pyetcd's own errors and grpc's while etcd is coming up
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"etcd (pid {proc.pid}) did not answer on {endpoint} within {self.start_timeout:g} s; "
+                        f"last lines of {self.log_path}:\n{_read_tail(self.log_path, log_start)}"
+                    )
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM, wait `stop_grace` s, then SIGKILL; idempotent."""
+        proc, self._endpoint = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=self.stop_grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class _PortTakenError(RuntimeError):
+    """Another process bound a port between our probe and etcd's bind."""

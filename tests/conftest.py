@@ -1,0 +1,28 @@
+"""Fixtures shared by all tests. Each starts what it yields and stops it afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from launch.etcd_server import LocalEtcd, connect
+
+if TYPE_CHECKING:
+    import pyetcd
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path) -> Iterator[LocalEtcd]:
+    """A real etcd on loopback for one test, with its data and log under the test's tmp_path."""
+    with LocalEtcd(tmp_path / "etcd") as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_client(etcd_server: LocalEtcd) -> Iterator[pyetcd.MultiEndpointEtcd3Client]:
+    """A client of `etcd_server`, closed (with its watch thread) before the server stops."""
+    with connect(etcd_server.endpoint) as client:
+        yield client
