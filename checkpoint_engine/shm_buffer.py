@@ -122,22 +122,30 @@ def write_region(name: str, version: int, tensors: Mapping[str, torch.Tensor]) -
     return Manifest(region=name, version=version, size=size, slots=tuple(slots))
 
 
-def read_region(manifest: Manifest, verify: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) viewing the mapped region; the mapping lives as long as the tensors do.
+def _mapped_bytes(manifest: Manifest) -> torch.Tensor:
+    return torch.frombuffer(_map(SHM_DIR / manifest.region, manifest.size, create=False), dtype=torch.uint8)
 
-    With `verify`, each tensor's bytes are checked against its checksum before it is yielded, and
-    a mismatch raises WeightVerificationError naming the tensor.
+
+def verify_region(manifest: Manifest) -> None:
+    """Check every tensor's bytes against its checksum; WeightVerificationError names the first bad one.
+
+    Run before loading anything, so a corrupted push leaves the receiver on its previous version
+    instead of half-loaded.
     """
-    buf = _map(SHM_DIR / manifest.region, manifest.size, create=False)
-    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    raw = _mapped_bytes(manifest)
     for s in manifest.slots:
-        data = raw[s.offset : s.offset + s.nbytes]
-        if verify and checksum(data.numpy()) != s.checksum:
+        if checksum(raw[s.offset : s.offset + s.nbytes].numpy()) != s.checksum:
             raise WeightVerificationError(
                 f"tensor {s.name!r} of weight version {manifest.version} in {manifest.region} does not match "
                 f"its checksum {s.checksum or '(none)'}"
             )
-        yield s.name, data.view(_DTYPES[s.dtype]).view(s.shape)
+
+
+def read_region(manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) viewing the mapped region; the mapping lives as long as the tensors do."""
+    raw = _mapped_bytes(manifest)
+    for s in manifest.slots:
+        yield s.name, raw[s.offset : s.offset + s.nbytes].view(_DTYPES[s.dtype]).view(s.shape)
 
 
 def remove_region(name: str) -> None:

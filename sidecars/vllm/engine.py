@@ -45,4 +45,7 @@ def start_engine(cfg: VllmConfig):  # -> vllm.LLM
         enforce_eager=True,
         enable_prefix_caching=True,
         worker_extension_cls=EXTENSION,
+        # Logprobs of the distribution actually sampled from (temperature and top-p applied), the
+        # quantity the trainer's importance ratios and the logprob-gap check compare against.
+        logprobs_mode="processed_logprobs",
     )

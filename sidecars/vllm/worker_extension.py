@@ -8,7 +8,7 @@ Called from the engine process through `collective_rpc("<method>", args=...)`.
 
 from __future__ import annotations
 
-from checkpoint_engine.shm_buffer import Manifest, read_region
+from checkpoint_engine.shm_buffer import Manifest, WeightVerificationError, read_region, verify_region
 
 
 class WeightReceiverExtension:
@@ -18,8 +18,14 @@ class WeightReceiverExtension:
 
     def load_from_shm(self, manifest_dict: dict) -> int:
         """Load every tensor of a `Manifest` (as `to_dict()`: RPC arguments cross processes as
-        plain data) from shared memory; returns the version now live."""
+        plain data) from shared memory, each verified against its checksum; returns the version
+        now live. A version not newer than the loaded one is refused."""
         manifest = Manifest.from_dict(manifest_dict)
+        if manifest.version <= self.loaded_version:
+            raise WeightVerificationError(
+                f"weight version {manifest.version} is stale: version {self.loaded_version} is already loaded"
+            )
+        verify_region(manifest)
         self.reload_weights(weights_iterator=read_region(manifest), is_checkpoint_format=True)
         self.loaded_version = manifest.version
         return self.loaded_version

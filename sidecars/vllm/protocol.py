@@ -1,0 +1,72 @@
+"""Messages between the checkpoint engine / controller and the vLLM sidecar (HTTP JSON bodies).
+
+Every message carries `schema`; a receiver refuses a schema it does not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+SCHEMA = 1
+
+
+class _Message(BaseModel):
+    schema_version: int = Field(default=SCHEMA, alias="schema")
+    model_config = {"populate_by_name": True, "extra": "forbid"}
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v != SCHEMA:
+            raise ValueError(f"schema {v} is not understood (expected {SCHEMA})")
+        return v
+
+
+class GenerationRequest(_Message):
+    """One prompt (or prompt + partial response, to continue it) and how to sample it."""
+
+    prompt_ids: list[int] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    n: int = Field(default=1, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class GenerateBody(_Message):
+    requests: list[GenerationRequest]
+
+
+class Sample(_Message):
+    token_ids: list[int]
+    logprobs: list[float]  # log-probability of each sampled token under the sampling distribution
+    finish_reason: Literal["stop", "length", "abort"]
+    weight_version: int
+
+
+class GenerationResult(_Message):
+    samples: list[Sample]
+
+
+class GenerateResponse(_Message):
+    results: list[GenerationResult]
+
+
+class UpdateWeightsBody(_Message):
+    manifest: dict[str, Any]  # checkpoint_engine.shm_buffer.Manifest.to_dict()
+
+
+class UpdateWeightsResponse(_Message):
+    weight_version: int
+    seconds: float
+
+
+class Health(_Message):
+    status: Literal["ok"] = "ok"
+    pid: int
+    weight_version: int
+    model: str

@@ -1,0 +1,119 @@
+"""The vLLM sidecar process: one per node and rollout phase, started and killed by the checkpoint engine.
+
+`python -m sidecars.vllm.server --model DIR --port P [--tensor-parallel N ...]` starts vLLM with
+dummy weights and serves, on loopback:
+  GET  /health          -> Health (pid, loaded weight version)
+  POST /weights/update  -> load a pushed version from shared memory (checksums verified, stale
+                           versions refused), reset the prefix cache
+  POST /generate        -> token ids in; token ids, per-token logprobs, finish reason and the
+                           weight version out, n samples per request
+The engine is synchronous and not thread-safe, so requests are served one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+from sidecars.vllm.engine import VllmConfig, start_engine
+from sidecars.vllm.protocol import (
+    GenerateBody,
+    GenerateResponse,
+    GenerationResult,
+    Health,
+    Sample,
+    UpdateWeightsBody,
+    UpdateWeightsResponse,
+)
+
+
+def create_app(llm, model: str):  # -> fastapi.FastAPI
+    from fastapi import FastAPI, HTTPException
+    from vllm import SamplingParams, TokensPrompt
+
+    app = FastAPI(title="timeshare vLLM sidecar")
+    lock = threading.Lock()
+    state = {"version": -1}
+
+    @app.get("/health")
+    def health() -> Health:
+        return Health(pid=os.getpid(), weight_version=state["version"], model=model)
+
+    @app.post("/weights/update")
+    def update_weights(body: UpdateWeightsBody) -> UpdateWeightsResponse:
+        start = time.perf_counter()
+        with lock:
+            try:
+                versions = llm.collective_rpc("load_from_shm", args=(body.manifest,))
+            except Exception as e:  # the worker's own error (checksum, stale version) is the message
+                raise HTTPException(status_code=409, detail=str(e)) from e
+            llm.reset_prefix_cache()
+            state["version"] = versions[0]
+        return UpdateWeightsResponse(weight_version=state["version"], seconds=time.perf_counter() - start)
+
+    @app.post("/generate")
+    def generate(body: GenerateBody) -> GenerateResponse:
+        if state["version"] < 0:
+            raise HTTPException(status_code=409, detail="no weights loaded yet: POST /weights/update first")
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in body.requests]
+        params = [
+            SamplingParams(
+                n=r.n,
+                max_tokens=r.max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                seed=r.seed,
+                stop_token_ids=r.stop_token_ids,
+                ignore_eos=r.ignore_eos,
+                logprobs=0,
+            )
+            for r in body.requests
+        ]
+        with lock:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            version = state["version"]
+        results = []
+        for out in outputs:
+            samples = [
+                Sample(
+                    token_ids=list(c.token_ids),
+                    logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs or [], strict=True)],
+                    finish_reason=c.finish_reason or "abort",
+                    weight_version=version,
+                )
+                for c in out.outputs
+            ]
+            results.append(GenerationResult(samples=samples))
+        return GenerateResponse(results=results)
+
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tensor-parallel", type=int, default=1)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.15)
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import uvicorn
+
+    cfg = VllmConfig(
+        model_dir=args.model,
+        tensor_parallel=args.tensor_parallel,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+    )
+    llm = start_engine(cfg)
+    uvicorn.run(create_app(llm, args.model), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

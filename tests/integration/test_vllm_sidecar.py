@@ -1,0 +1,128 @@
+"""The vLLM sidecar process: dummy start, verified pushes, generation API, kill and restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from checkpoint_engine.shm_buffer import remove_region, write_region
+from checkpoint_engine.vllm_process import VllmLaunch, VllmProcess
+from engine.tiny_model import TinyModelSpec, write_tiny_model
+from launch.etcd_server import free_loopback_ports
+from sidecars.megatron.model import read_hf_tensors
+from sidecars.vllm.client import SidecarError
+from sidecars.vllm.protocol import GenerationRequest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("m") / "model", TinyModelSpec(layers=2, hidden=128, heads=4))
+
+
+@pytest.fixture
+def regions():
+    names: list[str] = []
+
+    def make(version: int, tensors: dict[str, torch.Tensor]) -> dict:
+        name = f"timeshare-test-{uuid.uuid4().hex[:8]}"
+        names.append(name)
+        return write_region(name, version, tensors).to_dict()
+
+    yield make
+    for n in names:
+        remove_region(n)
+
+
+def _hf_logprobs(model_dir: Path, prompt: list[int], tokens: list[int]) -> list[float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1], dim=-1)
+    return logp.gather(1, torch.tensor(tokens)[:, None]).squeeze(1).tolist()
+
+
+def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
+    weights = read_hf_tensors(model_dir)
+    v1 = regions(1, weights)
+    vllm = VllmProcess(VllmLaunch(str(model_dir), free_loopback_ports(1)[0], str(tmp_path / "vllm.log")))
+    try:
+        startup = vllm.start()
+        print(f"vLLM start-up: {startup:.1f} s")
+        assert vllm.client.health().weight_version == -1
+        prompt = [1, 20, 21, 22]
+        with pytest.raises(SidecarError, match="no weights loaded"):
+            vllm.client.generate([GenerationRequest(prompt_ids=prompt, max_tokens=4)])
+
+        assert vllm.client.update_weights(v1).weight_version == 1
+        greedy = GenerationRequest(prompt_ids=prompt, max_tokens=10, temperature=0.0, ignore_eos=True)
+        full = vllm.client.generate([greedy])[0].samples[0]
+        assert (len(full.token_ids), full.finish_reason, full.weight_version) == (10, "length", 1)
+
+        # Continuation from prompt + partial output gives the rest of the same greedy sequence.
+        cont = GenerationRequest(prompt_ids=prompt + full.token_ids[:4], max_tokens=6, temperature=0.0, ignore_eos=True)
+        assert vllm.client.generate([cont])[0].samples[0].token_ids == full.token_ids[4:]
+
+        # n samples at temperature 1: per-token logprobs of the sampling distribution, equal to HF's.
+        sampled = vllm.client.generate([GenerationRequest(prompt_ids=prompt, max_tokens=8, n=3, seed=1)])[0]
+        assert len(sampled.samples) == 3
+        s = sampled.samples[0]
+        assert len(s.logprobs) == len(s.token_ids)
+        gap = max(abs(a - b) for a, b in zip(s.logprobs, _hf_logprobs(model_dir, prompt, s.token_ids), strict=True))
+        assert gap < 1e-4
+
+        # A corrupted shard is refused by name and the live version stays; so is a stale version.
+        bad = dict(weights)
+        bad["model.layers.1.mlp.up_proj.weight"] = weights["model.layers.1.mlp.up_proj.weight"].clone()
+        v2 = regions(2, bad)
+        up = next(sl for sl in v2["slots"] if sl["name"] == "model.layers.1.mlp.up_proj.weight")
+        with open(f"/dev/shm/{v2['region']}", "r+b") as f:
+            f.seek(up["offset"] + 3)
+            f.write(b"\x7f")
+        with pytest.raises(SidecarError, match=r"409.*model\.layers\.1\.mlp\.up_proj\.weight"):
+            vllm.client.update_weights(v2)
+        with pytest.raises(SidecarError, match="stale"):
+            vllm.client.update_weights(v1)
+        assert vllm.client.health().weight_version == 1
+        assert vllm.client.generate([greedy])[0].samples[0].token_ids == full.token_ids
+
+        # Killed mid-generation: the failure surfaces, the tree is cleaned up, a restart works.
+        long = GenerationRequest(prompt_ids=prompt, max_tokens=480, n=256, ignore_eos=True)
+        errors: list[Exception] = []
+        worker = threading.Thread(target=lambda: _capture(errors, vllm.client.generate, [long]))
+        worker.start()
+        time.sleep(2.0)  # the request is being generated (256 x 480 tokens take far longer)
+        assert worker.is_alive()
+        os.kill(vllm.pid, signal.SIGKILL)
+        worker.join(timeout=120)
+        assert not worker.is_alive()
+        assert errors, "generation survived the sidecar being killed"
+        assert not vllm.alive()
+        pids = vllm.terminate(grace=5).pids
+        assert not [p for p in pids if psutil.pid_exists(p)], "part of the killed vLLM tree is still running"
+
+        vllm.start()
+        assert vllm.client.update_weights(v1).weight_version == 1
+        assert vllm.client.generate([greedy])[0].samples[0].token_ids == full.token_ids
+    finally:
+        report = vllm.terminate(grace=5)
+    assert report.pids
+    assert not any(psutil.pid_exists(p) for p in report.pids)
+
+
+def _capture(errors: list[Exception], fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:
+        errors.append(e)
