@@ -3,6 +3,8 @@
 Terminate means the whole process tree is gone, confirmed: vLLM spawns an engine-core process
 and worker processes, so the sidecar runs in its own session (process group); SIGTERM goes to
 the group, then SIGKILL after `grace` seconds, and every pid seen in the tree must have exited.
+vLLM's message queues live in /dev/shm segments that a killed tree never unlinks; the segments
+the tree has mapped are recorded once it is healthy and removed after it is gone.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class VllmProcess:
     def __init__(self, launch: VllmLaunch) -> None:
         self.launch = launch
         self._proc: subprocess.Popen[bytes] | None = None
+        self._segments: set[str] = set()
+        self._known: list[psutil.Process] = []  # the tree as seen when healthy: outlives a killed root
         self.client = VllmClient(f"http://{launch.host}:{launch.port}")
 
     @property
@@ -97,6 +101,8 @@ class VllmProcess:
                 )
             try:
                 self.client.health()
+                self._known = self.tree()
+                self._segments = self._mapped_segments()
                 seconds = time.perf_counter() - start
                 log.info("vLLM pid %d healthy on port %d after %.1f s", self.pid, self.launch.port, seconds)
                 return seconds
@@ -111,17 +117,27 @@ class VllmProcess:
         root = psutil.Process(self._proc.pid)
         return [root, *root.children(recursive=True)]
 
+    def _mapped_segments(self) -> set[str]:
+        found = set()
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                found |= {m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/")}
+        return found
+
     def terminate(self, grace: float = 10.0) -> Termination:
         """SIGTERM the process group, SIGKILL it after `grace` s; returns once every pid is gone."""
         start = time.perf_counter()
-        procs = self.tree()
+        self._segments |= self._mapped_segments()
+        procs = list({p.pid: p for p in [*self._known, *self.tree()] if p.is_running()}.values())
         rss = 0
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 rss += p.memory_info().rss
         killed = False
-        if self._proc is not None and procs:
-            pgid = self._proc.pid  # the session leader's pid is its group id (start_new_session)
+        if self._proc is not None:
+            # The session leader's pid is the group id (start_new_session); the group outlives a
+            # killed leader, so it is signalled even when the leader is already gone.
+            pgid = self._proc.pid
             _signal_group(pgid, signal.SIGTERM)
             _, still = psutil.wait_procs(procs, timeout=grace)
             if still:
@@ -134,6 +150,10 @@ class VllmProcess:
                     raise RuntimeError(f"vLLM processes {[p.pid for p in still]} survived SIGKILL")
             self._proc.wait()
         self._proc = None
+        self._known = []
+        for path in self._segments:
+            Path(path).unlink(missing_ok=True)
+        self._segments = set()
         return Termination(tuple(p.pid for p in procs), rss, time.perf_counter() - start, killed)
 
 

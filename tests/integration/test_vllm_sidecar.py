@@ -56,6 +56,7 @@ def _hf_logprobs(model_dir: Path, prompt: list[int], tokens: list[int]) -> list[
 def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
     weights = read_hf_tensors(model_dir)
     v1 = regions(1, weights)
+    shm_before = set(os.listdir("/dev/shm"))
     vllm = VllmProcess(VllmLaunch(str(model_dir), free_loopback_ports(1)[0], str(tmp_path / "vllm.log")))
     try:
         startup = vllm.start()
@@ -119,6 +120,8 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
         report = vllm.terminate(grace=5)
     assert report.pids
     assert not any(psutil.pid_exists(p) for p in report.pids)
+    left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("timeshare-test-")}
+    assert not left, f"vLLM left shared-memory segments behind: {left}"  # ours go with the fixture
 
 
 def _capture(errors: list[Exception], fn, *args) -> None:
