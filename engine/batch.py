@@ -1,0 +1,93 @@
+"""Training batches from finished groups: padded token tensors, masks, logprobs and advantages.
+
+Consumes complete groups (every trajectory finished and scored: `reward` set) from the replay
+buffer; produces a `TrainBatch` whose per-token tensors are aligned with the *targets*
+`input_ids[:, 1:]`: position t holds what belongs to token t+1 (its mask, its rollout logprob).
+No processes and no model: the trainer fills `old_logp` (and `ref_logp`) by recomputation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.algorithms import AlgoConfig, compute_advantages
+from engine.replay_buffer import Group, StalenessMode, loss_mask
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # [B, L] prompt + response, right-padded
+    loss_mask: torch.Tensor  # [B, L-1] 1.0 where the target is a response token that trains
+    rollout_logp: torch.Tensor  # [B, L-1] sampling logprob of each target (0 off the response)
+    versions: torch.Tensor  # [B, L-1] weight version that sampled each target (-1 off the response)
+    rewards: torch.Tensor  # [B]
+    advantages: torch.Tensor  # [B] or [B, L-1]
+    group_size: int
+    prompt_uids: list[str]
+    old_logp: torch.Tensor | None = None  # [B, L-1] pi_old, recomputed by the trainer
+    ref_logp: torch.Tensor | None = None  # [B, L-1] reference policy, when a KL term needs it
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def response_lengths(self) -> torch.Tensor:
+        return (self.versions >= 0).sum(dim=1)
+
+
+def collate(
+    groups: Sequence[Group],
+    current_version: int,
+    staleness: StalenessMode,
+    pad_id: int,
+    max_staleness: int | None = None,
+) -> TrainBatch:
+    """Pad the groups' trajectories (group-major order) into tensors; advantages are left empty."""
+    if not groups:
+        raise ValueError("cannot build a batch from no groups")
+    sizes = {len(g.trajectories) for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"all groups must have the same number of samples, got sizes {sorted(sizes)}")
+    trajs = [t for g in groups for t in g.trajectories]
+    unscored = [t.key for t in trajs if t.reward is None]
+    unfinished = [t.key for t in trajs if not t.finished]
+    if unscored or unfinished:
+        raise ValueError(
+            f"batch needs finished, scored trajectories; unscored {unscored[:4]}, unfinished {unfinished[:4]}"
+        )
+    length = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    b = len(trajs)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, length - 1)
+    rollout_logp = torch.zeros(b, length - 1)
+    versions = torch.full((b, length - 1), -1, dtype=torch.long)
+    for i, t in enumerate(trajs):
+        p, r = len(t.prompt_ids), len(t.response_ids)
+        input_ids[i, : p + r] = torch.tensor(list(t.prompt_ids) + list(t.response_ids))
+        span = slice(p - 1, p - 1 + r)  # targets p..p+r-1 are the response tokens
+        mask[i, span] = torch.tensor(loss_mask(t, current_version, staleness, max_staleness), dtype=torch.float32)
+        rollout_logp[i, span] = torch.tensor(t.logprobs, dtype=torch.float32)
+        versions[i, span] = torch.tensor(t.versions)
+    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+    return TrainBatch(
+        input_ids, mask, rollout_logp, versions, rewards, torch.zeros(b), sizes.pop(), [t.prompt_uid for t in trajs]
+    )
+
+
+def with_advantages(batch: TrainBatch, algo: AlgoConfig, values: torch.Tensor | None = None) -> TrainBatch:
+    """Fill `batch.advantages` for `algo` (old/ref logprobs and critic values where it needs them)."""
+    if algo.needs_reference and batch.ref_logp is None:
+        raise ValueError(f"{algo.name} with kl_coef > 0 needs ref_logp in the batch")
+    batch.advantages = compute_advantages(
+        algo,
+        batch.rewards,
+        batch.loss_mask,
+        batch.group_size,
+        old_logp=batch.old_logp if batch.old_logp is not None else batch.rollout_logp,
+        ref_logp=batch.ref_logp,
+        values=values,
+    )
+    return batch
