@@ -100,7 +100,7 @@ def _map(path: Path, size: int, create: bool) -> mmap.mmap:
         os.close(fd)
 
 
-def _as_bytes(t: torch.Tensor) -> np.ndarray:
+def as_bytes(t: torch.Tensor) -> np.ndarray:
     """A uint8 view of a CPU tensor's storage (bfloat16 has no numpy dtype, so view as bytes first)."""
     return t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
 
@@ -114,7 +114,7 @@ def write_region(name: str, version: int, tensors: Mapping[str, torch.Tensor]) -
         for i, t in enumerate(tensors.values()):
             s = slots[i]
             view = dst[s.offset : s.offset + s.nbytes]
-            view[:] = _as_bytes(t.cpu())
+            view[:] = as_bytes(t.cpu())
             slots[i] = replace(s, checksum=checksum(view))
         del dst, view
     finally:

@@ -29,6 +29,12 @@ def _train(args: argparse.Namespace) -> int:
     return 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from launch import bench
+
+    return bench.main(args.options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timeshare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--rope-theta", dest="rope_theta", type=float, default=defaults.rope_theta)
     tiny.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_true")
     tiny.set_defaults(func=_make_tiny_model)
+
+    bench = sub.add_parser("bench", help="benchmarks, one JSON line per result")
+    bench.add_argument("which", choices=["push"], help="push: weight-push throughput against same-run baselines")
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
+    bench.set_defaults(func=_bench)
 
     train = sub.add_parser("train", help="run the RL job (not built yet; says what it will do)")
     train.add_argument("overrides", nargs="*", help="Hydra overrides")

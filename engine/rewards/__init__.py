@@ -1,0 +1,42 @@
+"""Rewards: format, Kimi length reward, repeat detection, user functions, and their weighted sum.
+
+`RewardScorer(cfg, task).score_group(...)` is the entry point the rollout uses; the other names
+are the pieces it is built from, exported for tests and for custom compositions.
+"""
+
+from __future__ import annotations
+
+from engine.rewards.compose import (
+    BUILTIN_TERMS,
+    GROUP_TERMS,
+    TASK_INPUTS,
+    GroupScores,
+    RewardConfig,
+    RewardScorer,
+    RewardTerm,
+    score_group,
+)
+from engine.rewards.format import extract_tagged_answer, format_reward
+from engine.rewards.length import LengthRewardConfig, kimi_length_rewards
+from engine.rewards.plugins import PluginReward, RewardPluginError, load_reward_fn
+from engine.rewards.repeat import RepeatDetectionConfig, tail_repeat
+
+__all__ = [
+    "BUILTIN_TERMS",
+    "GROUP_TERMS",
+    "TASK_INPUTS",
+    "GroupScores",
+    "LengthRewardConfig",
+    "PluginReward",
+    "RepeatDetectionConfig",
+    "RewardConfig",
+    "RewardPluginError",
+    "RewardScorer",
+    "RewardTerm",
+    "extract_tagged_answer",
+    "format_reward",
+    "kimi_length_rewards",
+    "load_reward_fn",
+    "score_group",
+    "tail_repeat",
+]

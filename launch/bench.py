@@ -1,0 +1,157 @@
+"""`timeshare bench push`: weight-push throughput, one JSON line per result.
+
+Every rate is reported next to a baseline measured in the same run (this machine is shared and
+noisy, so only same-run ratios mean something):
+- `memcpy` vs `shm_push`: copying a model-sized set of tensors into fresh memory, against writing
+  them into a fresh shared-memory region with per-tensor checksums (the EXPORT path);
+- `checksum`: blake3 over the same bytes alone, to show what verification costs;
+- `vllm_update_shm` vs `vllm_update_naive`: from tensors in the trainer's memory to the version
+  live in a dummy-started vLLM, through the shm buffer (verified) against writing safetensors to
+  /dev/shm and reloading from the file.
+Each case is timed `repeats` times, interleaved, and the best time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint_engine.shm_buffer import as_bytes, checksum, remove_region, write_region
+
+
+def emit(case: str, seconds: float, nbytes: int, **extra: object) -> dict:
+    row = {
+        "bench": "push",
+        "case": case,
+        "bytes": nbytes,
+        "seconds": round(seconds, 4),
+        "gb_per_s": round(nbytes / seconds / 1e9, 3),
+        **extra,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def model_sized_tensors(mib: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """bf16 tensors shaped like a transformer's (a vocab embedding, then attention/MLP matrices)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, tensors, total, i = 1024, {}, 0, 0
+    tensors["model.embed_tokens.weight"] = torch.randn(32768, hidden, generator=g).to(torch.bfloat16)
+    total = tensors["model.embed_tokens.weight"].numel() * 2
+    while total < mib << 20:
+        for name, shape in (("self_attn.qkv", (3 * hidden, hidden)), ("mlp.up", (4 * hidden, hidden))):
+            t = torch.randn(shape, generator=g).to(torch.bfloat16)
+            tensors[f"model.layers.{i}.{name}.weight"] = t
+            total += t.numel() * 2
+        i += 1
+    return tensors
+
+
+def best_of(repeats: int, cases: dict[str, Callable[[], None]]) -> dict[str, float]:
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def bench_shm(mib: int, repeats: int) -> None:
+    tensors = model_sized_tensors(mib)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    region = f"timeshare-bench-{uuid.uuid4().hex[:8]}"
+
+    def memcpy() -> None:
+        dst, offset = np.empty(nbytes, dtype=np.uint8), 0  # fresh pages, as a new region has
+        for t in tensors.values():
+            b = as_bytes(t)
+            dst[offset : offset + b.size] = b
+            offset += b.size
+
+    def push() -> None:
+        remove_region(region)
+        write_region(region, 1, tensors)
+
+    flat = np.concatenate([as_bytes(t) for t in tensors.values()])
+    try:
+        best = best_of(repeats, {"memcpy": memcpy, "shm_push": push, "checksum": lambda: checksum(flat)})
+    finally:
+        remove_region(region)
+    emit("memcpy", best["memcpy"], nbytes)
+    emit("shm_push", best["shm_push"], nbytes, ratio_to_memcpy=round(best["memcpy"] / best["shm_push"], 3))
+    emit("checksum", best["checksum"], nbytes, ratio_to_memcpy=round(best["memcpy"] / best["checksum"], 3))
+
+
+def bench_vllm(layers: int, hidden: int, repeats: int) -> None:
+    """Both update paths into one dummy-started vLLM; versions increase so none is refused as stale."""
+    from safetensors.torch import save_file
+
+    from engine.tiny_model import TinyModelSpec, write_tiny_model
+    from sidecars.megatron.model import read_hf_tensors
+    from sidecars.vllm.engine import VllmConfig, start_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = TinyModelSpec(
+            layers=layers, hidden=hidden, heads=hidden // 64, kv_heads=hidden // 128, intermediate=hidden * 3
+        )
+        model_dir = write_tiny_model(Path(tmp) / "model", spec)
+        weights = read_hf_tensors(model_dir)
+        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        llm = start_engine(VllmConfig(model_dir=str(model_dir)))
+        version = 0
+        region = f"timeshare-bench-{uuid.uuid4().hex[:8]}"
+        naive_file = f"/dev/shm/{region}.safetensors"
+
+        def via_shm() -> None:
+            nonlocal version
+            version += 1
+            remove_region(region)
+            manifest = write_region(region, version, weights)
+            llm.collective_rpc("load_from_shm", args=(manifest.to_dict(),))
+            llm.reset_prefix_cache()
+
+        def naive() -> None:
+            nonlocal version
+            version += 1
+            save_file(weights, naive_file)
+            llm.collective_rpc("load_from_safetensors", args=(naive_file, version))
+            llm.reset_prefix_cache()
+
+        try:
+            best = best_of(repeats, {"vllm_update_shm": via_shm, "vllm_update_naive": naive})
+        finally:
+            remove_region(region)
+            Path(naive_file).unlink(missing_ok=True)
+        emit("vllm_update_naive", best["vllm_update_naive"], nbytes)
+        emit(
+            "vllm_update_shm",
+            best["vllm_update_shm"],
+            nbytes,
+            speedup_vs_naive=round(best["vllm_update_naive"] / best["vllm_update_shm"], 3),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="timeshare bench push", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--mib", type=int, default=512, help="size of the tensor set for the shm cases")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vllm-layers", type=int, default=8)
+    ap.add_argument("--vllm-hidden", type=int, default=1024)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["shm", "vllm"])
+    args = ap.parse_args(argv)
+    if "shm" not in args.skip:
+        bench_shm(args.mib, args.repeats)
+    if "vllm" not in args.skip:
+        bench_vllm(args.vllm_layers, args.vllm_hidden, args.repeats)
+    return 0
