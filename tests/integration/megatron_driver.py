@@ -1,15 +1,18 @@
 """Run under torchrun by test_megatron.py: load an HF model into Megatron at some TP size, export it
-back to HF names, and compute full-vocabulary logits on fixed tokens. Rank 0 writes the results."""
+back to HF names, and compute full-vocabulary logits on fixed tokens. Rank 0 writes the results
+(and, with --region, the exported tensors into a shared-memory weight buffer)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from checkpoint_engine.shm_buffer import write_region
 from sidecars.megatron import model as mg
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown
@@ -20,6 +23,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--region", help="also write the exported tensors into this shm region (EXPORT)")
     args = ap.parse_args()
 
     init_distributed(ParallelConfig(tensor_parallel=args.tp))
@@ -34,6 +38,9 @@ def main() -> None:
     if dist.get_rank() == 0:
         save_file(exported, str(Path(args.out) / "exported.safetensors"))
         torch.save(logits.cpu(), Path(args.out) / "logits.pt")
+        if args.region:
+            manifest = write_region(args.region, 1, exported)
+            (Path(args.out) / "manifest.json").write_text(json.dumps(manifest.to_dict()))
     shutdown()
 
 

@@ -35,6 +35,18 @@ def _hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
+def _run_vllm_driver(model_dir: Path, manifest: Path, prompts: list[list[int]], out: Path) -> dict:
+    cmd = [
+        sys.executable, str(REPO / "tests/integration/vllm_push_driver.py"), "--model", str(model_dir),
+        "--manifest", str(manifest), "--prompts", json.dumps(prompts), "--max-tokens", str(MAX_TOKENS),
+        "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
+    return json.loads(out.read_text())
+
+
 def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -45,20 +57,30 @@ def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path) -> None:
     manifest = write_region(region, 5, read_hf_tensors(model_dir))
     try:
         (tmp_path / "manifest.json").write_text(json.dumps(manifest.to_dict()))
-        cmd = [
-            sys.executable, str(REPO / "tests/integration/vllm_push_driver.py"), "--model", str(model_dir),
-            "--manifest", str(tmp_path / "manifest.json"), "--prompts", json.dumps(prompts),
-            "--max-tokens", str(MAX_TOKENS), "--out", str(tmp_path / "out.json"),
-        ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
+        result = _run_vllm_driver(model_dir, tmp_path / "manifest.json", prompts, tmp_path / "out.json")
     finally:
         remove_region(region)
-    result = json.loads((tmp_path / "out.json").read_text())
 
     want = _hf_greedy(model_dir, prompts)
     assert result["versions"] == [5]
     assert result["before"] != want, "dummy weights already produced the real model's output"
     assert result["after"] == want
     assert region not in list_regions()
+
+
+def test_megatron_tp2_export_loads_into_vllm_tp1(tmp_path: Path) -> None:
+    """The EXPORT path across parallel sizes: Megatron at TP=2 gathers full HF tensors into shm;
+    vLLM at TP=1 loads them and generates what HF generates."""
+    from tests.integration.test_megatron import _randomised_model, _run_megatron
+
+    spec = TinyModelSpec(arch="qwen2", layers=2, hidden=128, heads=4, kv_heads=2, intermediate=192)
+    model_dir = _randomised_model(tmp_path / "model", spec)
+    torch.save(torch.zeros(1, 4, dtype=torch.long), tmp_path / "tokens.pt")
+    region = f"timeshare-test-{uuid.uuid4().hex[:8]}"
+    prompts = [[1, 20, 21, 22], [1, 30, 31]]
+    try:
+        _run_megatron(model_dir, tmp_path, tp=2, nproc=2, extra=["--region", region])
+        result = _run_vllm_driver(model_dir, tmp_path / "manifest.json", prompts, tmp_path / "out.json")
+    finally:
+        remove_region(region)
+    assert result["after"] == _hf_greedy(model_dir, prompts)
