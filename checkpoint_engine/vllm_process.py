@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ class VllmProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._segments: set[str] = set()
         self._known: list[psutil.Process] = []  # the tree as seen when healthy: outlives a killed root
+        self._cancelled = threading.Event()
         self.client = VllmClient(f"http://{launch.host}:{launch.port}")
 
     @property
@@ -84,6 +86,8 @@ class VllmProcess:
         """Spawn and wait for /health; returns the start-up seconds. Raises with the log tail on failure."""
         if self.alive():
             raise VllmStartError(f"vLLM (pid {self.pid}) is already running")
+        if self._cancelled.is_set():
+            raise VllmStartError("vLLM start cancelled: the engine is stopping")
         start = time.perf_counter()
         Path(self.launch.log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.launch.log_path, "ab") as logf:
@@ -93,16 +97,22 @@ class VllmProcess:
             )  # fmt: skip
         deadline = start + timeout
         while time.perf_counter() < deadline:
+            if self._cancelled.is_set():
+                self.terminate()
+                raise VllmStartError("vLLM start cancelled: the engine is stopping")
             if not self.alive():
                 code = self._proc.returncode
                 raise VllmStartError(
                     f"vLLM exited with code {code} during start-up; last lines of {self.launch.log_path}:\n"
                     + _tail(self.launch.log_path)
                 )
+            # Recorded while starting too: a start cancelled half-way must not leak them either.
+            self._known = self.tree()
+            self._segments |= self._mapped_segments()
             try:
                 self.client.health()
                 self._known = self.tree()
-                self._segments = self._mapped_segments()
+                self._segments |= self._mapped_segments()
                 seconds = time.perf_counter() - start
                 log.info("vLLM pid %d healthy on port %d after %.1f s", self.pid, self.launch.port, seconds)
                 return seconds
@@ -110,6 +120,10 @@ class VllmProcess:
                 time.sleep(0.5)
         self.terminate()
         raise VllmStartError(f"vLLM did not become healthy within {timeout:g} s; log: {self.launch.log_path}")
+
+    def cancel(self) -> None:
+        """Make a start in progress (in another thread) kill what it spawned and give up; no more starts."""
+        self._cancelled.set()
 
     def tree(self) -> list[psutil.Process]:
         if not self.alive():

@@ -1,0 +1,120 @@
+"""HTTP API of the checkpoint engine (FastAPI; OpenAPI docs at /docs), bound to loopback by default.
+
+  GET  /health             liveness
+  GET  /status             phase, iteration, weight version, vLLM pid and health, last timings
+  POST /vllm/start         start vLLM with dummy weights
+  POST /vllm/terminate     kill vLLM's whole process tree
+  POST /weights/register   a producer on this node wrote a weight region (body: its manifest)
+  POST /weights/update     load a version into the running vLLM (local, or pulled from another node)
+  POST /phase/complete     the trainer / controller finished its phase of an iteration
+Binding to anything but loopback requires a token, then sent as `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from pydantic import BaseModel
+
+from checkpoint_engine.daemon import CheckpointEngine, EngineConfig
+from checkpoint_engine.phases import Phase
+from checkpoint_engine.shm_buffer import Manifest
+from sidecars.vllm.client import SidecarError
+
+
+class RegisterBody(BaseModel):
+    manifest: dict[str, Any]
+
+
+class UpdateBody(BaseModel):
+    version: int
+
+
+class CompleteBody(BaseModel):
+    iteration: int
+    phase: Phase
+    payload: dict[str, Any] = {}
+
+
+def check_binding(host: str, token: str | None) -> None:
+    loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    if not loopback and not token:
+        raise ValueError(f"binding the engine API to {host} (not loopback) requires --token")
+
+
+def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
+    """The API over `engine`; the app's lifespan runs the engine's phase loop and stops the engine
+    (vLLM, weight regions, lease) on shutdown. uvicorn re-raises SIGTERM after its graceful
+    shutdown, so cleanup must happen inside the lifespan, not after `uvicorn.run` returns."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    def authorised(request: Request) -> None:
+        if token and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {token}"):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token")
+
+    app = FastAPI(
+        title=f"timeshare checkpoint engine ({engine.cfg.node})", dependencies=[Depends(authorised)], lifespan=lifespan
+    )
+
+    def guarded(fn, *args):
+        try:
+            return fn(*args)
+        except (ValueError, LookupError, SidecarError) as e:
+            raise HTTPException(status_code=409, detail=str(e)) from e
+        except RuntimeError as e:
+            raise HTTPException(status_code=500, detail=str(e)) from e
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "node": engine.cfg.node}
+
+    @app.get("/status")
+    def status() -> dict[str, Any]:
+        return asdict(engine.status())
+
+    @app.post("/vllm/start")
+    def vllm_start() -> dict[str, Any]:
+        return guarded(engine.start_vllm)
+
+    @app.post("/vllm/terminate")
+    def vllm_terminate() -> dict[str, Any]:
+        return guarded(engine.terminate_vllm)
+
+    @app.post("/weights/register")
+    def weights_register(body: RegisterBody) -> dict[str, Any]:
+        manifest = guarded(Manifest.from_dict, body.manifest)
+        guarded(engine.register_weights, manifest)
+        return {"registered": manifest.version}
+
+    @app.post("/weights/update")
+    def weights_update(body: UpdateBody) -> dict[str, Any]:
+        return guarded(engine.update_weights, body.version)
+
+    @app.post("/phase/complete")
+    def phase_complete(body: CompleteBody) -> dict[str, Any]:
+        guarded(engine.complete_phase, body.iteration, body.phase, body.payload)
+        return {"acked": f"{body.phase.value} of iteration {body.iteration}"}
+
+    return app
+
+
+def serve(engine_cfg: EngineConfig, host: str, port: int, token: str | None) -> None:
+    """Run one node's engine (phase loop and API) until SIGINT/SIGTERM."""
+    import uvicorn
+
+    check_binding(host, token)
+    engine = CheckpointEngine(engine_cfg, http_address=f"http://{host}:{port}")
+    uvicorn.run(create_app(engine, token), host=host, port=port, log_level="warning")

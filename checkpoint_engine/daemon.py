@@ -1,0 +1,230 @@
+"""The checkpoint engine of one node: follows the job's phase in etcd and does this node's part.
+
+Consumes: the phase in etcd (`coordination.Coordinator`), weight regions that producers on this
+node register (`WeightStore`), completion reports of the phases other processes own.
+Produces: acks per iteration and phase (payload: timings, loaded version), vLLM started with dummy
+weights, updated, and killed. The leader additionally advances the phase once every node acked.
+
+Who finishes which phase:
+- START_VLLM, UPDATE_WEIGHTS, TERMINATE_VLLM: this daemon, by itself;
+- EXPORT: the producer, by registering the version's region (`register_weights`); a node
+  without a producer (`weights_from` set) acks once those nodes registered the version;
+- TRAIN, OFFLOAD, ROLLOUT, ONLOAD: the trainer / controller, through `complete_phase`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from checkpoint_engine.coordination import CoordinationError, CoordinationTimeout, Coordinator, describe
+from checkpoint_engine.mooncake_transport import MooncakeConfig
+from checkpoint_engine.phases import Phase, PhaseState, fail, initial_state, next_state
+from checkpoint_engine.shm_buffer import Manifest
+from checkpoint_engine.vllm_process import VllmLaunch, VllmProcess
+from checkpoint_engine.weight_store import WeightStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    node: str
+    job: str
+    etcd: str
+    nodes: tuple[str, ...]  # every node of the job: the barrier waits for all of them
+    vllm: VllmLaunch
+    mooncake: MooncakeConfig | None = None  # None: single node, shared memory only
+    weights_from: tuple[str, ...] = ()  # nodes whose exports this node loads; empty: it produces its own
+    phase_timeout: float = 900.0  # seconds a barrier waits before the phase is declared FAILED
+    ttl: int = 10  # node lease, seconds: a dead node is noticed within this
+    terminate_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.node not in self.nodes:
+            raise ValueError(f"engine.node {self.node!r} is not among engine.nodes {list(self.nodes)}")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ValueError(f"engine.nodes has duplicates: {list(self.nodes)}")
+        strangers = [n for n in self.weights_from if n not in self.nodes or n == self.node]
+        if strangers:
+            raise ValueError(f"engine.weights_from {strangers} must name other nodes of {list(self.nodes)}")
+        if len(self.nodes) > 1 and self.mooncake is None:
+            raise ValueError("a job with several nodes needs a transport between them: set transfer=mooncake")
+        if self.phase_timeout <= 0 or self.ttl < 2:
+            raise ValueError(
+                f"engine.phase_timeout must be > 0 and engine.ttl >= 2, got {self.phase_timeout}, {self.ttl}"
+            )
+
+
+@dataclass
+class EngineStatus:
+    """What GET /status shows."""
+
+    node: str
+    leader: str | None
+    alive_nodes: list[str]
+    phase: dict[str, Any] | None
+    vllm_pid: int | None
+    vllm_alive: bool
+    vllm_weight_version: int | None
+    weight_versions: list[int]
+    last_timings: dict[str, float] = field(default_factory=dict)
+    last_error: str | None = None
+
+
+class CheckpointEngine:
+    def __init__(self, cfg: EngineConfig, http_address: str = "") -> None:
+        self.cfg = cfg
+        self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.ttl, http_address=http_address)
+        self.store = WeightStore(self.coordinator, cfg.job, cfg.node, cfg.mooncake)
+        self.vllm = VllmProcess(cfg.vllm)
+        self._ops = threading.Lock()  # one vLLM / weight operation at a time (API and phase loop)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._done: set[tuple[int, Phase]] = set()  # phases whose part this node did (recent ones)
+        self.timings: dict[str, float] = {}
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ operations (API and loop)
+    def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        with self._ops:
+            result = fn()
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        log.info("[%s] %s took %.2f s", self.cfg.node, name, self.timings[name])
+        return result
+
+    def start_vllm(self) -> dict[str, Any]:
+        seconds = self._timed("start_vllm", self.vllm.start)
+        return {"pid": self.vllm.pid, "seconds": seconds}
+
+    def terminate_vllm(self) -> dict[str, Any]:
+        t = self._timed("terminate_vllm", lambda: self.vllm.terminate(self.cfg.terminate_grace))
+        return {"pids": list(t.pids), "rss_freed_bytes": t.rss_freed_bytes, "killed": t.killed}
+
+    def register_weights(self, manifest: Manifest) -> None:
+        """A producer on this node wrote `manifest`'s region; during EXPORT of that version, this acks it."""
+        self._timed("register_weights", lambda: self.store.register(manifest))
+        state, _ = self.coordinator.read_phase()
+        if state is not None and state.phase is Phase.EXPORT and state.weight_version == manifest.version:
+            self.coordinator.ack(state, {"region": manifest.region, "bytes": manifest.size})
+
+    def update_weights(self, version: int) -> dict[str, Any]:
+        def op() -> dict[str, Any]:
+            manifest = self.store.resolve(version)
+            loaded = self.vllm.client.update_weights(manifest.to_dict())
+            self.store.drop_older_than(version)
+            return {"weight_version": loaded.weight_version, "load_seconds": round(loaded.seconds, 3)}
+
+        return self._timed("update_weights", op)
+
+    def complete_phase(self, iteration: int, phase: Phase, payload: dict[str, Any] | None = None) -> None:
+        """Another process on this node (trainer, controller) finished `phase` of `iteration`."""
+        if phase in (Phase.START_VLLM, Phase.UPDATE_WEIGHTS, Phase.TERMINATE_VLLM, Phase.EXPORT, Phase.FAILED):
+            raise ValueError(f"{phase.value} is completed by the engine itself or by registering weights")
+        state, _ = self.coordinator.read_phase()
+        if state is None or (state.iteration, state.phase) != (iteration, phase):
+            raise ValueError(f"cannot complete {phase.value} of iteration {iteration}: the job is {describe(state)}")
+        self.coordinator.ack(state, payload)
+
+    def status(self) -> EngineStatus:
+        state, _ = self.coordinator.read_phase()
+        version = None
+        if self.vllm.alive():
+            try:
+                version = self.vllm.client.health().weight_version
+            except OSError:
+                version = None
+        return EngineStatus(
+            node=self.cfg.node, leader=self.coordinator.leader(), alive_nodes=sorted(self.coordinator.alive_nodes()),
+            phase=state.to_dict() if state else None,
+            vllm_pid=self.vllm.pid, vllm_alive=self.vllm.alive(), vllm_weight_version=version,
+            weight_versions=self.store.versions(), last_timings=dict(self.timings), last_error=self.last_error,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------------------- the phase loop
+    def _own(self, phase: Phase) -> bool:
+        if phase is Phase.EXPORT:
+            return bool(self.cfg.weights_from)
+        return phase in (Phase.START_VLLM, Phase.UPDATE_WEIGHTS, Phase.TERMINATE_VLLM)
+
+    def _do_own(self, state: PhaseState) -> dict[str, Any]:
+        if state.phase is Phase.EXPORT:
+            found = self._patiently(
+                lambda t: self.coordinator.wait_shards(state.weight_version, self.cfg.weights_from, t)
+            )
+            return {"registered_by": sorted(found)}
+        if state.phase is Phase.START_VLLM:
+            return self.start_vllm()
+        if state.phase is Phase.UPDATE_WEIGHTS:
+            return self.update_weights(state.weight_version)
+        return self.terminate_vllm()
+
+    def _patiently(self, wait: Callable[[float], Any]) -> Any:
+        """Run a barrier `wait(timeout)` in one-second slices up to `phase_timeout`, so that `stop()`
+        is never stuck behind a long barrier; the last slice's CoordinationTimeout propagates."""
+        deadline = time.monotonic() + self.cfg.phase_timeout
+        while True:
+            try:
+                return wait(min(1.0, max(deadline - time.monotonic(), 0.01)))
+            except CoordinationTimeout:
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    raise
+
+    def step(self, timeout: float) -> PhaseState:
+        """Do this node's part of the current phase once; as leader, wait for every node's ack and
+        advance. Waits up to `timeout` for a phase that needs something of this node."""
+        leader = self.coordinator.is_leader()
+
+        def needs_me(s: PhaseState) -> bool:
+            return (s.iteration, s.phase) not in self._done or (leader and s.phase is not Phase.FAILED)
+
+        state = self.coordinator.wait_phase(needs_me, timeout, raise_on_failed=False)
+        key = (state.iteration, state.phase)
+        if key not in self._done:
+            if self._own(state.phase):
+                try:
+                    self.coordinator.ack(state, self._do_own(state))
+                except Exception as e:  # no ack: the leader's barrier fails the phase, naming this node
+                    self.last_error = f"{state.phase.value} of iteration {state.iteration}: {e}"
+                    log.exception("[%s] %s", self.cfg.node, self.last_error)
+            self._done = {k for k in self._done if k[0] >= state.iteration - 1} | {key}
+        if leader and state.phase is not Phase.FAILED:
+            try:
+                self._patiently(lambda t: self.coordinator.wait_acks(state, self.cfg.nodes, t))
+                self.coordinator.advance(state, next_state(state))
+            except CoordinationError as e:
+                if not self._stop.is_set():
+                    self.last_error = str(e)
+                    self.coordinator.advance(state, fail(state))
+        return state
+
+    def run(self) -> None:
+        """Follow the phase until `stop()`; campaigns for leadership whenever the seat is free."""
+        while not self._stop.is_set():
+            if self.coordinator.leader() is None and self.coordinator.campaign():
+                # Start-up barrier: a node that never registered would fail the first phase at once.
+                self._patiently(lambda t: self.coordinator.wait_nodes(self.cfg.nodes, t))
+                self.coordinator.init_phase(initial_state())
+            try:
+                self.step(timeout=1.0)
+            except CoordinationTimeout:
+                continue  # nothing to do within a second: look at the leader seat again
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"phase-{self.cfg.node}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        log.info("[%s] stopping: vLLM, weight regions and the etcd lease go", self.cfg.node)
+        self._stop.set()
+        self.vllm.cancel()
+        if self._thread:
+            self._thread.join(timeout=60)
+        self.vllm.terminate(self.cfg.terminate_grace)
+        self.store.close()
+        self.coordinator.close()

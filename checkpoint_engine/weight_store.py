@@ -1,0 +1,103 @@
+"""This node's weight regions: the versions it holds in /dev/shm, and how to get one it lacks.
+
+A producer on this node (the trainer's EXPORT) writes region `timeshare-{job}-{node}-v{version}`
+and registers it here; the store records it in etcd (with how other nodes can read it, when a
+Mooncake server is running) and serves it. For UPDATE_WEIGHTS, `resolve(version)` returns a
+local manifest: the node's own region, or a replica pulled from a node that registered it.
+Regions of this job and node left by a crashed run are removed at start-up; all are removed on close.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from checkpoint_engine.coordination import Coordinator
+from checkpoint_engine.mooncake_transport import MooncakeClient, MooncakeConfig, MooncakeServer, RemoteRegion
+from checkpoint_engine.shm_buffer import REGION_PREFIX, Manifest, list_regions, region_name, remove_region
+
+log = logging.getLogger(__name__)
+
+
+class UnknownVersionError(LookupError):
+    pass
+
+
+@dataclass
+class _Held:
+    manifest: Manifest
+    replica: bool
+
+
+class WeightStore:
+    def __init__(self, coordinator: Coordinator, job: str, node: str, mooncake: MooncakeConfig | None) -> None:
+        self.coordinator, self.job, self.node = coordinator, job, node
+        self.prefix = f"{REGION_PREFIX}{job}-{node}-"
+        stale = list_regions(self.prefix)
+        for name in stale:
+            remove_region(name)
+        if stale:
+            log.warning("[%s] removed %d stale weight regions left by an earlier run: %s", node, len(stale), stale)
+        self._held: dict[int, _Held] = {}
+        self._server = MooncakeServer(mooncake) if mooncake else None
+        self._client = MooncakeClient(mooncake) if mooncake else None
+
+    def region_for(self, version: int) -> str:
+        """The region name a producer on this node writes version `version` into."""
+        return region_name(self.job, self.node, version)
+
+    def register(self, manifest: Manifest) -> None:
+        """Record a region a producer on this node wrote; publish it in the etcd shard registry."""
+        if not manifest.region.startswith(self.prefix):
+            raise ValueError(f"region {manifest.region!r} does not belong to this node (expected {self.prefix}*)")
+        if manifest.version in self._held:
+            raise ValueError(f"weight version {manifest.version} is already registered on {self.node}")
+        transport = self._server.serve(manifest).to_dict() if self._server else {}
+        self._held[manifest.version] = _Held(manifest, replica=False)
+        self.coordinator.register_shards(manifest.version, manifest.to_dict(), transport)
+
+    def resolve(self, version: int) -> Manifest:
+        """A manifest of `version` readable on this node, pulling it from another node if needed."""
+        held = self._held.get(version)
+        if held:
+            return held.manifest
+        records = {n: r for n, r in self.coordinator.shards(version).items() if n != self.node and r.transport}
+        if not records or self._client is None:
+            known = sorted(self._held)
+            raise UnknownVersionError(
+                f"weight version {version} is unknown on {self.node}: not produced here (held: {known}) and "
+                + ("no other node registered it" if self._client else "no transport to other nodes is configured")
+            )
+        node, record = sorted(records.items())[0]
+        # The replica is named under this node's prefix, so a crash leaves nothing start-up misses.
+        remote, theirs = RemoteRegion.from_dict(record.transport), Manifest.from_dict(record.manifest)
+        manifest = self._client.pull(remote, theirs, f"{self.prefix}v{version}-pulled")
+        self._held[version] = _Held(manifest, replica=True)
+        log.info("[%s] pulled weight version %d from %s", self.node, version, node)
+        return manifest
+
+    def drop_older_than(self, version: int) -> list[int]:
+        """Remove regions of versions before `version` (vLLM has moved on)."""
+        dropped = [v for v in self._held if v < version]
+        for v in dropped:
+            self._drop(v)
+        return dropped
+
+    def _drop(self, version: int) -> None:
+        held = self._held.pop(version)
+        try:
+            if self._server and not held.replica:
+                self._server.unserve(version)
+        finally:
+            remove_region(held.manifest.region)
+
+    def versions(self) -> list[int]:
+        return sorted(self._held)
+
+    def close(self) -> None:
+        for v in list(self._held):
+            self._drop(v)
+        if self._server:
+            self._server.close()
+        if self._client:
+            self._client.close()

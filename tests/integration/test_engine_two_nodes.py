@@ -1,0 +1,169 @@
+"""Two checkpoint engines (real `timeshare engine` processes) on one etcd drive a full iteration:
+leader election, phase advance with acks, weights pushed through shared memory on node0 and
+pulled through Mooncake tcp on node1, generation equal to HF on both, vLLM killed and restarted
+on request, a killed engine noticed within its lease TTL, stale regions cleaned at restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import torch
+
+from checkpoint_engine.phases import Phase
+from checkpoint_engine.shm_buffer import list_regions, region_name, write_region
+from engine.tiny_model import TinyModelSpec, write_tiny_model
+from launch.etcd_server import LocalEtcd, free_loopback_ports
+from sidecars.megatron.model import read_hf_tensors
+from sidecars.vllm.client import VllmClient
+from sidecars.vllm.protocol import GenerationRequest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+JOB = "t2n"
+TTL = 3
+PROMPTS = [[1, 20, 21, 22], [1, 30, 31]]
+
+
+def _engine(node: str, etcd: str, model: Path, run: Path, ports: tuple[int, int], extra: list[str]) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "launch.cli", "engine", "--node-id", node, "--etcd", etcd, "--job", JOB,
+        "--nodes", "node0,node1", "--model", str(model), "--port", str(ports[0]), "--vllm-port", str(ports[1]),
+        "--mooncake", "tcp", "--ttl", str(TTL), "--phase-timeout", "300", "--run-dir", str(run), *extra,
+    ]  # fmt: skip
+    log = open(run / f"engine-{node}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+
+
+class Node:
+    def __init__(self, name: str, port: int, vllm_port: int) -> None:
+        self.name, self.url, self.vllm = name, f"http://127.0.0.1:{port}", VllmClient(f"http://127.0.0.1:{vllm_port}")
+
+    def get(self, path: str) -> dict:
+        r = requests.get(self.url + path, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, body: dict | None = None) -> dict:
+        r = requests.post(self.url + path, json=body or {}, timeout=300)
+        assert r.status_code == 200, f"{self.name} {path}: {r.status_code} {r.text}"
+        return r.json()
+
+    def phase(self) -> tuple[int, str] | None:
+        p = self.get("/status")["phase"]
+        return None if p is None else (p["iteration"], p["phase"])
+
+
+def _wait(what: str, fn, timeout: float = 240.0, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+        except requests.RequestException:
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _hf_greedy(model_dir: Path, n: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return [model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]  # fmt: skip
+
+
+def _greedy(node: Node, n: int) -> list[list[int]]:
+    reqs = [GenerationRequest(prompt_ids=p, max_tokens=n, temperature=0.0, ignore_eos=True) for p in PROMPTS]
+    return [r.samples[0].token_ids for r in node.vllm.generate(reqs)]
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_engines_one_iteration(tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "model", TinyModelSpec(layers=2, hidden=128, heads=4))
+    want = _hf_greedy(model, 8)
+    p0, v0, p1, v1 = free_loopback_ports(4)
+    nodes = [Node("node0", p0, v0), Node("node1", p1, v1)]
+    procs: dict[str, subprocess.Popen] = {}
+    with LocalEtcd(tmp_path / "etcd") as etcd:
+        try:
+            procs["node0"] = _engine("node0", etcd.endpoint, model, tmp_path, (p0, v0), [])
+            procs["node1"] = _engine("node1", etcd.endpoint, model, tmp_path, (p1, v1), ["--weights-from", "node0"])
+            n0, n1 = nodes
+            # Leader election: both agree on one leader, and the job starts at EXPORT of iteration 0.
+            leader = _wait("a leader", lambda: n0.get("/status")["leader"])
+            assert leader in ("node0", "node1")
+            assert n1.get("/status")["leader"] == leader
+            assert _wait("phase", n0.phase) == (0, "EXPORT")
+
+            # EXPORT: node0's producer writes version 0 into its region and registers it.
+            manifest = write_region(region_name(JOB, "node0", 0), 0, read_hf_tensors(model))
+            n0.post("/weights/register", {"manifest": manifest.to_dict()})
+
+            # START_VLLM and UPDATE_WEIGHTS happen by themselves on both nodes (node1 pulls over Mooncake).
+            _wait("ROLLOUT", lambda: n0.phase() == (0, "ROLLOUT"), timeout=400)
+            for n in nodes:
+                status = n.get("/status")
+                assert status["vllm_alive"], n.name
+                assert status["vllm_weight_version"] == 0, n.name
+                assert _greedy(n, 8) == want, n.name
+            assert any(r.endswith("-v0-pulled") for r in list_regions(f"timeshare-{JOB}-node1-"))
+
+            # vLLM killed mid-rollout on node0: the engine reports it and restarts it on request.
+            os.kill(n0.get("/status")["vllm_pid"], signal.SIGKILL)
+            _wait("node0 to notice vLLM died", lambda: not n0.get("/status")["vllm_alive"], timeout=30)
+            n0.post("/vllm/terminate")  # reaps what is left of the tree
+            n0.post("/vllm/start")
+            assert n0.post("/weights/update", {"version": 0})["weight_version"] == 0
+            assert _greedy(n0, 8) == want
+
+            # The controller finishes ROLLOUT; vLLM is killed on both nodes; then ONLOAD, TRAIN...
+            for n in nodes:
+                n.post("/phase/complete", {"iteration": 0, "phase": "ROLLOUT", "payload": {"samples": 2}})
+            _wait("ONLOAD", lambda: n0.phase() == (0, "ONLOAD"), timeout=120)
+            assert not any(n.get("/status")["vllm_alive"] for n in nodes)
+            with pytest.raises(AssertionError, match="409"):  # a phase that is not current is refused
+                n0.post("/phase/complete", {"iteration": 0, "phase": "TRAIN"})
+            for n in nodes:
+                n.post("/phase/complete", {"iteration": 0, "phase": "ONLOAD"})
+            assert _wait("TRAIN 1", lambda: n0.phase() == (1, Phase.TRAIN.value))
+
+            # A killed engine's lease expires within its TTL and the survivor sees it.
+            gone_at = time.monotonic()
+            procs["node1"].kill()
+            procs["node1"].wait()
+            _wait("node1 to expire", lambda: n0.get("/status")["alive_nodes"] == ["node0"], timeout=TTL + 5)
+            assert time.monotonic() - gone_at < TTL + 2
+            leftovers = list_regions(f"timeshare-{JOB}-node1-")
+            assert leftovers, "the killed engine should have left its pulled region behind"
+
+            # Restarted, node1 removes the regions the killed run left.
+            procs["node1"] = _engine("node1", etcd.endpoint, model, tmp_path, (p1, v1), ["--weights-from", "node0"])
+            _wait("node1 back", lambda: n1.get("/health"))
+            assert not list_regions(f"timeshare-{JOB}-node1-")
+        finally:
+            for proc in procs.values():
+                _stop(proc)
+    assert not list_regions(f"timeshare-{JOB}-")
+    ours = [p for p in psutil.process_iter(["cmdline"]) if "sidecars.vllm.server" in " ".join(p.info["cmdline"] or [])]
+    assert not ours, "a vLLM sidecar survived its engine"
