@@ -8,6 +8,8 @@ noisy, so only same-run ratios mean something):
 - `vllm_update_shm` vs `vllm_update_naive`: from tensors in the trainer's memory to the version
   live in a dummy-started vLLM, through the shm buffer (verified) against writing safetensors to
   /dev/shm and reloading from the file.
+- `mooncake_tcp_pull` vs `mooncake_copy`: pulling a region through two Mooncake TransferEngines
+  over tcp on loopback (the cross-node path, without a network), against a memory copy of it.
 Each case is timed `repeats` times, interleaved, and the best time is reported.
 """
 
@@ -140,6 +142,22 @@ def bench_vllm(layers: int, hidden: int, repeats: int) -> None:
         )
 
 
+def bench_mooncake(mib: int, repeats: int) -> None:
+    from checkpoint_engine.mooncake_transport import measure_pull_bandwidth
+
+    runs = [measure_pull_bandwidth(mib << 20) for _ in range(repeats)]
+    pull, copy = max(r.pull_gbps for r in runs), max(r.copy_gbps for r in runs)
+    nbytes = runs[0].nbytes
+    emit("mooncake_copy", nbytes / copy / 1e9, nbytes)
+    emit(
+        "mooncake_tcp_pull",
+        nbytes / pull / 1e9,
+        nbytes,
+        ratio_to_memcpy=round(pull / copy, 3),
+        transport="two TransferEngines, tcp over loopback",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="timeshare bench push", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -148,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vllm-layers", type=int, default=8)
     ap.add_argument("--vllm-hidden", type=int, default=1024)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["shm", "vllm"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["shm", "vllm", "mooncake"])
     args = ap.parse_args(argv)
     if "shm" not in args.skip:
         bench_shm(args.mib, args.repeats)
+    if "mooncake" not in args.skip:
+        bench_mooncake(args.mib, args.repeats)
     if "vllm" not in args.skip:
         bench_vllm(args.vllm_layers, args.vllm_hidden, args.repeats)
     return 0

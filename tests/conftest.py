@@ -26,3 +26,17 @@ def etcd_client(etcd_server: LocalEtcd) -> Iterator[pyetcd.MultiEndpointEtcd3Cli
     """A client of `etcd_server`, closed (with its watch thread) before the server stops."""
     with connect(etcd_server.endpoint) as client:
         yield client
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """After the whole run: no /dev/shm segment and no process that the tests started is left."""
+    import psutil
+
+    shm = Path("/dev/shm")
+    before = set(shm.iterdir()) if shm.is_dir() else set()
+    yield
+    leaked = sorted(str(p) for p in (set(shm.iterdir()) if shm.is_dir() else set()) - before)
+    children = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in psutil.Process().children(recursive=True)]
+    assert not leaked, f"tests left shared-memory segments behind: {leaked}"
+    assert not children, f"tests left processes behind: {children}"
