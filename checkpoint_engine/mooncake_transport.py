@@ -4,9 +4,10 @@ Serving node: `MooncakeServer.serve(manifest)` maps the node's shared-memory reg
 `shm_buffer.write_region`), registers it with its TransferEngine and returns a `RemoteRegion`, the
 small record that goes into the etcd shard registry next to the manifest.
 Pulling node: `MooncakeClient.pull(remote, manifest, local_region, slots)` creates a region of the
-same layout in this node's /dev/shm, reads the wanted byte ranges into it with one-sided reads (the
-serving process does no work per pull) and returns the `Manifest` of the local copy. The local vLLM
-then loads it through `shm_buffer.read_region`, checksums verified there as for a same-node push.
+same layout in this node's /dev/shm, reads the wanted byte ranges into it (one-sided reads: the
+serving node's Python is not involved; its engine threads answer over tcp, its NIC over RDMA) and
+returns the `Manifest` of the local copy. The local vLLM
+then verifies and loads it (`shm_buffer.verify_region`, `read_region`) exactly as a same-node push.
 
 Both engines use Mooncake's P2P handshake: no metadata server; a session is "host:rpc_port" and the
 serving engine picks the port. `mooncake` is imported inside the classes only, so the phase logic
@@ -15,13 +16,12 @@ and `engine/` import without it.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import mmap
 import os
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -229,7 +229,7 @@ class MooncakeClient:
     ) -> Manifest:
         """Copy `manifest`'s tensors (or the named `slots`) from `remote` into a new local region
         `local_region` of the same layout; returns its manifest (same slots and checksums, local name).
-        Bytes are not verified here: `read_region(..., verify=True)` does it where they are loaded."""
+        Bytes are not verified here: `verify_region` does it where they are loaded."""
         _check_matches(remote, manifest)
         wanted = select_slots(manifest, slots)
         reads = plan_reads(wanted.slots, self.cfg.chunk_bytes)
@@ -289,48 +289,48 @@ def _check_matches(remote: RemoteRegion, manifest: Manifest) -> None:
 @dataclass(frozen=True)
 class PullBandwidth:
     nbytes: int
-    pull_gbps: float  # Mooncake read into a fresh local region
+    pull_gbps: float  # Mooncake read into a fresh local region (best of the repeats)
     copy_gbps: float  # numpy copy of the same bytes into a fresh region: the same-node ceiling
+    copy_warm_gbps: float  # the same copy again into the now-faulted region: memory bandwidth alone
 
 
-def measure_pull_bandwidth(nbytes: int = 256 * _MIB, cfg: MooncakeConfig | None = None) -> PullBandwidth:
+def measure_pull_bandwidth(
+    nbytes: int = 256 * _MIB, cfg: MooncakeConfig | None = None, repeats: int = 1
+) -> PullBandwidth:
     """Pull `nbytes` through two TransferEngines in this process (loopback for tcp) and copy the same
-    bytes with numpy; both destinations are fresh regions, so both pay the same page faults."""
+    bytes with numpy, alternately, `repeats` times; best of each. Every destination is a fresh region,
+    so both pay the same page faults (slow and noisy on a VM's first touch: hence the repeats)."""
     cfg = cfg or MooncakeConfig()
     tag = f"timeshare-bench-{os.getpid()}-{time.monotonic_ns()}"
-    src_name, pulled_name, copy_name = f"{tag}-src", f"{tag}-pulled", f"{tag}-copy"
-    slot = TensorSlot("bytes", "float32", (nbytes // 4,), 0, nbytes // 4 * 4)
-    manifest = Manifest(region=src_name, version=0, size=max(slot.nbytes, 1), slots=(slot,))
+    src_name, dst_name = f"{tag}-src", f"{tag}-dst"
+    size = max(nbytes // 4, 1) * 4
+    manifest = Manifest(src_name, 0, size, (TensorSlot("bytes", "float32", (size // 4,), 0, size),))
+    pull_s, copy_s, warm_s = [], [], []
     try:
-        with _regions(src_name, manifest.size) as (src,):
-            src[:] = np.random.default_rng(0).integers(0, 256, src.size, dtype=np.uint8)
-            with MooncakeServer(cfg) as server, MooncakeClient(cfg) as client:
-                remote = server.serve(manifest)
+        src_buf = _map(SHM_DIR / src_name, size, create=True)
+        src = np.frombuffer(src_buf, dtype=np.uint8)
+        src[:] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+        with MooncakeServer(cfg) as server, MooncakeClient(cfg) as client:
+            remote = server.serve(manifest)
+            for _ in range(repeats):
                 start = time.perf_counter()
-                client.pull(remote, manifest, pulled_name)
-                pull_s = time.perf_counter() - start
-            with _regions(copy_name, manifest.size) as (dst,):
+                client.pull(remote, manifest, dst_name)
+                pull_s.append(time.perf_counter() - start)
+                remove_region(dst_name)
+                dst_buf = _map(SHM_DIR / dst_name, size, create=True)
+                dst = np.frombuffer(dst_buf, dtype=np.uint8)
                 start = time.perf_counter()
                 np.copyto(dst, src)
-                copy_s = time.perf_counter() - start
+                copy_s.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                np.copyto(dst, src)
+                warm_s.append(time.perf_counter() - start)
+                del dst
+                dst_buf.close()
+                remove_region(dst_name)
+        del src
+        src_buf.close()
     finally:
-        for name in (src_name, pulled_name, copy_name):
-            remove_region(name)
-    return PullBandwidth(slot.nbytes, slot.nbytes / pull_s / 1e9, slot.nbytes / copy_s / 1e9)
-
-
-class _regions:
-    """Create regions and yield uint8 views of them; the views must not outlive the block."""
-
-    def __init__(self, *spec: str | int) -> None:
-        self._spec = list(zip(spec[::2], spec[1::2], strict=True))
-        self._bufs: list[mmap.mmap] = []
-
-    def __enter__(self) -> Iterator[np.ndarray]:
-        self._bufs = [_map(SHM_DIR / str(name), int(size), create=True) for name, size in self._spec]
-        return iter([np.frombuffer(b, dtype=np.uint8) for b in self._bufs])
-
-    def __exit__(self, *exc: object) -> None:
-        for b in self._bufs:
-            with contextlib.suppress(BufferError):  # a view still alive: the mapping goes when it does
-                b.close()
+        remove_region(src_name)
+        remove_region(dst_name)
+    return PullBandwidth(size, *(size / min(t) / 1e9 for t in (pull_s, copy_s, warm_s)))

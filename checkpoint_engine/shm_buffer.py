@@ -102,7 +102,7 @@ def _map(path: Path, size: int, create: bool) -> mmap.mmap:
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
     """A uint8 view of a CPU tensor's storage (bfloat16 has no numpy dtype, so view as bytes first)."""
-    return t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # flat first: 0-d tensors too
 
 
 def write_region(name: str, version: int, tensors: Mapping[str, torch.Tensor]) -> Manifest:

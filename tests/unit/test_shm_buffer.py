@@ -81,3 +81,10 @@ def test_corrupted_tensor_is_refused_by_name(region: str) -> None:
     with pytest.raises(WeightVerificationError, match=r"'layer\.b' of weight version 4"):
         verify_region(manifest)
     assert dict(read_region(manifest))["layer.b"][4].item() != 1.0
+
+
+def test_scalar_tensors_round_trip(region: str) -> None:
+    manifest = write_region(region, 1, {"scale": torch.tensor(2.5), "v": torch.ones(3)})
+    got = dict(read_region(manifest))
+    assert got["scale"].shape == ()
+    assert got["scale"].item() == 2.5
