@@ -15,7 +15,8 @@ numeric order and pruning everything before an iteration is one range delete. Ac
 iteration and phase, so no key is ever reused across iterations.
 
 Waits on: etcd watches (never busy polling) for the phase, acks, shards, node expiry and a vacant
-leader key; every wait takes a timeout and its error names who or what did not arrive.
+leader key; every wait takes a timeout and its error names who or what did not arrive. etcd out of
+reach surfaces as pyetcd's ConnectionFailedError (the heartbeat alone retries, every ttl/3).
 etcd carries coordination only; bulk data goes through shm / Mooncake (see `shm_buffer.py`).
 """
 
@@ -64,11 +65,12 @@ class CoordinationTimeout(CoordinationError, TimeoutError):
 class StaleStateError(CoordinationError):
     """A compare-and-swap on the phase lost: someone else wrote it since the caller read it."""
 
-    def __init__(self, expected_revision: int, found_revision: int, found: PhaseState | None) -> None:
-        self.expected_revision, self.found_revision, self.found = expected_revision, found_revision, found
+    def __init__(self, expected: int | PhaseState, found_revision: int, found: PhaseState | None) -> None:
+        self.expected, self.found_revision, self.found = expected, found_revision, found
+        self.expected_revision = expected if isinstance(expected, int) else None
+        wanted = f"revision {expected}" if isinstance(expected, int) else describe(expected)
         super().__init__(
-            f"phase compare-and-swap lost: expected revision {expected_revision}, found revision "
-            f"{found_revision} holding {describe(found)}"
+            f"phase compare-and-swap lost: expected {wanted}, found revision {found_revision} holding {describe(found)}"
         )
 
 
@@ -280,6 +282,12 @@ def _as_predicate(until: PhaseState | Callable[[PhaseState], bool]) -> tuple[Cal
     return until, getattr(until, "__name__", repr(until))
 
 
+def _brief(exc: BaseException) -> str:
+    """One line for an error; gRPC's own repr spans several."""
+    details = getattr(exc, "details", None)
+    return f"{type(exc).__name__}: {details() if callable(details) else exc}"
+
+
 def _names(nodes: Iterable[str]) -> str:
     return ", ".join(sorted(nodes)) or "(none)"
 
@@ -319,8 +327,7 @@ class Heartbeat:
             try:
                 self._beat()
             except Exception as exc:  # etcd unreachable for a moment: the next tick tries again
-                self._log.warning("heartbeat failed (%s: %s); retrying in %.2f s", type(exc).__name__, exc,
-                                  self.interval)  # fmt: skip
+                self._log.warning("heartbeat failed (%s); retrying in %.2f s", _brief(exc), self.interval)
 
 
 class _NodeLog(logging.LoggerAdapter):
@@ -391,7 +398,7 @@ class Coordinator:
             lease.revoke()
             self.log.info("left the job: lease %x revoked", lease.id)
         except Exception as exc:  # etcd gone: the lease runs out by itself within the TTL
-            self.log.warning("could not revoke lease %x (%s); it expires within %d s", lease.id, exc, self.ttl)
+            self.log.warning("could not revoke lease %x (%s); it expires within %d s", lease.id, _brief(exc), self.ttl)
         if self._owns_client:
             self.client.close()
 
@@ -540,10 +547,8 @@ class Coordinator:
         if current is None:
             raise CoordinationError(f"{self.node} cannot advance to {describe(new)}: the phase was never initialised")
         expected_revision = expected if isinstance(expected, int) else revision
-        if isinstance(expected, PhaseState) and expected != current:
-            raise StaleStateError(expected_revision, revision, current)
-        if expected_revision != revision:
-            raise StaleStateError(expected_revision, revision, current)
+        if (expected != current) if isinstance(expected, PhaseState) else (expected != revision):
+            raise StaleStateError(expected, revision, current)
         check_transition(current, new)
         txn, key = self.client.transactions, self.keys.phase
         swapped, responses = self.client.transaction(
@@ -565,7 +570,7 @@ class Coordinator:
         with self._lock:
             if self._leader_revision == fence:
                 self._leader_revision = None
-        holder = decode(LeaderRecord, leader_kvs[0][0]).node if leader_kvs else None
+        holder = decode(LeaderRecord, leader_kvs[0][0]).node if leader_kvs else "no node"
         raise NotLeaderError(f"{self.node} lost the leadership (its lease expired or it resigned); now {holder} leads")
 
     def wait_phase(

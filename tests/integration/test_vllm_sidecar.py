@@ -109,6 +109,9 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
         worker.join(timeout=120)
         assert not worker.is_alive()
         assert errors, "generation survived the sidecar being killed"
+        deadline = time.monotonic() + 10  # the error reaches the client as the process dies, not after
+        while vllm.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not vllm.alive()
         pids = vllm.terminate(grace=5).pids
         assert not [p for p in pids if psutil.pid_exists(p)], "part of the killed vLLM tree is still running"
