@@ -15,7 +15,7 @@ BASE = [
     "transformers==5.19.0",
     "safetensors>=0.8,<0.9",
     # Per-tensor checksums of every weight push; multi-threaded, faster than a memory copy.
-    "blake3>=1.0",
+    "xxhash>=3.4",
     "hydra-core==1.3.8",
     # etcd3's generated protobuf code breaks with protobuf >= 4 (vLLM needs 5+); this fork keeps its API.
     "etcd-sdk-python==0.0.7",

@@ -4,6 +4,9 @@ A producer on this node (the trainer's EXPORT) writes region `timeshare-{job}-{n
 and registers it here; the store records it in etcd (with how other nodes can read it, when a
 Mooncake server is running) and serves it. For UPDATE_WEIGHTS, `resolve(version)` returns a
 local manifest: the node's own region, or a replica pulled from a node that registered it.
+A dropped version's region is not unlinked but renamed to the node's spare region, which the
+next EXPORT recycles (`write_region(..., recycle=spare_region_name(job, node))`): writing into
+touched pages runs about three times faster than into a fresh tmpfs file.
 Regions of this job and node left by a crashed run are removed at start-up; all are removed on close.
 """
 
@@ -14,7 +17,15 @@ from dataclasses import dataclass
 
 from checkpoint_engine.coordination import Coordinator
 from checkpoint_engine.mooncake_transport import MooncakeClient, MooncakeConfig, MooncakeServer, RemoteRegion
-from checkpoint_engine.shm_buffer import REGION_PREFIX, Manifest, list_regions, region_name, remove_region
+from checkpoint_engine.shm_buffer import (
+    REGION_PREFIX,
+    Manifest,
+    list_regions,
+    region_name,
+    remove_region,
+    retire_region,
+    spare_region_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,7 @@ class WeightStore:
     def __init__(self, coordinator: Coordinator, job: str, node: str, mooncake: MooncakeConfig | None) -> None:
         self.coordinator, self.job, self.node = coordinator, job, node
         self.prefix = f"{REGION_PREFIX}{job}-{node}-"
+        self.spare = spare_region_name(job, node)
         stale = list_regions(self.prefix)
         for name in stale:
             remove_region(name)
@@ -83,20 +95,24 @@ class WeightStore:
             self._drop(v)
         return dropped
 
-    def _drop(self, version: int) -> None:
+    def _drop(self, version: int, keep_pages: bool = True) -> None:
         held = self._held.pop(version)
         try:
             if self._server and not held.replica:
                 self._server.unserve(version)
         finally:
-            remove_region(held.manifest.region)
+            if keep_pages and not held.replica:
+                retire_region(held.manifest.region, self.spare)
+            else:
+                remove_region(held.manifest.region)
 
     def versions(self) -> list[int]:
         return sorted(self._held)
 
     def close(self) -> None:
         for v in list(self._held):
-            self._drop(v)
+            self._drop(v, keep_pages=False)
+        remove_region(self.spare)
         if self._server:
             self._server.close()
         if self._client:

@@ -2,9 +2,12 @@
 
 Every rate is reported next to a baseline measured in the same run (this machine is shared and
 noisy, so only same-run ratios mean something):
-- `memcpy` vs `shm_push`: copying a model-sized set of tensors into fresh memory, against writing
-  them into a fresh shared-memory region with per-tensor checksums (the EXPORT path);
-- `checksum`: blake3 over the same bytes alone, to show what verification costs;
+- `memcpy` vs `shm_push`: copying a model-sized set of tensors into memory that was touched before,
+  against writing them with per-tensor checksums into a shared-memory region that recycles the
+  previous version's pages (the steady-state EXPORT path);
+- `memcpy_fresh` vs `shm_push_fresh`: the same into never-touched memory (a first EXPORT, or a
+  node without a retired region): tmpfs page faults then dominate both;
+- `checksum`: xxh3 over the same bytes alone, to show what verification costs;
 - `vllm_update_shm` vs `vllm_update_naive`: from tensors in the trainer's memory to the version
   live in a dummy-started vLLM, through the shm buffer (verified) against writing safetensors to
   /dev/shm and reloading from the file.
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint_engine.shm_buffer import as_bytes, checksum, remove_region, write_region
+from checkpoint_engine.shm_buffer import RegionWriter, as_bytes, checksum, remove_region, retire_region, write_region
 
 
 def emit(case: str, seconds: float, nbytes: int, **extra: object) -> dict:
@@ -67,29 +70,64 @@ def best_of(repeats: int, cases: dict[str, Callable[[], None]]) -> dict[str, flo
     return best
 
 
+class _SteadyExport:
+    """Successive versions through one `RegionWriter`, the previous one retired after each write,
+    as the weight store does once vLLM has loaded the newer version."""
+
+    def __init__(self) -> None:
+        self.writer = RegionWriter(f"bench-{uuid.uuid4().hex[:8]}", "node0")
+        self.version, self.previous = 0, None
+
+    def push(self, tensors: dict[str, torch.Tensor]) -> dict:
+        self.version += 1
+        manifest = self.writer.write(self.version, tensors)
+        if self.previous:
+            retire_region(self.previous, self.writer.spare)
+        self.previous = manifest.region
+        return manifest.to_dict()
+
+    def close(self) -> None:
+        self.writer.close()
+        for name in (self.previous, self.writer.spare):
+            if name:
+                remove_region(name)
+
+
 def bench_shm(mib: int, repeats: int) -> None:
     tensors = model_sized_tensors(mib)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    region = f"timeshare-bench-{uuid.uuid4().hex[:8]}"
+    fresh_region = f"timeshare-bench-{uuid.uuid4().hex[:8]}"
+    touched = np.ones(nbytes, dtype=np.uint8)
 
-    def memcpy() -> None:
-        dst, offset = np.empty(nbytes, dtype=np.uint8), 0  # fresh pages, as a new region has
+    def copy_into(dst: np.ndarray) -> None:
+        offset = 0
         for t in tensors.values():
             b = as_bytes(t)
             dst[offset : offset + b.size] = b
             offset += b.size
 
-    def push() -> None:
-        remove_region(region)
-        write_region(region, 1, tensors)
+    def push_fresh() -> None:
+        write_region(fresh_region, 1, tensors)
+        remove_region(fresh_region)
 
     flat = np.concatenate([as_bytes(t) for t in tensors.values()])
+    steady = _SteadyExport()
+    cases = {
+        "memcpy": lambda: copy_into(touched),
+        "shm_push": lambda: steady.push(tensors),
+        "memcpy_fresh": lambda: copy_into(np.empty(nbytes, dtype=np.uint8)),
+        "shm_push_fresh": push_fresh,
+        "checksum": lambda: checksum(flat),
+    }
     try:
-        best = best_of(repeats, {"memcpy": memcpy, "shm_push": push, "checksum": lambda: checksum(flat)})
+        steady.push(tensors), steady.push(tensors)  # both alternating files exist and are mapped
+        best = best_of(repeats, cases)
     finally:
-        remove_region(region)
+        steady.close()
+        remove_region(fresh_region)
     emit("memcpy", best["memcpy"], nbytes)
-    emit("shm_push", best["shm_push"], nbytes, ratio_to_memcpy=round(best["memcpy"] / best["shm_push"], 3))
+    for case, base in (("shm_push", "memcpy"), ("memcpy_fresh", "memcpy"), ("shm_push_fresh", "memcpy_fresh")):
+        emit(case, best[case], nbytes, **{f"ratio_to_{base}": round(best[base] / best[case], 3)})
     emit("checksum", best["checksum"], nbytes, ratio_to_memcpy=round(best["memcpy"] / best["checksum"], 3))
 
 
@@ -109,29 +147,25 @@ def bench_vllm(layers: int, hidden: int, repeats: int) -> None:
         weights = read_hf_tensors(model_dir)
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
         llm = start_engine(VllmConfig(model_dir=str(model_dir)))
-        version = 0
-        region = f"timeshare-bench-{uuid.uuid4().hex[:8]}"
-        naive_file = f"/dev/shm/{region}.safetensors"
+        steady = _SteadyExport()
+        naive_file = f"/dev/shm/timeshare-bench-{uuid.uuid4().hex[:8]}.safetensors"
 
         def via_shm() -> None:
-            nonlocal version
-            version += 1
-            remove_region(region)
-            manifest = write_region(region, version, weights)
-            llm.collective_rpc("load_from_shm", args=(manifest.to_dict(),))
+            llm.collective_rpc("load_from_shm", args=(steady.push(weights),))
             llm.reset_prefix_cache()
 
         def naive() -> None:
-            nonlocal version
-            version += 1
+            steady.version += 1  # versions only increase, whichever path loads them
             save_file(weights, naive_file)
-            llm.collective_rpc("load_from_safetensors", args=(naive_file, version))
+            llm.collective_rpc("load_from_safetensors", args=(naive_file, steady.version))
+            Path(naive_file).unlink()
             llm.reset_prefix_cache()
 
         try:
+            via_shm(), via_shm()
             best = best_of(repeats, {"vllm_update_shm": via_shm, "vllm_update_naive": naive})
         finally:
-            remove_region(region)
+            steady.close()
             Path(naive_file).unlink(missing_ok=True)
         emit("vllm_update_naive", best["vllm_update_naive"], nbytes)
         emit(

@@ -8,7 +8,7 @@ Called from the engine process through `collective_rpc("<method>", args=...)`.
 
 from __future__ import annotations
 
-from checkpoint_engine.shm_buffer import Manifest, WeightVerificationError, read_region, verify_region
+from checkpoint_engine.shm_buffer import Manifest, WeightVerificationError, read_region
 
 
 class WeightReceiverExtension:
@@ -25,8 +25,8 @@ class WeightReceiverExtension:
             raise WeightVerificationError(
                 f"weight version {manifest.version} is stale: version {self.loaded_version} is already loaded"
             )
-        verify_region(manifest)
-        self.reload_weights(weights_iterator=read_region(manifest), is_checkpoint_format=True)
+        tensors = read_region(manifest)  # verified before any is loaded
+        self.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
         self.loaded_version = manifest.version
         return self.loaded_version
 

@@ -19,7 +19,10 @@ def test_bench_push_prints_json_lines_with_same_run_baselines() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     cases = {r["case"]: r for r in rows}
-    assert set(cases) == {"memcpy", "shm_push", "checksum", "mooncake_copy", "mooncake_tcp_pull"}
+    assert set(cases) == {
+        *("memcpy", "shm_push", "memcpy_fresh", "shm_push_fresh", "checksum"),
+        *("mooncake_copy", "mooncake_tcp_pull"),
+    }
     assert all(r["bench"] == "push" and r["bytes"] >= 8 << 20 and r["gb_per_s"] > 0 for r in rows)
     assert cases["shm_push"]["ratio_to_memcpy"] > 0
     assert cases["mooncake_tcp_pull"]["ratio_to_memcpy"] > 0

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
 import torch
 
 from checkpoint_engine.shm_buffer import (
     ALIGNMENT,
+    SHM_DIR,
     Manifest,
+    RegionWriter,
     WeightVerificationError,
+    as_bytes,
+    checksum,
     list_regions,
     plan_layout,
     read_region,
+    region_name,
     remove_region,
+    retire_region,
     verify_region,
     write_region,
 )
@@ -80,7 +87,7 @@ def test_corrupted_tensor_is_refused_by_name(region: str) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(WeightVerificationError, match=r"'layer\.b' of weight version 4"):
         verify_region(manifest)
-    assert dict(read_region(manifest))["layer.b"][4].item() != 1.0
+    assert dict(read_region(manifest, verify=False))["layer.b"][4].item() != 1.0
 
 
 def test_scalar_tensors_round_trip(region: str) -> None:
@@ -88,3 +95,62 @@ def test_scalar_tensors_round_trip(region: str) -> None:
     got = dict(read_region(manifest))
     assert got["scale"].shape == ()
     assert got["scale"].item() == 2.5
+
+
+@pytest.fixture
+def writer():
+    w = RegionWriter(f"test{uuid.uuid4().hex[:8]}", "node0")
+    yield w
+    w.close()
+    for name in list_regions(f"timeshare-{w.job}-"):
+        remove_region(name)
+
+
+def _inode(name: str) -> int:
+    return (SHM_DIR / name).stat().st_ino
+
+
+def test_writer_alternates_two_files_in_steady_state(writer: RegionWriter) -> None:
+    """v is live while v+1 is written; the store then retires v. Versions 1..6 use two files."""
+    inodes, previous = [], None
+    for version in range(1, 7):
+        manifest = writer.write(version, {"w": torch.full((1000,), float(version))})
+        assert manifest.region == region_name(writer.job, writer.node, version)
+        assert torch.equal(dict(read_region(manifest))["w"], torch.full((1000,), float(version)))
+        inodes.append(_inode(manifest.region))
+        if previous:
+            retire_region(previous, writer.spare)
+        previous = manifest.region
+    assert len(set(inodes)) == 2
+    assert inodes[2:] == inodes[:2] * 2
+    assert list_regions(f"timeshare-{writer.job}-") == sorted([previous, writer.spare])
+
+
+def test_writer_resizes_a_recycled_region(writer: RegionWriter) -> None:
+    first = writer.write(1, {"w": torch.ones(4096)})
+    retire_region(first.region, writer.spare)
+    second = writer.write(2, {"w": torch.ones(10), "extra": torch.arange(8192, dtype=torch.int64)})
+    assert (SHM_DIR / second.region).stat().st_size == second.size
+    got = dict(read_region(second))
+    assert torch.equal(got["extra"], torch.arange(8192))
+    assert torch.equal(got["w"], torch.ones(10))
+
+
+def test_writer_refuses_an_existing_version_and_drops_removed_files(writer: RegionWriter) -> None:
+    first = writer.write(1, {"w": torch.ones(4)})
+    with pytest.raises(FileExistsError, match=first.region):
+        writer.write(1, {"w": torch.ones(4)})
+    remove_region(first.region)  # the store unlinked it: its memory must not stay mapped here
+    writer.write(2, {"w": torch.ones(4)})
+    assert len(writer._kept) == 1
+
+
+def test_checksum_comes_from_the_source_and_catches_a_bad_copy(writer: RegionWriter) -> None:
+    manifest = writer.write(1, {"a": torch.arange(64, dtype=torch.float32)})
+    assert manifest.slots[0].checksum == checksum(as_bytes(torch.arange(64, dtype=torch.float32)))
+    raw = np.memmap(SHM_DIR / manifest.region, dtype=np.uint8, mode="r+")
+    raw[manifest.slots[0].offset] ^= 1
+    raw.flush()
+    del raw
+    with pytest.raises(WeightVerificationError, match="'a'"):
+        read_region(manifest)
