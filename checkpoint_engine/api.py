@@ -7,6 +7,8 @@
   POST /weights/register   a producer on this node wrote a weight region (body: its manifest)
   POST /weights/update     load a version into the running vLLM (local, or pulled from another node)
   POST /phase/complete     the trainer / controller finished its phase of an iteration
+  POST /phase/wait         long poll: the first phase at or past (iteration, phase); 504 on timeout
+  GET  /acks/{iteration}   every ack of an iteration (payloads and times), by phase and node
 Binding to anything but loopback requires a token, then sent as `Authorization: Bearer <token>`.
 """
 
@@ -20,8 +22,9 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from checkpoint_engine.coordination import CoordinationTimeout, PhaseFailedError
 from checkpoint_engine.daemon import CheckpointEngine, EngineConfig
 from checkpoint_engine.phases import Phase
 from checkpoint_engine.shm_buffer import Manifest
@@ -30,10 +33,17 @@ from sidecars.vllm.client import SidecarError
 
 class RegisterBody(BaseModel):
     manifest: dict[str, Any]
+    payload: dict[str, Any] = {}  # the producer's own numbers (export seconds, ...), added to the EXPORT ack
 
 
 class UpdateBody(BaseModel):
     version: int
+
+
+class WaitBody(BaseModel):
+    iteration: int
+    phase: Phase
+    timeout: float = Field(default=30.0, gt=0, le=300)
 
 
 class CompleteBody(BaseModel):
@@ -96,7 +106,7 @@ def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
     @app.post("/weights/register")
     def weights_register(body: RegisterBody) -> dict[str, Any]:
         manifest = guarded(Manifest.from_dict, body.manifest)
-        guarded(engine.register_weights, manifest)
+        guarded(engine.register_weights, manifest, body.payload)
         return {"registered": manifest.version}
 
     @app.post("/weights/update")
@@ -107,6 +117,19 @@ def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
     def phase_complete(body: CompleteBody) -> dict[str, Any]:
         guarded(engine.complete_phase, body.iteration, body.phase, body.payload)
         return {"acked": f"{body.phase.value} of iteration {body.iteration}"}
+
+    @app.post("/phase/wait")
+    def phase_wait(body: WaitBody) -> dict[str, Any]:
+        try:
+            return engine.wait_phase(body.iteration, body.phase, body.timeout).to_dict()
+        except CoordinationTimeout as e:
+            raise HTTPException(status_code=504, detail=str(e)) from e
+        except PhaseFailedError as e:
+            raise HTTPException(status_code=409, detail=str(e)) from e
+
+    @app.get("/acks/{iteration}")
+    def acks(iteration: int) -> dict[str, Any]:
+        return engine.iteration_acks(iteration)
 
     return app
 

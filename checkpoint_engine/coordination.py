@@ -662,6 +662,15 @@ class Coordinator:
         prefix = self.keys.acks(state.iteration, state.phase)
         return {last_segment(meta.key): decode(Ack, value) for value, meta in self.client.get_prefix(prefix)}
 
+    def iteration_acks(self, iteration: int) -> dict[Phase, dict[str, Ack]]:
+        """Every ack recorded for `iteration`, by phase and node (what phase timings are read from)."""
+        found: dict[Phase, dict[str, Ack]] = {}
+        prefix = self.keys.all_acks + counter(iteration, "iteration") + "/"
+        for value, _ in self.client.get_prefix(prefix):
+            ack = decode(Ack, value)
+            found.setdefault(ack.phase, {})[ack.node] = ack
+        return found
+
     def wait_acks(self, state: PhaseState, nodes: Iterable[str], timeout: float) -> dict[str, dict[str, Any]]:
         """Barrier: every one of `nodes` acked `state`; returns their payloads by node id.
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from checkpoint_engine.coordination import CoordinationError, CoordinationTimeout, Coordinator, describe
 from checkpoint_engine.mooncake_transport import MooncakeConfig
-from checkpoint_engine.phases import Phase, PhaseState, fail, initial_state, next_state
+from checkpoint_engine.phases import Phase, PhaseState, fail, initial_state, next_state, order
 from checkpoint_engine.shm_buffer import Manifest
 from checkpoint_engine.vllm_process import VllmLaunch, VllmProcess
 from checkpoint_engine.weight_store import WeightStore
@@ -43,6 +43,7 @@ class EngineConfig:
     phase_timeout: float = 900.0  # seconds a barrier waits before the phase is declared FAILED
     ttl: int = 10  # node lease, seconds: a dead node is noticed within this
     terminate_grace: float = 10.0
+    start_iteration: int = 0  # > 0: a resumed run restarts at EXPORT of this iteration
 
     def __post_init__(self) -> None:
         if self.node not in self.nodes:
@@ -106,12 +107,12 @@ class CheckpointEngine:
         t = self._timed("terminate_vllm", lambda: self.vllm.terminate(self.cfg.terminate_grace))
         return {"pids": list(t.pids), "rss_freed_bytes": t.rss_freed_bytes, "killed": t.killed}
 
-    def register_weights(self, manifest: Manifest) -> None:
+    def register_weights(self, manifest: Manifest, payload: dict[str, Any] | None = None) -> None:
         """A producer on this node wrote `manifest`'s region; during EXPORT of that version, this acks it."""
         self._timed("register_weights", lambda: self.store.register(manifest))
         state, _ = self.coordinator.read_phase()
         if state is not None and state.phase is Phase.EXPORT and state.weight_version == manifest.version:
-            self.coordinator.ack(state, {"region": manifest.region, "bytes": manifest.size})
+            self.coordinator.ack(state, {**(payload or {}), "region": manifest.region, "bytes": manifest.size})
 
     def update_weights(self, version: int) -> dict[str, Any]:
         def op() -> dict[str, Any]:
@@ -130,6 +131,22 @@ class CheckpointEngine:
         if state is None or (state.iteration, state.phase) != (iteration, phase):
             raise ValueError(f"cannot complete {phase.value} of iteration {iteration}: the job is {describe(state)}")
         self.coordinator.ack(state, payload)
+
+    def wait_phase(self, iteration: int, phase: Phase, timeout: float) -> PhaseState:
+        """The first state at or past `phase` of `iteration` (a process on this node waits for its turn).
+        A FAILED job raises PhaseFailedError; nothing within `timeout` raises CoordinationTimeout."""
+        target = order(iteration, phase)
+        return self.coordinator.wait_phase(
+            lambda s: s.phase is not Phase.FAILED and order(s.iteration, s.phase) >= target, timeout
+        )
+
+    def iteration_acks(self, iteration: int) -> dict[str, dict[str, Any]]:
+        """Acks of `iteration` by phase and node: payload and time, for the controller's phase timings."""
+        acks = self.coordinator.iteration_acks(iteration)
+        return {
+            p.value: {n: {"payload": a.payload, "acked_at": a.acked_at} for n, a in by.items()}
+            for p, by in acks.items()
+        }
 
     def status(self) -> EngineStatus:
         state, _ = self.coordinator.read_phase()
@@ -209,7 +226,7 @@ class CheckpointEngine:
             if self.coordinator.leader() is None and self.coordinator.campaign():
                 # Start-up barrier: a node that never registered would fail the first phase at once.
                 self._patiently(lambda t: self.coordinator.wait_nodes(self.cfg.nodes, t))
-                self.coordinator.init_phase(initial_state())
+                self.coordinator.init_phase(initial_state(self.cfg.start_iteration))
             try:
                 self.step(timeout=1.0)
             except CoordinationTimeout:

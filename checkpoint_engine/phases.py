@@ -65,8 +65,9 @@ class PhaseState:
                    started_at=d["started_at"])  # fmt: skip
 
 
-def initial_state() -> PhaseState:
-    return PhaseState(iteration=0, phase=FIRST_PHASE, weight_version=0)
+def initial_state(iteration: int = 0) -> PhaseState:
+    """EXPORT of `iteration`: 0 for a new run, the checkpoint's iteration for a resumed one."""
+    return PhaseState(iteration=iteration, phase=FIRST_PHASE, weight_version=iteration)
 
 
 def next_state(state: PhaseState) -> PhaseState:
@@ -79,6 +80,11 @@ def next_state(state: PhaseState) -> PhaseState:
     iteration = state.iteration + 1 if phase is Phase.TRAIN else state.iteration
     version = iteration if phase is Phase.EXPORT else state.weight_version
     return PhaseState(iteration=iteration, phase=phase, weight_version=version)
+
+
+def order(iteration: int, phase: Phase) -> tuple[int, int]:
+    """Sort key of a phase in the run: iteration, then position in the cycle (FAILED sorts last)."""
+    return iteration, len(CYCLE) if phase is Phase.FAILED else CYCLE.index(phase)
 
 
 def check_transition(current: PhaseState, proposed: PhaseState) -> None:

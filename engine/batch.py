@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -91,3 +92,18 @@ def with_advantages(batch: TrainBatch, algo: AlgoConfig, values: torch.Tensor | 
         values=values,
     )
     return batch
+
+
+_TENSOR_FIELDS = ("input_ids", "loss_mask", "rollout_logp", "versions", "rewards", "advantages")
+
+
+def save_batch(batch: TrainBatch, path: str | Path) -> None:
+    """Write a batch for the trainer ranks (plain tensors and lists: loadable with weights_only)."""
+    state = {name: getattr(batch, name) for name in _TENSOR_FIELDS}
+    torch.save({**state, "group_size": batch.group_size, "prompt_uids": list(batch.prompt_uids)}, path)
+
+
+def load_batch(path: str | Path) -> TrainBatch:
+    state = torch.load(path, weights_only=True)
+    return TrainBatch(**{name: state[name] for name in _TENSOR_FIELDS}, group_size=state["group_size"],
+                      prompt_uids=state["prompt_uids"])  # fmt: skip

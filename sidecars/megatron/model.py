@@ -8,6 +8,7 @@ Uses the local layer spec on CPU and the Transformer Engine spec where TE is ins
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -132,8 +133,14 @@ def load_hf_weights(model: torch.nn.Module, hf: Tensors, arch: ModelArch) -> Non
             param.copy_(shard)
 
 
-def export_hf_weights(model: torch.nn.Module, arch: ModelArch) -> Tensors:
-    """Full HF-named tensors, gathered over the TP group (same on every TP rank)."""
+def export_hf_weights(
+    model: torch.nn.Module, arch: ModelArch, host: Mapping[torch.nn.Parameter, torch.Tensor] | None = None
+) -> Tensors:
+    """Full HF-named tensors on the host, gathered over the TP group (same on every TP rank).
+
+    `host` maps parameters to their host copies while the model is offloaded (EXPORT follows
+    OFFLOAD); each shard visits the device only for the gather, which NCCL needs there.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -141,13 +148,14 @@ def export_hf_weights(model: torch.nn.Module, arch: ModelArch) -> Tensors:
     size = parallel_state.get_tensor_model_parallel_world_size()
     full: Tensors = {}
     for name, param in _weights(model).items():
-        local = param.detach().contiguous()
+        local = (host[param] if host is not None and param in host else param).detach().contiguous()
         if size == 1 or tp_split_dim(name) is None:
-            full[name] = local.clone()
+            full[name] = local.to("cpu", copy=True)
             continue
+        local = local.to(compat.device())
         shards = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(shards, local, group=group)
-        full[name] = tp_merge(name, shards)
+        full[name] = tp_merge(name, [t.cpu() for t in shards])
     return megatron_to_hf(full, arch, fused_norms=uses_fused_norms(model))
 
 

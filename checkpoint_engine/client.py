@@ -1,0 +1,80 @@
+"""HTTP client of one node's checkpoint engine, for the processes that own phases (trainer, controller).
+
+They never talk to etcd themselves: they wait for their phase, report it done and register
+weights through the engine of their node (see api.py for the endpoints).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import requests
+
+from checkpoint_engine.phases import Phase, PhaseState
+from checkpoint_engine.shm_buffer import Manifest
+
+
+class EngineError(RuntimeError):
+    """The engine refused a request (HTTP 4xx/5xx); the message carries its explanation."""
+
+
+class JobFailedError(EngineError):
+    """The job's phase is FAILED: the process waiting for its turn should stop."""
+
+
+class EngineClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._session = requests.Session()
+        if token:
+            self._session.headers["Authorization"] = f"Bearer {token}"
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        r = self._session.request(method, self.base_url + path, json=body, timeout=timeout or self.timeout)
+        if r.status_code != 200:
+            detail = r.json().get("detail", r.text) if "json" in r.headers.get("content-type", "") else r.text
+            error = JobFailedError if (r.status_code == 409 and path == "/phase/wait") else EngineError
+            raise error(f"{method} {path} -> {r.status_code}: {detail}")
+        return r.json()
+
+    def wait_for_engine(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._call("GET", "/health", timeout=2.0)
+                return
+            except (requests.ConnectionError, EngineError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no checkpoint engine answered at {self.base_url} within {timeout:g} s"
+                    ) from None
+                time.sleep(0.2)
+
+    def wait_phase(self, iteration: int, phase: Phase, timeout: float) -> PhaseState:
+        """Block until the job is at or past `phase` of `iteration`; long polls of at most 30 s each."""
+        deadline = time.monotonic() + timeout
+        while True:
+            poll = min(30.0, max(deadline - time.monotonic(), 0.1))
+            try:
+                body = {"iteration": iteration, "phase": phase.value, "timeout": poll}
+                return PhaseState.from_dict(self._call("POST", "/phase/wait", body, timeout=poll + 10))
+            except EngineError as e:
+                if "-> 504" not in str(e) or time.monotonic() >= deadline:
+                    raise
+
+    def complete(self, iteration: int, phase: Phase, payload: dict[str, Any] | None = None) -> None:
+        self._call("POST", "/phase/complete", {"iteration": iteration, "phase": phase.value, "payload": payload or {}})
+
+    def register_weights(self, manifest: Manifest, payload: dict[str, Any] | None = None) -> None:
+        self._call("POST", "/weights/register", {"manifest": manifest.to_dict(), "payload": payload or {}})
+
+    def iteration_acks(self, iteration: int) -> dict[str, dict[str, dict[str, Any]]]:
+        return self._call("GET", f"/acks/{iteration}")
+
+    def status(self) -> dict[str, Any]:
+        return self._call("GET", "/status")
+
+    def close(self) -> None:
+        self._session.close()

@@ -1,0 +1,107 @@
+"""OFFLOAD / ONLOAD of one trainer rank: parameters and optimizer state leave the accelerator and come back.
+
+Parameters keep their `torch.nn.Parameter` objects (Megatron hangs its TP attributes on them and
+the optimizer indexes its state by them); only their storage moves: to a host copy (pinned where
+CUDA is present), and the device storage is freed by pointing `.data` at an empty tensor.
+Gradients are dropped (every train step starts from zero grads). On CPU the same moves run into
+a second host buffer: nothing is freed on an accelerator there, but the copies are real and
+timed, which is what the phase timings report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from sidecars.megatron import compat
+
+
+@dataclass(frozen=True)
+class OffloadReport:
+    seconds: float
+    bytes_moved: int
+    device_bytes_after: int  # accelerator memory still allocated (CUDA); 0 on CPU
+    host_rss_bytes: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+def _device_allocated() -> int:
+    return torch.cuda.memory_allocated() if compat.on_gpu() else 0
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=compat.on_gpu())
+    host.copy_(t, non_blocking=compat.on_gpu())
+    return host
+
+
+class Offloader:
+    """Holds one rank's state while it is off the accelerator."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self._params: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._state: dict[tuple[torch.nn.Parameter, str], torch.Tensor] = {}
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self._params)
+
+    def _tensors(self) -> tuple[list[torch.nn.Parameter], list[tuple[torch.nn.Parameter, str]]]:
+        params = list(self.model.parameters())
+        state = [(p, k) for p, s in self.optimizer.state.items() for k, v in s.items() if torch.is_tensor(v)]
+        return params, state
+
+    def offload(self) -> OffloadReport:
+        if self.offloaded:
+            raise RuntimeError("the trainer state is already offloaded")
+        start, moved = time.perf_counter(), 0
+        params, state = self._tensors()
+        for p in params:
+            p.grad = None
+            self._params[p] = _host_copy(p.data)
+            moved += p.numel() * p.element_size()
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        for p, k in state:
+            t = self.optimizer.state[p][k]
+            self._state[(p, k)] = _host_copy(t)
+            moved += t.numel() * t.element_size()
+            self.optimizer.state[p][k] = torch.empty(0, dtype=t.dtype, device=t.device)
+        if compat.on_gpu():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return self._report(start, moved)
+
+    def onload(self) -> OffloadReport:
+        if not self.offloaded:
+            raise RuntimeError("the trainer state is not offloaded")
+        start, moved, dev = time.perf_counter(), 0, compat.device()
+        for p, host in self._params.items():
+            p.data = host.to(dev, copy=True, non_blocking=compat.on_gpu())
+            moved += host.numel() * host.element_size()
+        for (p, k), host in self._state.items():
+            self.optimizer.state[p][k] = host.to(dev, copy=True, non_blocking=compat.on_gpu())
+            moved += host.numel() * host.element_size()
+        if compat.on_gpu():
+            torch.cuda.synchronize()
+        self._params, self._state = {}, {}
+        return self._report(start, moved)
+
+    def host_parameters(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """The host copies of the parameters while offloaded (EXPORT reads them)."""
+        return dict(self._params)
+
+    @staticmethod
+    def _report(start: float, moved: int) -> OffloadReport:
+        return OffloadReport(
+            seconds=time.perf_counter() - start,
+            bytes_moved=moved,
+            device_bytes_after=_device_allocated(),
+            host_rss_bytes=psutil.Process(os.getpid()).memory_info().rss,
+        )

@@ -1,0 +1,188 @@
+"""Entry point of one trainer rank under torchrun: follows the job's phase and does the trainer's part.
+
+    torchrun --nproc-per-node N -m sidecars.megatron.rank_main <run dir>/trainer.json
+
+Rank 0 waits for each phase through the node's checkpoint engine and tells the other ranks by a
+broadcast; every rank then does the work (TP collectives need all of them) and rank 0 reports it:
+TRAIN (RL updates on the last rollout's batch, checkpoint), OFFLOAD, EXPORT (HF tensors into the
+node's shared-memory region, registered with the engine), ONLOAD. A fresh run first does the
+supervised cold start; a resumed run loads its checkpoint and restarts at EXPORT of that iteration.
+The rank exits at TRAIN of the iteration after the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from checkpoint_engine.client import EngineClient
+from checkpoint_engine.phases import Phase
+from checkpoint_engine.shm_buffer import RegionWriter
+from engine.algorithms import AlgoConfig
+from engine.batch import load_batch
+from engine.run_dir import RunPaths
+from sidecars.megatron import model as mg
+from sidecars.megatron.offload import Offloader
+from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown
+from sidecars.megatron.trainer import Trainer, TrainerOptions
+
+log = logging.getLogger("timeshare.trainer")
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """What the launcher hands every rank (as JSON): its slice of the run's config."""
+
+    run_dir: str
+    model_dir: str
+    engine_url: str
+    job: str
+    node: str
+    iterations: int  # RL iterations; the rank exits at TRAIN of iterations + 1
+    tensor_parallel: int = 1
+    start_iteration: int = 0  # > 0: resume from the checkpoint of this iteration
+    checkpoint_every: int = 1
+    phase_timeout: float = 900.0
+    trainer: TrainerOptions = field(default_factory=TrainerOptions)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    cold_start: ColdStart = field(default_factory=ColdStart)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RankConfig:
+        d = json.loads(text)
+        nested = {"trainer": TrainerOptions, "algo": AlgoConfig, "cold_start": ColdStart}
+        return cls(**{k: nested[k](**v) if k in nested else v for k, v in d.items()})
+
+
+class Rank:
+    def __init__(self, cfg: RankConfig) -> None:
+        self.cfg, self.paths = cfg, RunPaths(Path(cfg.run_dir))
+        self.rank = dist.get_rank()
+        self.trainer = Trainer(cfg.model_dir, cfg.trainer, cfg.algo)
+        self.offloader = Offloader(self.trainer.model, self.trainer.optimizer)
+        self.client = EngineClient(cfg.engine_url) if self.rank == 0 else None
+        self.writer = RegionWriter(cfg.job, cfg.node) if self.rank == 0 else None
+
+    def _log(self, msg: str, *args: Any) -> None:
+        log.info(f"[{self.cfg.node} rank{self.rank}] " + msg, *args)
+
+    def _turn(self, iteration: int, phase: Phase) -> bool:
+        """Wait (rank 0 through the engine) until the job is at `phase` of `iteration`; False: stop."""
+        ok = [True]
+        if self.client is not None:
+            state = self.client.wait_phase(iteration, phase, self.cfg.phase_timeout)
+            if (state.iteration, state.phase) != (iteration, phase):
+                log.error("expected %s of iteration %d, the job is at %s", phase.value, iteration, state)
+                ok = [False]
+        dist.broadcast_object_list(ok, src=0)
+        return ok[0]
+
+    def _report(self, iteration: int, phase: Phase, payload: dict[str, Any]) -> None:
+        if self.client is not None:
+            self.client.complete(iteration, phase, payload)
+
+    def cold_start(self) -> None:
+        examples = json.loads(self.paths.cold_start.read_text())
+        c = self.cfg.cold_start
+        start = time.perf_counter()
+        losses = self.trainer.supervised([tuple(e) for e in examples], c.epochs, c.lr, c.batch_size)
+        self._log("cold start: %d examples, %d epochs, loss %s, %.1f s", len(examples), c.epochs,
+                  " -> ".join(f"{x:.3f}" for x in losses), time.perf_counter() - start)  # fmt: skip
+
+    def train(self, iteration: int) -> None:
+        batch = load_batch(self.paths.batch(iteration - 1))
+        start = time.perf_counter()
+        metrics = self.trainer.train_on(batch, rollout_version=iteration - 1) if batch.size else {}
+        metrics["train/seconds"] = time.perf_counter() - start
+        if iteration % self.cfg.checkpoint_every == 0:
+            self.paths.checkpoint(iteration).mkdir(parents=True, exist_ok=True)
+            torch.save(self.trainer.state_dict(), self.paths.trainer_state(iteration, self.rank))
+            dist.barrier()
+            if self.rank == 0:
+                self.paths.complete_marker(iteration).write_text(json.dumps({"iteration": iteration}))
+        self._report(iteration, Phase.TRAIN, metrics)
+
+    def export(self, iteration: int) -> None:
+        start = time.perf_counter()
+        host = self.offloader.host_parameters() if self.offloader.offloaded else None
+        tensors = mg.export_hf_weights(self.trainer.model, self.trainer.arch, host)
+        converted = time.perf_counter()
+        if self.writer is not None and self.client is not None:
+            manifest = self.writer.write(iteration, tensors)
+            pushed = time.perf_counter()
+            self.client.register_weights(manifest, {
+                "convert_seconds": converted - start, "push_seconds": pushed - converted,
+                "push_gb_per_s": manifest.size / max(pushed - converted, 1e-9) / 1e9,
+            })  # fmt: skip
+        dist.barrier()
+
+    def run(self) -> None:
+        first = self.cfg.start_iteration
+        if first:
+            self.trainer.load_state_dict(torch.load(self.paths.trainer_state(first, self.rank), weights_only=False))
+        else:
+            self.cold_start()
+        iteration, phases = first, (Phase.EXPORT, Phase.ONLOAD)  # the first iteration starts at EXPORT
+        while True:
+            for phase in phases:
+                if phase is Phase.TRAIN and iteration > self.cfg.iterations:
+                    self._log("all %d iterations trained; exiting", self.cfg.iterations)
+                    return
+                if not self._turn(iteration, phase):
+                    raise SystemExit(f"the job left the expected phase order at {phase.value} of {iteration}")
+                self._do(iteration, phase)
+            iteration, phases = iteration + 1, (Phase.TRAIN, Phase.OFFLOAD, Phase.EXPORT, Phase.ONLOAD)
+
+    def _do(self, iteration: int, phase: Phase) -> None:
+        if phase is Phase.TRAIN:
+            self.train(iteration)
+        elif phase is Phase.OFFLOAD:
+            self._report(iteration, phase, self.offloader.offload().to_dict())
+        elif phase is Phase.EXPORT:
+            self.export(iteration)
+        elif self.offloader.offloaded:  # ONLOAD
+            self._report(iteration, phase, self.offloader.onload().to_dict())
+        else:
+            self._report(iteration, phase, {"seconds": 0.0})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.client is not None:
+            self.client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    cfg = RankConfig.from_json(Path(args[0]).read_text())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    init_distributed(ParallelConfig(tensor_parallel=cfg.tensor_parallel), seed=cfg.trainer.seed)
+    rank = Rank(cfg)
+    try:
+        rank.run()
+    finally:
+        rank.close()
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

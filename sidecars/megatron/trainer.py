@@ -1,0 +1,225 @@
+"""One trainer rank's model work: supervised cold start, logprob recomputation and RL updates.
+
+Consumes `TrainBatch`es (engine/batch.py) and the algorithm's config; produces optimizer steps
+and per-step metrics, including the gap between the rollout's logprobs and the trainer's on the
+same tokens (the check that the pushed weights are what vLLM sampled with). Works under tensor
+parallelism (vocab-parallel logprobs) and data parallelism (groups split over DP ranks, gradients
+averaged). No phases and no processes here: `rank_main.py` drives this from the job's phase.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine.algorithms import AlgoConfig, policy_loss
+from engine.algorithms.logprobs import vocab_parallel_token_logprobs
+from engine.batch import TrainBatch, with_advantages
+from sidecars.megatron import compat
+from sidecars.megatron import model as mg
+from sidecars.megatron.arch import ModelArch
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_iterations: int = 0
+    total_iterations: int = 1  # the cosine schedule reaches min_lr here
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_groups: int = 4
+    updates_per_batch: int = 1
+    temperature: float = 1.0  # vLLM's sampling temperature: its logprobs are of logits / temperature
+    seed: int = 0
+
+
+def lr_at(step: int, opts: TrainerOptions) -> float:
+    """Linear warm-up over `warmup_iterations`, then cosine from lr down to min_lr."""
+    if step < opts.warmup_iterations:
+        return opts.lr * (step + 1) / opts.warmup_iterations
+    span = max(opts.total_iterations - opts.warmup_iterations, 1)
+    progress = min((step - opts.warmup_iterations) / span, 1.0)
+    return opts.min_lr + 0.5 * (opts.lr - opts.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _tp():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+class Trainer:
+    def __init__(self, model_dir: str | Path, opts: TrainerOptions, algo: AlgoConfig) -> None:
+        self.arch = ModelArch.from_pretrained(model_dir)
+        self.opts, self.algo = opts, algo
+        self.model = mg.build_model(self.arch)
+        mg.load_hf_weights(self.model, mg.read_hf_tensors(model_dir), self.arch)
+        self.optimizer = compat.make_optimizer(self.model, opts.lr, opts.weight_decay)
+        self.step = 0  # RL updates done: the learning-rate schedule's clock
+
+    # ------------------------------------------------------------------------------ logprobs
+    def _logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """log p(target) for targets input_ids[:, 1:] under the current weights: [B, L-1]."""
+        ps = _tp()
+        dev = compat.device()
+        tokens = input_ids.to(dev)
+        positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+        logits = self.model(tokens, positions, compat.causal_mask(tokens.shape[1], dev))[:, :-1]
+        vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
+        return vocab_parallel_token_logprobs(
+            logits, tokens[:, 1:], vocab_start, group=ps.get_tensor_model_parallel_group(),
+            temperature=self.opts.temperature,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def recompute_logprobs(self, input_ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        self.model.eval()
+        return torch.cat([self._logprobs(input_ids[i : i + chunk]).cpu() for i in range(0, len(input_ids), chunk)])
+
+    # -------------------------------------------------------------------------------- RL step
+    def _my_groups(self, n_groups: int) -> list[int]:
+        """The groups this data-parallel rank trains on (round-robin over DP ranks)."""
+        ps = _tp()
+        rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        return list(range(rank, n_groups, size))
+
+    def train_on(self, batch: TrainBatch, rollout_version: int) -> dict[str, float]:
+        """RL updates on one rollout batch sampled by weight version `rollout_version`."""
+        g = batch.group_size
+        batch.old_logp = self.recompute_logprobs(batch.input_ids)
+        fresh = (batch.versions == rollout_version) & (batch.loss_mask > 0)
+        gap = (batch.old_logp - batch.rollout_logp).abs()[fresh]
+        with_advantages(batch, self.algo)
+        n_groups = batch.size // g
+        mine = self._my_groups(n_groups)
+        metrics: dict[str, float] = {}
+        for _ in range(self.opts.updates_per_batch):
+            metrics = self._update(batch, mine, n_groups)
+        return {
+            **metrics,
+            "logprob_gap/mean_abs": float(gap.mean()) if gap.numel() else 0.0,
+            "logprob_gap/max_abs": float(gap.max()) if gap.numel() else 0.0,
+            "train/tokens": float(batch.loss_mask.sum()),
+        }
+
+    def _update(self, batch: TrainBatch, mine: Sequence[int], n_groups: int) -> dict[str, float]:
+        lr = lr_at(self.step, self.opts)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        g, total_loss = batch.group_size, 0.0
+        step_groups = self.opts.micro_batch_groups
+        for start in range(0, len(mine), step_groups):
+            groups = mine[start : start + step_groups]
+            rows = torch.tensor([grp * g + j for grp in groups for j in range(g)])
+            logp = self._logprobs(batch.input_ids[rows])
+            dev = logp.device
+            loss = policy_loss(
+                self.algo, logp, batch.old_logp[rows].to(dev), batch.advantages[rows].to(dev),
+                batch.loss_mask[rows].to(dev), rewards=batch.rewards[rows].to(dev), group_size=g,
+                ref_logp=None if batch.ref_logp is None else batch.ref_logp[rows].to(dev),
+            )  # fmt: skip
+            # Each micro-batch loss is a mean over its groups: weight it by its share of the batch.
+            (loss * len(groups) / n_groups).backward()
+            total_loss += float(loss) * len(groups) / n_groups
+        self._reduce_data_parallel()
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.step += 1
+        return {"train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": lr}
+
+    def _reduce_data_parallel(self) -> None:
+        ps = _tp()
+        if ps.get_data_parallel_world_size() == 1:
+            return
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=ps.get_data_parallel_group())  # losses were weighted over all groups
+
+    def _clip_gradients(self) -> float:
+        """Clip the global gradient norm; TP-sharded parameters count on every TP rank, replicated
+        ones (norms) on TP rank 0 only, so the all-reduced sum counts each element once."""
+        ps = _tp()
+        first_tp_rank = ps.get_tensor_model_parallel_rank() == 0
+        squares = torch.zeros((), dtype=torch.float64, device=compat.device())
+        for p in self.model.parameters():
+            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or first_tp_rank):
+                squares += p.grad.double().pow(2).sum()
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
+        norm = float(squares.sqrt())
+        if self.opts.grad_clip > 0 and norm > self.opts.grad_clip:
+            scale = self.opts.grad_clip / (norm + 1e-6)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    # ------------------------------------------------------------------------- cold start SFT
+    def supervised(
+        self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], epochs: int, lr: float, batch_size: int
+    ) -> list[float]:
+        """Cross-entropy on the answer tokens of (prompt ids, answer ids) pairs: the cold start that
+        gives RL a policy which earns some reward. Returns the mean loss per epoch."""
+        ps = _tp()
+        rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        gen = torch.Generator().manual_seed(self.opts.seed)
+        losses = []
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(examples), generator=gen).tolist()
+            epoch_loss, steps = 0.0, 0
+            for start in range(0, len(order), batch_size):
+                chunk = [examples[i] for i in order[start : start + batch_size]]
+                ids, mask = _pad_examples(chunk[rank::size] or chunk[:1])
+                self.optimizer.zero_grad(set_to_none=True)
+                logp = self._logprobs(ids)
+                dev = logp.device
+                loss = -(logp * mask.to(dev)).sum() / mask.sum().clamp(min=1).to(dev)
+                loss.backward()
+                self._reduce_data_parallel()
+                if size > 1:
+                    for p in self.model.parameters():
+                        p.grad.div_(size)
+                self._clip_gradients()
+                self.optimizer.step()
+                epoch_loss, steps = epoch_loss + float(loss), steps + 1
+            losses.append(epoch_loss / max(steps, 1))
+        self.optimizer.state.clear()  # RL starts with fresh moments at its own learning rate
+        return losses
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        torch.set_rng_state(state["rng"])
+
+
+def _pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+answer ids [B, L] and a target mask [B, L-1] over the answer tokens."""
+    length = max(len(p) + len(a) for p, a in examples)
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    mask = torch.zeros(len(examples), length - 1)
+    for i, (p, a) in enumerate(examples):
+        ids[i, : len(p) + len(a)] = torch.tensor(list(p) + list(a))
+        mask[i, len(p) - 1 : len(p) - 1 + len(a)] = 1.0
+    return ids, mask

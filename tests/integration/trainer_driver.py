@@ -1,0 +1,68 @@
+"""Run under torchrun by test_trainer.py: cold start, one RL step, offload/export/onload on one rank set.
+
+Rank 0 writes results.json (losses, logprob gap, checks) and the weights exported after the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from engine.algorithms import AlgoConfig
+from engine.batch import TrainBatch
+from sidecars.megatron import model as mg
+from sidecars.megatron.offload import Offloader
+from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown
+from sidecars.megatron.trainer import Trainer, TrainerOptions
+
+
+def synthetic_batch(trainer: Trainer, groups: int, g: int, seed: int) -> TrainBatch:
+    """Random prompt/response tokens; rollout logprobs are the trainer's own (a perfect push)."""
+    gen = torch.Generator().manual_seed(seed)
+    b, prompt, response = groups * g, 5, 6
+    ids = torch.randint(3, 40, (b, prompt + response), generator=gen)
+    mask = torch.zeros(b, prompt + response - 1)
+    mask[:, prompt - 1 :] = 1.0
+    versions = torch.where(mask > 0, 0, -1)
+    rollout = trainer.recompute_logprobs(ids) * mask
+    rewards = torch.randint(0, 2, (b,), generator=gen).float()
+    return TrainBatch(ids, mask, rollout, versions, rewards, torch.zeros(b), g, [f"p{i // g}" for i in range(b)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    args = ap.parse_args()
+    init_distributed(ParallelConfig(tensor_parallel=args.tp))
+    trainer = Trainer(args.model, TrainerOptions(lr=1e-3, grad_clip=0.5, micro_batch_groups=1), AlgoConfig(name="kimi"))
+    out: dict = {}
+    examples = [([1, 5 + i % 7, 9, 12], [20 + i % 5, 2]) for i in range(32)]
+    out["sft_losses"] = trainer.supervised(examples, epochs=4, lr=3e-3, batch_size=8)
+    batch = synthetic_batch(trainer, groups=3, g=4, seed=1)
+    out["train"] = trainer.train_on(batch, rollout_version=0)
+
+    offloader = Offloader(trainer.model, trainer.optimizer)
+    before = mg.export_hf_weights(trainer.model, trainer.arch)
+    out["offload"] = offloader.offload().to_dict()
+    out["params_empty_while_offloaded"] = all(p.numel() == 0 for p in trainer.model.parameters())
+    during = mg.export_hf_weights(trainer.model, trainer.arch, offloader.host_parameters())
+    out["export_equal_while_offloaded"] = all(torch.equal(before[k], during[k]) for k in before)
+    offloader.onload()
+    after = mg.export_hf_weights(trainer.model, trainer.arch)
+    out["export_equal_after_onload"] = all(torch.equal(before[k], after[k]) for k in before)
+    out["second_step"] = trainer.train_on(synthetic_batch(trainer, groups=3, g=4, seed=2), rollout_version=1)
+    if dist.get_rank() == 0:
+        save_file(before, str(Path(args.out) / "after_step.safetensors"))
+        (Path(args.out) / "results.json").write_text(json.dumps(out))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
