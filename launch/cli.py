@@ -20,14 +20,9 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    print(
-        "timeshare train: the RL loop is not built yet. When it is, this command will make a tiny model, "
-        "start a local etcd and run train -> offload -> export -> vLLM rollout -> onload iterations on the "
-        "addition task. Today the project provides the pieces it stands on: `timeshare make-tiny-model`, "
-        "the Megatron model with HF conversion, the vLLM weight push and the tasks (see README.md).",
-        file=sys.stderr,
-    )
-    return 1
+    from launch.train import train
+
+    return train(args.overrides)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -66,6 +61,8 @@ def _engine(args: argparse.Namespace) -> int:
         weights_from=tuple(args.weights_from.split(",")) if args.weights_from else (),
         phase_timeout=args.phase_timeout,
         ttl=args.ttl,
+        terminate_grace=args.terminate_grace,
+        start_iteration=args.start_iteration,
     )
     serve(cfg, args.host, args.port, args.token)
     return 0
@@ -107,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--weights-from", default="", help="nodes whose exports this node loads (no local trainer)")
     eng.add_argument("--phase-timeout", type=float, default=900.0)
     eng.add_argument("--ttl", type=int, default=10, help="node lease seconds")
+    eng.add_argument("--terminate-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    eng.add_argument("--start-iteration", type=int, default=0, help="resume: the job restarts at EXPORT of it")
     eng.add_argument("--run-dir", default="runs/engine")
     eng.set_defaults(func=_engine)
 
-    train = sub.add_parser("train", help="run the RL job (not built yet; says what it will do)")
+    train = sub.add_parser("train", help="run the RL job (Hydra overrides, e.g. run.iterations=4 resume=<run dir>)")
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=_train)
     return parser

@@ -1,0 +1,257 @@
+"""The iteration controller: owns ROLLOUT, evaluation, the replay buffer and the per-iteration record.
+
+Consumes the job's phase (through the node's checkpoint engine), a live vLLM sidecar during
+ROLLOUT, a task, a prompt sampler and the reward scorer. Produces, per iteration: the training
+batch the next TRAIN reads (`RunPaths.batch`), the controller half of each checkpoint (sampler,
+replay buffer), held-out evaluation, and one metrics record with the time of every phase.
+
+    for each iteration i:   wait for ROLLOUT i  ->  evaluate (every N)  ->  roll out, score, batch
+                            ->  ROLLOUT done  ->  wait for ONLOAD i to finish  ->  log iteration i
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from checkpoint_engine.client import EngineClient, EngineError
+from checkpoint_engine.phases import CYCLE, Phase
+from engine.batch import collate, save_batch
+from engine.evaluation import mean_pass_at_k
+from engine.replay_buffer import Group, PartialRolloutBuffer, PromptTokens, RolloutRequest, RolloutResult
+from engine.rewards import RewardScorer
+from engine.run_dir import RunPaths
+from engine.sampling import PromptSampler
+from engine.tasks import Sample, Task
+from sidecars.vllm.client import VllmClient
+from sidecars.vllm.protocol import GenerationRequest
+
+log = logging.getLogger("timeshare.controller")
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    iterations: int
+    eval_every: int = 4
+    prompts_per_iteration: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    eval_samples: int = 4  # k of pass@k
+    max_response_tokens: int = 16
+    checkpoint_every: int = 1
+    phase_timeout: float = 900.0
+    max_rounds: int = 4  # generation rounds per ROLLOUT while no group has finished
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The tokenizer's part the controller needs (plain callables: tests pass their own)."""
+
+    encode: Callable[[str], list[int]]  # prompt text -> ids, special tokens included
+    decode: Callable[[Sequence[int]], str]  # response ids -> text, special tokens dropped
+    stop_ids: tuple[int, ...]  # a response ends at any of these (end of line, eos)
+    pad_id: int
+
+
+class Controller:
+    def __init__(
+        self,
+        opts: ControllerOptions,
+        paths: RunPaths,
+        *,
+        engine: EngineClient,
+        rollout_engine: Callable[[], VllmClient],
+        task: Task,
+        tokens: Tokens,
+        sampler: PromptSampler,
+        buffer: PartialRolloutBuffer,
+        scorer: RewardScorer,
+        pool: Sequence[Sample],
+        heldout: Sequence[Sample],
+        log_metrics: Callable[[int, dict[str, float]], None],
+        check_alive: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.opts, self.paths, self.engine, self.rollout_engine = opts, paths, engine, rollout_engine
+        self.task, self.tokens, self.sampler, self.buffer, self.scorer = task, tokens, sampler, buffer, scorer
+        self.samples = {s.uid: s for s in pool}
+        self.heldout = list(heldout)
+        self.log_metrics, self.check_alive = log_metrics, check_alive
+        self._last_phase_end: float | None = None
+
+    # ---------------------------------------------------------------------------------- loop
+    def run(self, start: int) -> None:
+        """Iterations `start`..`iterations`; the job's first phase (EXPORT of `start`) is already on."""
+        self._last_phase_end = time.time()
+        for i in range(start, self.opts.iterations + 1):
+            self._wait(i, Phase.ROLLOUT)
+            metrics = self.rollout_phase(i, evaluate=self._eval_due(i, start), last=i == self.opts.iterations)
+            self.engine.complete(i, Phase.ROLLOUT, {k: v for k, v in metrics.items() if k.startswith("reward/")})
+            self._wait(i + 1, Phase.TRAIN)  # ONLOAD of i is done
+            metrics.update(self.phase_metrics(i))
+            self.log_metrics(i, metrics)
+
+    def _wait(self, iteration: int, phase: Phase) -> None:
+        """Wait for the job to reach `phase`, checking every few seconds that the node's processes live
+        (a dead trainer would otherwise cost a whole phase timeout to notice)."""
+        deadline = time.monotonic() + self.opts.phase_timeout
+        while True:
+            self.check_alive()
+            try:
+                self.engine.wait_phase(iteration, phase, timeout=min(5.0, max(deadline - time.monotonic(), 0.1)))
+                return
+            except EngineError as e:
+                if "-> 504" not in str(e) or time.monotonic() >= deadline:
+                    raise
+
+    def _eval_due(self, i: int, start: int) -> bool:
+        return i == start or i % self.opts.eval_every == 0 or i == self.opts.iterations
+
+    def rollout_phase(self, iteration: int, evaluate: bool, last: bool) -> dict[str, float]:
+        vllm = self.rollout_engine()
+        try:
+            metrics = self.evaluate(vllm) if evaluate else {}
+            if not last:  # the last iteration's rollout would only feed a TRAIN that never comes
+                metrics.update(self.rollout(vllm, iteration))
+        finally:
+            vllm.close()
+        return metrics
+
+    # ------------------------------------------------------------------------------- rollout
+    def _requests(self, requests: Sequence[RolloutRequest], seed: int) -> list[GenerationRequest]:
+        return [
+            GenerationRequest(
+                prompt_ids=list(r.token_ids),
+                max_tokens=r.max_tokens,
+                n=1,
+                temperature=self.opts.temperature,
+                top_p=self.opts.top_p,
+                seed=seed + k,
+                stop_token_ids=list(self.tokens.stop_ids),
+            )
+            for k, r in enumerate(requests)
+        ]
+
+    def rollout(self, vllm: VllmClient, version: int) -> dict[str, float]:
+        """Continue buffered trajectories, start new prompts, score the finished groups, write the batch."""
+        start, groups, rounds = time.perf_counter(), [], 0
+        while not groups:
+            if rounds == self.opts.max_rounds:
+                raise RuntimeError(
+                    f"no group finished within {rounds} generation rounds of iteration {version}: raise "
+                    "rollout.iteration_token_budget or lower rollout.max_response_tokens"
+                )
+            in_flight = self.buffer.in_flight_uids
+            new = [s for s in self.sampler.sample(self.opts.prompts_per_iteration) if s.uid not in in_flight]
+            prompts = [PromptTokens(s.uid, tuple(self.tokens.encode(s.prompt))) for s in new]
+            requests = self.buffer.plan_iteration(prompts, version)
+            results = vllm.generate(self._requests(requests, seed=self.opts.seed + 7919 * version + 131 * rounds))
+            self.buffer.record(
+                RolloutResult(prompt_uid=r.prompt_uid, sample_index=r.sample_index, token_ids=tuple(s.token_ids),
+                              logprobs=tuple(s.logprobs), finish_reason=s.finish_reason, version=s.weight_version)
+                for r, res in zip(requests, results, strict=True) for s in res.samples
+            )  # fmt: skip
+            groups = self.buffer.take_ready_groups()
+            rounds += 1
+        rewards, correct, lengths = self._score(groups, version)
+        batch = collate(groups, version, self.buffer.config.staleness, self.tokens.pad_id)
+        save_batch(batch, self.paths.batch(version))
+        self._save_state(version + 1)
+        n = len(rewards)
+        return {
+            "reward/mean": sum(rewards) / n,
+            "reward/correct": sum(correct) / n,
+            "rollout/mean_length": sum(lengths) / n,
+            "rollout/groups": float(len(groups)),
+            "rollout/rounds": float(rounds),
+            "rollout/unfinished": float(len(self.buffer.unfinished())),
+            "rollout/generate_seconds": time.perf_counter() - start,
+        }
+
+    def _score(self, groups: Sequence[Group], iteration: int) -> tuple[list[float], list[bool], list[int]]:
+        rewards, correct, lengths = [], [], []
+        for group in groups:
+            sample = self.samples[group.prompt_uid]
+            trajs = group.trajectories
+            scores = self.scorer.score_group(
+                [self.tokens.decode(t.response_ids) for t in trajs], sample, [t.finish_reason for t in trajs],
+                [len(t.response_ids) for t in trajs], iteration,
+            )  # fmt: skip
+            for t, total in zip(trajs, scores.totals, strict=True):
+                t.reward = total
+            self.sampler.update(group.prompt_uid, successes=float(sum(scores.correct)), trials=float(len(trajs)))
+            rewards += scores.totals
+            correct += scores.correct
+            lengths += [len(t.response_ids) for t in trajs]
+        return rewards, correct, lengths
+
+    # ---------------------------------------------------------------------------- evaluation
+    def evaluate(self, vllm: VllmClient) -> dict[str, float]:
+        """Held-out accuracy: greedy (the headline number), and pass@1 / pass@k over k samples."""
+        prompts = [self.tokens.encode(s.prompt) for s in self.heldout]
+        stop, k = list(self.tokens.stop_ids), self.opts.eval_samples
+        common = {"max_tokens": self.opts.max_response_tokens, "stop_token_ids": stop}
+        greedy = vllm.generate([GenerationRequest(prompt_ids=p, n=1, temperature=0.0, **common) for p in prompts])
+        sampled = vllm.generate([
+            GenerationRequest(prompt_ids=p, n=k, temperature=self.opts.temperature, seed=self.opts.seed + j, **common)
+            for j, p in enumerate(prompts)
+        ])  # fmt: skip
+
+        def right(sample: Sample, ids: Sequence[int]) -> bool:
+            return self.task.reward(self.tokens.decode(ids), sample) >= self.scorer.cfg.correct_threshold
+
+        greedy_ok = [right(s, r.samples[0].token_ids) for s, r in zip(self.heldout, greedy, strict=True)]
+        sampled_ok = [[right(s, x.token_ids) for x in r.samples] for s, r in zip(self.heldout, sampled, strict=True)]
+        return {
+            "eval/accuracy": sum(greedy_ok) / len(greedy_ok),
+            "eval/pass@1": mean_pass_at_k(sampled_ok, 1),
+            f"eval/pass@{k}": mean_pass_at_k(sampled_ok, k),
+        }
+
+    # ---------------------------------------------------------------------------- bookkeeping
+    def _save_state(self, checkpoint_iteration: int) -> None:
+        """The controller half of checkpoint `checkpoint_iteration` (its TRAIN writes the other half)."""
+        if checkpoint_iteration % self.opts.checkpoint_every:
+            return
+        path = self.paths.controller_state(checkpoint_iteration)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"sampler": self.sampler.state_dict(), "buffer": self.buffer.state_dict()}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
+
+    def load_state(self, checkpoint_iteration: int) -> None:
+        state = json.loads(self.paths.controller_state(checkpoint_iteration).read_text())
+        self.sampler.load_state_dict(state["sampler"])
+        self.buffer.load_state_dict(state["buffer"])
+
+    def phase_metrics(self, iteration: int) -> dict[str, float]:
+        """Seconds per phase of `iteration` (from the nodes' ack times) and the trainer's reports."""
+        acks = self.engine.iteration_acks(iteration)
+        metrics: dict[str, float] = {}
+        for phase in CYCLE:
+            by_node = acks.get(phase.value)
+            if not by_node:
+                continue
+            end = max(a["acked_at"] for a in by_node.values())
+            if self._last_phase_end is not None:
+                metrics[f"time/{phase.value.lower()}"] = max(end - self._last_phase_end, 0.0)
+            self._last_phase_end = end
+            payload = next(iter(sorted(by_node.items())))[1]["payload"]
+            metrics.update(_phase_payload(phase, payload))
+        return metrics
+
+
+def _phase_payload(phase: Phase, payload: dict[str, Any]) -> dict[str, float]:
+    """The numbers worth logging from one node's ack of `phase`."""
+    if phase is Phase.TRAIN:
+        return {k: float(v) for k, v in payload.items() if k.startswith(("train/", "logprob_gap/"))}
+    if phase is Phase.EXPORT and "push_gb_per_s" in payload:
+        return {"push/gb_per_s": float(payload["push_gb_per_s"]), "push/bytes": float(payload["bytes"])}
+    if phase is Phase.OFFLOAD:
+        return {"offload/bytes_moved": float(payload.get("bytes_moved", 0.0))}
+    return {}

@@ -1,0 +1,224 @@
+"""`timeshare train`: one node's whole RL job, from Hydra overrides to a trained run directory.
+
+Starts (and always stops) a local etcd unless `cluster.etcd` names one, the node's checkpoint
+engine (`timeshare engine`), the trainer ranks (torchrun, `sidecars.megatron.rank_main`) and runs
+the iteration controller in this process. The trainer's first act is the supervised cold start;
+iteration 0 then exports it, evaluates it and rolls out; every later iteration trains on the last
+rollout. `resume=<run dir>` restarts a run from its newest complete checkpoint with its saved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from checkpoint_engine.client import EngineClient
+from engine.controller import Controller, ControllerOptions, Tokens
+from engine.metrics import MetricsLogger, format_line, summarize_phase_times
+from engine.replay_buffer import PartialRolloutBuffer, PartialRolloutConfig
+from engine.rewards import RewardConfig, RewardScorer
+from engine.run_dir import RunPaths
+from engine.sampling import UniformSampler
+from engine.tasks import Sample, make_task
+from launch.etcd_server import LocalEtcd, free_loopback_ports
+from launch.train_config import ConfigError, TrainConfig, load_config
+from sidecars.megatron.rank_main import ColdStart, RankConfig
+from sidecars.megatron.trainer import TrainerOptions
+from sidecars.vllm.client import VllmClient
+
+log = logging.getLogger("timeshare.train")
+
+
+def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
+    """The config, run directory and first iteration: new run, or the newest checkpoint of `resume`."""
+    cfg = load_config(overrides)
+    if cfg.resume is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = RunPaths(Path(cfg.run.root) / f"{cfg.run.name}-{stamp}").make()
+        paths.config.write_text(json.dumps(cfg.to_dict(), indent=2))
+        return cfg, paths, 0
+    others = [o for o in overrides if not o.startswith("resume=")]
+    if others:
+        raise ConfigError(f"resume runs with the run's saved config; drop the other overrides {others}")
+    paths = RunPaths(Path(cfg.resume))
+    if not paths.config.exists():
+        raise ConfigError(f"resume={cfg.resume}: not a run directory (no {paths.config.name})")
+    start = paths.latest_checkpoint()
+    if start is None:
+        raise ConfigError(f"resume={cfg.resume}: the run has no complete checkpoint yet; start it again instead")
+    return TrainConfig.from_dict(json.loads(paths.config.read_text())), paths.make(), start
+
+
+def _model_dir(cfg: TrainConfig, paths: RunPaths) -> Path:
+    if cfg.model.path is not None:
+        return Path(cfg.model.path)
+    if not (paths.model_init / "config.json").exists():
+        from engine.tiny_model import TinyModelSpec, write_tiny_model
+
+        m = cfg.model
+        spec = TinyModelSpec(arch=m.arch, layers=m.layers, hidden=m.hidden, heads=m.heads, kv_heads=m.kv_heads,
+                             intermediate=m.intermediate, max_positions=m.max_positions,
+                             tie_embeddings=m.tie_embeddings, seed=cfg.run.seed)  # fmt: skip
+        write_tiny_model(paths.model_init, spec)
+    return paths.model_init
+
+
+def _tokens(model_dir: Path, stop: str) -> Tokens:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    stop_ids = [tok.eos_token_id]
+    if stop:
+        ids = tok(stop, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ConfigError(f"rollout.stop={stop!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        stop_ids.insert(0, ids[0])
+    return Tokens(
+        encode=lambda text: tok(text)["input_ids"],
+        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
+        stop_ids=tuple(stop_ids),
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+
+
+def _cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, stop: str) -> list[list[list[int]]]:
+    """At most a tenth of the RL pool, answered: a random model earns no reward to learn from."""
+    n = int(cfg.trainer.cold_start.fraction * len(pool))
+    chosen = random.Random(cfg.run.seed).sample(pool, n)
+    return [[tokens.encode(s.prompt), tokens.encode(s.answer + stop)[1:]] for s in chosen]  # [1:]: no BOS
+
+
+def _task_options(cfg: TrainConfig) -> dict[str, object]:
+    """task.digits means operand digits for addition and list length for sort."""
+    if cfg.task.name == "jsonl":
+        return {"path": cfg.task.path}
+    if cfg.task.name == "sort":
+        return {"max_len": cfg.task.digits, "min_len": min(3, cfg.task.digits)}
+    return {"max_digits": cfg.task.digits}
+
+
+def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    out = open(log_path, "ab")  # noqa: SIM115 - the child owns it; closed when the launcher exits
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def train(overrides: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg, paths, start = _prepare_run(overrides)
+    rollout, run = cfg.effective_rollout(), cfg.run
+    model_dir = _model_dir(cfg, paths)
+    tokens = _tokens(model_dir, rollout.stop)
+    task = make_task(cfg.task.name, **_task_options(cfg))
+    pool = task.samples("train", cfg.task.pool_size, run.seed)
+    heldout = task.samples("heldout", cfg.task.heldout_size, run.seed)
+    if start == 0:
+        paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, rollout.stop)))
+    print(f"timeshare train: run directory {paths.root} (starting at iteration {start})", flush=True)
+
+    engine_port, vllm_port, master_port = free_loopback_ports(3)
+    job, node = paths.root.name, cfg.cluster.node
+    with ExitStack() as stack:
+        if cfg.cluster.etcd is None:
+            etcd = stack.enter_context(LocalEtcd(paths.root / "etcd-data"))
+            endpoint = etcd.endpoint
+        else:
+            endpoint = cfg.cluster.etcd
+        engine = _spawn([
+            sys.executable, "-m", "launch.cli", "engine", "--node-id", node, "--etcd", endpoint, "--job", job,
+            "--nodes", ",".join(cfg.cluster.nodes), "--model", str(model_dir), "--port", str(engine_port),
+            "--vllm-port", str(vllm_port), "--vllm-tensor-parallel", str(cfg.parallel.vllm_tp),
+            "--vllm-gpu-memory-utilization", str(rollout.gpu_memory_utilization),
+            "--vllm-max-model-len", str(rollout.max_model_len), "--phase-timeout", str(cfg.phase.timeout),
+            "--ttl", str(cfg.phase.ttl), "--terminate-grace", str(cfg.phase.terminate_grace),
+            "--start-iteration", str(start), "--run-dir", str(paths.logs),
+        ], paths.logs / "engine.log")  # fmt: skip
+        stack.callback(_stop, engine, cfg.phase.terminate_grace + 30)
+        client = EngineClient(f"http://127.0.0.1:{engine_port}")
+        stack.callback(client.close)
+        client.wait_for_engine(timeout=120)
+
+        rank_cfg = RankConfig(
+            run_dir=str(paths.root), model_dir=str(model_dir), engine_url=client.base_url, job=job, node=node,
+            iterations=run.iterations, tensor_parallel=cfg.parallel.trainer_tp, start_iteration=start,
+            checkpoint_every=run.checkpoint_every, phase_timeout=cfg.phase.timeout,
+            trainer=TrainerOptions(
+                lr=cfg.trainer.lr, min_lr=cfg.trainer.min_lr, warmup_iterations=cfg.trainer.warmup_iterations,
+                total_iterations=run.iterations, weight_decay=cfg.trainer.weight_decay,
+                grad_clip=cfg.trainer.grad_clip, micro_batch_groups=cfg.trainer.micro_batch_groups,
+                updates_per_batch=cfg.trainer.updates_per_batch, temperature=rollout.temperature, seed=run.seed,
+            ),
+            algo=cfg.algo.to_algo(),
+            cold_start=ColdStart(epochs=cfg.trainer.cold_start.epochs, lr=cfg.trainer.cold_start.lr,
+                                 batch_size=cfg.trainer.cold_start.batch_size),
+        )  # fmt: skip
+        rank_file = paths.root / "trainer.json"
+        rank_file.write_text(rank_cfg.to_json())
+        trainer = _spawn([
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.parallel.trainer_ranks),
+            "--master-addr", "127.0.0.1", "--master-port", str(master_port),
+            "-m", "sidecars.megatron.rank_main", str(rank_file),
+        ], paths.logs / "trainer.log")  # fmt: skip
+        stack.callback(_stop, trainer, 30)
+
+        def check_alive() -> None:
+            for name, proc in (("trainer", trainer), ("engine", engine)):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the {name} exited with status {proc.returncode}; see {paths.logs}/{name}.log")
+
+        metrics = MetricsLogger(paths.root, echo=None)
+        stack.callback(metrics.close)
+        from tqdm import tqdm
+
+        bar = stack.enter_context(tqdm(total=run.iterations + 1, initial=start, desc="iterations",
+                                       disable=not run.progress, dynamic_ncols=True))  # fmt: skip
+
+        def record(iteration: int, values: dict[str, float]) -> None:
+            metrics.log(iteration, values)
+            bar.write(format_line(iteration, values))
+            bar.update(1)
+            metrics.plot()
+
+        buffer = PartialRolloutBuffer(PartialRolloutConfig(
+            max_response_tokens=rollout.max_response_tokens, iteration_token_budget=rollout.iteration_token_budget,
+            group_size=rollout.group_size, staleness=rollout.staleness,
+        ))  # fmt: skip
+        controller = Controller(
+            ControllerOptions(
+                iterations=run.iterations, eval_every=run.eval_every,
+                prompts_per_iteration=rollout.prompts_per_iteration, temperature=rollout.temperature,
+                top_p=rollout.top_p, eval_samples=rollout.eval_samples,
+                max_response_tokens=rollout.max_response_tokens, checkpoint_every=run.checkpoint_every,
+                phase_timeout=cfg.phase.timeout, seed=run.seed,
+            ),
+            paths, engine=client, rollout_engine=lambda: VllmClient(f"http://127.0.0.1:{vllm_port}"), task=task,
+            tokens=tokens,
+            sampler=UniformSampler(pool, run.seed), buffer=buffer, scorer=RewardScorer(RewardConfig(), task),
+            pool=pool, heldout=heldout, log_metrics=record, check_alive=check_alive,
+        )  # fmt: skip
+        if start:
+            controller.load_state(start)
+        controller.run(start)
+        trainer.wait(timeout=120)
+    print(summarize_phase_times(metrics.history()), flush=True)
+    print(f"timeshare train: done; metrics, TensorBoard logs and progress.png in {paths.root}", flush=True)
+    return 0

@@ -1,0 +1,203 @@
+"""The Hydra groups in conf/ compose, and launch/train_config.py turns them into checked dataclasses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from launch.train_config import (
+    CONF_DIR,
+    ConfigError,
+    RolloutSection,
+    TrainConfig,
+    compose,
+    load_config,
+)
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+# What an option needs besides itself to form a valid run.
+NEEDS = {
+    ("task", "jsonl"): ["task.path=data/gsm8k.jsonl"],
+    ("long_context", "32k"): ["model.max_positions=32768"],
+    ("long_context", "128k"): ["model.max_positions=131072"],
+}
+
+
+def _error(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides)
+    return str(info.value)
+
+
+def test_groups_are_the_documented_ones() -> None:
+    assert GROUPS == ["algo", "cluster", "long_context", "model", "parallel", "phase", "rollout", "task", "transfer"]
+
+
+def test_defaults_compose_to_the_dataclass_defaults() -> None:
+    cfg = load_config([])
+    assert cfg == TrainConfig()
+    assert cfg.run.name == "addition-kimi"
+    assert cfg.effective_rollout() == cfg.rollout
+    assert cfg.parallel.trainer_ranks == 1
+    assert cfg.algo.to_algo().name == "kimi"
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
+    overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
+    composed = compose(overrides)
+    cfg = TrainConfig.from_dict(composed)
+    section = getattr(cfg, group)
+    # Each file states every key of its section, so nothing is left to a dataclass default.
+    assert set(composed[group]) == {f.name for f in fields(section)}
+
+
+def test_round_trip_through_json() -> None:
+    cfg = load_config(["algo=grpo", "task=sort", "parallel=tp2", "cluster.nodes=[a,b]", "cluster.node=b"])
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert TrainConfig.from_dict(data) == cfg
+    assert cfg.cluster.nodes == ("a", "b")
+    assert cfg.run.name == "sort-grpo"
+
+
+def test_from_dict_fills_missing_keys_with_defaults_and_converts_ints_to_floats() -> None:
+    cfg = TrainConfig.from_dict({"rollout": {"temperature": 1, "group_size": 4}})
+    assert cfg.rollout.temperature == 1.0
+    assert isinstance(cfg.rollout.temperature, float)
+    assert cfg.rollout.group_size == 4
+    assert cfg.trainer == TrainConfig().trainer
+
+
+@pytest.mark.parametrize("override", ["rollout.temprature=0.5", "+rollout.temprature=0.5"])
+def test_misspelt_override_names_the_key_and_the_valid_keys(override: str) -> None:
+    message = _error([override])
+    assert "rollout.temprature" in message
+    assert "temperature" in message
+    assert "max_response_tokens" in message  # the list of valid keys of rollout
+
+
+def test_misspelt_key_in_from_dict() -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.cold_start\.epoch'.*valid keys of trainer\.cold_start"):
+        TrainConfig.from_dict({"trainer": {"cold_start": {"epoch": 2}}})
+    with pytest.raises(ConfigError, match="valid keys at the top level"):
+        TrainConfig.from_dict({"rollouts": {}})
+
+
+def test_unknown_group_option_lists_the_options() -> None:
+    message = _error(["algo=ppo"])
+    assert "kimi" in message
+    assert "reinforce_pp" in message
+    assert "critic" in message
+    with pytest.raises(ConfigError, match=r"not offered.*critic"):
+        load_config(["algo.name=ppo"])
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match=r"cannot parse override 'run\.name=\[1,'"):
+        compose(["rollout.group_size=4", "run.name=[1,"])
+
+
+def test_bad_literal() -> None:
+    assert _error(["rollout.lifecycle=x"]) == "rollout.lifecycle must be one of ['terminate', 'keep_alive'], got 'x'"
+    assert "not built yet" in _error(["rollout.lifecycle=keep_alive"])
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("rollout.group_size=8.0", r"rollout\.group_size must be an integer, got 8\.0"),
+        ("rollout.group_size=abc", r"rollout\.group_size must be an integer, got 'abc'"),
+        ("run.progress=yes", r"run\.progress must be true or false"),
+        ("run.progress=1", r"run\.progress must be true or false"),
+        ("run.name=123", r"run\.name must be a string.*quote it"),
+        ("rollout.temperature=nan", r"rollout\.temperature must be a finite number"),
+    ],
+)
+def test_wrong_types_name_the_key(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config([override])
+
+
+RULES = [
+    (["rollout.iteration_token_budget=32"], r"rollout\.iteration_token_budget \(32\) must be in \[1, "),
+    (["rollout.partial=false", "rollout.iteration_token_budget=8"], r"rollout\.partial=false needs"),
+    (["rollout.max_response_tokens=300", "rollout.iteration_token_budget=8"], r"must be < rollout\.max_model_len"),
+    (["rollout.max_model_len=512"], r"rollout\.max_model_len is 512 but model\.max_positions is 256"),
+    (["task=jsonl"], r"task\.path is required"),
+    (["task.path=x.jsonl"], r"task\.path applies only to task\.name='jsonl'"),
+    (["parallel.trainer_tp=4"], r"model\.kv_heads \(2\) must be divisible by parallel\.trainer_tp \(4\)"),
+    (["parallel.vllm_tp=4"], r"model\.kv_heads.*parallel\.vllm_tp"),
+    (["parallel.trainer_pp=2"], r"pipeline parallel trainer is not supported"),
+    (["trainer.cold_start.fraction=0.2"], r"trainer\.cold_start\.fraction must be in \[0, 0\.1\]"),
+    (["trainer.min_lr=1.0"], r"trainer\.min_lr must be in \[0, "),
+    (["model.heads=8"], r"model\.hidden / model\.heads = 16 must be one of \[32, 64, 128\]"),
+    (["model.dtype=bfloat16"], r"model\.dtype='bfloat16'.*parallel\.device='cpu'"),
+    (["model.path=/models/qwen", "model.layers=4"], r"model\.layers.*cannot take effect"),
+    (["algo.kl_coef=0.1"], r"algo\.kl_coef cannot take effect with algo\.name='kimi'"),
+    (["algo=grpo", "algo.aggregation=mean"], r"algo\.aggregation must be one of"),
+    (["algo=grpo", "algo.clip_high=1.5"], r"algo\.clip_high must be in \[0, 1\)"),
+    (["transfer.protocol=rdma"], r"transfer\.protocol='rdma' applies to transfer\.kind='mooncake'"),
+    (["cluster.node=node1"], r"cluster\.node must be one of cluster\.nodes"),
+    (["cluster.etcd=http://127.0.0.1:2379"], r"cluster\.etcd: bad etcd endpoint"),
+    (["phase.ttl=1"], r"phase\.ttl must be >= 2"),
+    (["task.pool_size=8"], r"task\.pool_size \(8\) must be >= rollout\.prompts_per_iteration"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "pattern"), RULES, ids=[" ".join(o) for o, _ in RULES])
+def test_rules_report_the_key(overrides: list[str], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(overrides)
+
+
+def test_heads_are_checked_against_both_tensor_parallel_sizes() -> None:
+    assert load_config(["parallel=tp2", "parallel.vllm_tp=2"]).parallel.trainer_ranks == 2
+
+
+def test_long_context_needs_a_model_that_long() -> None:
+    message = _error(["long_context=32k"])
+    assert "long_context.preset='32k'" in message
+    assert "model.max_positions" in message
+
+
+def test_long_context_preset_sets_the_effective_rollout() -> None:
+    cfg = load_config(["long_context=32k", "model.max_positions=32768"])
+    rollout = cfg.effective_rollout()
+    assert (rollout.max_model_len, rollout.max_response_tokens, rollout.iteration_token_budget) == (32768, 30720, 8192)
+    assert cfg.rollout == RolloutSection()  # the section as written is kept; the preset applies on top
+    assert cfg.long_context.packing
+
+
+def test_long_context_accepts_rollout_values_equal_to_the_preset() -> None:
+    cfg = load_config(["long_context=32k", "model.max_positions=32768", "rollout.max_response_tokens=30720"])
+    assert cfg.effective_rollout().max_response_tokens == 30720
+
+
+def test_long_context_conflicting_rollout_override_errors() -> None:
+    message = _error(["long_context=32k", "model.max_positions=32768", "rollout.max_response_tokens=1024"])
+    assert "rollout.max_response_tokens=1024 conflicts with long_context.preset='32k'" in message
+
+
+def test_long_context_preset_lengths_are_checked_with_the_rollout() -> None:
+    with pytest.raises(ConfigError, match=r"with long_context\.preset='128k': rollout\.partial=false"):
+        load_config(["long_context=128k", "model.max_positions=131072", "rollout.partial=false"])
+    with pytest.raises(ConfigError, match=r"apply only with a long_context\.preset"):
+        load_config(["long_context.max_model_len=4096"])
+
+
+def test_compose_reads_another_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("run:\n  name: elsewhere\n")
+    cfg = TrainConfig.from_dict(compose([], config_dir=tmp_path))
+    assert cfg.run.name == "elsewhere"
+    assert cfg.rollout == RolloutSection()
+
+
+def test_sections_built_directly_are_checked_too() -> None:
+    with pytest.raises(ConfigError, match=r"rollout\.staleness must be one of \['exclude', 'keep'\], got 'drop'"):
+        RolloutSection(staleness="drop")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"rollout\.group_size must be >= 2, got 1"):
+        RolloutSection(group_size=1)
