@@ -82,11 +82,12 @@ class Controller:
         self.heldout = list(heldout)
         self.log_metrics, self.check_alive = log_metrics, check_alive
         self._last_phase_end: float | None = None
+        self._first_iteration = 0
 
     # ---------------------------------------------------------------------------------- loop
     def run(self, start: int) -> None:
         """Iterations `start`..`iterations`; the job's first phase (EXPORT of `start`) is already on."""
-        self._last_phase_end = time.time()
+        self._last_phase_end, self._first_iteration = time.time(), start
         for i in range(start, self.opts.iterations + 1):
             self._wait(i, Phase.ROLLOUT)
             metrics = self.rollout_phase(i, evaluate=self._eval_due(i, start), last=i == self.opts.iterations)
@@ -157,6 +158,7 @@ class Controller:
             )  # fmt: skip
             groups = self.buffer.take_ready_groups()
             rounds += 1
+        served = {t.versions[-1] for g in groups for t in g.trajectories if t.versions}
         rewards, correct, lengths = self._score(groups, version)
         batch = collate(groups, version, self.buffer.config.staleness, self.tokens.pad_id)
         save_batch(batch, self.paths.batch(version))
@@ -170,6 +172,7 @@ class Controller:
             "rollout/rounds": float(rounds),
             "rollout/unfinished": float(len(self.buffer.unfinished())),
             "rollout/generate_seconds": time.perf_counter() - start,
+            "rollout/weight_version": float(max(served)),  # what vLLM reported (the buffer refuses a mismatch)
         }
 
     def _score(self, groups: Sequence[Group], iteration: int) -> tuple[list[float], list[bool], list[int]]:
@@ -243,6 +246,17 @@ class Controller:
             self._last_phase_end = end
             payload = next(iter(sorted(by_node.items())))[1]["payload"]
             metrics.update(_phase_payload(phase, payload))
+        saved = self.paths.train_metrics(iteration)
+        if Phase.TRAIN.value not in acks and saved.exists():  # a resumed run: TRAIN ran before the restart
+            metrics.update(_phase_payload(Phase.TRAIN, json.loads(saved.read_text())))
+        export = acks.get(Phase.EXPORT.value, {})
+        if export and iteration == self._first_iteration:
+            # The launch's first EXPORT also waited for the trainer to start (and to do the cold start):
+            # report that apart, so time/export means the same thing in every iteration.
+            payload = next(iter(sorted(export.items())))[1]["payload"]
+            work = float(payload.get("convert_seconds", 0.0)) + float(payload.get("push_seconds", 0.0))
+            waited = metrics.get("time/export", work) - work - metrics.get("time/cold_start", 0.0)
+            metrics["time/startup"], metrics["time/export"] = max(waited, 0.0), work
         return metrics
 
 
@@ -251,7 +265,13 @@ def _phase_payload(phase: Phase, payload: dict[str, Any]) -> dict[str, float]:
     if phase is Phase.TRAIN:
         return {k: float(v) for k, v in payload.items() if k.startswith(("train/", "logprob_gap/"))}
     if phase is Phase.EXPORT and "push_gb_per_s" in payload:
-        return {"push/gb_per_s": float(payload["push_gb_per_s"]), "push/bytes": float(payload["bytes"])}
+        cold = {"time/cold_start": float(payload["cold_start_seconds"])} if payload.get("cold_start_seconds") else {}
+        return {
+            "push/gb_per_s": float(payload["push_gb_per_s"]),
+            "push/bytes": float(payload["bytes"]),
+            "push/weight_version": float(payload["weight_version"]),
+            **cold,
+        }
     if phase is Phase.OFFLOAD:
         return {"offload/bytes_moved": float(payload.get("bytes_moved", 0.0))}
     return {}

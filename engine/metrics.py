@@ -39,6 +39,8 @@ RESERVED_KEYS = frozenset({"iteration", "time"})
 
 # The phases of one iteration in the order they run; their short labels on the console line.
 PHASE_ORDER: tuple[str, ...] = (
+    "startup",
+    "cold_start",
     "train",
     "offload",
     "export",
@@ -334,7 +336,7 @@ def _no_data(ax: Any) -> None:
 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: Path) -> None:
-    """Three panels over iterations: reward and eval/pass@k; logprob gap; stacked phase times. Written atomically."""
+    """Three panels over iterations: reward, held-out accuracy and pass@k; logprob gap; stacked phase times."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
     from matplotlib.ticker import MaxNLocator
 
@@ -358,7 +360,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: Path) -> None:
 def _plot_accuracy(ax: Any, history: Sequence[Mapping[str, float]], keys: set[str]) -> None:
     ax.set_title("reward and held-out accuracy")
     drawn = False
-    for key in ["reward/mean", *pass_at_k_keys(keys)]:
+    for key in ["reward/mean", *(["eval/accuracy"] if "eval/accuracy" in keys else []), *pass_at_k_keys(keys)]:
         xs, ys = _series(history, key)
         if xs:
             # Every iteration has a reward (small dots); eval runs every N (big dots). A lone point shows too.

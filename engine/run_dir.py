@@ -5,7 +5,8 @@
     <run>/cold_start.json           (prompt ids, answer ids) pairs for the supervised cold start
     <run>/rollouts/iter_00003.pt    the batch ROLLOUT of iteration 3 built; TRAIN of iteration 4 reads it
     <run>/checkpoints/iter_00004/   controller.json (sampler, buffer, RNG after ROLLOUT 3),
-                                    trainer-rank{r}.pt (model, optimizer after TRAIN 4), COMPLETE
+                                    trainer-rank{r}.pt (model, optimizer after TRAIN 4),
+                                    train_metrics.json, COMPLETE
     <run>/metrics.jsonl, tensorboard/, progress.png, logs/
 A checkpoint of iteration i is the state at the end of TRAIN i; resuming restarts at EXPORT of i.
 """
@@ -47,6 +48,10 @@ class RunPaths:
 
     def trainer_state(self, iteration: int, rank: int) -> Path:
         return self.checkpoint(iteration) / f"trainer-rank{rank}.pt"
+
+    def train_metrics(self, iteration: int) -> Path:
+        """TRAIN's report, kept with the checkpoint: a resumed run starts after that TRAIN and logs it from here."""
+        return self.checkpoint(iteration) / "train_metrics.json"
 
     def complete_marker(self, iteration: int) -> Path:
         return self.checkpoint(iteration) / "COMPLETE"

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,60 +123,91 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
         proc.wait()
 
 
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds the ExitStack: engine, trainer and etcd stop
+
+
+def _engine_command(
+    cfg: TrainConfig, paths: RunPaths, model_dir: Path, endpoint: str, ports: dict[str, int], *, start: int
+) -> list[str]:
+    rollout = cfg.effective_rollout()
+    return [
+        sys.executable, "-m", "launch.cli", "engine", "--node-id", cfg.cluster.node, "--etcd", endpoint,
+        "--job", paths.root.name, "--nodes", ",".join(cfg.cluster.nodes), "--model", str(model_dir),
+        "--port", str(ports["engine"]), "--vllm-port", str(ports["vllm"]),
+        "--vllm-tensor-parallel", str(cfg.parallel.vllm_tp),
+        "--vllm-gpu-memory-utilization", str(rollout.gpu_memory_utilization),
+        "--vllm-max-model-len", str(rollout.max_model_len), "--phase-timeout", str(cfg.phase.timeout),
+        "--ttl", str(cfg.phase.ttl), "--terminate-grace", str(cfg.phase.terminate_grace),
+        "--start-iteration", str(start), "--run-dir", str(paths.logs),
+    ]  # fmt: skip
+
+
+def _rank_config(cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url: str, start: int) -> RankConfig:
+    run, t = cfg.run, cfg.trainer
+    return RankConfig(
+        run_dir=str(paths.root), model_dir=str(model_dir), engine_url=engine_url, job=paths.root.name,
+        node=cfg.cluster.node, iterations=run.iterations, tensor_parallel=cfg.parallel.trainer_tp,
+        start_iteration=start, checkpoint_every=run.checkpoint_every, phase_timeout=cfg.phase.timeout,
+        trainer=TrainerOptions(
+            lr=t.lr, min_lr=t.min_lr, warmup_iterations=t.warmup_iterations, total_iterations=run.iterations,
+            weight_decay=t.weight_decay, grad_clip=t.grad_clip, micro_batch_groups=t.micro_batch_groups,
+            updates_per_batch=t.updates_per_batch, temperature=cfg.effective_rollout().temperature, seed=run.seed,
+        ),
+        algo=cfg.algo.to_algo(),
+        cold_start=ColdStart(epochs=t.cold_start.epochs, lr=t.cold_start.lr, batch_size=t.cold_start.batch_size),
+    )  # fmt: skip
+
+
+def _controller_options(cfg: TrainConfig) -> ControllerOptions:
+    run, rollout = cfg.run, cfg.effective_rollout()
+    return ControllerOptions(
+        iterations=run.iterations, eval_every=run.eval_every, prompts_per_iteration=rollout.prompts_per_iteration,
+        temperature=rollout.temperature, top_p=rollout.top_p, eval_samples=rollout.eval_samples,
+        max_response_tokens=rollout.max_response_tokens, checkpoint_every=run.checkpoint_every,
+        phase_timeout=cfg.phase.timeout, seed=run.seed,
+    )  # fmt: skip
+
+
+def _buffer(cfg: TrainConfig) -> PartialRolloutBuffer:
+    r = cfg.effective_rollout()
+    return PartialRolloutBuffer(PartialRolloutConfig(
+        max_response_tokens=r.max_response_tokens, iteration_token_budget=r.iteration_token_budget,
+        group_size=r.group_size, staleness=r.staleness,
+    ))  # fmt: skip
+
+
 def train(overrides: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     cfg, paths, start = _prepare_run(overrides)
-    rollout, run = cfg.effective_rollout(), cfg.run
     model_dir = _model_dir(cfg, paths)
-    tokens = _tokens(model_dir, rollout.stop)
+    tokens = _tokens(model_dir, cfg.effective_rollout().stop)
     task = make_task(cfg.task.name, **_task_options(cfg))
-    pool = task.samples("train", cfg.task.pool_size, run.seed)
-    heldout = task.samples("heldout", cfg.task.heldout_size, run.seed)
+    pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
+    heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)
     if start == 0:
-        paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, rollout.stop)))
+        paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, cfg.effective_rollout().stop)))
     print(f"timeshare train: run directory {paths.root} (starting at iteration {start})", flush=True)
 
-    engine_port, vllm_port, master_port = free_loopback_ports(3)
-    job, node = paths.root.name, cfg.cluster.node
+    ports = dict(zip(("engine", "vllm", "torchrun"), free_loopback_ports(3), strict=True))
     with ExitStack() as stack:
-        if cfg.cluster.etcd is None:
-            etcd = stack.enter_context(LocalEtcd(paths.root / "etcd-data"))
-            endpoint = etcd.endpoint
+        if cfg.cluster.etcd is None:  # a fresh one: a resumed job's phase starts from its checkpoint
+            shutil.rmtree(paths.root / "etcd-data", ignore_errors=True)
+            endpoint = stack.enter_context(LocalEtcd(paths.root / "etcd-data")).endpoint
         else:
             endpoint = cfg.cluster.etcd
-        engine = _spawn([
-            sys.executable, "-m", "launch.cli", "engine", "--node-id", node, "--etcd", endpoint, "--job", job,
-            "--nodes", ",".join(cfg.cluster.nodes), "--model", str(model_dir), "--port", str(engine_port),
-            "--vllm-port", str(vllm_port), "--vllm-tensor-parallel", str(cfg.parallel.vllm_tp),
-            "--vllm-gpu-memory-utilization", str(rollout.gpu_memory_utilization),
-            "--vllm-max-model-len", str(rollout.max_model_len), "--phase-timeout", str(cfg.phase.timeout),
-            "--ttl", str(cfg.phase.ttl), "--terminate-grace", str(cfg.phase.terminate_grace),
-            "--start-iteration", str(start), "--run-dir", str(paths.logs),
-        ], paths.logs / "engine.log")  # fmt: skip
+        engine = _spawn(_engine_command(cfg, paths, model_dir, endpoint, ports, start=start), paths.logs / "engine.log")
         stack.callback(_stop, engine, cfg.phase.terminate_grace + 30)
-        client = EngineClient(f"http://127.0.0.1:{engine_port}")
+        client = EngineClient(f"http://127.0.0.1:{ports['engine']}")
         stack.callback(client.close)
         client.wait_for_engine(timeout=120)
 
-        rank_cfg = RankConfig(
-            run_dir=str(paths.root), model_dir=str(model_dir), engine_url=client.base_url, job=job, node=node,
-            iterations=run.iterations, tensor_parallel=cfg.parallel.trainer_tp, start_iteration=start,
-            checkpoint_every=run.checkpoint_every, phase_timeout=cfg.phase.timeout,
-            trainer=TrainerOptions(
-                lr=cfg.trainer.lr, min_lr=cfg.trainer.min_lr, warmup_iterations=cfg.trainer.warmup_iterations,
-                total_iterations=run.iterations, weight_decay=cfg.trainer.weight_decay,
-                grad_clip=cfg.trainer.grad_clip, micro_batch_groups=cfg.trainer.micro_batch_groups,
-                updates_per_batch=cfg.trainer.updates_per_batch, temperature=rollout.temperature, seed=run.seed,
-            ),
-            algo=cfg.algo.to_algo(),
-            cold_start=ColdStart(epochs=cfg.trainer.cold_start.epochs, lr=cfg.trainer.cold_start.lr,
-                                 batch_size=cfg.trainer.cold_start.batch_size),
-        )  # fmt: skip
         rank_file = paths.root / "trainer.json"
-        rank_file.write_text(rank_cfg.to_json())
+        rank_file.write_text(_rank_config(cfg, paths, model_dir, client.base_url, start).to_json())
         trainer = _spawn([
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.parallel.trainer_ranks),
-            "--master-addr", "127.0.0.1", "--master-port", str(master_port),
+            "--master-addr", "127.0.0.1", "--master-port", str(ports["torchrun"]),
             "-m", "sidecars.megatron.rank_main", str(rank_file),
         ], paths.logs / "trainer.log")  # fmt: skip
         stack.callback(_stop, trainer, 30)
@@ -189,8 +221,8 @@ def train(overrides: list[str]) -> int:
         stack.callback(metrics.close)
         from tqdm import tqdm
 
-        bar = stack.enter_context(tqdm(total=run.iterations + 1, initial=start, desc="iterations",
-                                       disable=not run.progress, dynamic_ncols=True))  # fmt: skip
+        bar = stack.enter_context(tqdm(total=cfg.run.iterations + 1, initial=start, desc="iterations",
+                                       disable=not cfg.run.progress, dynamic_ncols=True))  # fmt: skip
 
         def record(iteration: int, values: dict[str, float]) -> None:
             metrics.log(iteration, values)
@@ -198,26 +230,19 @@ def train(overrides: list[str]) -> int:
             bar.update(1)
             metrics.plot()
 
-        buffer = PartialRolloutBuffer(PartialRolloutConfig(
-            max_response_tokens=rollout.max_response_tokens, iteration_token_budget=rollout.iteration_token_budget,
-            group_size=rollout.group_size, staleness=rollout.staleness,
-        ))  # fmt: skip
         controller = Controller(
-            ControllerOptions(
-                iterations=run.iterations, eval_every=run.eval_every,
-                prompts_per_iteration=rollout.prompts_per_iteration, temperature=rollout.temperature,
-                top_p=rollout.top_p, eval_samples=rollout.eval_samples,
-                max_response_tokens=rollout.max_response_tokens, checkpoint_every=run.checkpoint_every,
-                phase_timeout=cfg.phase.timeout, seed=run.seed,
-            ),
-            paths, engine=client, rollout_engine=lambda: VllmClient(f"http://127.0.0.1:{vllm_port}"), task=task,
-            tokens=tokens,
-            sampler=UniformSampler(pool, run.seed), buffer=buffer, scorer=RewardScorer(RewardConfig(), task),
+            _controller_options(cfg), paths, engine=client, task=task, tokens=tokens,
+            rollout_engine=lambda: VllmClient(f"http://127.0.0.1:{ports['vllm']}"),
+            sampler=UniformSampler(pool, cfg.run.seed), buffer=_buffer(cfg), scorer=RewardScorer(RewardConfig(), task),
             pool=pool, heldout=heldout, log_metrics=record, check_alive=check_alive,
         )  # fmt: skip
         if start:
             controller.load_state(start)
-        controller.run(start)
+        try:
+            controller.run(start)
+        except KeyboardInterrupt:
+            print(f"timeshare train: interrupted; continue with `timeshare train resume={paths.root}`", flush=True)
+            return 130
         trainer.wait(timeout=120)
     print(summarize_phase_times(metrics.history()), flush=True)
     print(f"timeshare train: done; metrics, TensorBoard logs and progress.png in {paths.root}", flush=True)

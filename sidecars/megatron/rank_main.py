@@ -80,6 +80,7 @@ class Rank:
         self.offloader = Offloader(self.trainer.model, self.trainer.optimizer)
         self.client = EngineClient(cfg.engine_url) if self.rank == 0 else None
         self.writer = RegionWriter(cfg.job, cfg.node) if self.rank == 0 else None
+        self.cold_start_seconds = 0.0  # reported with the first EXPORT, whose phase time includes it
 
     def _log(self, msg: str, *args: Any) -> None:
         log.info(f"[{self.cfg.node} rank{self.rank}] " + msg, *args)
@@ -104,6 +105,7 @@ class Rank:
         c = self.cfg.cold_start
         start = time.perf_counter()
         losses = self.trainer.supervised([tuple(e) for e in examples], c.epochs, c.lr, c.batch_size)
+        self.cold_start_seconds = time.perf_counter() - start
         self._log("cold start: %d examples, %d epochs, loss %s, %.1f s", len(examples), c.epochs,
                   " -> ".join(f"{x:.3f}" for x in losses), time.perf_counter() - start)  # fmt: skip
 
@@ -117,6 +119,7 @@ class Rank:
             torch.save(self.trainer.state_dict(), self.paths.trainer_state(iteration, self.rank))
             dist.barrier()
             if self.rank == 0:
+                self.paths.train_metrics(iteration).write_text(json.dumps(metrics))
                 self.paths.complete_marker(iteration).write_text(json.dumps({"iteration": iteration}))
         self._report(iteration, Phase.TRAIN, metrics)
 
@@ -131,7 +134,9 @@ class Rank:
             self.client.register_weights(manifest, {
                 "convert_seconds": converted - start, "push_seconds": pushed - converted,
                 "push_gb_per_s": manifest.size / max(pushed - converted, 1e-9) / 1e9,
+                "cold_start_seconds": self.cold_start_seconds, "weight_version": iteration,
             })  # fmt: skip
+            self.cold_start_seconds = 0.0
         dist.barrier()
 
     def run(self) -> None:
