@@ -321,8 +321,8 @@ def _options() -> list[str]:
 class ColdStartConfig(_Section):
     KEY: ClassVar[str] = "trainer.cold_start"
     fraction: float = 0.1  # share of task.pool_size used for supervised cold start; at most a tenth
-    epochs: int = 3
-    lr: float = 1e-3
+    epochs: int = 40
+    lr: float = 3e-3
     batch_size: int = 32
 
     def __post_init__(self) -> None:

@@ -1,0 +1,142 @@
+"""The controller's logic with a fake engine and a fake vLLM: batches, rounds, checkpoints, phase times.
+
+The real path (engine, vLLM, trainer ranks) is covered by tests/integration/test_train_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from checkpoint_engine.phases import CYCLE, Phase
+from engine.batch import load_batch
+from engine.controller import Controller, ControllerOptions, Tokens
+from engine.replay_buffer import PartialRolloutBuffer, PartialRolloutConfig
+from engine.rewards import RewardConfig, RewardScorer
+from engine.run_dir import RunPaths
+from engine.sampling import UniformSampler
+from engine.tasks import AdditionTask
+from sidecars.vllm.protocol import GenerationRequest, GenerationResult, Sample
+
+NEWLINE, EOS = 10, 0
+TOKENS = Tokens(
+    encode=lambda text: [1, *(ord(c) for c in text)],
+    decode=lambda ids: "".join(chr(i) for i in ids if i > 1),
+    stop_ids=(NEWLINE, EOS),
+    pad_id=EOS,
+)
+
+
+class FakeVllm:
+    """Answers `a+b=` with the right sum for even a, a wrong one for odd a; `chunk` tokens per call at most."""
+
+    def __init__(self, version: int, chunk: int = 99) -> None:
+        self.version, self.chunk, self.calls = version, chunk, 0
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        self.calls += 1
+        return [GenerationResult(samples=[self._answer(r) for _ in range(r.n)]) for r in requests]
+
+    def _answer(self, r: GenerationRequest) -> Sample:
+        text = TOKENS.decode(r.prompt_ids)
+        prompt, _, done = text.partition("=")
+        a, b = (int(x) for x in prompt.split("+"))
+        full = [ord(c) for c in str(a + b + a % 2)] + [NEWLINE]
+        new = full[len(done) :][: min(r.max_tokens, self.chunk)]
+        reason = "stop" if new and new[-1] == NEWLINE else "length"
+        return Sample(token_ids=new, logprobs=[-0.5] * len(new), finish_reason=reason, weight_version=self.version)
+
+    def close(self) -> None:
+        pass
+
+
+class FakeEngine:
+    def __init__(self, acks: dict | None = None) -> None:
+        self.acks, self.completed = acks or {}, []
+
+    def iteration_acks(self, iteration: int) -> dict:
+        return self.acks.get(iteration, {})
+
+    def complete(self, iteration: int, phase: Phase, payload: dict) -> None:
+        self.completed.append((iteration, phase, payload))
+
+
+def _controller(tmp_path: Path, vllm: FakeVllm, budget: int = 8, engine: FakeEngine | None = None) -> Controller:
+    task = AdditionTask(max_digits=2)
+    pool = task.samples("train", 40, 0)
+    return Controller(
+        ControllerOptions(iterations=3, prompts_per_iteration=4, max_response_tokens=8),
+        RunPaths(tmp_path).make(),
+        engine=engine or FakeEngine(),
+        rollout_engine=lambda: vllm,
+        task=task,
+        tokens=TOKENS,
+        sampler=UniformSampler(pool, 0),
+        buffer=PartialRolloutBuffer(
+            PartialRolloutConfig(max_response_tokens=8, iteration_token_budget=budget, group_size=2)
+        ),
+        scorer=RewardScorer(RewardConfig(), task),
+        pool=pool,
+        heldout=task.samples("heldout", 6, 0),
+        log_metrics=lambda i, m: None,
+    )
+
+
+def test_rollout_writes_the_batch_and_the_checkpoint_half(tmp_path: Path) -> None:
+    controller = _controller(tmp_path, FakeVllm(version=2))
+    metrics = controller.rollout(FakeVllm(version=2), version=2)
+    batch = load_batch(controller.paths.batch(2))
+    uids = list(dict.fromkeys(batch.prompt_uids))
+    assert len(uids) == 4
+    assert batch.size == 8
+    expected = [1.0 if int(uid.removeprefix("add:").split("+")[0]) % 2 == 0 else 0.0 for uid in batch.prompt_uids]
+    assert batch.rewards.tolist() == expected
+    assert metrics["reward/mean"] == pytest.approx(sum(expected) / 8)
+    assert metrics["rollout/weight_version"] == 2
+    state = json.loads(controller.paths.controller_state(3).read_text())
+    assert set(state) == {"sampler", "buffer"}
+
+
+def test_a_rollout_with_no_finished_group_generates_more_rounds(tmp_path: Path) -> None:
+    vllm = FakeVllm(version=0, chunk=2)  # answers are 3-4 tokens: nothing finishes within one 2-token budget
+    controller = _controller(tmp_path, vllm, budget=2)
+    with pytest.raises(RuntimeError, match="no group finished within 4 generation rounds"):
+        controller.rollout(vllm, version=0)
+    controller = _controller(tmp_path / "b", FakeVllm(version=0, chunk=99), budget=8)
+    assert controller.rollout(FakeVllm(version=0), version=0)["rollout/rounds"] == 1
+
+
+def test_state_round_trip_resumes_the_same_prompt_order(tmp_path: Path) -> None:
+    first = _controller(tmp_path, FakeVllm(version=0))
+    first.rollout(FakeVllm(version=0), version=0)
+    expected = [s.uid for s in first.sampler.sample(4)]
+    resumed = _controller(tmp_path, FakeVllm(version=1))
+    resumed.load_state(1)
+    assert [s.uid for s in resumed.sampler.sample(4)] == expected
+
+
+def test_evaluation_counts_greedy_and_sampled_answers(tmp_path: Path) -> None:
+    controller = _controller(tmp_path, FakeVllm(version=0))
+    metrics = controller.evaluate(FakeVllm(version=0))
+    even = sum(int(s.uid.removeprefix("add:").split("+")[0]) % 2 == 0 for s in controller.heldout) / 6
+    assert metrics["eval/accuracy"] == pytest.approx(even)
+    assert metrics["eval/pass@4"] == pytest.approx(even)
+
+
+def test_phase_times_come_from_ack_times_and_the_first_export_is_split(tmp_path: Path) -> None:
+    times = dict(zip([p.value for p in CYCLE], [10.0, 11.0, 20.0, 45.0, 46.0, 50.0, 54.0, 55.0], strict=True))
+    export = {"convert_seconds": 0.5, "push_seconds": 0.5, "push_gb_per_s": 1.0, "bytes": 8, "weight_version": 0,
+              "cold_start_seconds": 3.0}  # fmt: skip
+    acks = {0: {p: {"node0": {"acked_at": t, "payload": export if p == "EXPORT" else {}}} for p, t in times.items()
+                if p not in ("TRAIN", "OFFLOAD")}}  # fmt: skip
+    controller = _controller(tmp_path, FakeVllm(version=0), engine=FakeEngine(acks))
+    controller._last_phase_end, controller._first_iteration = 12.0, 0
+    metrics = controller.phase_metrics(0)
+    assert metrics["time/export"] == pytest.approx(1.0)
+    assert metrics["time/cold_start"] == pytest.approx(3.0)
+    assert metrics["time/startup"] == pytest.approx(20.0 - 12.0 - 1.0 - 3.0)
+    assert metrics["time/start_vllm"] == pytest.approx(25.0)
+    assert metrics["time/onload"] == pytest.approx(1.0)
+    assert "time/train" not in metrics
