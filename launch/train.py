@@ -62,13 +62,9 @@ def _model_dir(cfg: TrainConfig, paths: RunPaths) -> Path:
     if cfg.model.path is not None:
         return Path(cfg.model.path)
     if not (paths.model_init / "config.json").exists():
-        from engine.tiny_model import TinyModelSpec, write_tiny_model
+        from engine.tiny_model import write_tiny_model
 
-        m = cfg.model
-        spec = TinyModelSpec(arch=m.arch, layers=m.layers, hidden=m.hidden, heads=m.heads, kv_heads=m.kv_heads,
-                             intermediate=m.intermediate, max_positions=m.max_positions,
-                             tie_embeddings=m.tie_embeddings, seed=cfg.run.seed)  # fmt: skip
-        write_tiny_model(paths.model_init, spec)
+        write_tiny_model(paths.model_init, cfg.model.tiny_spec(seed=cfg.run.seed))
     return paths.model_init
 
 
