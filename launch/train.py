@@ -98,8 +98,8 @@ def _task_options(cfg: TrainConfig) -> dict[str, object]:
     if cfg.task.name == "jsonl":
         return {"path": cfg.task.path}
     if cfg.task.name == "sort":
-        return {"max_len": cfg.task.digits, "min_len": min(3, cfg.task.digits)}
-    return {"max_digits": cfg.task.digits}
+        return {"max_len": cfg.task.digits, "min_len": min(3, cfg.task.digits), "reward_kind": cfg.task.reward}
+    return {"max_digits": cfg.task.digits, "reward_kind": cfg.task.reward}
 
 
 def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -31,6 +31,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 Dtype = Literal["float32", "bfloat16"]
 TaskName = Literal["addition", "sort", "jsonl"]
+TaskReward = Literal["exact", "partial"]
 OfferedAlgo = Literal["kimi", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
 KlEstimator = Literal["k1", "k2", "k3"]
 Lifecycle = Literal["terminate", "keep_alive"]
@@ -257,9 +258,12 @@ class TaskConfig(_Section):
     pool_size: int = 2000  # RL prompt pool
     heldout_size: int = 128
     digits: int = 2  # addition: max digits of each operand; sort: list length
+    reward: TaskReward = "exact"  # partial: credit per right digit / position (addition, sort); correct stays exact
 
     def __post_init__(self) -> None:
         self._check_fields()
+        if self.name == "jsonl" and self.reward != "exact":
+            _fail(f"task.reward={self.reward!r} applies to addition and sort; jsonl answers are verified exactly")
         if self.name == "jsonl" and self.path is None:
             _fail("task.path is required for task.name='jsonl' (a JSONL file of prompt/answer records)")
         if self.name != "jsonl" and self.path is not None:

@@ -1,11 +1,26 @@
-"""`addition`: prompts `a+b=` with integer operands; exact-match reward on the sum."""
+"""`addition`: prompts `a+b=` with integer operands; reward on the sum, exact or per digit.
+
+The per-digit (`partial`) reward aligns the answer's digits from the right (units with units) so
+that a model which already gets the units digit right earns something for it: a denser signal
+for a tiny model whose exact-match success rate starts near zero. "Correct" stays exact-match.
+"""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
-from engine.tasks.base import Sample, Split, check_count, check_split, first_line, split_of
+from engine.tasks.base import (
+    REWARD_KINDS,
+    RewardKind,
+    Sample,
+    Split,
+    check_count,
+    check_split,
+    first_line,
+    partial_credit,
+    split_of,
+)
 
 
 @dataclass
@@ -13,12 +28,15 @@ class AdditionTask:
     """Operands have 1..`max_digits` digits; difficulty is the number of digits of the larger one."""
 
     max_digits: int = 2
+    reward_kind: RewardKind = "exact"
     heldout_fraction: float = 0.1
     name: str = "addition"
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_digits <= 9:
             raise ValueError(f"addition.max_digits must be in 1..9, got {self.max_digits}")
+        if self.reward_kind not in REWARD_KINDS:
+            raise ValueError(f"addition.reward_kind must be one of {REWARD_KINDS}, got {self.reward_kind!r}")
         split_of("probe", self.heldout_fraction)  # validates the fraction
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
@@ -46,4 +64,9 @@ class AdditionTask:
         return list(seen.values())
 
     def reward(self, response: str, sample: Sample) -> float:
-        return 1.0 if first_line(response) == sample.answer else 0.0
+        got = first_line(response)
+        if got == sample.answer:
+            return 1.0
+        if self.reward_kind == "exact" or not got.isdigit():
+            return 0.0
+        return partial_credit(got[::-1], sample.answer[::-1]) * 0.5  # below any exact answer

@@ -13,6 +13,9 @@ from typing import Literal, Protocol
 Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, ...] = ("train", "heldout")
 
+RewardKind = Literal["exact", "partial"]  # partial: credit per matching position (tasks say how they align)
+REWARD_KINDS: tuple[RewardKind, ...] = ("exact", "partial")
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -62,3 +65,11 @@ def split_of(key: str, heldout_fraction: float) -> Split:
 def first_line(response: str) -> str:
     """The answer part of a completion: text up to the first newline, stripped."""
     return response.split("\n", 1)[0].strip()
+
+
+def partial_credit(got: str, want: str) -> float:
+    """Fraction of `want`'s positions matched by `got`; extra characters count against it."""
+    if not want:
+        return 1.0 if not got else 0.0
+    hits = sum(1 for g, w in zip(got, want, strict=False) if g == w)
+    return hits / max(len(want), len(got))

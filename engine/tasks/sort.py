@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
 
-from engine.tasks.base import Sample, Split, check_count, check_split, first_line, split_of
-
-RewardKind = Literal["exact", "partial"]
-REWARD_KINDS: tuple[RewardKind, ...] = ("exact", "partial")
+from engine.tasks.base import (
+    REWARD_KINDS,
+    RewardKind,
+    Sample,
+    Split,
+    check_count,
+    check_split,
+    first_line,
+    partial_credit,
+    split_of,
+)
 
 
 @dataclass
@@ -58,11 +64,3 @@ class SortTask:
         if self.reward_kind == "exact":
             return 1.0 if got == sample.answer else 0.0
         return partial_credit(got, sample.answer)
-
-
-def partial_credit(got: str, want: str) -> float:
-    """Fraction of `want`'s positions matched by `got`; extra characters count against it."""
-    if not want:
-        return 1.0 if not got else 0.0
-    hits = sum(1 for g, w in zip(got, want, strict=False) if g == w)
-    return hits / max(len(want), len(got))

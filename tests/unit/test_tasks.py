@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.tasks import TASKS, AdditionTask, JsonlTask, Sample, SortTask, make_task
-from engine.tasks.base import split_of
-from engine.tasks.sort import partial_credit
+from engine.tasks.base import partial_credit, split_of
 
 
 def uids(samples: list[Sample]) -> list[str]:
@@ -367,3 +366,16 @@ def test_jsonl_empty_file(tmp_path: Path) -> None:
 def test_jsonl_template_needs_prompt(gsm8k_path: Path) -> None:
     with pytest.raises(ValueError, match="prompt_template"):
         JsonlTask(path=str(gsm8k_path), prompt_key="question", prompt_template="Question: {question}")
+
+
+def test_addition_partial_reward_aligns_digits_from_the_right() -> None:
+    task = AdditionTask(max_digits=2, reward_kind="partial")
+    sample = Sample(uid="add:57+68", prompt="57+68=", answer="125")
+    assert task.reward("125\n", sample) == 1.0
+    assert task.reward("25", sample) == pytest.approx(0.5 * 2 / 3)  # units and tens right, hundreds missing
+    assert task.reward("135", sample) == pytest.approx(0.5 * 2 / 3)
+    assert task.reward("12", sample) == 0.0  # right digits in the wrong places
+    assert task.reward("x25", sample) == 0.0  # not a number
+    assert AdditionTask(max_digits=2).reward("25", sample) == 0.0
+    with pytest.raises(ValueError, match="reward_kind"):
+        AdditionTask(reward_kind="digits")
