@@ -378,7 +378,7 @@ class RolloutSection(_Section):
     partial: bool = True
     staleness: Staleness = "exclude"
     eval_samples: int = 4
-    gpu_memory_utilization: float = 0.15
+    gpu_memory_utilization: float = 0.08
     max_model_len: int = 256
     stop: str = "\n"
 
@@ -458,7 +458,7 @@ class PhaseSection(_Section):
     KEY: ClassVar[str] = "phase"
     timeout: float = 900.0  # seconds a barrier waits
     vllm_start_timeout: float = 300.0
-    terminate_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
+    terminate_grace: float = 3.0  # seconds between SIGTERM and SIGKILL
     ttl: int = 10  # node lease seconds
 
     def __post_init__(self) -> None:

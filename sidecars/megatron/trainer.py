@@ -30,7 +30,7 @@ class TrainerOptions:
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_iterations: int = 0
-    total_iterations: int = 1  # the cosine schedule reaches min_lr here
+    total_iterations: int = 1  # RL iterations: the cosine schedule reaches min_lr at the last one
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_groups: int = 4
@@ -61,7 +61,7 @@ class Trainer:
         self.model = mg.build_model(self.arch)
         mg.load_hf_weights(self.model, mg.read_hf_tensors(model_dir), self.arch)
         self.optimizer = compat.make_optimizer(self.model, opts.lr, opts.weight_decay)
-        self.step = 0  # RL updates done: the learning-rate schedule's clock
+        self.step = 0  # rollout batches trained on: the learning-rate schedule's clock (one per iteration)
 
     # ------------------------------------------------------------------------------ logprobs
     def _logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -99,8 +99,10 @@ class Trainer:
         n_groups = batch.size // g
         mine = self._my_groups(n_groups)
         metrics: dict[str, float] = {}
+        lr = lr_at(self.step, self.opts)
         for _ in range(self.opts.updates_per_batch):
-            metrics = self._update(batch, mine, n_groups)
+            metrics = self._update(batch, mine, n_groups, lr)
+        self.step += 1
         return {
             **metrics,
             "logprob_gap/mean_abs": float(gap.mean()) if gap.numel() else 0.0,
@@ -108,8 +110,7 @@ class Trainer:
             "train/tokens": float(batch.loss_mask.sum()),
         }
 
-    def _update(self, batch: TrainBatch, mine: Sequence[int], n_groups: int) -> dict[str, float]:
-        lr = lr_at(self.step, self.opts)
+    def _update(self, batch: TrainBatch, mine: Sequence[int], n_groups: int, lr: float) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -132,7 +133,6 @@ class Trainer:
         self._reduce_data_parallel()
         grad_norm = self._clip_gradients()
         self.optimizer.step()
-        self.step += 1
         return {"train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": lr}
 
     def _reduce_data_parallel(self) -> None:
