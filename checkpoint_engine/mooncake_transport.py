@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
@@ -92,16 +92,6 @@ class RemoteRegion:
         )
 
 
-@runtime_checkable
-class WeightFetcher(Protocol):
-    """What UPDATE_WEIGHTS needs from a transport: make a registered region's tensors (all, or the named
-    ones this node lacks) readable by `read_region` on this node, and return the manifest to read them
-    with. The shared-memory implementation returns the manifest (restricted to `slots`) unchanged, as
-    the region is already on this node; `MooncakeClient` pulls a copy."""
-
-    def fetch(self, source: RemoteRegion, manifest: Manifest, slots: Collection[str] | None = None) -> Manifest: ...
-
-
 def select_slots(manifest: Manifest, slots: Collection[str] | None) -> Manifest:
     """`manifest` restricted to the named tensors (in manifest order); None keeps every tensor."""
     if slots is None:
@@ -124,11 +114,6 @@ def plan_reads(slots: Sequence[TensorSlot], chunk_bytes: int, gap: int = ALIGNME
         else:
             ranges.append([s.offset, s.offset + s.nbytes])
     return [(o, min(chunk_bytes, end - o)) for start, end in ranges for o in range(start, end, chunk_bytes)]
-
-
-def replica_region_name(region: str) -> str:
-    """Name of the local copy of another node's region (distinct even when both share one /dev/shm)."""
-    return f"{region}-replica"
 
 
 def _address(buf: mmap.mmap) -> int:
@@ -215,14 +200,11 @@ class MooncakeServer:
 
 
 class MooncakeClient:
-    """Pulls other nodes' regions into this node's shared memory; implements `WeightFetcher`."""
+    """Pulls other nodes' regions into this node's shared memory (the weight store names the copy)."""
 
     def __init__(self, cfg: MooncakeConfig) -> None:
         self.cfg = cfg
         self._engine, self.session = _start_engine(cfg)
-
-    def fetch(self, source: RemoteRegion, manifest: Manifest, slots: Collection[str] | None = None) -> Manifest:
-        return self.pull(source, manifest, replica_region_name(manifest.region), slots)
 
     def pull(
         self, remote: RemoteRegion, manifest: Manifest, local_region: str, slots: Collection[str] | None = None

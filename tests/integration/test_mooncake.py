@@ -25,10 +25,8 @@ from checkpoint_engine.mooncake_transport import (
     MooncakeError,
     MooncakeServer,
     RemoteRegion,
-    WeightFetcher,
     measure_pull_bandwidth,
     plan_reads,
-    replica_region_name,
     select_slots,
 )
 from checkpoint_engine.shm_buffer import (
@@ -182,18 +180,6 @@ def test_pull_whole_region_is_byte_identical(serving_node: ServingNode, client: 
     assert list(pulled) == list(tensors)
     for name, t in tensors.items():
         assert _same_bytes(pulled[name], t), name
-
-
-def test_fetch_is_the_weight_fetcher_interface(serving_node: ServingNode, client: MooncakeClient, region) -> None:
-    manifest = write_region(region("fetch"), 8, _tensors(1))
-    remote = serving_node.serve(manifest)
-    try:
-        assert isinstance(client, WeightFetcher)
-        local = client.fetch(remote, manifest, ["model.scalar"])
-    finally:
-        serving_node.unserve(8)
-    assert local.region == replica_region_name(manifest.region)
-    assert [(n, t.item()) for n, t in read_region(local)] == [("model.scalar", 3.5)]
 
 
 def test_pull_subset_reads_only_those_tensors(serving_node: ServingNode, client: MooncakeClient, region) -> None:
