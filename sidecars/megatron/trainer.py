@@ -129,7 +129,7 @@ class Trainer:
             )  # fmt: skip
             # Each micro-batch loss is a mean over its groups: weight it by its share of the batch.
             (loss * len(groups) / n_groups).backward()
-            total_loss += float(loss) * len(groups) / n_groups
+            total_loss += loss.item() * len(groups) / n_groups
         self._reduce_data_parallel()
         grad_norm = self._clip_gradients()
         self.optimizer.step()
@@ -193,7 +193,7 @@ class Trainer:
                         p.grad.div_(size)
                 self._clip_gradients()
                 self.optimizer.step()
-                epoch_loss, steps = epoch_loss + float(loss), steps + 1
+                epoch_loss, steps = epoch_loss + loss.item(), steps + 1
             losses.append(epoch_loss / max(steps, 1))
         self.optimizer.state.clear()  # RL starts with fresh moments at its own learning rate
         return losses

@@ -15,7 +15,6 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-import torch
 
 from checkpoint_engine.phases import Phase
 from checkpoint_engine.shm_buffer import list_regions, region_name, write_region
@@ -24,6 +23,7 @@ from launch.etcd_server import LocalEtcd, free_loopback_ports
 from sidecars.megatron.model import read_hf_tensors
 from sidecars.vllm.client import VllmClient
 from sidecars.vllm.protocol import GenerationRequest
+from tests.integration.hf_reference import hf_greedy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -76,14 +76,6 @@ def _wait(what: str, fn, timeout: float = 240.0, every: float = 0.3):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _hf_greedy(model_dir: Path, n: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return [model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]  # fmt: skip
-
-
 def _greedy(node: Node, n: int) -> list[list[int]]:
     reqs = [GenerationRequest(prompt_ids=p, max_tokens=n, temperature=0.0, ignore_eos=True) for p in PROMPTS]
     return [r.samples[0].token_ids for r in node.vllm.generate(reqs)]
@@ -101,7 +93,7 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 def test_two_engines_one_iteration(tmp_path: Path) -> None:
     model = write_tiny_model(tmp_path / "model", TinyModelSpec(layers=2, hidden=128, heads=4))
-    want = _hf_greedy(model, 8)
+    want = hf_greedy(model, PROMPTS, 8)
     p0, v0, p1, v1 = free_loopback_ports(4)
     nodes = [Node("node0", p0, v0), Node("node1", p1, v1)]
     procs: dict[str, subprocess.Popen] = {}

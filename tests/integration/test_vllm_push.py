@@ -16,23 +16,11 @@ import torch
 from checkpoint_engine.shm_buffer import list_regions, remove_region, write_region
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from sidecars.megatron.model import read_hf_tensors
+from tests.integration.hf_reference import hf_greedy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 12
-
-
-def _hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    for p in prompts:
-        ids = model.generate(
-            torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0
-        )
-        out.append(ids[0, len(p) :].tolist())
-    return out
 
 
 def _run_vllm_driver(model_dir: Path, manifest: Path, prompts: list[list[int]], out: Path) -> dict:
@@ -61,7 +49,7 @@ def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path) -> None:
     finally:
         remove_region(region)
 
-    want = _hf_greedy(model_dir, prompts)
+    want = hf_greedy(model_dir, prompts, MAX_TOKENS)
     assert result["versions"] == [5]
     assert result["before"] != want, "dummy weights already produced the real model's output"
     assert result["after"] == want
@@ -83,4 +71,4 @@ def test_megatron_tp2_export_loads_into_vllm_tp1(tmp_path: Path) -> None:
         result = _run_vllm_driver(model_dir, tmp_path / "manifest.json", prompts, tmp_path / "out.json")
     finally:
         remove_region(region)
-    assert result["after"] == _hf_greedy(model_dir, prompts)
+    assert result["after"] == hf_greedy(model_dir, prompts, MAX_TOKENS)
