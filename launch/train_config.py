@@ -188,7 +188,7 @@ class RunConfig(_Section):
     root: str = "runs"  # run directories go under it
     seed: int = 0
     iterations: int = 12
-    eval_every: int = 4  # held-out eval every N iterations, plus at iteration 0 and the last
+    eval_every: int = 3  # held-out eval every N iterations, plus at iteration 0 and the last
     checkpoint_every: int = 1
     progress: bool = True
 
@@ -255,10 +255,10 @@ class TaskConfig(_Section):
     KEY: ClassVar[str] = "task"
     name: TaskName = "addition"
     path: str | None = None  # JSONL records for task jsonl; must be null otherwise
-    pool_size: int = 2000  # RL prompt pool
+    pool_size: int = 8000  # RL prompt pool (the cold start draws its tenth from it)
     heldout_size: int = 128
     digits: int = 2  # addition: max digits of each operand; sort: list length
-    reward: TaskReward = "exact"  # partial: credit per right digit / position (addition, sort); correct stays exact
+    reward: TaskReward = "partial"  # partial: credit per right digit / position (addition, sort); correct stays exact
 
     def __post_init__(self) -> None:
         self._check_fields()
@@ -325,7 +325,7 @@ def _options() -> list[str]:
 class ColdStartConfig(_Section):
     KEY: ClassVar[str] = "trainer.cold_start"
     fraction: float = 0.1  # share of task.pool_size used for supervised cold start; at most a tenth
-    epochs: int = 40
+    epochs: int = 100
     lr: float = 3e-3
     batch_size: int = 32
 
@@ -341,13 +341,13 @@ class ColdStartConfig(_Section):
 @dataclass(frozen=True)
 class TrainerSection(_Section):
     KEY: ClassVar[str] = "trainer"
-    lr: float = 1e-4
-    min_lr: float = 1e-5
+    lr: float = 3e-4
+    min_lr: float = 3e-5
     warmup_iterations: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    micro_batch_groups: int = 4  # groups per micro-batch
-    updates_per_batch: int = 1  # optimizer steps per rollout batch
+    micro_batch_groups: int = 32  # groups per micro-batch
+    updates_per_batch: int = 2  # optimizer steps per rollout batch
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
 
     def __post_init__(self) -> None:
@@ -370,7 +370,7 @@ class RolloutSection(_Section):
     KEY: ClassVar[str] = "rollout"
     lifecycle: Lifecycle = "terminate"
     group_size: int = 8
-    prompts_per_iteration: int = 32
+    prompts_per_iteration: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     max_response_tokens: int = 16
