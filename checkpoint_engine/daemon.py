@@ -6,7 +6,9 @@ Produces: acks per iteration and phase (payload: timings, loaded version), vLLM 
 weights, updated, and killed. The leader additionally advances the phase once every node acked.
 
 Who finishes which phase:
-- START_VLLM, UPDATE_WEIGHTS, TERMINATE_VLLM: this daemon, by itself;
+- START_VLLM, UPDATE_WEIGHTS, TERMINATE_VLLM: this daemon, by itself. vLLM starts with dummy
+  weights, so its start-up begins as soon as EXPORT does (the trainer has offloaded by then) and
+  START_VLLM only waits for what is left of it;
 - EXPORT: the producer, by registering the version's region (`register_weights`); a node
   without a producer (`weights_from` set) acks once those nodes registered the version;
 - TRAIN, OFFLOAD, ROLLOUT, ONLOAD: the trainer / controller, through `complete_phase`.
@@ -18,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +90,8 @@ class CheckpointEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._done: set[tuple[int, Phase]] = set()  # phases whose part this node did (recent ones)
+        self._early_start: Future[float] | None = None  # vLLM start-up begun during EXPORT
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vllm-start-{cfg.node}")
         self.timings: dict[str, float] = {}
         self.last_error: str | None = None
 
@@ -100,8 +105,19 @@ class CheckpointEngine:
         return result
 
     def start_vllm(self) -> dict[str, Any]:
-        seconds = self._timed("start_vllm", self.vllm.start)
-        return {"pid": self.vllm.pid, "seconds": seconds}
+        early, self._early_start = self._early_start, None
+        if early is None:
+            seconds = self._timed("start_vllm", self.vllm.start)
+            return {"pid": self.vllm.pid, "seconds": seconds}
+        waited = time.perf_counter()
+        seconds = early.result()  # a failed start raises here, in START_VLLM, and fails that phase
+        self.timings["start_vllm"] = round(seconds, 3)
+        return {"pid": self.vllm.pid, "seconds": seconds, "waited_seconds": time.perf_counter() - waited}
+
+    def _start_vllm_early(self) -> None:
+        """Begin vLLM's start-up in the background while EXPORT runs (see the module docstring)."""
+        if self._early_start is None and not self.vllm.alive():
+            self._early_start = self._starter.submit(self.vllm.start)
 
     def terminate_vllm(self) -> dict[str, Any]:
         t = self._timed("terminate_vllm", lambda: self.vllm.terminate(self.cfg.terminate_grace))
@@ -202,6 +218,8 @@ class CheckpointEngine:
 
         state = self.coordinator.wait_phase(needs_me, timeout, raise_on_failed=False)
         key = (state.iteration, state.phase)
+        if key not in self._done and state.phase is Phase.EXPORT:
+            self._start_vllm_early()
         if key not in self._done:
             if self._own(state.phase):
                 try:
@@ -242,6 +260,7 @@ class CheckpointEngine:
         self.vllm.cancel()
         if self._thread:
             self._thread.join(timeout=60)
+        self._starter.shutdown(wait=True)  # a start in progress gives up once cancelled
         self.vllm.terminate(self.cfg.terminate_grace)
         self.store.close()
         self.coordinator.close()
