@@ -7,6 +7,7 @@ weights through the engine of their node (see api.py for the endpoints).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -23,6 +24,10 @@ class JobFailedError(EngineError):
     """The job's phase is FAILED: the process waiting for its turn should stop."""
 
 
+class PhaseWaitTimeout(EngineError, TimeoutError):
+    """The job did not reach the awaited phase in time."""
+
+
 class EngineClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -35,7 +40,8 @@ class EngineClient:
         r = self._session.request(method, self.base_url + path, json=body, timeout=timeout or self.timeout)
         if r.status_code != 200:
             detail = r.json().get("detail", r.text) if "json" in r.headers.get("content-type", "") else r.text
-            error = JobFailedError if (r.status_code == 409 and path == "/phase/wait") else EngineError
+            specific = {409: JobFailedError, 504: PhaseWaitTimeout} if path == "/phase/wait" else {}
+            error = specific.get(r.status_code, EngineError)
             raise error(f"{method} {path} -> {r.status_code}: {detail}")
         return r.json()
 
@@ -52,16 +58,27 @@ class EngineClient:
                     ) from None
                 time.sleep(0.2)
 
-    def wait_phase(self, iteration: int, phase: Phase, timeout: float) -> PhaseState:
-        """Block until the job is at or past `phase` of `iteration`; long polls of at most 30 s each."""
+    def wait_phase(
+        self,
+        iteration: int,
+        phase: Phase,
+        timeout: float,
+        *,
+        poll: float = 30.0,
+        before_poll: Callable[[], None] | None = None,
+    ) -> PhaseState:
+        """Block until the job is at or past `phase` of `iteration`, in long polls of at most `poll` s;
+        `before_poll` runs before each (a caller checking that its own processes still live)."""
         deadline = time.monotonic() + timeout
         while True:
-            poll = min(30.0, max(deadline - time.monotonic(), 0.1))
+            if before_poll is not None:
+                before_poll()
+            wait = min(poll, max(deadline - time.monotonic(), 0.1))
             try:
-                body = {"iteration": iteration, "phase": phase.value, "timeout": poll}
-                return PhaseState.from_dict(self._call("POST", "/phase/wait", body, timeout=poll + 10))
-            except EngineError as e:
-                if "-> 504" not in str(e) or time.monotonic() >= deadline:
+                body = {"iteration": iteration, "phase": phase.value, "timeout": wait}
+                return PhaseState.from_dict(self._call("POST", "/phase/wait", body, timeout=wait + 10))
+            except PhaseWaitTimeout:
+                if time.monotonic() >= deadline:
                     raise
 
     def complete(self, iteration: int, phase: Phase, payload: dict[str, Any] | None = None) -> None:

@@ -99,12 +99,14 @@ def spare_region_name(job: str, node: str) -> str:
 
 
 def _map(path: Path, size: int, create: bool) -> mmap.mmap:
+    """Map a region whole, page tables populated up front: faulting them in one 4 KiB page at a time
+    while copying or checksumming costs more than the checksum itself."""
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
     fd = os.open(path, flags, 0o600)
     try:
         if create:
             os.ftruncate(fd, size)
-        return mmap.mmap(fd, size)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     finally:
         os.close(fd)
 
@@ -214,16 +216,9 @@ def read_region(manifest: Manifest, verify: bool = True) -> list[tuple[str, torc
 
     A mismatch raises WeightVerificationError naming the tensor before anything is returned, so a
     corrupted push leaves the receiver on its previous version instead of half-loaded. The region
-    is mapped once with its page tables populated up front (faulting them in one by one while
-    reading costs more than the checksum); the mapping lives as long as the tensors do.
+    is mapped once; the mapping lives as long as the tensors do.
     """
-    fd = os.open(SHM_DIR / manifest.region, os.O_RDWR)
-    try:
-        raw = torch.frombuffer(
-            mmap.mmap(fd, manifest.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE), dtype=torch.uint8
-        )
-    finally:
-        os.close(fd)
+    raw = torch.frombuffer(_map(SHM_DIR / manifest.region, manifest.size, create=False), dtype=torch.uint8)
     views = [raw[s.offset : s.offset + s.nbytes] for s in manifest.slots]
     for s, view in zip(manifest.slots, views, strict=True) if verify else ():
         if checksum(view.numpy()) != s.checksum:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from checkpoint_engine.client import EngineClient, EngineError
+from checkpoint_engine.client import EngineClient
 from checkpoint_engine.phases import CYCLE, Phase
 from engine.batch import collate, save_batch
 from engine.evaluation import mean_pass_at_k
@@ -99,15 +99,7 @@ class Controller:
     def _wait(self, iteration: int, phase: Phase) -> None:
         """Wait for the job to reach `phase`, checking every few seconds that the node's processes live
         (a dead trainer would otherwise cost a whole phase timeout to notice)."""
-        deadline = time.monotonic() + self.opts.phase_timeout
-        while True:
-            self.check_alive()
-            try:
-                self.engine.wait_phase(iteration, phase, timeout=min(5.0, max(deadline - time.monotonic(), 0.1)))
-                return
-            except EngineError as e:
-                if "-> 504" not in str(e) or time.monotonic() >= deadline:
-                    raise
+        self.engine.wait_phase(iteration, phase, self.opts.phase_timeout, poll=5.0, before_poll=self.check_alive)
 
     def _eval_due(self, i: int, start: int) -> bool:
         return i == start or i % self.opts.eval_every == 0 or i == self.opts.iterations

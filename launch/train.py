@@ -30,7 +30,7 @@ from engine.run_dir import RunPaths
 from engine.sampling import UniformSampler
 from engine.tasks import Sample, make_task
 from launch.etcd_server import LocalEtcd, free_loopback_ports
-from launch.train_config import ConfigError, TrainConfig, load_config
+from launch.train_config import ConfigError, RolloutSection, TrainConfig, load_config
 from sidecars.megatron.rank_main import ColdStart, RankConfig
 from sidecars.megatron.trainer import TrainerOptions
 from sidecars.vllm.client import VllmClient
@@ -124,9 +124,15 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _engine_command(
-    cfg: TrainConfig, paths: RunPaths, model_dir: Path, endpoint: str, ports: dict[str, int], *, start: int
+    cfg: TrainConfig,
+    paths: RunPaths,
+    model_dir: Path,
+    endpoint: str,
+    ports: dict[str, int],
+    *,
+    rollout: RolloutSection,
+    start: int,
 ) -> list[str]:
-    rollout = cfg.effective_rollout()
     return [
         sys.executable, "-m", "launch.cli", "engine", "--node-id", cfg.cluster.node, "--etcd", endpoint,
         "--job", paths.root.name, "--nodes", ",".join(cfg.cluster.nodes), "--model", str(model_dir),
@@ -139,7 +145,9 @@ def _engine_command(
     ]  # fmt: skip
 
 
-def _rank_config(cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url: str, start: int) -> RankConfig:
+def _rank_config(
+    cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url: str, *, rollout: RolloutSection, start: int
+) -> RankConfig:
     run, t = cfg.run, cfg.trainer
     return RankConfig(
         run_dir=str(paths.root), model_dir=str(model_dir), engine_url=engine_url, job=paths.root.name,
@@ -148,15 +156,15 @@ def _rank_config(cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url:
         trainer=TrainerOptions(
             lr=t.lr, min_lr=t.min_lr, warmup_iterations=t.warmup_iterations, total_iterations=run.iterations,
             weight_decay=t.weight_decay, grad_clip=t.grad_clip, micro_batch_groups=t.micro_batch_groups,
-            updates_per_batch=t.updates_per_batch, temperature=cfg.effective_rollout().temperature, seed=run.seed,
+            updates_per_batch=t.updates_per_batch, temperature=rollout.temperature, seed=run.seed,
         ),
         algo=cfg.algo.to_algo(),
         cold_start=ColdStart(epochs=t.cold_start.epochs, lr=t.cold_start.lr, batch_size=t.cold_start.batch_size),
     )  # fmt: skip
 
 
-def _controller_options(cfg: TrainConfig) -> ControllerOptions:
-    run, rollout = cfg.run, cfg.effective_rollout()
+def _controller_options(cfg: TrainConfig, rollout: RolloutSection) -> ControllerOptions:
+    run = cfg.run
     return ControllerOptions(
         iterations=run.iterations, eval_every=run.eval_every, prompts_per_iteration=rollout.prompts_per_iteration,
         temperature=rollout.temperature, top_p=rollout.top_p, eval_samples=rollout.eval_samples,
@@ -165,8 +173,7 @@ def _controller_options(cfg: TrainConfig) -> ControllerOptions:
     )  # fmt: skip
 
 
-def _buffer(cfg: TrainConfig) -> PartialRolloutBuffer:
-    r = cfg.effective_rollout()
+def _buffer(r: RolloutSection) -> PartialRolloutBuffer:
     return PartialRolloutBuffer(PartialRolloutConfig(
         max_response_tokens=r.max_response_tokens, iteration_token_budget=r.iteration_token_budget,
         group_size=r.group_size, staleness=r.staleness,
@@ -177,13 +184,14 @@ def train(overrides: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     cfg, paths, start = _prepare_run(overrides)
+    rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
     model_dir = _model_dir(cfg, paths)
-    tokens = _tokens(model_dir, cfg.effective_rollout().stop)
+    tokens = _tokens(model_dir, rollout.stop)
     task = make_task(cfg.task.name, **_task_options(cfg))
     pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
     heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)
     if start == 0:
-        paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, cfg.effective_rollout().stop)))
+        paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, rollout.stop)))
     print(f"timeshare train: run directory {paths.root} (starting at iteration {start})", flush=True)
 
     ports = dict(zip(("engine", "vllm", "torchrun"), free_loopback_ports(3), strict=True))
@@ -193,14 +201,19 @@ def train(overrides: list[str]) -> int:
             endpoint = stack.enter_context(LocalEtcd(paths.root / "etcd-data")).endpoint
         else:
             endpoint = cfg.cluster.etcd
-        engine = _spawn(_engine_command(cfg, paths, model_dir, endpoint, ports, start=start), paths.logs / "engine.log")
+        engine = _spawn(
+            _engine_command(cfg, paths, model_dir, endpoint, ports, rollout=rollout, start=start),
+            paths.logs / "engine.log",
+        )
         stack.callback(_stop, engine, cfg.phase.terminate_grace + 30)
         client = EngineClient(f"http://127.0.0.1:{ports['engine']}")
         stack.callback(client.close)
         client.wait_for_engine(timeout=120)
 
         rank_file = paths.root / "trainer.json"
-        rank_file.write_text(_rank_config(cfg, paths, model_dir, client.base_url, start).to_json())
+        rank_file.write_text(
+            _rank_config(cfg, paths, model_dir, client.base_url, rollout=rollout, start=start).to_json()
+        )
         trainer = _spawn([
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.parallel.trainer_ranks),
             "--master-addr", "127.0.0.1", "--master-port", str(ports["torchrun"]),
@@ -227,10 +240,11 @@ def train(overrides: list[str]) -> int:
             metrics.plot()
 
         controller = Controller(
-            _controller_options(cfg), paths, engine=client, task=task, tokens=tokens,
+            _controller_options(cfg, rollout), paths, engine=client, task=task, tokens=tokens,
             rollout_engine=lambda: VllmClient(f"http://127.0.0.1:{ports['vllm']}"),
-            sampler=UniformSampler(pool, cfg.run.seed), buffer=_buffer(cfg), scorer=RewardScorer(RewardConfig(), task),
-            pool=pool, heldout=heldout, log_metrics=record, check_alive=check_alive,
+            sampler=UniformSampler(pool, cfg.run.seed), buffer=_buffer(rollout),
+            scorer=RewardScorer(RewardConfig(), task), pool=pool, heldout=heldout, log_metrics=record,
+            check_alive=check_alive,
         )  # fmt: skip
         if start:
             controller.load_state(start)

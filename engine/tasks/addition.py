@@ -11,11 +11,11 @@ import random
 from dataclasses import dataclass
 
 from engine.tasks.base import (
-    REWARD_KINDS,
     RewardKind,
     Sample,
     Split,
     check_count,
+    check_reward_kind,
     check_split,
     first_line,
     partial_credit,
@@ -35,8 +35,7 @@ class AdditionTask:
     def __post_init__(self) -> None:
         if not 1 <= self.max_digits <= 9:
             raise ValueError(f"addition.max_digits must be in 1..9, got {self.max_digits}")
-        if self.reward_kind not in REWARD_KINDS:
-            raise ValueError(f"addition.reward_kind must be one of {REWARD_KINDS}, got {self.reward_kind!r}")
+        check_reward_kind("addition", self.reward_kind)
         split_of("probe", self.heldout_fraction)  # validates the fraction
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:

@@ -46,6 +46,12 @@ def check_split(split: str) -> Split:
     return split  # type: ignore[return-value]
 
 
+def check_reward_kind(task: str, kind: str) -> RewardKind:
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"{task}.reward_kind must be one of {REWARD_KINDS}, got {kind!r}")
+    return kind
+
+
 def check_count(n: int) -> int:
     # A negative n would never equal len(seen) in the generators' loops and return whatever they drew.
     if n < 0:

@@ -10,11 +10,11 @@ import random
 from dataclasses import dataclass
 
 from engine.tasks.base import (
-    REWARD_KINDS,
     RewardKind,
     Sample,
     Split,
     check_count,
+    check_reward_kind,
     check_split,
     first_line,
     partial_credit,
@@ -33,8 +33,7 @@ class SortTask:
     def __post_init__(self) -> None:
         if not 1 <= self.min_len <= self.max_len <= 32:
             raise ValueError(f"sort needs 1 <= min_len <= max_len <= 32, got {self.min_len}..{self.max_len}")
-        if self.reward_kind not in REWARD_KINDS:
-            raise ValueError(f"sort.reward_kind must be one of {REWARD_KINDS}, got {self.reward_kind!r}")
+        check_reward_kind("sort", self.reward_kind)
         split_of("probe", self.heldout_fraction)
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:

@@ -112,7 +112,7 @@ class Rank:
     def train(self, iteration: int) -> None:
         batch = load_batch(self.paths.batch(iteration - 1))
         start = time.perf_counter()
-        metrics = self.trainer.train_on(batch, rollout_version=iteration - 1) if batch.size else {}
+        metrics = self.trainer.train_on(batch, rollout_version=iteration - 1)  # collate refuses an empty batch
         metrics["train/seconds"] = time.perf_counter() - start
         if iteration % self.cfg.checkpoint_every == 0:
             self.paths.checkpoint(iteration).mkdir(parents=True, exist_ok=True)

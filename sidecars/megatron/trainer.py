@@ -100,19 +100,19 @@ class Trainer:
         mine = self._my_groups(n_groups)
         metrics: dict[str, float] = {}
         lr = lr_at(self.step, self.opts)
+        self._set_lr(lr)
         for _ in range(self.opts.updates_per_batch):
-            metrics = self._update(batch, mine, n_groups, lr)
+            metrics = self._update(batch, mine, n_groups)
         self.step += 1
         return {
             **metrics,
+            "train/lr": lr,
             "logprob_gap/mean_abs": float(gap.mean()) if gap.numel() else 0.0,
             "logprob_gap/max_abs": float(gap.max()) if gap.numel() else 0.0,
             "train/tokens": float(batch.loss_mask.sum()),
         }
 
-    def _update(self, batch: TrainBatch, mine: Sequence[int], n_groups: int, lr: float) -> dict[str, float]:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def _update(self, batch: TrainBatch, mine: Sequence[int], n_groups: int) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         g, total_loss = batch.group_size, 0.0
@@ -130,19 +130,28 @@ class Trainer:
             # Each micro-batch loss is a mean over its groups: weight it by its share of the batch.
             (loss * len(groups) / n_groups).backward()
             total_loss += loss.item() * len(groups) / n_groups
-        self._reduce_data_parallel()
+        self._reduce_data_parallel(average=False)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
-        return {"train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": lr}
+        return {"train/loss": total_loss, "train/grad_norm": grad_norm}
 
-    def _reduce_data_parallel(self) -> None:
+    def _reduce_data_parallel(self, average: bool) -> None:
+        """Sum gradients over the DP ranks (`average`: then divide by their number, for per-rank mean
+        losses; RL micro-batch losses are already weighted by their share of the whole batch)."""
         ps = _tp()
-        if ps.get_data_parallel_world_size() == 1:
+        size = ps.get_data_parallel_world_size()
+        if size == 1:
             return
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=ps.get_data_parallel_group())  # losses were weighted over all groups
+            dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+            if average:
+                p.grad.div_(size)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def _clip_gradients(self) -> float:
         """Clip the global gradient norm; TP-sharded parameters count on every TP rank, replicated
@@ -173,8 +182,7 @@ class Trainer:
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         gen = torch.Generator().manual_seed(self.opts.seed)
         losses = []
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._set_lr(lr)
         self.model.train()
         for _ in range(epochs):
             order = torch.randperm(len(examples), generator=gen).tolist()
@@ -187,10 +195,7 @@ class Trainer:
                 dev = logp.device
                 loss = -(logp * mask.to(dev)).sum() / mask.sum().clamp(min=1).to(dev)
                 loss.backward()
-                self._reduce_data_parallel()
-                if size > 1:
-                    for p in self.model.parameters():
-                        p.grad.div_(size)
+                self._reduce_data_parallel(average=True)
                 self._clip_gradients()
                 self.optimizer.step()
                 epoch_loss, steps = epoch_loss + loss.item(), steps + 1
