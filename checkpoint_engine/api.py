@@ -24,16 +24,17 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from checkpoint_engine.contracts.acks import ExportAck, parse_ack
+from checkpoint_engine.contracts.phases import Phase
+from checkpoint_engine.contracts.vllm_client import SidecarError
+from checkpoint_engine.contracts.weight_region import Manifest
 from checkpoint_engine.coordination import CoordinationTimeout, PhaseFailedError
 from checkpoint_engine.daemon import CheckpointEngine, EngineConfig
-from checkpoint_engine.phases import Phase
-from checkpoint_engine.shm_buffer import Manifest
-from sidecars.vllm.client import SidecarError
 
 
 class RegisterBody(BaseModel):
     manifest: dict[str, Any]
-    payload: dict[str, Any] = {}  # the producer's own numbers (export seconds, ...), added to the EXPORT ack
+    payload: dict[str, Any]  # contracts.acks.ExportAck: the producer's numbers, the EXPORT ack
 
 
 class UpdateBody(BaseModel):
@@ -49,7 +50,7 @@ class WaitBody(BaseModel):
 class CompleteBody(BaseModel):
     iteration: int
     phase: Phase
-    payload: dict[str, Any] = {}
+    payload: dict[str, Any]  # the phase's contracts.acks payload
 
 
 def check_binding(host: str, token: str | None) -> None:
@@ -97,25 +98,25 @@ def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
 
     @app.post("/vllm/start")
     def vllm_start() -> dict[str, Any]:
-        return guarded(engine.start_vllm)
+        return guarded(engine.start_vllm).to_dict()
 
     @app.post("/vllm/terminate")
     def vllm_terminate() -> dict[str, Any]:
-        return guarded(engine.terminate_vllm)
+        return guarded(engine.terminate_vllm).to_dict()
 
     @app.post("/weights/register")
     def weights_register(body: RegisterBody) -> dict[str, Any]:
         manifest = guarded(Manifest.from_dict, body.manifest)
-        guarded(engine.register_weights, manifest, body.payload)
+        guarded(engine.register_weights, manifest, guarded(ExportAck.model_validate, body.payload))
         return {"registered": manifest.version}
 
     @app.post("/weights/update")
     def weights_update(body: UpdateBody) -> dict[str, Any]:
-        return guarded(engine.update_weights, body.version)
+        return guarded(engine.update_weights, body.version).to_dict()
 
     @app.post("/phase/complete")
     def phase_complete(body: CompleteBody) -> dict[str, Any]:
-        guarded(engine.complete_phase, body.iteration, body.phase, body.payload)
+        guarded(engine.complete_phase, body.iteration, body.phase, guarded(parse_ack, body.phase, body.payload))
         return {"acked": f"{body.phase.value} of iteration {body.iteration}"}
 
     @app.post("/phase/wait")

@@ -1,6 +1,6 @@
 """The etcd side of the phase machine: thin over the pure rules in `phases.py`.
 
-Consumes: an etcd endpoint (or a client from `launch.etcd_server.connect`), the job name and this
+Consumes: an etcd endpoint (or a client from `checkpoint_engine.etcd_client.connect`), the job name and this
 node's id. Produces, under `/timeshare/{job}/`:
 
 - `phase`                          PhaseState JSON; written only by the leader, by compare-and-swap
@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from checkpoint_engine.phases import Phase, PhaseState, check_transition
-from launch.etcd_server import connect
+from checkpoint_engine.contracts.phases import Phase, PhaseState, check_transition
+from checkpoint_engine.etcd_client import connect
 
 if TYPE_CHECKING:
     import pyetcd

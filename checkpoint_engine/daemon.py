@@ -24,10 +24,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from checkpoint_engine.contracts.acks import (
+    AckPayload,
+    ExportAck,
+    ExportWaitAck,
+    StartVllmAck,
+    TerminateVllmAck,
+    UpdateWeightsAck,
+)
+from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, fail, initial_state, next_state, order, spec
+from checkpoint_engine.contracts.weight_region import Manifest
 from checkpoint_engine.coordination import CoordinationError, CoordinationTimeout, Coordinator, describe
 from checkpoint_engine.mooncake_transport import MooncakeConfig
-from checkpoint_engine.phases import Phase, PhaseState, fail, initial_state, next_state, order
-from checkpoint_engine.shm_buffer import Manifest
 from checkpoint_engine.vllm_process import VllmLaunch, VllmProcess
 from checkpoint_engine.weight_store import WeightStore
 
@@ -104,49 +112,50 @@ class CheckpointEngine:
         log.info("[%s] %s took %.2f s", self.cfg.node, name, self.timings[name])
         return result
 
-    def start_vllm(self) -> dict[str, Any]:
+    def start_vllm(self) -> StartVllmAck:
         early, self._early_start = self._early_start, None
         if early is None:
             seconds = self._timed("start_vllm", self.vllm.start)
-            return {"pid": self.vllm.pid, "seconds": seconds}
+            return StartVllmAck(pid=self.vllm.pid, seconds=seconds)
         waited = time.perf_counter()
         seconds = early.result()  # a failed start raises here, in START_VLLM, and fails that phase
         self.timings["start_vllm"] = round(seconds, 3)
-        return {"pid": self.vllm.pid, "seconds": seconds, "waited_seconds": time.perf_counter() - waited}
+        return StartVllmAck(pid=self.vllm.pid, seconds=seconds, waited_seconds=time.perf_counter() - waited)
 
     def _start_vllm_early(self) -> None:
         """Begin vLLM's start-up in the background while EXPORT runs (see the module docstring)."""
         if self._early_start is None and not self.vllm.alive():
             self._early_start = self._starter.submit(self.vllm.start)
 
-    def terminate_vllm(self) -> dict[str, Any]:
+    def terminate_vllm(self) -> TerminateVllmAck:
         t = self._timed("terminate_vllm", lambda: self.vllm.terminate(self.cfg.terminate_grace))
-        return {"pids": list(t.pids), "rss_freed_bytes": t.rss_freed_bytes, "killed": t.killed}
+        return TerminateVllmAck(pids=list(t.pids), rss_freed_bytes=t.rss_freed_bytes, killed=t.killed)
 
-    def register_weights(self, manifest: Manifest, payload: dict[str, Any] | None = None) -> None:
+    def register_weights(self, manifest: Manifest, payload: ExportAck) -> None:
         """A producer on this node wrote `manifest`'s region; during EXPORT of that version, this acks it."""
         self._timed("register_weights", lambda: self.store.register(manifest))
         state, _ = self.coordinator.read_phase()
         if state is not None and state.phase is Phase.EXPORT and state.weight_version == manifest.version:
-            self.coordinator.ack(state, {**(payload or {}), "region": manifest.region, "bytes": manifest.size})
+            ack = payload.model_copy(update={"region": manifest.region, "bytes": manifest.size})
+            self.coordinator.ack(state, ack.to_dict())
 
-    def update_weights(self, version: int) -> dict[str, Any]:
-        def op() -> dict[str, Any]:
+    def update_weights(self, version: int) -> UpdateWeightsAck:
+        def op() -> UpdateWeightsAck:
             manifest = self.store.resolve(version)
             loaded = self.vllm.client.update_weights(manifest.to_dict())
             self.store.drop_older_than(version)
-            return {"weight_version": loaded.weight_version, "load_seconds": round(loaded.seconds, 3)}
+            return UpdateWeightsAck(weight_version=loaded.weight_version, load_seconds=round(loaded.seconds, 3))
 
         return self._timed("update_weights", op)
 
-    def complete_phase(self, iteration: int, phase: Phase, payload: dict[str, Any] | None = None) -> None:
+    def complete_phase(self, iteration: int, phase: Phase, payload: AckPayload) -> None:
         """Another process on this node (trainer, controller) finished `phase` of `iteration`."""
-        if phase in (Phase.START_VLLM, Phase.UPDATE_WEIGHTS, Phase.TERMINATE_VLLM, Phase.EXPORT, Phase.FAILED):
+        if phase in (Phase.EXPORT, Phase.FAILED) or spec(phase).owner is Owner.ENGINE:
             raise ValueError(f"{phase.value} is completed by the engine itself or by registering weights")
         state, _ = self.coordinator.read_phase()
         if state is None or (state.iteration, state.phase) != (iteration, phase):
             raise ValueError(f"cannot complete {phase.value} of iteration {iteration}: the job is {describe(state)}")
-        self.coordinator.ack(state, payload)
+        self.coordinator.ack(state, payload.to_dict())
 
     def wait_phase(self, iteration: int, phase: Phase, timeout: float) -> PhaseState:
         """The first state at or past `phase` of `iteration` (a process on this node waits for its turn).
@@ -183,14 +192,14 @@ class CheckpointEngine:
     def _own(self, phase: Phase) -> bool:
         if phase is Phase.EXPORT:
             return bool(self.cfg.weights_from)
-        return phase in (Phase.START_VLLM, Phase.UPDATE_WEIGHTS, Phase.TERMINATE_VLLM)
+        return phase is not Phase.FAILED and spec(phase).owner is Owner.ENGINE
 
-    def _do_own(self, state: PhaseState) -> dict[str, Any]:
+    def _do_own(self, state: PhaseState) -> AckPayload:
         if state.phase is Phase.EXPORT:
             found = self._patiently(
                 lambda t: self.coordinator.wait_shards(state.weight_version, self.cfg.weights_from, t)
             )
-            return {"registered_by": sorted(found)}
+            return ExportWaitAck(registered_by=sorted(found))
         if state.phase is Phase.START_VLLM:
             return self.start_vllm()
         if state.phase is Phase.UPDATE_WEIGHTS:
@@ -223,7 +232,7 @@ class CheckpointEngine:
         if key not in self._done:
             if self._own(state.phase):
                 try:
-                    self.coordinator.ack(state, self._do_own(state))
+                    self.coordinator.ack(state, self._do_own(state).to_dict())
                 except Exception as e:  # no ack: the leader's barrier fails the phase, naming this node
                     self.last_error = f"{state.phase.value} of iteration {state.iteration}: {e}"
                     log.exception("[%s] %s", self.cfg.node, self.last_error)

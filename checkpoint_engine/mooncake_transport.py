@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from checkpoint_engine.shm_buffer import ALIGNMENT, SHM_DIR, Manifest, TensorSlot, _map, remove_region
+from checkpoint_engine.contracts.weight_region import ALIGNMENT, SHM_DIR, Manifest, TensorSlot, _map, remove_region
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from sidecars.vllm.client import VllmClient
+from checkpoint_engine.contracts.vllm_client import VllmClient
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from checkpoint_engine.coordination import Coordinator
-from checkpoint_engine.mooncake_transport import MooncakeClient, MooncakeConfig, MooncakeServer, RemoteRegion
-from checkpoint_engine.shm_buffer import (
+from checkpoint_engine.contracts.weight_region import (
     REGION_PREFIX,
     Manifest,
     list_regions,
@@ -26,6 +24,8 @@ from checkpoint_engine.shm_buffer import (
     retire_region,
     spare_region_name,
 )
+from checkpoint_engine.coordination import Coordinator
+from checkpoint_engine.mooncake_transport import MooncakeClient, MooncakeConfig, MooncakeServer, RemoteRegion
 
 log = logging.getLogger(__name__)
 

@@ -16,19 +16,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from checkpoint_engine.client import EngineClient
-from checkpoint_engine.phases import CYCLE, Phase
+from checkpoint_engine.contracts.acks import AckPayload, ExportAck, MetricsAck, MoveAck, parse_ack
+from checkpoint_engine.contracts.engine_client import EngineClient
+from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState
+from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.vllm_client import VllmClient
+from checkpoint_engine.contracts.vllm_protocol import GenerationRequest
 from engine.batch import collate, save_batch
 from engine.evaluation import mean_pass_at_k
 from engine.replay_buffer import Group, PartialRolloutBuffer, PromptTokens, RolloutRequest, RolloutResult
 from engine.rewards import RewardScorer
-from engine.run_dir import RunPaths
 from engine.sampling import PromptSampler
 from engine.tasks import Sample, Task
-from sidecars.vllm.client import VllmClient
-from sidecars.vllm.protocol import GenerationRequest
 
 log = logging.getLogger("timeshare.controller")
 
@@ -89,27 +89,29 @@ class Controller:
         """Iterations `start`..`iterations`; the job's first phase (EXPORT of `start`) is already on."""
         self._last_phase_end, self._first_iteration = time.time(), start
         for i in range(start, self.opts.iterations + 1):
-            self._wait(i, Phase.ROLLOUT)
-            metrics = self.rollout_phase(i, evaluate=self._eval_due(i, start), last=i == self.opts.iterations)
-            self.engine.complete(i, Phase.ROLLOUT, {k: v for k, v in metrics.items() if k.startswith("reward/")})
+            state = self._wait(i, Phase.ROLLOUT)
+            metrics = self.rollout_phase(state, evaluate=self._eval_due(i, start), last=i == self.opts.iterations)
+            rewards = {k: v for k, v in metrics.items() if k.startswith("reward/")}
+            self.engine.complete(i, Phase.ROLLOUT, MetricsAck(metrics=rewards))
             self._wait(i + 1, Phase.TRAIN)  # ONLOAD of i is done
             metrics.update(self.phase_metrics(i))
             self.log_metrics(i, metrics)
 
-    def _wait(self, iteration: int, phase: Phase) -> None:
+    def _wait(self, iteration: int, phase: Phase) -> PhaseState:
         """Wait for the job to reach `phase`, checking every few seconds that the node's processes live
         (a dead trainer would otherwise cost a whole phase timeout to notice)."""
-        self.engine.wait_phase(iteration, phase, self.opts.phase_timeout, poll=5.0, before_poll=self.check_alive)
+        return self.engine.wait_phase(iteration, phase, self.opts.phase_timeout, poll=5.0, before_poll=self.check_alive)
 
     def _eval_due(self, i: int, start: int) -> bool:
         return i == start or i % self.opts.eval_every == 0 or i == self.opts.iterations
 
-    def rollout_phase(self, iteration: int, evaluate: bool, last: bool) -> dict[str, float]:
+    def rollout_phase(self, state: PhaseState, evaluate: bool, last: bool) -> dict[str, float]:
+        """Evaluate and roll out with the version the ROLLOUT phase names."""
         vllm = self.rollout_engine()
         try:
             metrics = self.evaluate(vllm) if evaluate else {}
             if not last:  # the last iteration's rollout would only feed a TRAIN that never comes
-                metrics.update(self.rollout(vllm, iteration))
+                metrics.update(self.rollout(vllm, state.weight_version))
         finally:
             vllm.close()
         return metrics
@@ -236,34 +238,33 @@ class Controller:
             if self._last_phase_end is not None:
                 metrics[f"time/{phase.value.lower()}"] = max(end - self._last_phase_end, 0.0)
             self._last_phase_end = end
-            payload = next(iter(sorted(by_node.items())))[1]["payload"]
+            payload = parse_ack(phase, next(iter(sorted(by_node.items())))[1]["payload"])
             metrics.update(_phase_payload(phase, payload))
         saved = self.paths.train_metrics(iteration)
         if Phase.TRAIN.value not in acks and saved.exists():  # a resumed run: TRAIN ran before the restart
-            metrics.update(_phase_payload(Phase.TRAIN, json.loads(saved.read_text())))
-        export = acks.get(Phase.EXPORT.value, {})
-        if export and iteration == self._first_iteration:
+            metrics.update(_phase_payload(Phase.TRAIN, MetricsAck(metrics=json.loads(saved.read_text()))))
+        export = [parse_ack(Phase.EXPORT, a["payload"]) for _, a in sorted(acks.get(Phase.EXPORT.value, {}).items())]
+        if export and isinstance(export[0], ExportAck) and iteration == self._first_iteration:
             # The launch's first EXPORT also waited for the trainer to start (and to do the cold start):
             # report that apart, so time/export means the same thing in every iteration.
-            payload = next(iter(sorted(export.items())))[1]["payload"]
-            work = float(payload.get("convert_seconds", 0.0)) + float(payload.get("push_seconds", 0.0))
+            work = export[0].convert_seconds + export[0].push_seconds
             waited = metrics.get("time/export", work) - work - metrics.get("time/cold_start", 0.0)
             metrics["time/startup"], metrics["time/export"] = max(waited, 0.0), work
         return metrics
 
 
-def _phase_payload(phase: Phase, payload: dict[str, Any]) -> dict[str, float]:
+def _phase_payload(phase: Phase, payload: AckPayload) -> dict[str, float]:
     """The numbers worth logging from one node's ack of `phase`."""
-    if phase is Phase.TRAIN:
-        return {k: float(v) for k, v in payload.items() if k.startswith(("train/", "logprob_gap/"))}
-    if phase is Phase.EXPORT and "push_gb_per_s" in payload:
-        cold = {"time/cold_start": float(payload["cold_start_seconds"])} if payload.get("cold_start_seconds") else {}
+    if phase is Phase.TRAIN and isinstance(payload, MetricsAck):
+        return {k: v for k, v in payload.metrics.items() if k.startswith(("train/", "logprob_gap/"))}
+    if isinstance(payload, ExportAck):
+        cold = {"time/cold_start": payload.cold_start_seconds} if payload.cold_start_seconds else {}
         return {
-            "push/gb_per_s": float(payload["push_gb_per_s"]),
-            "push/bytes": float(payload["bytes"]),
-            "push/weight_version": float(payload["weight_version"]),
+            "push/gb_per_s": payload.push_gb_per_s,
+            "push/bytes": float(payload.bytes),
+            "push/weight_version": float(payload.weight_version),
             **cold,
         }
-    if phase is Phase.OFFLOAD:
-        return {"offload/bytes_moved": float(payload.get("bytes_moved", 0.0))}
+    if phase is Phase.OFFLOAD and isinstance(payload, MoveAck):
+        return {"offload/bytes_moved": float(payload.bytes_moved)}
     return {}

@@ -29,6 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from checkpoint_engine.contracts.phases import CYCLE
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -38,18 +40,8 @@ TIME_PREFIX = "time/"
 RESERVED_KEYS = frozenset({"iteration", "time"})
 
 # The phases of one iteration in the order they run; their short labels on the console line.
-PHASE_ORDER: tuple[str, ...] = (
-    "startup",
-    "cold_start",
-    "train",
-    "offload",
-    "export",
-    "start_vllm",
-    "update_weights",
-    "rollout",
-    "terminate_vllm",
-    "onload",
-)
+# The launch's own spans first, then the cycle's phases in their order (contracts.phases.TABLE).
+PHASE_ORDER: tuple[str, ...] = ("startup", "cold_start", *(p.value.lower() for p in CYCLE))
 _PHASE_LABELS = {"update_weights": "update", "terminate_vllm": "terminate"}
 _PASS_AT_K = re.compile(r"^eval/pass@(\d+)$")
 

@@ -18,13 +18,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+from checkpoint_engine.contracts.vllm_protocol import GENERATOR_FINISH_REASONS
 from engine.trajectory import FinishReason, Trajectory
 
 StalenessMode = Literal["exclude", "keep"]
 STALENESS_MODES: tuple[StalenessMode, ...] = ("exclude", "keep")
-# What the generator reports: vLLM's "stop" / "length" / "abort", plus our repeat detector's "repeat".
-EngineFinishReason = Literal["stop", "length", "abort", "repeat"]
-ENGINE_FINISH_REASONS: tuple[EngineFinishReason, ...] = ("stop", "length", "abort", "repeat")
 STATE_FORMAT = 1
 
 Key = tuple[str, int]
@@ -104,7 +102,7 @@ class RolloutResult:
     sample_index: int
     token_ids: tuple[int, ...]  # new tokens only
     logprobs: tuple[float, ...]  # sampling logprob of each new token
-    finish_reason: EngineFinishReason
+    finish_reason: FinishReason  # as the generator reported it
     version: int  # weight version that sampled them: must be the request's
 
     @property
@@ -308,9 +306,9 @@ class PartialRolloutBuffer:
 
     @staticmethod
     def _check_result(res: RolloutResult, request: RolloutRequest) -> None:
-        if res.finish_reason not in ENGINE_FINISH_REASONS:
+        if res.finish_reason not in GENERATOR_FINISH_REASONS:
             raise ValueError(
-                f"result {res.key}: finish_reason must be one of {ENGINE_FINISH_REASONS}, got {res.finish_reason!r}"
+                f"result {res.key}: finish_reason must be one of {GENERATOR_FINISH_REASONS}, got {res.finish_reason!r}"
             )
         if res.version != request.version:
             raise ValueError(f"result {res.key} is stamped version {res.version}, its request had {request.version}")
@@ -324,7 +322,7 @@ class PartialRolloutBuffer:
             return res.finish_reason
         if len(traj.response_ids) + len(res.token_ids) >= self.config.max_response_tokens:
             return "length"  # no room left, whatever stopped it
-        if res.finish_reason == "abort":
+        if res.finish_reason == "aborted":
             return "aborted"  # cut off (e.g. the rollout phase ended): continue next round
         if len(res.token_ids) < request.max_tokens:
             # "length" before max_tokens: the engine's context (max_model_len) is full; continuing

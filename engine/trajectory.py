@@ -7,13 +7,11 @@ prompt + response so far; every response token keeps the weight version that sam
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-FinishReason = Literal["stop", "length", "length_budget", "repeat", "aborted"]
-FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "length_budget", "repeat", "aborted")
-# `length`: hit max_response_tokens (finished, truncated); `length_budget`: stopped by this
-# iteration's token budget (unfinished, to be continued); `repeat`: stopped by repeat detection.
-UNFINISHED: frozenset[str] = frozenset({"length_budget", "aborted"})
+from checkpoint_engine.contracts.vllm_protocol import FINISH_REASONS, UNFINISHED, FinishReason
+
+__all__ = ["FINISH_REASONS", "UNFINISHED", "FinishReason", "Trajectory"]
 
 
 @dataclass

@@ -29,7 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint_engine.shm_buffer import RegionWriter, as_bytes, checksum, remove_region, retire_region, write_region
+from checkpoint_engine.contracts.weight_region import (
+    RegionWriter,
+    as_bytes,
+    checksum,
+    remove_region,
+    retire_region,
+    write_region,
+)
 
 
 def emit(case: str, seconds: float, nbytes: int, **extra: object) -> dict:

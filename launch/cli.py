@@ -36,9 +36,9 @@ def _engine(args: argparse.Namespace) -> int:
 
     from checkpoint_engine.api import serve
     from checkpoint_engine.daemon import EngineConfig
+    from checkpoint_engine.etcd_client import parse_endpoint
     from checkpoint_engine.mooncake_transport import MooncakeConfig
     from checkpoint_engine.vllm_process import VllmLaunch
-    from launch.etcd_server import parse_endpoint
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{args.node_id}] %(name)s: %(message)s")
     parse_endpoint(args.etcd)

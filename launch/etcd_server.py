@@ -1,4 +1,4 @@
-"""A private, single-member etcd server for one job, and the client that talks to it.
+"""A private, single-member etcd server for one job (the launcher's; clients use `checkpoint_engine.etcd_client`).
 
 Consumes: the `etcd` binary (Debian package `etcd-server`, 3.4) and a directory owned by the job.
 Produces: a running server listening on 127.0.0.1 only, its endpoint "127.0.0.1:PORT", a log at
@@ -18,10 +18,9 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Self
+from typing import IO, Self
 
-if TYPE_CHECKING:
-    import pyetcd
+from checkpoint_engine.etcd_client import connect
 
 DEBIAN_BINARY = "/usr/bin/etcd"
 LOOPBACK = "127.0.0.1"
@@ -43,31 +42,6 @@ def find_etcd_binary() -> str:
         f"etcd binary not found on PATH or at {DEBIAN_BINARY}: install the Debian package `etcd-server` "
         "(`make setup` does it), or pass an etcd endpoint so that no local server is needed"
     )
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """Split "HOST:PORT"; a scheme, a path or a bad port is rejected here rather than as a gRPC hang."""
-    host, sep, port_text = endpoint.rpartition(":")
-    expected = "expected HOST:PORT, e.g. 127.0.0.1:2379 (no scheme, no path)"
-    if not sep or not host or "/" in endpoint:
-        raise ValueError(f"bad etcd endpoint {endpoint!r}: {expected}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad etcd endpoint {endpoint!r}: port {port_text!r} is not in 1..65535; {expected}")
-    return host, int(port_text)
-
-
-def connect(endpoint: str, timeout: float = 5.0) -> pyetcd.MultiEndpointEtcd3Client:
-    """A pyetcd client whose every call gives up after `timeout` seconds.
-
-    pyetcd's `client()` marks its only endpoint failed for 300 s after one UNAVAILABLE answer and
-    then raises "Trying to use a failed node" without trying; `time_retry=0` lets a coordinator
-    ride out an etcd restart or a start-up race instead.
-    """
-    import pyetcd
-
-    host, port = parse_endpoint(endpoint)
-    node = pyetcd.Endpoint(host, port, secure=False, time_retry=0.0)
-    return pyetcd.MultiEndpointEtcd3Client(endpoints=[node], timeout=timeout)
 
 
 def free_loopback_ports(count: int) -> list[int]:

@@ -21,19 +21,19 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from checkpoint_engine.client import EngineClient
+from checkpoint_engine.contracts.engine_client import EngineClient
+from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.vllm_client import VllmClient
 from engine.controller import Controller, ControllerOptions, Tokens
 from engine.metrics import MetricsLogger, format_line, summarize_phase_times
 from engine.replay_buffer import PartialRolloutBuffer, PartialRolloutConfig
 from engine.rewards import RewardConfig, RewardScorer
-from engine.run_dir import RunPaths
 from engine.sampling import UniformSampler
 from engine.tasks import Sample, make_task
 from launch.etcd_server import LocalEtcd, free_loopback_ports
 from launch.train_config import ConfigError, RolloutSection, TrainConfig, load_config
 from sidecars.megatron.rank_main import ColdStart, RankConfig
 from sidecars.megatron.trainer import TrainerOptions
-from sidecars.vllm.client import VllmClient
 
 log = logging.getLogger("timeshare.train")
 

@@ -19,8 +19,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NoReturn, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from checkpoint_engine.etcd_client import parse_endpoint
 from engine.tiny_model import ARCHS, VALID_HEAD_DIMS, Arch, TinyModelSpec
-from launch.etcd_server import parse_endpoint
 
 if TYPE_CHECKING:
     import omegaconf

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from launch.etcd_server import LocalEtcd, connect
+from checkpoint_engine.etcd_client import connect
+from launch.etcd_server import LocalEtcd
 
 if TYPE_CHECKING:
     import pyetcd

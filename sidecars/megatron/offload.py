@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import psutil
 import torch
 
+from checkpoint_engine.contracts.acks import MoveAck
 from sidecars.megatron import compat
-
-
-@dataclass(frozen=True)
-class OffloadReport:
-    seconds: float
-    bytes_moved: int
-    device_bytes_after: int  # accelerator memory still allocated (CUDA); 0 on CPU
-    host_rss_bytes: int
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.__dict__.items()}
 
 
 def _device_allocated() -> int:
@@ -58,7 +47,7 @@ class Offloader:
         state = [(p, k) for p, s in self.optimizer.state.items() for k, v in s.items() if torch.is_tensor(v)]
         return params, state
 
-    def offload(self) -> OffloadReport:
+    def offload(self) -> MoveAck:
         if self.offloaded:
             raise RuntimeError("the trainer state is already offloaded")
         start, moved = time.perf_counter(), 0
@@ -78,7 +67,7 @@ class Offloader:
             torch.cuda.empty_cache()
         return self._report(start, moved)
 
-    def onload(self) -> OffloadReport:
+    def onload(self) -> MoveAck:
         if not self.offloaded:
             raise RuntimeError("the trainer state is not offloaded")
         start, moved, dev = time.perf_counter(), 0, compat.device()
@@ -98,8 +87,8 @@ class Offloader:
         return dict(self._params)
 
     @staticmethod
-    def _report(start: float, moved: int) -> OffloadReport:
-        return OffloadReport(
+    def _report(start: float, moved: int) -> MoveAck:
+        return MoveAck(
             seconds=time.perf_counter() - start,
             bytes_moved=moved,
             device_bytes_after=_device_allocated(),

@@ -23,12 +23,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from checkpoint_engine.client import EngineClient
-from checkpoint_engine.phases import Phase
-from checkpoint_engine.shm_buffer import RegionWriter
+from checkpoint_engine.contracts.acks import AckPayload, ExportAck, MetricsAck, MoveAck
+from checkpoint_engine.contracts.engine_client import EngineClient
+from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, owned_by
+from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.weight_region import RegionWriter
 from engine.algorithms import AlgoConfig
 from engine.batch import load_batch
-from engine.run_dir import RunPaths
 from sidecars.megatron import model as mg
 from sidecars.megatron.offload import Offloader
 from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown
@@ -85,18 +86,20 @@ class Rank:
     def _log(self, msg: str, *args: Any) -> None:
         log.info(f"[{self.cfg.node} rank{self.rank}] " + msg, *args)
 
-    def _turn(self, iteration: int, phase: Phase) -> bool:
-        """Wait (rank 0 through the engine) until the job is at `phase` of `iteration`; False: stop."""
-        ok = [True]
+    def _turn(self, iteration: int, phase: Phase) -> PhaseState | None:
+        """Wait (rank 0 through the engine) until the job is at `phase` of `iteration`, and share the
+        state with every rank; None: the job is elsewhere, stop."""
+        found: list[PhaseState | None] = [None]
         if self.client is not None:
             state = self.client.wait_phase(iteration, phase, self.cfg.phase_timeout)
-            if (state.iteration, state.phase) != (iteration, phase):
+            if (state.iteration, state.phase) == (iteration, phase):
+                found = [state]
+            else:
                 log.error("expected %s of iteration %d, the job is at %s", phase.value, iteration, state)
-                ok = [False]
-        dist.broadcast_object_list(ok, src=0)
-        return ok[0]
+        dist.broadcast_object_list(found, src=0)
+        return found[0]
 
-    def _report(self, iteration: int, phase: Phase, payload: dict[str, Any]) -> None:
+    def _report(self, iteration: int, phase: Phase, payload: AckPayload) -> None:
         if self.client is not None:
             self.client.complete(iteration, phase, payload)
 
@@ -109,10 +112,12 @@ class Rank:
         self._log("cold start: %d examples, %d epochs, loss %s, %.1f s", len(examples), c.epochs,
                   " -> ".join(f"{x:.3f}" for x in losses), time.perf_counter() - start)  # fmt: skip
 
-    def train(self, iteration: int) -> None:
-        batch = load_batch(self.paths.batch(iteration - 1))
+    def train(self, state: PhaseState) -> None:
+        """TRAIN learns from the rollout of the version the phase names (`Version.SERVED`)."""
+        iteration = state.iteration
+        batch = load_batch(self.paths.batch(state.weight_version))
         start = time.perf_counter()
-        metrics = self.trainer.train_on(batch, rollout_version=iteration - 1)  # collate refuses an empty batch
+        metrics = self.trainer.train_on(batch, rollout_version=state.weight_version)  # refuses an empty batch
         metrics["train/seconds"] = time.perf_counter() - start
         if iteration % self.cfg.checkpoint_every == 0:
             self.paths.checkpoint(iteration).mkdir(parents=True, exist_ok=True)
@@ -121,21 +126,22 @@ class Rank:
             if self.rank == 0:
                 self.paths.train_metrics(iteration).write_text(json.dumps(metrics))
                 self.paths.complete_marker(iteration).write_text(json.dumps({"iteration": iteration}))
-        self._report(iteration, Phase.TRAIN, metrics)
+        self._report(iteration, Phase.TRAIN, MetricsAck(metrics=metrics))
 
-    def export(self, iteration: int) -> None:
+    def export(self, state: PhaseState) -> None:
+        """EXPORT writes the version the phase names (`Version.EXPORTED`)."""
         start = time.perf_counter()
         host = self.offloader.host_parameters() if self.offloader.offloaded else None
         tensors = mg.export_hf_weights(self.trainer.model, self.trainer.arch, host)
         converted = time.perf_counter()
         if self.writer is not None and self.client is not None:
-            manifest = self.writer.write(iteration, tensors)
+            manifest = self.writer.write(state.weight_version, tensors)
             pushed = time.perf_counter()
-            self.client.register_weights(manifest, {
-                "convert_seconds": converted - start, "push_seconds": pushed - converted,
-                "push_gb_per_s": manifest.size / max(pushed - converted, 1e-9) / 1e9,
-                "cold_start_seconds": self.cold_start_seconds, "weight_version": iteration,
-            })  # fmt: skip
+            self.client.register_weights(manifest, ExportAck(
+                convert_seconds=converted - start, push_seconds=pushed - converted,
+                push_gb_per_s=manifest.size / max(pushed - converted, 1e-9) / 1e9,
+                cold_start_seconds=self.cold_start_seconds, weight_version=state.weight_version,
+            ))  # fmt: skip
             self.cold_start_seconds = 0.0
         dist.barrier()
 
@@ -145,28 +151,31 @@ class Rank:
             self.trainer.load_state_dict(torch.load(self.paths.trainer_state(first, self.rank), weights_only=False))
         else:
             self.cold_start()
-        iteration, phases = first, (Phase.EXPORT, Phase.ONLOAD)  # the first iteration starts at EXPORT
+        iteration, phases = first, owned_by(Owner.TRAINER, first_iteration=True)
         while True:
             for phase in phases:
                 if phase is Phase.TRAIN and iteration > self.cfg.iterations:
                     self._log("all %d iterations trained; exiting", self.cfg.iterations)
                     return
-                if not self._turn(iteration, phase):
+                state = self._turn(iteration, phase)
+                if state is None:
                     raise SystemExit(f"the job left the expected phase order at {phase.value} of {iteration}")
-                self._do(iteration, phase)
-            iteration, phases = iteration + 1, (Phase.TRAIN, Phase.OFFLOAD, Phase.EXPORT, Phase.ONLOAD)
+                self._do(state)
+            iteration, phases = iteration + 1, owned_by(Owner.TRAINER)
 
-    def _do(self, iteration: int, phase: Phase) -> None:
+    def _do(self, state: PhaseState) -> None:
+        phase = state.phase
         if phase is Phase.TRAIN:
-            self.train(iteration)
+            self.train(state)
         elif phase is Phase.OFFLOAD:
-            self._report(iteration, phase, self.offloader.offload().to_dict())
+            self._report(state.iteration, phase, self.offloader.offload())
         elif phase is Phase.EXPORT:
-            self.export(iteration)
-        elif self.offloader.offloaded:  # ONLOAD
-            self._report(iteration, phase, self.offloader.onload().to_dict())
+            self.export(state)
+        elif phase is Phase.ONLOAD:
+            moved = self.offloader.onload() if self.offloader.offloaded else MoveAck(seconds=0.0)
+            self._report(state.iteration, phase, moved)
         else:
-            self._report(iteration, phase, {"seconds": 0.0})
+            raise ValueError(f"{phase.value} is not a trainer phase")
 
     def close(self) -> None:
         if self.writer is not None:

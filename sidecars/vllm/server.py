@@ -17,16 +17,19 @@ import os
 import threading
 import time
 
-from sidecars.vllm.engine import VllmConfig, start_engine
-from sidecars.vllm.protocol import (
+from checkpoint_engine.contracts.vllm_protocol import (
+    Completion,
     GenerateBody,
     GenerateResponse,
     GenerationResult,
     Health,
-    Sample,
     UpdateWeightsBody,
     UpdateWeightsResponse,
 )
+from sidecars.vllm.engine import VllmConfig, start_engine
+
+# vLLM's finish reasons in the project's vocabulary (contracts.vllm_protocol.FinishReason).
+_FINISH = {"stop": "stop", "length": "length", "abort": "aborted"}
 
 
 def create_app(llm, model: str):  # -> fastapi.FastAPI
@@ -77,10 +80,10 @@ def create_app(llm, model: str):  # -> fastapi.FastAPI
         results = []
         for out in outputs:
             samples = [
-                Sample(
+                Completion(
                     token_ids=list(c.token_ids),
                     logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs or [], strict=True)],
-                    finish_reason=c.finish_reason or "abort",
+                    finish_reason=_FINISH.get(c.finish_reason or "abort", "aborted"),
                     weight_version=version,
                 )
                 for c in out.outputs

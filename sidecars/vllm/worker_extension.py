@@ -8,7 +8,7 @@ Called from the engine process through `collective_rpc("<method>", args=...)`.
 
 from __future__ import annotations
 
-from checkpoint_engine.shm_buffer import Manifest, WeightVerificationError, read_region
+from checkpoint_engine.contracts.weight_region import Manifest, WeightVerificationError, read_region
 
 
 class WeightReceiverExtension:

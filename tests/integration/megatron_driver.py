@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from checkpoint_engine.shm_buffer import write_region
+from checkpoint_engine.contracts.weight_region import write_region
 from sidecars.megatron import model as mg
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown

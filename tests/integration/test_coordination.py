@@ -14,6 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from checkpoint_engine.contracts.phases import (
+    CYCLE,
+    IllegalTransition,
+    Phase,
+    PhaseState,
+    fail,
+    initial_state,
+    next_state,
+)
+from checkpoint_engine.contracts.weight_region import Manifest, plan_layout, region_name
 from checkpoint_engine.coordination import (
     CoordinationTimeout,
     Coordinator,
@@ -23,8 +33,6 @@ from checkpoint_engine.coordination import (
     PhaseFailedError,
     StaleStateError,
 )
-from checkpoint_engine.phases import CYCLE, IllegalTransition, Phase, PhaseState, fail, initial_state, next_state
-from checkpoint_engine.shm_buffer import Manifest, plan_layout, region_name
 from launch.etcd_server import LocalEtcd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -16,13 +16,14 @@ import psutil
 import pytest
 import requests
 
-from checkpoint_engine.phases import Phase
-from checkpoint_engine.shm_buffer import list_regions, region_name, write_region
+from checkpoint_engine.contracts.acks import ExportAck, MetricsAck, MoveAck
+from checkpoint_engine.contracts.phases import Phase
+from checkpoint_engine.contracts.vllm_client import VllmClient
+from checkpoint_engine.contracts.vllm_protocol import GenerationRequest
+from checkpoint_engine.contracts.weight_region import list_regions, region_name, write_region
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch.etcd_server import LocalEtcd, free_loopback_ports
 from sidecars.megatron.model import read_hf_tensors
-from sidecars.vllm.client import VllmClient
-from sidecars.vllm.protocol import GenerationRequest
 from tests.integration.hf_reference import hf_greedy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -110,7 +111,9 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
 
             # EXPORT: node0's producer writes version 0 into its region and registers it.
             manifest = write_region(region_name(JOB, "node0", 0), 0, read_hf_tensors(model))
-            n0.post("/weights/register", {"manifest": manifest.to_dict()})
+            n0.post(
+                "/weights/register", {"manifest": manifest.to_dict(), "payload": ExportAck(weight_version=0).to_dict()}
+            )
 
             # START_VLLM and UPDATE_WEIGHTS happen by themselves on both nodes (node1 pulls over Mooncake).
             _wait("ROLLOUT", lambda: n0.phase() == (0, "ROLLOUT"), timeout=400)
@@ -131,13 +134,16 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
 
             # The controller finishes ROLLOUT; vLLM is killed on both nodes; then ONLOAD, TRAIN...
             for n in nodes:
-                n.post("/phase/complete", {"iteration": 0, "phase": "ROLLOUT", "payload": {"samples": 2}})
+                rollout = MetricsAck(metrics={"reward/mean": 0.5}).to_dict()
+                n.post("/phase/complete", {"iteration": 0, "phase": "ROLLOUT", "payload": rollout})
             _wait("ONLOAD", lambda: n0.phase() == (0, "ONLOAD"), timeout=120)
             assert not any(n.get("/status")["vllm_alive"] for n in nodes)
             with pytest.raises(AssertionError, match="409"):  # a phase that is not current is refused
-                n0.post("/phase/complete", {"iteration": 0, "phase": "TRAIN"})
+                n0.post("/phase/complete", {"iteration": 0, "phase": "TRAIN", "payload": MetricsAck().to_dict()})
             for n in nodes:
-                n.post("/phase/complete", {"iteration": 0, "phase": "ONLOAD"})
+                n.post(
+                    "/phase/complete", {"iteration": 0, "phase": "ONLOAD", "payload": MoveAck(seconds=0.0).to_dict()}
+                )
             assert _wait("TRAIN 1", lambda: n0.phase() == (1, Phase.TRAIN.value))
 
             # A killed engine's lease expires within its TTL and the survivor sees it.

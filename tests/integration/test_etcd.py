@@ -17,8 +17,9 @@ from pyetcd.events import PutEvent
 from pyetcd.exceptions import ConnectionFailedError
 from pyetcd.watch import WatchResponse
 
+from checkpoint_engine.etcd_client import connect, parse_endpoint
 from launch import etcd_server
-from launch.etcd_server import LocalEtcd, connect, free_loopback_ports, parse_endpoint
+from launch.etcd_server import LocalEtcd, free_loopback_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 PREFIX = "/timeshare/test-job/"

@@ -19,17 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from checkpoint_engine.mooncake_transport import (
-    MooncakeClient,
-    MooncakeConfig,
-    MooncakeError,
-    MooncakeServer,
-    RemoteRegion,
-    measure_pull_bandwidth,
-    plan_reads,
-    select_slots,
-)
-from checkpoint_engine.shm_buffer import (
+from checkpoint_engine.contracts.weight_region import (
     SHM_DIR,
     Manifest,
     TensorSlot,
@@ -39,6 +29,16 @@ from checkpoint_engine.shm_buffer import (
     remove_region,
     verify_region,
     write_region,
+)
+from checkpoint_engine.mooncake_transport import (
+    MooncakeClient,
+    MooncakeConfig,
+    MooncakeError,
+    MooncakeServer,
+    RemoteRegion,
+    measure_pull_bandwidth,
+    plan_reads,
+    select_slots,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

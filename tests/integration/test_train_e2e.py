@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_engine.contracts.run_dir import RunPaths
 from engine.batch import load_batch
-from engine.run_dir import RunPaths
 from engine.sampling import UniformSampler
 from engine.tasks import make_task
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_engine.shm_buffer import list_regions, remove_region, write_region
+from checkpoint_engine.contracts.weight_region import list_regions, remove_region, write_region
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from sidecars.megatron.model import read_hf_tensors
 from tests.integration.hf_reference import hf_greedy

@@ -13,13 +13,13 @@ import psutil
 import pytest
 import torch
 
-from checkpoint_engine.shm_buffer import remove_region, write_region
+from checkpoint_engine.contracts.vllm_client import SidecarError
+from checkpoint_engine.contracts.vllm_protocol import GenerationRequest
+from checkpoint_engine.contracts.weight_region import remove_region, write_region
 from checkpoint_engine.vllm_process import VllmLaunch, VllmProcess
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch.etcd_server import free_loopback_ports
 from sidecars.megatron.model import read_hf_tensors
-from sidecars.vllm.client import SidecarError
-from sidecars.vllm.protocol import GenerationRequest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

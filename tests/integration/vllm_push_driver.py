@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from checkpoint_engine.shm_buffer import Manifest
+from checkpoint_engine.contracts.weight_region import Manifest
 from sidecars.vllm.engine import VllmConfig, start_engine
 
 

@@ -10,15 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_engine.phases import CYCLE, Phase
+from checkpoint_engine.contracts.acks import (
+    ExportAck,
+    MetricsAck,
+    MoveAck,
+    StartVllmAck,
+    TerminateVllmAck,
+    UpdateWeightsAck,
+)
+from checkpoint_engine.contracts.phases import CYCLE, Phase
+from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.vllm_protocol import Completion, GenerationRequest, GenerationResult
 from engine.batch import load_batch
 from engine.controller import Controller, ControllerOptions, Tokens
 from engine.replay_buffer import PartialRolloutBuffer, PartialRolloutConfig
 from engine.rewards import RewardConfig, RewardScorer
-from engine.run_dir import RunPaths
 from engine.sampling import UniformSampler
 from engine.tasks import AdditionTask
-from sidecars.vllm.protocol import GenerationRequest, GenerationResult, Sample
 
 NEWLINE, EOS = 10, 0
 TOKENS = Tokens(
@@ -39,14 +47,14 @@ class FakeVllm:
         self.calls += 1
         return [GenerationResult(samples=[self._answer(r) for _ in range(r.n)]) for r in requests]
 
-    def _answer(self, r: GenerationRequest) -> Sample:
+    def _answer(self, r: GenerationRequest) -> Completion:
         text = TOKENS.decode(r.prompt_ids)
         prompt, _, done = text.partition("=")
         a, b = (int(x) for x in prompt.split("+"))
         full = [ord(c) for c in str(a + b + a % 2)] + [NEWLINE]
         new = full[len(done) :][: min(r.max_tokens, self.chunk)]
         reason = "stop" if new and new[-1] == NEWLINE else "length"
-        return Sample(token_ids=new, logprobs=[-0.5] * len(new), finish_reason=reason, weight_version=self.version)
+        return Completion(token_ids=new, logprobs=[-0.5] * len(new), finish_reason=reason, weight_version=self.version)
 
     def close(self) -> None:
         pass
@@ -127,10 +135,16 @@ def test_evaluation_counts_greedy_and_sampled_answers(tmp_path: Path) -> None:
 
 def test_phase_times_come_from_ack_times_and_the_first_export_is_split(tmp_path: Path) -> None:
     times = dict(zip([p.value for p in CYCLE], [10.0, 11.0, 20.0, 45.0, 46.0, 50.0, 54.0, 55.0], strict=True))
-    export = {"convert_seconds": 0.5, "push_seconds": 0.5, "push_gb_per_s": 1.0, "bytes": 8, "weight_version": 0,
-              "cold_start_seconds": 3.0}  # fmt: skip
-    acks = {0: {p: {"node0": {"acked_at": t, "payload": export if p == "EXPORT" else {}}} for p, t in times.items()
-                if p not in ("TRAIN", "OFFLOAD")}}  # fmt: skip
+    payloads = {
+        "EXPORT": ExportAck(convert_seconds=0.5, push_seconds=0.5, push_gb_per_s=1.0, bytes=8, weight_version=0,
+                            cold_start_seconds=3.0),
+        "START_VLLM": StartVllmAck(pid=1, seconds=25.0),
+        "UPDATE_WEIGHTS": UpdateWeightsAck(weight_version=0, load_seconds=0.5),
+        "ROLLOUT": MetricsAck(metrics={"reward/mean": 0.5}),
+        "TERMINATE_VLLM": TerminateVllmAck(pids=[2], rss_freed_bytes=10, killed=False),
+        "ONLOAD": MoveAck(seconds=1.0),
+    }  # fmt: skip
+    acks = {0: {p: {"node0": {"acked_at": times[p], "payload": ack.to_dict()}} for p, ack in payloads.items()}}
     controller = _controller(tmp_path, FakeVllm(version=0), engine=FakeEngine(acks))
     controller._last_phase_end, controller._first_iteration = 12.0, 0
     metrics = controller.phase_metrics(0)

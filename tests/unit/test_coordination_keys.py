@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState, initial_state, next_state
 from checkpoint_engine.coordination import (
     MAX_VALUE_BYTES,
     Ack,
@@ -18,7 +19,6 @@ from checkpoint_engine.coordination import (
     encode,
     last_segment,
 )
-from checkpoint_engine.phases import CYCLE, Phase, PhaseState, initial_state, next_state
 
 
 def test_keys_follow_the_architecture_layout() -> None:

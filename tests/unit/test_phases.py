@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoint_engine.phases import (
+from checkpoint_engine.contracts.phases import (
     CYCLE,
     IllegalTransition,
+    Owner,
     Phase,
     PhaseState,
+    Version,
     check_transition,
     fail,
     initial_state,
     next_state,
-    recover_to,
+    owned_by,
+    spec,
 )
 
 
@@ -52,7 +55,7 @@ def test_wrong_iteration_or_version_is_refused() -> None:
     check_transition(cur, PhaseState(iteration=4, phase=Phase.TRAIN, weight_version=3))
 
 
-def test_failure_and_recovery() -> None:
+def test_failure_is_final() -> None:
     cur = PhaseState(iteration=2, phase=Phase.ROLLOUT, weight_version=2)
     failed = fail(cur)
     check_transition(cur, failed)
@@ -60,10 +63,6 @@ def test_failure_and_recovery() -> None:
         next_state(failed)
     with pytest.raises(IllegalTransition, match="recovery"):
         check_transition(failed, cur)
-    back = recover_to(failed, Phase.START_VLLM)
-    assert (back.phase, back.iteration, back.weight_version) == (Phase.START_VLLM, 2, 2)
-    with pytest.raises(IllegalTransition):
-        recover_to(cur, Phase.TRAIN)
 
 
 def test_round_trip_and_schema() -> None:
@@ -71,3 +70,18 @@ def test_round_trip_and_schema() -> None:
     assert PhaseState.from_dict(s.to_dict()) == s
     with pytest.raises(ValueError, match="schema 2"):
         PhaseState.from_dict({**s.to_dict(), "schema": 2})
+
+
+def test_the_table_names_each_phase_owner_and_the_version_it_carries() -> None:
+    assert owned_by(Owner.TRAINER) == (Phase.TRAIN, Phase.OFFLOAD, Phase.EXPORT, Phase.ONLOAD)
+    assert owned_by(Owner.TRAINER, first_iteration=True) == (Phase.EXPORT, Phase.ONLOAD)
+    assert owned_by(Owner.ENGINE) == (Phase.START_VLLM, Phase.UPDATE_WEIGHTS, Phase.TERMINATE_VLLM)
+    assert owned_by(Owner.CONTROLLER) == (Phase.ROLLOUT,)
+    # The state machine's versions follow the table: EXPORTED phases carry the iteration's new version.
+    s = PhaseState(iteration=4, phase=Phase.TRAIN, weight_version=3)
+    for _ in range(len(CYCLE)):
+        expected = s.iteration if spec(s.phase).version is Version.EXPORTED else s.iteration - 1
+        assert s.weight_version == expected, s
+        s = next_state(s)
+    with pytest.raises(ValueError, match="FAILED is not a phase of the cycle"):
+        spec(Phase.FAILED)

@@ -123,7 +123,7 @@ def test_ready_groups_keep_admission_order() -> None:
 def test_second_round_of_an_iteration_gets_only_the_budget_left() -> None:
     buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=100, iteration_token_budget=16, group_size=1))
     (req,) = buf.plan_iteration([prompt("a")], version=5)
-    buf.record([result(req, 10, "abort")])
+    buf.record([result(req, 10, "aborted")])
     assert buf.trajectories()[0].finish_reason == "aborted"
     (req,) = buf.plan_iteration([], version=5)
     assert (req.max_tokens, req.continued) == (6, True)
@@ -146,7 +146,7 @@ def test_engine_length_short_of_max_tokens_finishes_the_trajectory() -> None:
 def test_repeat_finishes_and_abort_at_the_cap_is_length() -> None:
     buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=8, iteration_token_budget=8, group_size=2))
     reqs = buf.plan_iteration([prompt("a")], version=0)
-    buf.record([result(reqs[0], 3, "repeat"), result(reqs[1], 8, "abort")])
+    buf.record([result(reqs[0], 3, "repeat"), result(reqs[1], 8, "aborted")])
     assert [t.finish_reason for t in buf.trajectories()] == ["repeat", "length"]
 
 
@@ -298,7 +298,7 @@ class LongTailGenerator:
         want = self.target_length(req.key) - done
         rng = self._rng("req", *req.key, req.version, done)
         if rng.random() < self.abort_rate:
-            n, reason = min(rng.randrange(req.max_tokens + 1), want), "abort"
+            n, reason = min(rng.randrange(req.max_tokens + 1), want), "aborted"
         elif want <= req.max_tokens:
             n, reason = want, "stop"
         else:

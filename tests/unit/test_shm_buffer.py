@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_engine.shm_buffer import (
+from checkpoint_engine.contracts.weight_region import (
     ALIGNMENT,
     SHM_DIR,
     Manifest,

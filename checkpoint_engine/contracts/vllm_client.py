@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from sidecars.vllm.protocol import (
+from checkpoint_engine.contracts.vllm_protocol import (
     GenerateBody,
     GenerateResponse,
     GenerationRequest,

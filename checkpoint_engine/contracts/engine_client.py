@@ -12,8 +12,9 @@ from typing import Any
 
 import requests
 
-from checkpoint_engine.phases import Phase, PhaseState
-from checkpoint_engine.shm_buffer import Manifest
+from checkpoint_engine.contracts.acks import AckPayload, ExportAck, check_ack
+from checkpoint_engine.contracts.phases import Phase, PhaseState
+from checkpoint_engine.contracts.weight_region import Manifest
 
 
 class EngineError(RuntimeError):
@@ -81,13 +82,16 @@ class EngineClient:
                 if time.monotonic() >= deadline:
                     raise
 
-    def complete(self, iteration: int, phase: Phase, payload: dict[str, Any] | None = None) -> None:
-        self._call("POST", "/phase/complete", {"iteration": iteration, "phase": phase.value, "payload": payload or {}})
+    def complete(self, iteration: int, phase: Phase, payload: AckPayload) -> None:
+        check_ack(phase, payload)
+        body = {"iteration": iteration, "phase": phase.value, "payload": payload.to_dict()}
+        self._call("POST", "/phase/complete", body)
 
-    def register_weights(self, manifest: Manifest, payload: dict[str, Any] | None = None) -> None:
-        self._call("POST", "/weights/register", {"manifest": manifest.to_dict(), "payload": payload or {}})
+    def register_weights(self, manifest: Manifest, payload: ExportAck) -> None:
+        self._call("POST", "/weights/register", {"manifest": manifest.to_dict(), "payload": payload.to_dict()})
 
     def iteration_acks(self, iteration: int) -> dict[str, dict[str, dict[str, Any]]]:
+        """Acks of `iteration` by phase and node: {"payload": ..., "acked_at": ...} (see `acks.parse_ack`)."""
         return self._call("GET", f"/acks/{iteration}")
 
     def status(self) -> dict[str, Any]:

@@ -11,6 +11,15 @@ from pydantic import BaseModel, Field, field_validator
 
 SCHEMA = 1
 
+# Why a trajectory stopped, in one vocabulary for the sidecar, the replay buffer and the rewards.
+# The generator reports stop (a stop token), length (max_tokens or the context is full), repeat (the
+# repeat detector) and aborted (cut off before finishing); the replay buffer turns a `length` that
+# only used this iteration's budget into `length_budget` (unfinished, continued next iteration).
+FinishReason = Literal["stop", "length", "length_budget", "repeat", "aborted"]
+FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "length_budget", "repeat", "aborted")
+UNFINISHED: frozenset[str] = frozenset({"length_budget", "aborted"})
+GENERATOR_FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "repeat", "aborted")
+
 
 class _Message(BaseModel):
     schema_version: int = Field(default=SCHEMA, alias="schema")
@@ -41,15 +50,17 @@ class GenerateBody(_Message):
     requests: list[GenerationRequest]
 
 
-class Sample(_Message):
+class Completion(_Message):
+    """One sampled continuation of a request's prompt (a task's prompt is `engine.tasks.Sample`)."""
+
     token_ids: list[int]
     logprobs: list[float]  # log-probability of each sampled token under the sampling distribution
-    finish_reason: Literal["stop", "length", "abort"]
+    finish_reason: FinishReason
     weight_version: int
 
 
 class GenerationResult(_Message):
-    samples: list[Sample]
+    samples: list[Completion]
 
 
 class GenerateResponse(_Message):
@@ -57,7 +68,7 @@ class GenerateResponse(_Message):
 
 
 class UpdateWeightsBody(_Message):
-    manifest: dict[str, Any]  # checkpoint_engine.shm_buffer.Manifest.to_dict()
+    manifest: dict[str, Any]  # checkpoint_engine.contracts.weight_region.Manifest.to_dict()
 
 
 class UpdateWeightsResponse(_Message):

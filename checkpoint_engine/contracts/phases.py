@@ -1,10 +1,10 @@
 """The phase machine of one iteration, as plain data and pure functions (no etcd, no processes).
 
-Order (ARCHITECTURE.md): TRAIN -> OFFLOAD -> EXPORT -> START_VLLM -> UPDATE_WEIGHTS -> ROLLOUT ->
-TERMINATE_VLLM -> ONLOAD -> TRAIN of the next iteration. Iteration 0 starts at EXPORT of the
-initial checkpoint. START_VLLM may overlap EXPORT; this machine records the order in which the
-phases complete. Any phase may go to FAILED; FAILED only goes back to a phase by an explicit
-recovery (`recover_to`), which the leader decides.
+`TABLE` is the one place that says, for each phase in order, who completes it and which weight
+version it carries; the checkpoint engine, the trainer ranks, the controller and the metrics read
+it. Iteration 0 starts at EXPORT of the initial checkpoint. START_VLLM may overlap EXPORT; this
+machine records the order in which the phases complete. Any phase may go to FAILED, which has no
+successor: the job stops there.
 """
 
 from __future__ import annotations
@@ -27,17 +27,56 @@ class Phase(enum.StrEnum):
     FAILED = "FAILED"
 
 
-CYCLE: tuple[Phase, ...] = (
-    Phase.TRAIN,
-    Phase.OFFLOAD,
-    Phase.EXPORT,
-    Phase.START_VLLM,
-    Phase.UPDATE_WEIGHTS,
-    Phase.ROLLOUT,
-    Phase.TERMINATE_VLLM,
-    Phase.ONLOAD,
+class Owner(enum.StrEnum):
+    """Who does a phase's work on each node and reports it done."""
+
+    TRAINER = "trainer"  # the node's trainer ranks; rank 0 reports through the node's engine
+    ENGINE = "engine"  # the checkpoint engine itself
+    CONTROLLER = "controller"  # the iteration controller
+
+
+class Version(enum.StrEnum):
+    """Which weight version a phase's `PhaseState.weight_version` names."""
+
+    SERVED = "served"  # the version vLLM serves (or last served): TRAIN learns from its rollout
+    EXPORTED = "exported"  # the version TRAIN just produced, which EXPORT writes and vLLM then loads
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    phase: Phase
+    owner: Owner
+    version: Version
+    work: str
+
+
+TABLE: tuple[PhaseSpec, ...] = (
+    PhaseSpec(Phase.TRAIN, Owner.TRAINER, Version.SERVED, "optimizer steps on the batch of the last rollout"),
+    PhaseSpec(Phase.OFFLOAD, Owner.TRAINER, Version.SERVED, "parameters and optimizer state leave the accelerator"),
+    # Completed by registering the version's weight region with the node's engine; a node without a
+    # trainer (EngineConfig.weights_from) has its engine ack once the producing nodes registered.
+    PhaseSpec(Phase.EXPORT, Owner.TRAINER, Version.EXPORTED, "HF-named tensors into the node's weight region"),
+    PhaseSpec(Phase.START_VLLM, Owner.ENGINE, Version.EXPORTED, "vLLM started with dummy weights"),
+    PhaseSpec(Phase.UPDATE_WEIGHTS, Owner.ENGINE, Version.EXPORTED, "vLLM loads the verified version"),
+    PhaseSpec(Phase.ROLLOUT, Owner.CONTROLLER, Version.EXPORTED, "generation, scoring, the next batch"),
+    PhaseSpec(Phase.TERMINATE_VLLM, Owner.ENGINE, Version.EXPORTED, "vLLM's process tree killed, memory back"),
+    PhaseSpec(Phase.ONLOAD, Owner.TRAINER, Version.EXPORTED, "training state back on the accelerator"),
 )
+CYCLE: tuple[Phase, ...] = tuple(s.phase for s in TABLE)
 FIRST_PHASE = Phase.EXPORT  # iteration 0 exports the initial checkpoint
+_SPECS = {s.phase: s for s in TABLE}
+
+
+def spec(phase: Phase) -> PhaseSpec:
+    if phase not in _SPECS:
+        raise ValueError(f"{phase.value} is not a phase of the cycle {[p.value for p in CYCLE]}")
+    return _SPECS[phase]
+
+
+def owned_by(owner: Owner, *, first_iteration: bool = False) -> tuple[Phase, ...]:
+    """`owner`'s phases in cycle order; in the run's first iteration only those from FIRST_PHASE on."""
+    start = CYCLE.index(FIRST_PHASE) if first_iteration else 0
+    return tuple(s.phase for s in TABLE[start:] if s.owner is owner)
 
 
 class IllegalTransition(ValueError):
@@ -74,11 +113,11 @@ def next_state(state: PhaseState) -> PhaseState:
     """The successor of `state` in the cycle. ONLOAD -> TRAIN starts the next iteration; TRAIN
     produces the next weight version, so EXPORT of iteration i carries version i."""
     if state.phase is Phase.FAILED:
-        raise IllegalTransition("FAILED has no successor; recover explicitly with recover_to(...)")
+        raise IllegalTransition("FAILED has no successor")
     i = CYCLE.index(state.phase)
     phase = CYCLE[(i + 1) % len(CYCLE)]
     iteration = state.iteration + 1 if phase is Phase.TRAIN else state.iteration
-    version = iteration if phase is Phase.EXPORT else state.weight_version
+    version = iteration if spec(phase).version is Version.EXPORTED else state.weight_version
     return PhaseState(iteration=iteration, phase=phase, weight_version=version)
 
 
@@ -106,12 +145,3 @@ def check_transition(current: PhaseState, proposed: PhaseState) -> None:
 
 def fail(state: PhaseState) -> PhaseState:
     return PhaseState(iteration=state.iteration, phase=Phase.FAILED, weight_version=state.weight_version)
-
-
-def recover_to(state: PhaseState, phase: Phase) -> PhaseState:
-    """Leave FAILED for `phase` of the same iteration (the leader decides where to resume)."""
-    if state.phase is not Phase.FAILED:
-        raise IllegalTransition(f"recover_to is for FAILED, the state is {state.phase.value}")
-    if phase is Phase.FAILED:
-        raise IllegalTransition("cannot recover to FAILED")
-    return PhaseState(iteration=state.iteration, phase=phase, weight_version=state.weight_version)

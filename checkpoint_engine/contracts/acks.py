@@ -1,0 +1,113 @@
+"""What each phase's owner reports when it completes a phase: one typed payload per phase.
+
+The payload travels as JSON (HTTP to the node's engine, then the ack record in etcd) and is read
+back by the controller for the iteration's metrics. Every payload carries `schema`; a reader
+refuses one it does not know, and a misspelt field is an error rather than a silent zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from checkpoint_engine.contracts.phases import Phase
+
+SCHEMA = 1
+
+
+class AckPayload(BaseModel):
+    schema_version: int = Field(default=SCHEMA, alias="schema")
+    model_config = {"populate_by_name": True, "extra": "forbid", "frozen": True}
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v != SCHEMA:
+            raise ValueError(f"ack schema {v} is not understood (expected {SCHEMA})")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+class MetricsAck(AckPayload):
+    """TRAIN (the trainer's `train/*` and `logprob_gap/*`) and ROLLOUT (the controller's `reward/*`)."""
+
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class MoveAck(AckPayload):
+    """OFFLOAD and ONLOAD: what moved off (or back onto) the accelerator and what stayed."""
+
+    seconds: float
+    bytes_moved: int = 0
+    device_bytes_after: int = 0  # accelerator memory still allocated (CUDA); 0 on CPU
+    host_rss_bytes: int = 0
+
+
+class ExportAck(AckPayload):
+    """EXPORT on a node with a trainer: the producer's timings and the region it registered."""
+
+    weight_version: int
+    convert_seconds: float = 0.0
+    push_seconds: float = 0.0
+    push_gb_per_s: float = 0.0
+    cold_start_seconds: float = 0.0  # the first EXPORT of a fresh run also waited for the cold start
+    region: str = ""  # filled in by the engine that registered it
+    bytes: int = 0
+
+
+class ExportWaitAck(AckPayload):
+    """EXPORT on a node without a trainer: which nodes' registrations it waited for."""
+
+    registered_by: list[str]
+
+
+class StartVllmAck(AckPayload):
+    pid: int | None
+    seconds: float
+    waited_seconds: float = 0.0  # START_VLLM's own wait when the start-up began during EXPORT
+
+
+class UpdateWeightsAck(AckPayload):
+    weight_version: int
+    load_seconds: float
+
+
+class TerminateVllmAck(AckPayload):
+    pids: list[int]
+    rss_freed_bytes: int
+    killed: bool  # SIGTERM was not enough
+
+
+_BY_PHASE: dict[Phase, tuple[type[AckPayload], ...]] = {
+    Phase.TRAIN: (MetricsAck,),
+    Phase.OFFLOAD: (MoveAck,),
+    Phase.EXPORT: (ExportAck, ExportWaitAck),
+    Phase.START_VLLM: (StartVllmAck,),
+    Phase.UPDATE_WEIGHTS: (UpdateWeightsAck,),
+    Phase.ROLLOUT: (MetricsAck,),
+    Phase.TERMINATE_VLLM: (TerminateVllmAck,),
+    Phase.ONLOAD: (MoveAck,),
+}
+
+
+def parse_ack(phase: Phase, payload: dict[str, Any]) -> AckPayload:
+    """The typed payload of an ack of `phase`; ValueError names the phase and what was wrong."""
+    if phase not in _BY_PHASE:
+        raise ValueError(f"{phase.value} has no ack payload")
+    errors = []
+    for kind in _BY_PHASE[phase]:
+        try:
+            return kind.model_validate(payload)
+        except ValueError as e:
+            errors.append(f"{kind.__name__}: {e}")
+    raise ValueError(f"ack payload of {phase.value} is not understood: {'; '.join(errors)}")
+
+
+def check_ack(phase: Phase, payload: AckPayload) -> None:
+    """Refuse a payload of the wrong kind for `phase` (the sender's mistake, named at the sender)."""
+    if not isinstance(payload, _BY_PHASE.get(phase, ())):
+        kinds = [k.__name__ for k in _BY_PHASE.get(phase, ())]
+        raise ValueError(f"an ack of {phase.value} carries {kinds}, not {type(payload).__name__}")
