@@ -24,12 +24,13 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from checkpoint_engine.config import EngineConfig
 from checkpoint_engine.contracts.acks import ExportAck, parse_ack
 from checkpoint_engine.contracts.phases import Phase
 from checkpoint_engine.contracts.vllm_client import SidecarError
 from checkpoint_engine.contracts.weight_region import Manifest
-from checkpoint_engine.coordination import CoordinationTimeout, PhaseFailedError
-from checkpoint_engine.daemon import CheckpointEngine, EngineConfig
+from checkpoint_engine.coordination_errors import CoordinationTimeout, PhaseFailedError
+from checkpoint_engine.daemon import CheckpointEngine
 
 
 class RegisterBody(BaseModel):
@@ -135,10 +136,10 @@ def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
     return app
 
 
-def serve(engine_cfg: EngineConfig, host: str, port: int, token: str | None) -> None:
+def serve(cfg: EngineConfig) -> None:
     """Run one node's engine (phase loop and API) until SIGINT/SIGTERM."""
     import uvicorn
 
-    check_binding(host, token)
-    engine = CheckpointEngine(engine_cfg, http_address=f"http://{host}:{port}")
-    uvicorn.run(create_app(engine, token), host=host, port=port, log_level="warning")
+    check_binding(cfg.host, cfg.token)
+    engine = CheckpointEngine(cfg, http_address=f"http://{cfg.host}:{cfg.port}")
+    uvicorn.run(create_app(engine, cfg.token), host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,6 +1,6 @@
 """The checkpoint engine of one node: follows the job's phase in etcd and does this node's part.
 
-Consumes: the phase in etcd (`coordination.Coordinator`), weight regions that producers on this
+Consumes: the phase in etcd (`coordinator.Coordinator`), weight regions that producers on this
 node register (`WeightStore`), completion reports of the phases other processes own.
 Produces: acks per iteration and phase (payload: timings, loaded version), vLLM started with dummy
 weights, updated, and killed. The leader additionally advances the phase once every node acked.
@@ -22,8 +22,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from checkpoint_engine.config import EngineConfig
 from checkpoint_engine.contracts.acks import (
     AckPayload,
     ExportAck,
@@ -34,42 +36,14 @@ from checkpoint_engine.contracts.acks import (
 )
 from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, fail, initial_state, next_state, order, spec
 from checkpoint_engine.contracts.weight_region import Manifest
-from checkpoint_engine.coordination import CoordinationError, CoordinationTimeout, Coordinator, describe
+from checkpoint_engine.coordination_errors import CoordinationError, CoordinationTimeout
+from checkpoint_engine.coordinator import Coordinator
+from checkpoint_engine.etcd_keys import describe
 from checkpoint_engine.mooncake_transport import MooncakeConfig
-from checkpoint_engine.vllm_process import VllmLaunch, VllmProcess
+from checkpoint_engine.vllm_process import VllmProcess
 from checkpoint_engine.weight_store import WeightStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    node: str
-    job: str
-    etcd: str
-    nodes: tuple[str, ...]  # every node of the job: the barrier waits for all of them
-    vllm: VllmLaunch
-    mooncake: MooncakeConfig | None = None  # None: single node, shared memory only
-    weights_from: tuple[str, ...] = ()  # nodes whose exports this node loads; empty: it produces its own
-    phase_timeout: float = 900.0  # seconds a barrier waits before the phase is declared FAILED
-    ttl: int = 10  # node lease, seconds: a dead node is noticed within this
-    terminate_grace: float = 10.0
-    start_iteration: int = 0  # > 0: a resumed run restarts at EXPORT of this iteration
-
-    def __post_init__(self) -> None:
-        if self.node not in self.nodes:
-            raise ValueError(f"engine.node {self.node!r} is not among engine.nodes {list(self.nodes)}")
-        if len(set(self.nodes)) != len(self.nodes):
-            raise ValueError(f"engine.nodes has duplicates: {list(self.nodes)}")
-        strangers = [n for n in self.weights_from if n not in self.nodes or n == self.node]
-        if strangers:
-            raise ValueError(f"engine.weights_from {strangers} must name other nodes of {list(self.nodes)}")
-        if len(self.nodes) > 1 and self.mooncake is None:
-            raise ValueError("a job with several nodes needs a transport between them: set transfer=mooncake")
-        if self.phase_timeout <= 0 or self.ttl < 2:
-            raise ValueError(
-                f"engine.phase_timeout must be > 0 and engine.ttl >= 2, got {self.phase_timeout}, {self.ttl}"
-            )
 
 
 @dataclass
@@ -91,9 +65,13 @@ class EngineStatus:
 class CheckpointEngine:
     def __init__(self, cfg: EngineConfig, http_address: str = "") -> None:
         self.cfg = cfg
-        self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.ttl, http_address=http_address)
-        self.store = WeightStore(self.coordinator, cfg.job, cfg.node, cfg.mooncake)
-        self.vllm = VllmProcess(cfg.vllm)
+        self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.phase.ttl, http_address=http_address)
+        # Other nodes reach this one's weights through Mooncake at the engine's own address.
+        mooncake = MooncakeConfig(protocol=cfg.transfer.protocol, hostname=cfg.host)
+        self.store = WeightStore(
+            self.coordinator, cfg.job, cfg.node, mooncake if cfg.transfer.kind == "mooncake" else None
+        )
+        self.vllm = VllmProcess(cfg.vllm, log_path=Path(cfg.log_dir) / f"vllm-{cfg.node}.log")
         self._ops = threading.Lock()  # one vLLM / weight operation at a time (API and phase loop)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,7 +93,7 @@ class CheckpointEngine:
     def start_vllm(self) -> StartVllmAck:
         early, self._early_start = self._early_start, None
         if early is None:
-            seconds = self._timed("start_vllm", self.vllm.start)
+            seconds = self._timed("start_vllm", self._start_vllm_process)
             return StartVllmAck(pid=self.vllm.pid, seconds=seconds)
         waited = time.perf_counter()
         seconds = early.result()  # a failed start raises here, in START_VLLM, and fails that phase
@@ -125,10 +103,13 @@ class CheckpointEngine:
     def _start_vllm_early(self) -> None:
         """Begin vLLM's start-up in the background while EXPORT runs (see the module docstring)."""
         if self._early_start is None and not self.vllm.alive():
-            self._early_start = self._starter.submit(self.vllm.start)
+            self._early_start = self._starter.submit(self._start_vllm_process)
+
+    def _start_vllm_process(self) -> float:
+        return self.vllm.start(timeout=self.cfg.phase.vllm_start_timeout)
 
     def terminate_vllm(self) -> TerminateVllmAck:
-        t = self._timed("terminate_vllm", lambda: self.vllm.terminate(self.cfg.terminate_grace))
+        t = self._timed("terminate_vllm", lambda: self.vllm.terminate(self.cfg.phase.terminate_grace))
         return TerminateVllmAck(pids=list(t.pids), rss_freed_bytes=t.rss_freed_bytes, killed=t.killed)
 
     def register_weights(self, manifest: Manifest, payload: ExportAck) -> None:
@@ -209,7 +190,7 @@ class CheckpointEngine:
     def _patiently(self, wait: Callable[[float], Any]) -> Any:
         """Run a barrier `wait(timeout)` in one-second slices up to `phase_timeout`, so that `stop()`
         is never stuck behind a long barrier; the last slice's CoordinationTimeout propagates."""
-        deadline = time.monotonic() + self.cfg.phase_timeout
+        deadline = time.monotonic() + self.cfg.phase.timeout
         while True:
             try:
                 return wait(min(1.0, max(deadline - time.monotonic(), 0.01)))
@@ -270,6 +251,6 @@ class CheckpointEngine:
         if self._thread:
             self._thread.join(timeout=60)
         self._starter.shutdown(wait=True)  # a start in progress gives up once cancelled
-        self.vllm.terminate(self.cfg.terminate_grace)
+        self.vllm.terminate(self.cfg.phase.terminate_grace)
         self.store.close()
         self.coordinator.close()

@@ -24,6 +24,7 @@ from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import VllmClient
 from checkpoint_engine.contracts.vllm_protocol import GenerationRequest
 from engine.batch import collate, save_batch
+from engine.config import RolloutConfig, RunConfig
 from engine.evaluation import mean_pass_at_k
 from engine.replay_buffer import Group, PartialRolloutBuffer, PromptTokens, RolloutRequest, RolloutResult
 from engine.rewards import RewardScorer
@@ -33,19 +34,8 @@ from engine.tasks import Sample, Task
 log = logging.getLogger("timeshare.controller")
 
 
-@dataclass(frozen=True)
-class ControllerOptions:
-    iterations: int
-    eval_every: int = 4
-    prompts_per_iteration: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    eval_samples: int = 4  # k of pass@k
-    max_response_tokens: int = 16
-    checkpoint_every: int = 1
-    phase_timeout: float = 900.0
-    max_rounds: int = 4  # generation rounds per ROLLOUT while no group has finished
-    seed: int = 0
+# Generation rounds per ROLLOUT while no group has finished: past it, the budget cannot finish a group.
+MAX_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -61,9 +51,11 @@ class Tokens:
 class Controller:
     def __init__(
         self,
-        opts: ControllerOptions,
+        run: RunConfig,
+        rollout: RolloutConfig,
         paths: RunPaths,
         *,
+        phase_timeout: float,
         engine: EngineClient,
         rollout_engine: Callable[[], VllmClient],
         task: Task,
@@ -76,7 +68,8 @@ class Controller:
         log_metrics: Callable[[int, dict[str, float]], None],
         check_alive: Callable[[], None] = lambda: None,
     ) -> None:
-        self.opts, self.paths, self.engine, self.rollout_engine = opts, paths, engine, rollout_engine
+        self.run_cfg, self.rollout_cfg, self.phase_timeout = run, rollout, phase_timeout
+        self.paths, self.engine, self.rollout_engine = paths, engine, rollout_engine
         self.task, self.tokens, self.sampler, self.buffer, self.scorer = task, tokens, sampler, buffer, scorer
         self.samples = {s.uid: s for s in pool}
         self.heldout = list(heldout)
@@ -88,9 +81,9 @@ class Controller:
     def run(self, start: int) -> None:
         """Iterations `start`..`iterations`; the job's first phase (EXPORT of `start`) is already on."""
         self._last_phase_end, self._first_iteration = time.time(), start
-        for i in range(start, self.opts.iterations + 1):
+        for i in range(start, self.run_cfg.iterations + 1):
             state = self._wait(i, Phase.ROLLOUT)
-            metrics = self.rollout_phase(state, evaluate=self._eval_due(i, start), last=i == self.opts.iterations)
+            metrics = self.rollout_phase(state, evaluate=self._eval_due(i, start), last=i == self.run_cfg.iterations)
             rewards = {k: v for k, v in metrics.items() if k.startswith("reward/")}
             self.engine.complete(i, Phase.ROLLOUT, MetricsAck(metrics=rewards))
             self._wait(i + 1, Phase.TRAIN)  # ONLOAD of i is done
@@ -100,10 +93,10 @@ class Controller:
     def _wait(self, iteration: int, phase: Phase) -> PhaseState:
         """Wait for the job to reach `phase`, checking every few seconds that the node's processes live
         (a dead trainer would otherwise cost a whole phase timeout to notice)."""
-        return self.engine.wait_phase(iteration, phase, self.opts.phase_timeout, poll=5.0, before_poll=self.check_alive)
+        return self.engine.wait_phase(iteration, phase, self.phase_timeout, poll=5.0, before_poll=self.check_alive)
 
     def _eval_due(self, i: int, start: int) -> bool:
-        return i == start or i % self.opts.eval_every == 0 or i == self.opts.iterations
+        return i == start or i % self.run_cfg.eval_every == 0 or i == self.run_cfg.iterations
 
     def rollout_phase(self, state: PhaseState, evaluate: bool, last: bool) -> dict[str, float]:
         """Evaluate and roll out with the version the ROLLOUT phase names."""
@@ -123,8 +116,8 @@ class Controller:
                 prompt_ids=list(r.token_ids),
                 max_tokens=r.max_tokens,
                 n=1,
-                temperature=self.opts.temperature,
-                top_p=self.opts.top_p,
+                temperature=self.rollout_cfg.temperature,
+                top_p=self.rollout_cfg.top_p,
                 seed=seed + k,
                 stop_token_ids=list(self.tokens.stop_ids),
             )
@@ -135,16 +128,16 @@ class Controller:
         """Continue buffered trajectories, start new prompts, score the finished groups, write the batch."""
         start, groups, rounds = time.perf_counter(), [], 0
         while not groups:
-            if rounds == self.opts.max_rounds:
+            if rounds == MAX_ROUNDS:
                 raise RuntimeError(
                     f"no group finished within {rounds} generation rounds of iteration {version}: raise "
                     "rollout.iteration_token_budget or lower rollout.max_response_tokens"
                 )
             in_flight = self.buffer.in_flight_uids
-            new = [s for s in self.sampler.sample(self.opts.prompts_per_iteration) if s.uid not in in_flight]
+            new = [s for s in self.sampler.sample(self.rollout_cfg.prompts_per_iteration) if s.uid not in in_flight]
             prompts = [PromptTokens(s.uid, tuple(self.tokens.encode(s.prompt))) for s in new]
             requests = self.buffer.plan_iteration(prompts, version)
-            results = vllm.generate(self._requests(requests, seed=self.opts.seed + 7919 * version + 131 * rounds))
+            results = vllm.generate(self._requests(requests, seed=self.run_cfg.seed + 7919 * version + 131 * rounds))
             self.buffer.record(
                 RolloutResult(prompt_uid=r.prompt_uid, sample_index=r.sample_index, token_ids=tuple(s.token_ids),
                               logprobs=tuple(s.logprobs), finish_reason=s.finish_reason, version=s.weight_version)
@@ -190,11 +183,12 @@ class Controller:
     def evaluate(self, vllm: VllmClient) -> dict[str, float]:
         """Held-out accuracy: greedy (the headline number), and pass@1 / pass@k over k samples."""
         prompts = [self.tokens.encode(s.prompt) for s in self.heldout]
-        stop, k = list(self.tokens.stop_ids), self.opts.eval_samples
-        common = {"max_tokens": self.opts.max_response_tokens, "stop_token_ids": stop}
+        stop, k = list(self.tokens.stop_ids), self.rollout_cfg.eval_samples
+        common = {"max_tokens": self.rollout_cfg.max_response_tokens, "stop_token_ids": stop}
         greedy = vllm.generate([GenerationRequest(prompt_ids=p, n=1, temperature=0.0, **common) for p in prompts])
+        temperature = self.rollout_cfg.temperature
         sampled = vllm.generate([
-            GenerationRequest(prompt_ids=p, n=k, temperature=self.opts.temperature, seed=self.opts.seed + j, **common)
+            GenerationRequest(prompt_ids=p, n=k, temperature=temperature, seed=self.run_cfg.seed + j, **common)
             for j, p in enumerate(prompts)
         ])  # fmt: skip
 
@@ -212,7 +206,7 @@ class Controller:
     # ---------------------------------------------------------------------------- bookkeeping
     def _save_state(self, checkpoint_iteration: int) -> None:
         """The controller half of checkpoint `checkpoint_iteration` (its TRAIN writes the other half)."""
-        if checkpoint_iteration % self.opts.checkpoint_every:
+        if checkpoint_iteration % self.run_cfg.checkpoint_every:
             return
         path = self.paths.controller_state(checkpoint_iteration)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -142,9 +142,10 @@ def bench_vllm(layers: int, hidden: int, repeats: int) -> None:
     """Both update paths into one dummy-started vLLM; versions increase so none is refused as stale."""
     from safetensors.torch import save_file
 
+    from checkpoint_engine.contracts.vllm_protocol import VllmSettings
     from engine.tiny_model import TinyModelSpec, write_tiny_model
     from sidecars.megatron.model import read_hf_tensors
-    from sidecars.vllm.engine import VllmConfig, start_engine
+    from sidecars.vllm.llm import start_llm
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = TinyModelSpec(
@@ -153,7 +154,17 @@ def bench_vllm(layers: int, hidden: int, repeats: int) -> None:
         model_dir = write_tiny_model(Path(tmp) / "model", spec)
         weights = read_hf_tensors(model_dir)
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-        llm = start_engine(VllmConfig(model_dir=str(model_dir)))
+        llm = start_llm(
+            VllmSettings(
+                model_dir=str(model_dir),
+                port=1,
+                tensor_parallel=1,
+                gpu_memory_utilization=0.15,
+                max_model_len=512,
+                dtype="float32",
+                seed=0,
+            )
+        )  # fmt: skip  (in-process: the port is not opened)
         steady = _SteadyExport()
         naive_file = f"/dev/shm/timeshare-bench-{uuid.uuid4().hex[:8]}.safetensors"
 

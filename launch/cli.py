@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 from engine.tiny_model import ARCHS, TinyModelSpec
 
@@ -35,36 +34,11 @@ def _engine(args: argparse.Namespace) -> int:
     import logging
 
     from checkpoint_engine.api import serve
-    from checkpoint_engine.daemon import EngineConfig
-    from checkpoint_engine.etcd_client import parse_endpoint
-    from checkpoint_engine.mooncake_transport import MooncakeConfig
-    from checkpoint_engine.vllm_process import VllmLaunch
+    from checkpoint_engine.config import EngineConfig
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{args.node_id}] %(name)s: %(message)s")
-    parse_endpoint(args.etcd)
-    run_dir = Path(args.run_dir)
-    nodes = tuple(args.nodes.split(",")) if args.nodes else (args.node_id,)
-    cfg = EngineConfig(
-        node=args.node_id,
-        job=args.job,
-        etcd=args.etcd,
-        nodes=nodes,
-        vllm=VllmLaunch(
-            model_dir=args.model,
-            port=args.vllm_port,
-            log_path=str(run_dir / f"vllm-{args.node_id}.log"),
-            tensor_parallel=args.vllm_tensor_parallel,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            max_model_len=args.vllm_max_model_len,
-        ),
-        mooncake=MooncakeConfig(protocol=args.mooncake, hostname=args.host) if args.mooncake else None,
-        weights_from=tuple(args.weights_from.split(",")) if args.weights_from else (),
-        phase_timeout=args.phase_timeout,
-        ttl=args.ttl,
-        terminate_grace=args.terminate_grace,
-        start_iteration=args.start_iteration,
-    )
-    serve(cfg, args.host, args.port, args.token)
+    cfg = EngineConfig.from_json_file(args.config)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{cfg.node}] %(name)s: %(message)s")
+    serve(cfg)
     return 0
 
 
@@ -88,25 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     eng = sub.add_parser("engine", help="run this node's checkpoint engine (phase machine, vLLM, weight buffers)")
-    eng.add_argument("--node-id", required=True)
-    eng.add_argument("--etcd", required=True, help="HOST:PORT of the job's etcd")
-    eng.add_argument("--job", default="default")
-    eng.add_argument("--nodes", default="", help="comma-separated node ids of the job (default: this node only)")
-    eng.add_argument("--model", required=True, help="HF model directory (config and tokenizer; weights are pushed)")
-    eng.add_argument("--host", default="127.0.0.1")
-    eng.add_argument("--port", type=int, required=True, help="port of the engine's HTTP API")
-    eng.add_argument("--token", default=None, help="bearer token; required when --host is not loopback")
-    eng.add_argument("--vllm-port", type=int, required=True)
-    eng.add_argument("--vllm-tensor-parallel", type=int, default=1)
-    eng.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.15)
-    eng.add_argument("--vllm-max-model-len", type=int, default=512)
-    eng.add_argument("--mooncake", choices=["tcp", "rdma"], default=None, help="transport to other nodes")
-    eng.add_argument("--weights-from", default="", help="nodes whose exports this node loads (no local trainer)")
-    eng.add_argument("--phase-timeout", type=float, default=900.0)
-    eng.add_argument("--ttl", type=int, default=10, help="node lease seconds")
-    eng.add_argument("--terminate-grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
-    eng.add_argument("--start-iteration", type=int, default=0, help="resume: the job restarts at EXPORT of it")
-    eng.add_argument("--run-dir", default="runs/engine")
+    eng.add_argument("config", help="the engine's JSON config (checkpoint_engine.config.EngineConfig)")
     eng.set_defaults(func=_engine)
 
     train = sub.add_parser("train", help="run the RL job (Hydra overrides, e.g. run.iterations=4 resume=<run dir>)")

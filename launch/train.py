@@ -11,29 +11,31 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from checkpoint_engine.config import EngineConfig
+from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import VllmClient
-from engine.controller import Controller, ControllerOptions, Tokens
+from checkpoint_engine.contracts.vllm_protocol import VllmSettings
+from checkpoint_engine.process_group import ProcessGroup
+from engine.controller import Controller, Tokens
 from engine.metrics import MetricsLogger, format_line, summarize_phase_times
-from engine.replay_buffer import PartialRolloutBuffer, PartialRolloutConfig
+from engine.replay_buffer import PartialRolloutBuffer
 from engine.rewards import RewardConfig, RewardScorer
 from engine.sampling import UniformSampler
-from engine.tasks import Sample, make_task
+from engine.tasks import Sample
+from launch.config_loading import load_config
 from launch.etcd_server import LocalEtcd, free_loopback_ports
-from launch.train_config import ConfigError, RolloutSection, TrainConfig, load_config
-from sidecars.megatron.rank_main import ColdStart, RankConfig
-from sidecars.megatron.trainer import TrainerOptions
+from launch.train_config import TrainConfig
+from sidecars.megatron.config import RankConfig
 
 log = logging.getLogger("timeshare.train")
 
@@ -41,6 +43,9 @@ log = logging.getLogger("timeshare.train")
 def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
     """The config, run directory and first iteration: new run, or the newest checkpoint of `resume`."""
     cfg = load_config(overrides)
+    import torch
+
+    cfg.check_machine(has_cuda=torch.cuda.is_available())
     if cfg.resume is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         paths = RunPaths(Path(cfg.run.root) / f"{cfg.run.name}-{stamp}").make()
@@ -93,91 +98,45 @@ def _cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, s
     return [[tokens.encode(s.prompt), tokens.encode(s.answer + stop)[1:]] for s in chosen]  # [1:]: no BOS
 
 
-def _task_options(cfg: TrainConfig) -> dict[str, object]:
-    """task.digits means operand digits for addition and list length for sort."""
-    if cfg.task.name == "jsonl":
-        return {"path": cfg.task.path}
-    if cfg.task.name == "sort":
-        return {"max_len": cfg.task.digits, "min_len": min(3, cfg.task.digits), "reward_kind": cfg.task.reward}
-    return {"max_digits": cfg.task.digits, "reward_kind": cfg.task.reward}
-
-
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    out = open(log_path, "ab")  # noqa: SIM115 - the child owns it; closed when the launcher exits
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen, grace: float) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # unwinds the ExitStack: engine, trainer and etcd stop
 
 
-def _engine_command(
-    cfg: TrainConfig,
-    paths: RunPaths,
-    model_dir: Path,
-    endpoint: str,
-    ports: dict[str, int],
-    *,
-    rollout: RolloutSection,
-    start: int,
-) -> list[str]:
-    return [
-        sys.executable, "-m", "launch.cli", "engine", "--node-id", cfg.cluster.node, "--etcd", endpoint,
-        "--job", paths.root.name, "--nodes", ",".join(cfg.cluster.nodes), "--model", str(model_dir),
-        "--port", str(ports["engine"]), "--vllm-port", str(ports["vllm"]),
-        "--vllm-tensor-parallel", str(cfg.parallel.vllm_tp),
-        "--vllm-gpu-memory-utilization", str(rollout.gpu_memory_utilization),
-        "--vllm-max-model-len", str(rollout.max_model_len), "--phase-timeout", str(cfg.phase.timeout),
-        "--ttl", str(cfg.phase.ttl), "--terminate-grace", str(cfg.phase.terminate_grace),
-        "--start-iteration", str(start), "--run-dir", str(paths.logs),
-    ]  # fmt: skip
+def _engine_config(
+    cfg: TrainConfig, paths: RunPaths, model_dir: Path, endpoint: str, ports: dict[str, int], *, start: int
+) -> EngineConfig:
+    """This node's engine, from the run's sections (the engine reads them as one JSON file)."""
+    rollout = cfg.effective_rollout()
+    return EngineConfig(
+        node=cfg.cluster.node, job=paths.root.name, etcd=endpoint, nodes=cfg.cluster.nodes, start_iteration=start,
+        log_dir=str(paths.logs), port=ports["engine"], phase=cfg.phase, transfer=cfg.transfer,
+        vllm=VllmSettings(
+            model_dir=str(model_dir), port=ports["vllm"], tensor_parallel=cfg.parallel.vllm_tp,
+            gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_model_len,
+            dtype=cfg.model.dtype, seed=cfg.run.seed,
+        ),
+    )  # fmt: skip
 
 
-def _rank_config(
-    cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url: str, *, rollout: RolloutSection, start: int
-) -> RankConfig:
-    run, t = cfg.run, cfg.trainer
+def _rank_config(cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url: str, *, start: int) -> RankConfig:
+    """What every trainer rank runs from (`trainer.json`)."""
     return RankConfig(
         run_dir=str(paths.root), model_dir=str(model_dir), engine_url=engine_url, job=paths.root.name,
-        node=cfg.cluster.node, iterations=run.iterations, tensor_parallel=cfg.parallel.trainer_tp,
-        start_iteration=start, checkpoint_every=run.checkpoint_every, phase_timeout=cfg.phase.timeout,
-        trainer=TrainerOptions(
-            lr=t.lr, min_lr=t.min_lr, warmup_iterations=t.warmup_iterations, total_iterations=run.iterations,
-            weight_decay=t.weight_decay, grad_clip=t.grad_clip, micro_batch_groups=t.micro_batch_groups,
-            updates_per_batch=t.updates_per_batch, temperature=rollout.temperature, seed=run.seed,
-        ),
-        algo=cfg.algo.to_algo(),
-        cold_start=ColdStart(epochs=t.cold_start.epochs, lr=t.cold_start.lr, batch_size=t.cold_start.batch_size),
+        node=cfg.cluster.node, iterations=cfg.run.iterations, start_iteration=start,
+        checkpoint_every=cfg.run.checkpoint_every, tensor_parallel=cfg.parallel.trainer_tp,
+        phase_timeout=cfg.phase.timeout, seed=cfg.run.seed, temperature=cfg.rollout.temperature,
+        dtype=cfg.model.dtype, trainer=cfg.trainer, algo=cfg.algo,
     )  # fmt: skip
 
 
-def _controller_options(cfg: TrainConfig, rollout: RolloutSection) -> ControllerOptions:
-    run = cfg.run
-    return ControllerOptions(
-        iterations=run.iterations, eval_every=run.eval_every, prompts_per_iteration=rollout.prompts_per_iteration,
-        temperature=rollout.temperature, top_p=rollout.top_p, eval_samples=rollout.eval_samples,
-        max_response_tokens=rollout.max_response_tokens, checkpoint_every=run.checkpoint_every,
-        phase_timeout=cfg.phase.timeout, seed=run.seed,
-    )  # fmt: skip
-
-
-def _buffer(r: RolloutSection) -> PartialRolloutBuffer:
-    return PartialRolloutBuffer(PartialRolloutConfig(
-        max_response_tokens=r.max_response_tokens, iteration_token_budget=r.iteration_token_budget,
-        group_size=r.group_size, staleness=r.staleness,
-    ))  # fmt: skip
+def _ports(cfg: TrainConfig) -> dict[str, int]:
+    """cluster.engine_port and cluster.vllm_port where set; free loopback ports for the rest."""
+    free = iter(free_loopback_ports(3))
+    return {
+        "engine": cfg.cluster.engine_port or next(free),
+        "vllm": cfg.cluster.vllm_port or next(free),
+        "torchrun": next(free),
+    }
 
 
 def train(overrides: list[str]) -> int:
@@ -187,39 +146,40 @@ def train(overrides: list[str]) -> int:
     rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
     model_dir = _model_dir(cfg, paths)
     tokens = _tokens(model_dir, rollout.stop)
-    task = make_task(cfg.task.name, **_task_options(cfg))
+    task = cfg.task.make()
     pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
     heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)
     if start == 0:
         paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, rollout.stop)))
     print(f"timeshare train: run directory {paths.root} (starting at iteration {start})", flush=True)
 
-    ports = dict(zip(("engine", "vllm", "torchrun"), free_loopback_ports(3), strict=True))
+    ports = _ports(cfg)
     with ExitStack() as stack:
         if cfg.cluster.etcd is None:  # a fresh one: a resumed job's phase starts from its checkpoint
             shutil.rmtree(paths.root / "etcd-data", ignore_errors=True)
             endpoint = stack.enter_context(LocalEtcd(paths.root / "etcd-data")).endpoint
         else:
             endpoint = cfg.cluster.etcd
-        engine = _spawn(
-            _engine_command(cfg, paths, model_dir, endpoint, ports, rollout=rollout, start=start),
-            paths.logs / "engine.log",
+        engine_file = _engine_config(cfg, paths, model_dir, endpoint, ports, start=start).to_json_file(
+            paths.root / f"engine-{cfg.cluster.node}.json"
         )
-        stack.callback(_stop, engine, cfg.phase.terminate_grace + 30)
+        engine = ProcessGroup.spawn(
+            [sys.executable, "-m", "launch.cli", "engine", str(engine_file)], paths.logs / "engine.log"
+        )
+        stack.callback(engine.stop, cfg.phase.terminate_grace + 30)
         client = EngineClient(f"http://127.0.0.1:{ports['engine']}")
         stack.callback(client.close)
         client.wait_for_engine(timeout=120)
 
-        rank_file = paths.root / "trainer.json"
-        rank_file.write_text(
-            _rank_config(cfg, paths, model_dir, client.base_url, rollout=rollout, start=start).to_json()
+        rank_file = _rank_config(cfg, paths, model_dir, client.base_url, start=start).to_json_file(
+            paths.root / "trainer.json"
         )
-        trainer = _spawn([
+        trainer = ProcessGroup.spawn([
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.parallel.trainer_ranks),
             "--master-addr", "127.0.0.1", "--master-port", str(ports["torchrun"]),
             "-m", "sidecars.megatron.rank_main", str(rank_file),
         ], paths.logs / "trainer.log")  # fmt: skip
-        stack.callback(_stop, trainer, 30)
+        stack.callback(trainer.stop, 30)
 
         def check_alive() -> None:
             for name, proc in (("trainer", trainer), ("engine", engine)):
@@ -240,9 +200,9 @@ def train(overrides: list[str]) -> int:
             metrics.plot()
 
         controller = Controller(
-            _controller_options(cfg, rollout), paths, engine=client, task=task, tokens=tokens,
+            cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, engine=client, task=task, tokens=tokens,
             rollout_engine=lambda: VllmClient(f"http://127.0.0.1:{ports['vllm']}"),
-            sampler=UniformSampler(pool, cfg.run.seed), buffer=_buffer(rollout),
+            sampler=UniformSampler(pool, cfg.run.seed), buffer=PartialRolloutBuffer(rollout.buffer()),
             scorer=RewardScorer(RewardConfig(), task), pool=pool, heldout=heldout, log_metrics=record,
             check_alive=check_alive,
         )  # fmt: skip

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from checkpoint_engine.contracts.config import Section
+
 SCHEMA = 1
 
 # Why a trajectory stopped, in one vocabulary for the sidecar, the replay buffer and the rewards.
@@ -19,6 +21,22 @@ FinishReason = Literal["stop", "length", "length_budget", "repeat", "aborted"]
 FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "length_budget", "repeat", "aborted")
 UNFINISHED: frozenset[str] = frozenset({"length_budget", "aborted"})
 GENERATOR_FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "repeat", "aborted")
+
+
+class VllmSettings(Section):
+    """How the sidecar starts vLLM: what the engine hands it as one JSON file (`server.py <file>`).
+    Every value comes from the run's config (the launcher fills it in); nothing here has a second default."""
+
+    KEY = "engine.vllm"
+    model_dir: str  # HF directory: config and tokenizer; the weights are pushed after a dummy start
+    port: int = Field(ge=1, le=65535)
+    tensor_parallel: int = Field(ge=1)
+    gpu_memory_utilization: float = Field(gt=0, le=0.95)  # host memory on CPU
+    max_model_len: int = Field(ge=1)
+    dtype: Literal["float32", "bfloat16"]
+    seed: int = Field(ge=0)
+    host: str = "127.0.0.1"
+    load_format: Literal["dummy", "auto", "safetensors"] = "dummy"  # dummy: the weights come by push
 
 
 class _Message(BaseModel):

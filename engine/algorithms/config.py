@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
+from pydantic import Field, model_validator
 
+from checkpoint_engine.contracts.config import ConfigError, Section
 from engine.algorithms import advantages as adv
 from engine.algorithms.kl import KL_ESTIMATORS, KlEstimator, kl_estimate
 from engine.algorithms.losses import AGGREGATIONS, Aggregation, clipped_policy_loss, kimi_loss
@@ -133,3 +135,56 @@ def policy_loss(
         kl_coef=cfg.kl_coef if kl_in_loss else 0.0,
         kl_estimator=cfg.kl_estimator,
     )
+
+
+# engine.algorithms implements PPO's losses, but the trainer has no value head to feed them.
+NOT_OFFERED = {"ppo": "ppo needs a critic (a value head), which the trainer does not wire yet"}
+OfferedAlgo = Literal["kimi", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+
+
+class AlgoSection(Section):
+    """The `algo` section of the run's config; the trainer turns it into an `AlgoConfig` (`to_algo`)."""
+
+    KEY = "algo"
+    name: OfferedAlgo = "kimi"
+    tau: float = 0.1  # kimi: weight of the squared log-ratio to the iteration's starting policy
+    clip_low: float = 0.2  # clipped estimators (not kimi)
+    clip_high: float = 0.2
+    kl_coef: float = Field(0.0, ge=0)  # > 0: a KL to a reference model in the loss
+    kl_estimator: KlEstimator = "k3"
+    aggregation: str | None = None  # None: the algorithm's own (NATURAL_AGGREGATION)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _offered(cls, data: object) -> object:
+        name = data.get("name") if isinstance(data, dict) else None
+        if isinstance(name, str) and name in NOT_OFFERED:
+            raise ConfigError(
+                f"algo.name={name!r} is not offered: {NOT_OFFERED[name]}; choose one of {list(get_args(OfferedAlgo))}"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AlgoSection:
+        if self.name == "kimi" and self.kl_coef > 0:
+            raise ConfigError(
+                "algo.kl_coef cannot take effect with algo.name='kimi' (its loss has no KL term; tau plays that role)"
+            )
+        self.to_algo()
+        return self
+
+    def to_algo(self, norm_tokens: float = 1.0) -> AlgoConfig:
+        """The maths' config; `norm_tokens` is the seq_sum divisor (Dr.GRPO: the generation budget)."""
+        try:
+            return AlgoConfig(
+                name=self.name,
+                tau=self.tau,
+                clip_low=self.clip_low,
+                clip_high=self.clip_high,
+                kl_coef=self.kl_coef,
+                kl_estimator=self.kl_estimator,
+                aggregation=self.aggregation,  # AlgoConfig checks the value
+                norm_tokens=norm_tokens,
+            )
+        except ValueError as e:  # its messages already name algo.<key>
+            raise ConfigError(str(e)) from e

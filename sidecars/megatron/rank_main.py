@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,56 +27,22 @@ from checkpoint_engine.contracts.engine_client import EngineClient
 from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, owned_by
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.weight_region import RegionWriter
-from engine.algorithms import AlgoConfig
 from engine.batch import load_batch
 from sidecars.megatron import model as mg
+from sidecars.megatron.config import RankConfig
 from sidecars.megatron.offload import Offloader
 from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown
-from sidecars.megatron.trainer import Trainer, TrainerOptions
+from sidecars.megatron.trainer import Trainer
 
 log = logging.getLogger("timeshare.trainer")
-
-
-@dataclass(frozen=True)
-class ColdStart:
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 32
-
-
-@dataclass(frozen=True)
-class RankConfig:
-    """What the launcher hands every rank (as JSON): its slice of the run's config."""
-
-    run_dir: str
-    model_dir: str
-    engine_url: str
-    job: str
-    node: str
-    iterations: int  # RL iterations; the rank exits at TRAIN of iterations + 1
-    tensor_parallel: int = 1
-    start_iteration: int = 0  # > 0: resume from the checkpoint of this iteration
-    checkpoint_every: int = 1
-    phase_timeout: float = 900.0
-    trainer: TrainerOptions = field(default_factory=TrainerOptions)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    cold_start: ColdStart = field(default_factory=ColdStart)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> RankConfig:
-        d = json.loads(text)
-        nested = {"trainer": TrainerOptions, "algo": AlgoConfig, "cold_start": ColdStart}
-        return cls(**{k: nested[k](**v) if k in nested else v for k, v in d.items()})
 
 
 class Rank:
     def __init__(self, cfg: RankConfig) -> None:
         self.cfg, self.paths = cfg, RunPaths(Path(cfg.run_dir))
         self.rank = dist.get_rank()
-        self.trainer = Trainer(cfg.model_dir, cfg.trainer, cfg.algo)
+        self.trainer = Trainer(cfg.model_dir, cfg.trainer, cfg.algo.to_algo(), iterations=cfg.iterations,
+                               temperature=cfg.temperature, seed=cfg.seed, dtype=cfg.dtype)  # fmt: skip
         self.offloader = Offloader(self.trainer.model, self.trainer.optimizer)
         self.client = EngineClient(cfg.engine_url) if self.rank == 0 else None
         self.writer = RegionWriter(cfg.job, cfg.node) if self.rank == 0 else None
@@ -105,7 +70,7 @@ class Rank:
 
     def cold_start(self) -> None:
         examples = json.loads(self.paths.cold_start.read_text())
-        c = self.cfg.cold_start
+        c = self.cfg.trainer.cold_start
         start = time.perf_counter()
         losses = self.trainer.supervised([tuple(e) for e in examples], c.epochs, c.lr, c.batch_size)
         self.cold_start_seconds = time.perf_counter() - start
@@ -186,9 +151,9 @@ class Rank:
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
-    cfg = RankConfig.from_json(Path(args[0]).read_text())
+    cfg = RankConfig.from_json_file(args[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    init_distributed(ParallelConfig(tensor_parallel=cfg.tensor_parallel), seed=cfg.trainer.seed)
+    init_distributed(ParallelConfig(tensor_parallel=cfg.tensor_parallel), seed=cfg.seed)
     rank = Rank(cfg)
     try:
         rank.run()

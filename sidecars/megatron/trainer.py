@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,29 +22,16 @@ from engine.batch import TrainBatch, with_advantages
 from sidecars.megatron import compat
 from sidecars.megatron import model as mg
 from sidecars.megatron.arch import ModelArch
+from sidecars.megatron.config import TrainerConfig
 
 
-@dataclass(frozen=True)
-class TrainerOptions:
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_iterations: int = 0
-    total_iterations: int = 1  # RL iterations: the cosine schedule reaches min_lr at the last one
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch_groups: int = 4
-    updates_per_batch: int = 1
-    temperature: float = 1.0  # vLLM's sampling temperature: its logprobs are of logits / temperature
-    seed: int = 0
-
-
-def lr_at(step: int, opts: TrainerOptions) -> float:
-    """Linear warm-up over `warmup_iterations`, then cosine from lr down to min_lr."""
-    if step < opts.warmup_iterations:
-        return opts.lr * (step + 1) / opts.warmup_iterations
-    span = max(opts.total_iterations - opts.warmup_iterations, 1)
-    progress = min((step - opts.warmup_iterations) / span, 1.0)
-    return opts.min_lr + 0.5 * (opts.lr - opts.min_lr) * (1 + math.cos(math.pi * progress))
+def lr_at(step: int, cfg: TrainerConfig, iterations: int) -> float:
+    """Linear warm-up over `warmup_iterations`, then cosine from lr down to min_lr at the last iteration."""
+    if step < cfg.warmup_iterations:
+        return cfg.lr * (step + 1) / cfg.warmup_iterations
+    span = max(iterations - cfg.warmup_iterations, 1)
+    progress = min((step - cfg.warmup_iterations) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def _tp():
@@ -55,12 +41,23 @@ def _tp():
 
 
 class Trainer:
-    def __init__(self, model_dir: str | Path, opts: TrainerOptions, algo: AlgoConfig) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: TrainerConfig,
+        algo: AlgoConfig,
+        *,
+        iterations: int,  # RL iterations: the cosine schedule reaches min_lr at the last one
+        temperature: float,  # vLLM's sampling temperature: its logprobs are of logits / temperature
+        seed: int,
+        dtype: str,  # of the parameters: "float32" or "bfloat16"
+    ) -> None:
         self.arch = ModelArch.from_pretrained(model_dir)
-        self.opts, self.algo = opts, algo
-        self.model = mg.build_model(self.arch)
+        self.cfg, self.algo = cfg, algo
+        self.iterations, self.temperature, self.seed = iterations, temperature, seed
+        self.model = mg.build_model(self.arch, params_dtype=getattr(torch, dtype))
         mg.load_hf_weights(self.model, mg.read_hf_tensors(model_dir), self.arch)
-        self.optimizer = compat.make_optimizer(self.model, opts.lr, opts.weight_decay)
+        self.optimizer = compat.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.step = 0  # rollout batches trained on: the learning-rate schedule's clock (one per iteration)
 
     # ------------------------------------------------------------------------------ logprobs
@@ -74,7 +71,7 @@ class Trainer:
         vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
         return vocab_parallel_token_logprobs(
             logits, tokens[:, 1:], vocab_start, group=ps.get_tensor_model_parallel_group(),
-            temperature=self.opts.temperature,
+            temperature=self.temperature,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -99,9 +96,9 @@ class Trainer:
         n_groups = batch.size // g
         mine = self._my_groups(n_groups)
         metrics: dict[str, float] = {}
-        lr = lr_at(self.step, self.opts)
+        lr = lr_at(self.step, self.cfg, self.iterations)
         self._set_lr(lr)
-        for _ in range(self.opts.updates_per_batch):
+        for _ in range(self.cfg.updates_per_batch):
             metrics = self._update(batch, mine, n_groups)
         self.step += 1
         return {
@@ -116,7 +113,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         g, total_loss = batch.group_size, 0.0
-        step_groups = self.opts.micro_batch_groups
+        step_groups = self.cfg.micro_batch_groups
         for start in range(0, len(mine), step_groups):
             groups = mine[start : start + step_groups]
             rows = torch.tensor([grp * g + j for grp in groups for j in range(g)])
@@ -165,8 +162,8 @@ class Trainer:
         if ps.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
         norm = float(squares.sqrt())
-        if self.opts.grad_clip > 0 and norm > self.opts.grad_clip:
-            scale = self.opts.grad_clip / (norm + 1e-6)
+        if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
+            scale = self.cfg.grad_clip / (norm + 1e-6)
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
@@ -180,7 +177,7 @@ class Trainer:
         gives RL a policy which earns some reward. Returns the mean loss per epoch."""
         ps = _tp()
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        gen = torch.Generator().manual_seed(self.opts.seed)
+        gen = torch.Generator().manual_seed(self.seed)
         losses = []
         self._set_lr(lr)
         self.model.train()

@@ -1,13 +1,13 @@
 """The vLLM sidecar process: one per node and rollout phase, started and killed by the checkpoint engine.
 
-`python -m sidecars.vllm.server --model DIR --port P [--tensor-parallel N ...]` starts vLLM with
-dummy weights and serves, on loopback:
+`python -m sidecars.vllm.server <settings.json>` (a `VllmSettings` document the engine writes)
+starts vLLM with dummy weights and serves, on loopback:
   GET  /health          -> Health (pid, loaded weight version)
   POST /weights/update  -> load a pushed version from shared memory (checksums verified, stale
                            versions refused), reset the prefix cache
   POST /generate        -> token ids in; token ids, per-token logprobs, finish reason and the
                            weight version out, n samples per request
-The engine is synchronous and not thread-safe, so requests are served one at a time.
+vLLM's `LLM` is synchronous and not thread-safe, so requests are served one at a time.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from checkpoint_engine.contracts.vllm_protocol import (
     Health,
     UpdateWeightsBody,
     UpdateWeightsResponse,
+    VllmSettings,
 )
-from sidecars.vllm.engine import VllmConfig, start_engine
+from sidecars.vllm.llm import start_llm
 
 # vLLM's finish reasons in the project's vocabulary (contracts.vllm_protocol.FinishReason).
 _FINISH = {"stop": "stop", "length": "length", "abort": "aborted"}
@@ -96,26 +97,13 @@ def create_app(llm, model: str):  # -> fastapi.FastAPI
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--tensor-parallel", type=int, default=1)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.15)
-    ap.add_argument("--max-model-len", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("settings", help="JSON file of checkpoint_engine.contracts.vllm_protocol.VllmSettings")
+    settings = VllmSettings.from_json_file(ap.parse_args().settings)
 
     import uvicorn
 
-    cfg = VllmConfig(
-        model_dir=args.model,
-        tensor_parallel=args.tensor_parallel,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-    )
-    llm = start_engine(cfg)
-    uvicorn.run(create_app(llm, args.model), host=args.host, port=args.port, log_level="warning")
+    llm = start_llm(settings)
+    uvicorn.run(create_app(llm, settings.model_dir), host=settings.host, port=settings.port, log_level="warning")
 
 
 if __name__ == "__main__":

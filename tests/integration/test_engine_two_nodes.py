@@ -16,10 +16,11 @@ import psutil
 import pytest
 import requests
 
+from checkpoint_engine.config import EngineConfig, PhaseConfig, TransferConfig
 from checkpoint_engine.contracts.acks import ExportAck, MetricsAck, MoveAck
 from checkpoint_engine.contracts.phases import Phase
 from checkpoint_engine.contracts.vllm_client import VllmClient
-from checkpoint_engine.contracts.vllm_protocol import GenerationRequest
+from checkpoint_engine.contracts.vllm_protocol import GenerationRequest, VllmSettings
 from checkpoint_engine.contracts.weight_region import list_regions, region_name, write_region
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch.etcd_server import LocalEtcd, free_loopback_ports
@@ -33,12 +34,16 @@ TTL = 3
 PROMPTS = [[1, 20, 21, 22], [1, 30, 31]]
 
 
-def _engine(node: str, etcd: str, model: Path, run: Path, ports: tuple[int, int], extra: list[str]) -> subprocess.Popen:
-    cmd = [
-        sys.executable, "-m", "launch.cli", "engine", "--node-id", node, "--etcd", etcd, "--job", JOB,
-        "--nodes", "node0,node1", "--model", str(model), "--port", str(ports[0]), "--vllm-port", str(ports[1]),
-        "--mooncake", "tcp", "--ttl", str(TTL), "--phase-timeout", "300", "--run-dir", str(run), *extra,
-    ]  # fmt: skip
+def _engine(
+    node: str, etcd: str, model: Path, run: Path, ports: tuple[int, int], weights_from: tuple[str, ...]
+) -> subprocess.Popen:
+    cfg = EngineConfig(
+        node=node, job=JOB, etcd=etcd, nodes=("node0", "node1"), weights_from=weights_from, log_dir=str(run),
+        port=ports[0], phase=PhaseConfig(timeout=300.0, ttl=TTL), transfer=TransferConfig(kind="mooncake"),
+        vllm=VllmSettings(model_dir=str(model), port=ports[1], tensor_parallel=1, gpu_memory_utilization=0.15,
+                          max_model_len=512, dtype="float32", seed=0),
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "launch.cli", "engine", str(cfg.to_json_file(run / f"engine-{node}.json"))]
     log = open(run / f"engine-{node}.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}
@@ -100,8 +105,8 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
     procs: dict[str, subprocess.Popen] = {}
     with LocalEtcd(tmp_path / "etcd") as etcd:
         try:
-            procs["node0"] = _engine("node0", etcd.endpoint, model, tmp_path, (p0, v0), [])
-            procs["node1"] = _engine("node1", etcd.endpoint, model, tmp_path, (p1, v1), ["--weights-from", "node0"])
+            procs["node0"] = _engine("node0", etcd.endpoint, model, tmp_path, (p0, v0), ())
+            procs["node1"] = _engine("node1", etcd.endpoint, model, tmp_path, (p1, v1), ("node0",))
             n0, n1 = nodes
             # Leader election: both agree on one leader, and the job starts at EXPORT of iteration 0.
             leader = _wait("a leader", lambda: n0.get("/status")["leader"])
@@ -156,7 +161,7 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
             assert leftovers, "the killed engine should have left its pulled region behind"
 
             # Restarted, node1 removes the regions the killed run left.
-            procs["node1"] = _engine("node1", etcd.endpoint, model, tmp_path, (p1, v1), ["--weights-from", "node0"])
+            procs["node1"] = _engine("node1", etcd.endpoint, model, tmp_path, (p1, v1), ("node0",))
             _wait("node1 back", lambda: n1.get("/health"))
             assert not list_regions(f"timeshare-{JOB}-node1-")
         finally:

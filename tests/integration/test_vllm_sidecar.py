@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from checkpoint_engine.contracts.vllm_client import SidecarError
-from checkpoint_engine.contracts.vllm_protocol import GenerationRequest
+from checkpoint_engine.contracts.vllm_protocol import GenerationRequest, VllmSettings
 from checkpoint_engine.contracts.weight_region import remove_region, write_region
-from checkpoint_engine.vllm_process import VllmLaunch, VllmProcess
+from checkpoint_engine.vllm_process import VllmProcess
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch.etcd_server import free_loopback_ports
 from sidecars.megatron.model import read_hf_tensors
@@ -57,7 +57,11 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
     weights = read_hf_tensors(model_dir)
     v1 = regions(1, weights)
     shm_before = set(os.listdir("/dev/shm"))
-    vllm = VllmProcess(VllmLaunch(str(model_dir), free_loopback_ports(1)[0], str(tmp_path / "vllm.log")))
+    settings = VllmSettings(
+        model_dir=str(model_dir), port=free_loopback_ports(1)[0], tensor_parallel=1, gpu_memory_utilization=0.15,
+        max_model_len=512, dtype="float32", seed=0,
+    )  # fmt: skip
+    vllm = VllmProcess(settings, tmp_path / "vllm.log")
     try:
         startup = vllm.start()
         print(f"vLLM start-up: {startup:.1f} s")

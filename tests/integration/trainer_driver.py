@@ -16,9 +16,10 @@ from safetensors.torch import save_file
 from engine.algorithms import AlgoConfig
 from engine.batch import TrainBatch
 from sidecars.megatron import model as mg
+from sidecars.megatron.config import TrainerConfig
 from sidecars.megatron.offload import Offloader
 from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown
-from sidecars.megatron.trainer import Trainer, TrainerOptions
+from sidecars.megatron.trainer import Trainer
 
 
 def synthetic_batch(trainer: Trainer, groups: int, g: int, seed: int) -> TrainBatch:
@@ -41,7 +42,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     args = ap.parse_args()
     init_distributed(ParallelConfig(tensor_parallel=args.tp))
-    trainer = Trainer(args.model, TrainerOptions(lr=1e-3, grad_clip=0.5, micro_batch_groups=1), AlgoConfig(name="kimi"))
+    cfg = TrainerConfig(lr=1e-3, min_lr=1e-5, grad_clip=0.5, micro_batch_groups=1, updates_per_batch=1)
+    trainer = Trainer(args.model, cfg, AlgoConfig(name="kimi"), iterations=1, temperature=1.0, seed=0, dtype="float32")
     out: dict = {}
     examples = [([1, 5 + i % 7, 9, 12], [20 + i % 5, 2]) for i in range(32)]
     out["sft_losses"] = trainer.supervised(examples, epochs=4, lr=3e-3, batch_size=8)

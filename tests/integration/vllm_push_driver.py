@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 from checkpoint_engine.contracts.weight_region import Manifest
-from sidecars.vllm.engine import VllmConfig, start_engine
+from sidecars.vllm.llm import start_llm
 
 
 def main() -> None:
@@ -28,7 +29,17 @@ def main() -> None:
     prompts = [TokensPrompt(prompt_token_ids=p) for p in json.loads(args.prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
-    llm = start_engine(VllmConfig(model_dir=args.model))
+    llm = start_llm(
+        VllmSettings(
+            model_dir=args.model,
+            port=1,
+            tensor_parallel=1,
+            gpu_memory_utilization=0.15,
+            max_model_len=512,
+            dtype="float32",
+            seed=0,
+        )
+    )  # fmt: skip  (in-process: the port is not opened)
     before = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     versions = llm.collective_rpc("load_from_shm", args=(manifest.to_dict(),))
     llm.reset_prefix_cache()

@@ -22,8 +22,9 @@ from checkpoint_engine.contracts.phases import CYCLE, Phase
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_protocol import Completion, GenerationRequest, GenerationResult
 from engine.batch import load_batch
-from engine.controller import Controller, ControllerOptions, Tokens
-from engine.replay_buffer import PartialRolloutBuffer, PartialRolloutConfig
+from engine.config import RolloutConfig, RunConfig
+from engine.controller import Controller, Tokens
+from engine.replay_buffer import PartialRolloutBuffer
 from engine.rewards import RewardConfig, RewardScorer
 from engine.sampling import UniformSampler
 from engine.tasks import AdditionTask
@@ -74,17 +75,18 @@ class FakeEngine:
 def _controller(tmp_path: Path, vllm: FakeVllm, budget: int = 8, engine: FakeEngine | None = None) -> Controller:
     task = AdditionTask(max_digits=2)
     pool = task.samples("train", 40, 0)
+    rollout = RolloutConfig(prompts_per_iteration=4, max_response_tokens=8, iteration_token_budget=budget, group_size=2)
     return Controller(
-        ControllerOptions(iterations=3, prompts_per_iteration=4, max_response_tokens=8),
+        RunConfig(iterations=3),
+        rollout,
         RunPaths(tmp_path).make(),
+        phase_timeout=900.0,
         engine=engine or FakeEngine(),
         rollout_engine=lambda: vllm,
         task=task,
         tokens=TOKENS,
         sampler=UniformSampler(pool, 0),
-        buffer=PartialRolloutBuffer(
-            PartialRolloutConfig(max_response_tokens=8, iteration_token_budget=budget, group_size=2)
-        ),
+        buffer=PartialRolloutBuffer(rollout.buffer()),
         scorer=RewardScorer(RewardConfig(), task),
         pool=pool,
         heldout=task.samples("heldout", 6, 0),

@@ -1,21 +1,16 @@
-"""The Hydra groups in conf/ compose, and launch/train_config.py turns them into checked dataclasses."""
+"""The Hydra groups in conf/ compose over the sections' defaults, and the sections check what they get."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from launch.train_config import (
-    CONF_DIR,
-    ConfigError,
-    RolloutSection,
-    TrainConfig,
-    compose,
-    load_config,
-)
+from checkpoint_engine.contracts.config import ConfigError
+from engine.config import RolloutConfig
+from launch.config_loading import CONF_DIR, compose, load_config, to_config
+from launch.train_config import TrainConfig
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
@@ -37,7 +32,7 @@ def test_groups_are_the_documented_ones() -> None:
     assert GROUPS == ["algo", "cluster", "long_context", "model", "parallel", "phase", "rollout", "task", "transfer"]
 
 
-def test_defaults_compose_to_the_dataclass_defaults() -> None:
+def test_defaults_compose_to_the_sections_defaults() -> None:
     cfg = load_config([])
     assert cfg == TrainConfig()
     assert cfg.run.name == "addition-kimi"
@@ -50,10 +45,14 @@ def test_defaults_compose_to_the_dataclass_defaults() -> None:
 def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
     overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
     composed = compose(overrides)
-    cfg = TrainConfig.from_dict(composed)
+    cfg = to_config(composed)
     section = getattr(cfg, group)
-    # Each file states every key of its section, so nothing is left to a dataclass default.
-    assert set(composed[group]) == {f.name for f in fields(section)}
+    # The sections' defaults bring every key, so each can be overridden by name; the file sets its own.
+    assert set(composed[group]) == set(type(section).model_fields)
+    stated = (CONF_DIR / group / f"{option}.yaml").read_text()
+    for key, value in composed[group].items():
+        if f"\n{key}:" in f"\n{stated}" and key != "path":
+            assert getattr(section, key) == (tuple(value) if isinstance(value, list | tuple) else value)
 
 
 def test_round_trip_through_json() -> None:
@@ -102,8 +101,8 @@ def test_bad_override_syntax() -> None:
 
 
 def test_bad_literal() -> None:
-    assert _error(["rollout.lifecycle=x"]) == "rollout.lifecycle must be one of ['terminate', 'keep_alive'], got 'x'"
-    assert "not built yet" in _error(["rollout.lifecycle=keep_alive"])
+    assert _error(["rollout.staleness=x"]) == "rollout.staleness must be one of ['exclude', 'keep'], got 'x'"
+    assert _error(["task.name=x"]) == "task.name must be one of ['addition', 'sort', 'jsonl'], got 'x'"
 
 
 @pytest.mark.parametrize(
@@ -124,7 +123,6 @@ def test_wrong_types_name_the_key(override: str, pattern: str) -> None:
 
 RULES = [
     (["rollout.iteration_token_budget=32"], r"rollout\.iteration_token_budget \(32\) must be in \[1, "),
-    (["rollout.partial=false", "rollout.iteration_token_budget=8"], r"rollout\.partial=false needs"),
     (["rollout.max_response_tokens=300", "rollout.iteration_token_budget=8"], r"must be < rollout\.max_model_len"),
     (["rollout.max_model_len=512"], r"rollout\.max_model_len is 512 but model\.max_positions is 256"),
     (["task=jsonl"], r"task\.path is required"),
@@ -135,7 +133,6 @@ RULES = [
     (["trainer.cold_start.fraction=0.2"], r"trainer\.cold_start\.fraction must be in \[0, 0\.1\]"),
     (["trainer.min_lr=1.0"], r"trainer\.min_lr must be in \[0, "),
     (["model.heads=8"], r"model\.hidden / model\.heads = 16 must be one of \[32, 64, 128\]"),
-    (["model.dtype=bfloat16"], r"model\.dtype='bfloat16'.*parallel\.device='cpu'"),
     (["model.path=/models/qwen", "model.layers=4"], r"model\.layers.*cannot take effect"),
     (["algo.kl_coef=0.1"], r"algo\.kl_coef cannot take effect with algo\.name='kimi'"),
     (["algo=grpo", "algo.aggregation=mean"], r"algo\.aggregation must be one of"),
@@ -168,8 +165,7 @@ def test_long_context_preset_sets_the_effective_rollout() -> None:
     cfg = load_config(["long_context=32k", "model.max_positions=32768"])
     rollout = cfg.effective_rollout()
     assert (rollout.max_model_len, rollout.max_response_tokens, rollout.iteration_token_budget) == (32768, 30720, 8192)
-    assert cfg.rollout == RolloutSection()  # the section as written is kept; the preset applies on top
-    assert cfg.long_context.packing
+    assert cfg.rollout == RolloutConfig()  # the section as written is kept; the preset applies on top
 
 
 def test_long_context_accepts_rollout_values_equal_to_the_preset() -> None:
@@ -183,21 +179,37 @@ def test_long_context_conflicting_rollout_override_errors() -> None:
 
 
 def test_long_context_preset_lengths_are_checked_with_the_rollout() -> None:
-    with pytest.raises(ConfigError, match=r"with long_context\.preset='128k': rollout\.partial=false"):
-        load_config(["long_context=128k", "model.max_positions=131072", "rollout.partial=false"])
+    with pytest.raises(ConfigError, match=r"with long_context\.preset='128k': rollout\.iteration_token_budget"):
+        load_config(["long_context=128k", "model.max_positions=131072", "long_context.iteration_token_budget=200000"])
     with pytest.raises(ConfigError, match=r"apply only with a long_context\.preset"):
         load_config(["long_context.max_model_len=4096"])
 
 
 def test_compose_reads_another_config_dir(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("run:\n  name: elsewhere\n")
-    cfg = TrainConfig.from_dict(compose([], config_dir=tmp_path))
+    cfg = to_config(compose([], config_dir=tmp_path))
     assert cfg.run.name == "elsewhere"
-    assert cfg.rollout == RolloutSection()
+    assert cfg.rollout == RolloutConfig()
 
 
 def test_sections_built_directly_are_checked_too() -> None:
     with pytest.raises(ConfigError, match=r"rollout\.staleness must be one of \['exclude', 'keep'\], got 'drop'"):
-        RolloutSection(staleness="drop")  # type: ignore[arg-type]
+        RolloutConfig(staleness="drop")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"rollout\.group_size must be >= 2, got 1"):
-        RolloutSection(group_size=1)
+        RolloutConfig(group_size=1)
+
+
+def test_bfloat16_needs_a_cuda_device() -> None:
+    cfg = load_config(["model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"model\.dtype='bfloat16' needs a CUDA device"):
+        cfg.check_machine(has_cuda=False)
+    cfg.check_machine(has_cuda=True)
+
+
+def test_a_component_document_round_trips_through_its_file(tmp_path: Path) -> None:
+    cfg = load_config(["algo=grpo", "trainer.lr=1e-4"])
+    path = cfg.trainer.to_json_file(tmp_path / "trainer.json")
+    assert type(cfg.trainer).from_json_file(path) == cfg.trainer
+    path.write_text(path.read_text().replace('"weight_decay"', '"weight_decy"'))
+    with pytest.raises(ConfigError, match=r"unknown key.*trainer\.weight_decy.*did you mean \['weight_decay'\]"):
+        type(cfg.trainer).from_json_file(path)

@@ -1,0 +1,89 @@
+"""The checkpoint engine's configuration: its sections of the run's config and the document it runs from.
+
+`phase` and `transfer` are sections of the user's config (Hydra keys `phase.*`, `transfer.*`);
+`EngineConfig` is what one node's engine process receives as a JSON file (`timeshare engine
+<file>`), written by the launcher: the node's place in the job, those sections, and the vLLM
+settings of `contracts.vllm_protocol.VllmSettings`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from checkpoint_engine.contracts.config import ConfigError, Section
+from checkpoint_engine.contracts.vllm_protocol import VllmSettings
+from checkpoint_engine.etcd_client import parse_endpoint
+
+
+class PhaseConfig(Section):
+    """Timeouts of the phase machine, in seconds."""
+
+    KEY = "phase"
+    timeout: float = Field(900.0, gt=0)  # how long a barrier waits for every node
+    vllm_start_timeout: float = Field(300.0, gt=0)  # until vLLM answers its health check; <= timeout
+    # Between SIGTERM and SIGKILL of vLLM (its graceful exit takes ~3-6 s on CPU; its shm segments go either way).
+    terminate_grace: float = Field(3.0, gt=0)
+    ttl: int = Field(10, ge=2)  # node lease in etcd: a node silent this long has failed
+
+    @model_validator(mode="after")
+    def _start_within_timeout(self) -> PhaseConfig:
+        if self.vllm_start_timeout > self.timeout:
+            raise ConfigError(
+                f"phase.vllm_start_timeout ({self.vllm_start_timeout}) must be <= phase.timeout ({self.timeout}): "
+                "the START_VLLM barrier would give up first"
+            )
+        return self
+
+
+class TransferConfig(Section):
+    """How weights reach a node's vLLM: shared memory on the node; Mooncake's TransferEngine from others."""
+
+    KEY = "transfer"
+    kind: Literal["shm", "mooncake"] = "shm"
+    protocol: Literal["tcp", "rdma"] = "tcp"  # Mooncake's transport between nodes
+
+    @model_validator(mode="after")
+    def _protocol_needs_mooncake(self) -> TransferConfig:
+        if self.kind == "shm" and self.protocol != "tcp":
+            raise ConfigError(
+                f"transfer.protocol={self.protocol!r} applies to transfer.kind='mooncake' only; leave it at 'tcp'"
+            )
+        return self
+
+
+class EngineConfig(Section):
+    """One node's checkpoint engine: who it is in the job, where etcd is, and how it runs vLLM."""
+
+    KEY = "engine"
+    node: str
+    job: str
+    etcd: str  # HOST:PORT
+    nodes: tuple[str, ...] = Field(strict=False)  # every node of the job: the barriers wait for all of them
+    weights_from: tuple[str, ...] = Field((), strict=False)  # nodes whose exports this node loads (no trainer)
+    start_iteration: int = Field(0, ge=0)  # > 0: a resumed run restarts at EXPORT of this iteration
+    log_dir: str  # vLLM's log goes here
+    host: str = "127.0.0.1"  # the engine's HTTP API
+    port: int = Field(ge=1, le=65535)
+    token: str | None = None  # bearer token; required when `host` is not loopback
+    phase: PhaseConfig
+    transfer: TransferConfig
+    vllm: VllmSettings
+
+    @model_validator(mode="after")
+    def _job_shape(self) -> EngineConfig:
+        try:
+            parse_endpoint(self.etcd)
+        except ValueError as e:
+            raise ConfigError(f"engine.etcd: {e}") from e
+        if self.node not in self.nodes:
+            raise ConfigError(f"engine.node {self.node!r} is not among engine.nodes {list(self.nodes)}")
+        if len(set(self.nodes)) != len(self.nodes):
+            raise ConfigError(f"engine.nodes has duplicates: {list(self.nodes)}")
+        strangers = [n for n in self.weights_from if n not in self.nodes or n == self.node]
+        if strangers:
+            raise ConfigError(f"engine.weights_from {strangers} must name other nodes of {list(self.nodes)}")
+        if len(self.nodes) > 1 and self.transfer.kind != "mooncake":
+            raise ConfigError("a job with several nodes needs a transport between them: set transfer=mooncake")
+        return self

@@ -1,0 +1,76 @@
+"""The RL core's sections of the run's config: the iteration schedule (`run`) and the rollouts (`rollout`).
+
+The controller reads both directly; the replay buffer gets its slice from `RolloutConfig.buffer()`.
+The three rollout lengths are checked together on what runs (`check_lengths`), since a long-context
+preset (launch) may replace them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from checkpoint_engine.contracts.config import ConfigError, Section
+from engine.replay_buffer import PartialRolloutConfig
+
+
+class RunConfig(Section):
+    KEY = "run"
+    name: str = "addition-kimi"  # the run directory is <root>/<name>-<time>
+    root: str = "runs"  # run directories go under it
+    seed: int = Field(0, ge=0)
+    iterations: int = Field(12, ge=1)
+    eval_every: int = Field(3, ge=1)  # held-out eval every N iterations, plus at the first and the last
+    checkpoint_every: int = Field(1, ge=1)  # iterations between checkpoints (buffer, sampler and RNG included)
+    progress: bool = True  # a progress bar on the terminal
+
+    @model_validator(mode="after")
+    def _plain_name(self) -> RunConfig:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        return self
+
+
+class RolloutConfig(Section):
+    """Sampling, partial rollouts (Kimi k1.5) and vLLM's share of the machine. vLLM is started for each
+    rollout and killed after it (ARCHITECTURE.md); there is no other lifecycle yet."""
+
+    KEY = "rollout"
+    group_size: int = Field(8, ge=2)  # samples per prompt: advantages are relative to the group
+    prompts_per_iteration: int = Field(256, ge=1)  # complete groups per training batch
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_response_tokens: int = Field(16, ge=1)  # a trajectory's total length cap, across iterations
+    # Tokens a trajectory may grow per iteration; below max_response_tokens, unfinished trajectories
+    # continue from the replay buffer next iteration (partial rollouts).
+    iteration_token_budget: int = Field(16, ge=1)
+    staleness: Literal["exclude", "keep"] = "exclude"  # tokens of older versions: out of the loss (Kimi) | kept
+    eval_samples: int = Field(4, ge=1)  # k of pass@k on the held-out split
+    # vLLM's share of accelerator memory (host memory on CPU: the tiny model needs little KV cache,
+    # and a smaller one starts seconds faster); raise it on GPUs.
+    gpu_memory_utilization: float = Field(0.08, gt=0, le=0.95)
+    max_model_len: int = Field(256, ge=1)  # vLLM's context: prompt + response
+    stop: str = "\n"  # responses end at this string; "" for none
+
+    def check_lengths(self) -> None:
+        """budget <= max_response_tokens < max_model_len."""
+        if self.iteration_token_budget > self.max_response_tokens:
+            raise ConfigError(
+                f"rollout.iteration_token_budget ({self.iteration_token_budget}) must be in "
+                f"[1, rollout.max_response_tokens={self.max_response_tokens}]"
+            )
+        if self.max_response_tokens >= self.max_model_len:
+            raise ConfigError(
+                f"rollout.max_response_tokens ({self.max_response_tokens}) must be < rollout.max_model_len "
+                f"({self.max_model_len}): the prompt needs room too"
+            )
+
+    def buffer(self) -> PartialRolloutConfig:
+        """The replay buffer's slice."""
+        return PartialRolloutConfig(
+            max_response_tokens=self.max_response_tokens,
+            iteration_token_budget=self.iteration_token_budget,
+            group_size=self.group_size,
+            staleness=self.staleness,
+        )

@@ -1,0 +1,74 @@
+"""The trainer's section of the run's config (`trainer.*`) and the document each rank runs from.
+
+`RankConfig` is what the launcher writes to `<run dir>/trainer.json` and every torchrun rank reads
+(`python -m sidecars.megatron.rank_main <file>`): the trainer section as the user set it, the
+algorithm section, and the few facts of the run the ranks need.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from checkpoint_engine.contracts.config import ConfigError, Section
+from engine.algorithms.config import AlgoSection
+
+
+class ColdStartConfig(Section):
+    """Supervised warm-up on answered prompts before RL: a random model earns no reward to learn from."""
+
+    KEY = "trainer.cold_start"
+    fraction: float = 0.1  # share of task.pool_size, at most a tenth; 0 skips it
+    epochs: int = Field(100, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _at_most_a_tenth(self) -> ColdStartConfig:
+        if not 0 <= self.fraction <= 0.1:
+            raise ConfigError(
+                f"trainer.cold_start.fraction must be in [0, 0.1] (at most a tenth of the pool), got {self.fraction}"
+            )
+        return self
+
+
+class TrainerConfig(Section):
+    """Megatron's optimisation: one trainer for every run, keys set directly (`trainer.lr=1e-4`)."""
+
+    KEY = "trainer"
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)  # end of the cosine decay
+    warmup_iterations: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_groups: int = Field(32, ge=1)  # prompt groups per micro-batch
+    updates_per_batch: int = Field(2, ge=1)  # optimizer steps per rollout batch
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> TrainerConfig:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"trainer.min_lr must be in [0, trainer.lr={self.lr}], got {self.min_lr}")
+        return self
+
+
+class RankConfig(Section):
+    """What every trainer rank runs from; the launcher fills it in from the run's config."""
+
+    KEY = "rank"
+    run_dir: str
+    model_dir: str
+    engine_url: str  # the node's checkpoint engine
+    job: str
+    node: str
+    iterations: int = Field(ge=1)  # RL iterations; the rank exits at TRAIN of iterations + 1
+    start_iteration: int = Field(ge=0)  # > 0: resume from the checkpoint of this iteration
+    checkpoint_every: int = Field(ge=1)
+    tensor_parallel: int = Field(ge=1)
+    phase_timeout: float = Field(gt=0)
+    seed: int = Field(ge=0)
+    temperature: float = Field(gt=0)  # vLLM's sampling temperature: its logprobs are of logits / temperature
+    dtype: Literal["float32", "bfloat16"]
+    trainer: TrainerConfig
+    algo: AlgoSection
