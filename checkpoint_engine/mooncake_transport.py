@@ -1,13 +1,13 @@
 """Weight regions across nodes through the Mooncake TransferEngine (RDMA on clusters, TCP anywhere).
 
 Serving node: `MooncakeServer.serve(manifest)` maps the node's shared-memory region (written by
-`shm_buffer.write_region`), registers it with its TransferEngine and returns a `RemoteRegion`, the
+`weight_region.write_region`), registers it with its TransferEngine and returns a `RemoteRegion`, the
 small record that goes into the etcd shard registry next to the manifest.
 Pulling node: `MooncakeClient.pull(remote, manifest, local_region, slots)` creates a region of the
 same layout in this node's /dev/shm, reads the wanted byte ranges into it (one-sided reads: the
 serving node's Python is not involved; its engine threads answer over tcp, its NIC over RDMA) and
 returns the `Manifest` of the local copy. The local vLLM
-then verifies and loads it (`shm_buffer.verify_region`, `read_region`) exactly as a same-node push.
+then verifies and loads it (`weight_region.read_region`) exactly as a same-node push.
 
 Both engines use Mooncake's P2P handshake: no metadata server; a session is "host:rpc_port" and the
 serving engine picks the port. `mooncake` is imported inside the classes only, so the phase logic
@@ -124,7 +124,7 @@ def _address(buf: mmap.mmap) -> int:
     return addr
 
 
-def _start_engine(cfg: MooncakeConfig) -> tuple[Any, str]:
+def _start_transfer_engine(cfg: MooncakeConfig) -> tuple[Any, str]:
     """A started TransferEngine and its session id "host:rpc_port"."""
     try:
         from mooncake.engine import TransferEngine
@@ -153,7 +153,7 @@ class MooncakeServer:
 
     def __init__(self, cfg: MooncakeConfig) -> None:
         self.cfg = cfg
-        self._engine, self.session = _start_engine(cfg)
+        self._engine, self.session = _start_transfer_engine(cfg)
         self._served: dict[int, _Served] = {}
 
     def serve(self, manifest: Manifest) -> RemoteRegion:
@@ -204,14 +204,14 @@ class MooncakeClient:
 
     def __init__(self, cfg: MooncakeConfig) -> None:
         self.cfg = cfg
-        self._engine, self.session = _start_engine(cfg)
+        self._engine, self.session = _start_transfer_engine(cfg)
 
     def pull(
         self, remote: RemoteRegion, manifest: Manifest, local_region: str, slots: Collection[str] | None = None
     ) -> Manifest:
         """Copy `manifest`'s tensors (or the named `slots`) from `remote` into a new local region
         `local_region` of the same layout; returns its manifest (same slots and checksums, local name).
-        Bytes are not verified here: `verify_region` does it where they are loaded."""
+        Bytes are not verified here: `read_region` does it where they are loaded."""
         _check_matches(remote, manifest)
         wanted = select_slots(manifest, slots)
         reads = plan_reads(wanted.slots, self.cfg.chunk_bytes)

@@ -46,6 +46,7 @@ class RolloutConfig(Section):
     # continue from the replay buffer next iteration (partial rollouts).
     iteration_token_budget: int = Field(16, ge=1)
     staleness: Literal["exclude", "keep"] = "exclude"  # tokens of older versions: out of the loss (Kimi) | kept
+    max_rounds: int = Field(4, ge=1)  # generation rounds per ROLLOUT while no group has finished
     eval_samples: int = Field(4, ge=1)  # k of pass@k on the held-out split
     # vLLM's share of accelerator memory (host memory on CPU: the tiny model needs little KV cache,
     # and a smaller one starts seconds faster); raise it on GPUs.

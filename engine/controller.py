@@ -34,10 +34,6 @@ from engine.tasks import Sample, Task
 log = logging.getLogger("timeshare.controller")
 
 
-# Generation rounds per ROLLOUT while no group has finished: past it, the budget cannot finish a group.
-MAX_ROUNDS = 4
-
-
 @dataclass(frozen=True)
 class Tokens:
     """The tokenizer's part the controller needs (plain callables: tests pass their own)."""
@@ -128,10 +124,10 @@ class Controller:
         """Continue buffered trajectories, start new prompts, score the finished groups, write the batch."""
         start, groups, rounds = time.perf_counter(), [], 0
         while not groups:
-            if rounds == MAX_ROUNDS:
+            if rounds == self.rollout_cfg.max_rounds:
                 raise RuntimeError(
                     f"no group finished within {rounds} generation rounds of iteration {version}: raise "
-                    "rollout.iteration_token_budget or lower rollout.max_response_tokens"
+                    "rollout.iteration_token_budget or rollout.max_rounds, or lower rollout.max_response_tokens"
                 )
             in_flight = self.buffer.in_flight_uids
             new = [s for s in self.sampler.sample(self.rollout_cfg.prompts_per_iteration) if s.uid not in in_flight]

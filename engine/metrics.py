@@ -11,8 +11,8 @@ Produces, under the run directory:
 - `progress.png` (on `plot()`): reward and held-out pass@k, the trainer/rollout logprob gap, and the
   phase times stacked per iteration.
 
-`PhaseTimer` collects the `time/<phase>` seconds of one iteration; `summarize_phase_times` turns a history
-into a Markdown table for notes. TensorBoard and matplotlib are imported only where they are used.
+`summarize_phase_times` turns a history into a Markdown table for notes. TensorBoard and matplotlib
+are imported only where they are used.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -141,46 +140,6 @@ def summarize_phase_times(history: Sequence[Mapping[str, float]]) -> str:
     mean_iteration = sum(iteration_totals) / len(iteration_totals)
     lines.append(f"| **iteration** | {mean_iteration:.3f} | {100.0 if grand > 0 else float('nan'):.1f} |")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Phase timing
-# --------------------------------------------------------------------------------------------------
-
-
-class PhaseTimer:
-    """Collects `time/<phase>` seconds for one iteration."""
-
-    def __init__(self) -> None:
-        self._seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Time the enclosed block as `time/<name>`; a phase timed twice accumulates. Recorded even if it raises."""
-        _check_phase_name(name)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        """Add `seconds` to `time/<name>` (for phases timed elsewhere, e.g. reported by the checkpoint engine)."""
-        _check_phase_name(name)
-        seconds = float(seconds)
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ValueError(f"phase {name!r}: seconds must be finite and >= 0, got {seconds!r}")
-        key = TIME_PREFIX + name
-        self._seconds[key] = self._seconds.get(key, 0.0) + seconds
-
-    def as_metrics(self) -> dict[str, float]:
-        """The recorded phases as `{"time/<phase>": seconds}` (a copy)."""
-        return dict(self._seconds)
-
-
-def _check_phase_name(name: str) -> None:
-    if not name or "/" in name or name != name.strip():
-        raise ValueError(f"phase name must be a non-empty word without '/' or surrounding spaces, got {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
@@ -326,17 +326,3 @@ SAMPLERS: dict[str, tuple[type[_PoolSampler], type | None]] = {
     "curriculum": (CurriculumSampler, CurriculumOptions),
     "prioritized": (PrioritizedSampler, PrioritizedOptions),
 }
-
-
-def make_sampler(name: str, pool: Sequence[Sample], seed: int, **options: Any) -> PromptSampler:
-    """The sampler called `name`; `options` are the fields of its options class (none for uniform)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {sorted(SAMPLERS)}")
-    cls, options_cls = SAMPLERS[name]
-    valid = sorted(f.name for f in fields(options_cls)) if options_cls else []
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f"sampling.{name} has unknown option(s) {unknown}; valid options: {valid}")
-    if options_cls is None:
-        return cls(pool, seed)
-    return cls(pool, seed, options_cls(**options))  # type: ignore[call-arg]

@@ -229,11 +229,6 @@ def read_region(manifest: Manifest, verify: bool = True) -> list[tuple[str, torc
     return [(s.name, v.view(_DTYPES[s.dtype]).view(s.shape)) for s, v in zip(manifest.slots, views, strict=True)]
 
 
-def verify_region(manifest: Manifest) -> None:
-    """Check every tensor of `manifest` against its checksum (see `read_region`)."""
-    read_region(manifest, verify=True)
-
-
 def remove_region(name: str) -> None:
     (SHM_DIR / name).unlink(missing_ok=True)
 

@@ -27,7 +27,6 @@ from checkpoint_engine.contracts.weight_region import (
     list_regions,
     read_region,
     remove_region,
-    verify_region,
     write_region,
 )
 from checkpoint_engine.mooncake_transport import (
@@ -175,7 +174,7 @@ def test_pull_whole_region_is_byte_identical(serving_node: ServingNode, client: 
     finally:
         serving_node.unserve(7)
     assert local == Manifest(region("full-pulled"), 7, manifest.size, manifest.slots)
-    verify_region(local)
+    read_region(local)
     pulled = dict(read_region(local))
     assert list(pulled) == list(tensors)
     for name, t in tensors.items():
@@ -193,7 +192,7 @@ def test_pull_subset_reads_only_those_tensors(serving_node: ServingNode, client:
         serving_node.unserve(9)
     assert [s.name for s in local.slots] == ["model.layers.0.mlp.up_proj.weight", "model.step"]  # manifest order
     assert local.size == manifest.size  # same layout: offsets stay valid
-    verify_region(local)
+    read_region(local)
     for name, t in read_region(local):
         assert _same_bytes(t, tensors[name]), name
     raw = (SHM_DIR / local.region).read_bytes()
@@ -213,7 +212,7 @@ def test_corrupted_byte_on_serving_side_fails_verification(
     finally:
         serving_node.unserve(10)
     with pytest.raises(WeightVerificationError, match=r"model\.layers\.0\.input_layernorm\.weight"):
-        verify_region(local)
+        read_region(local)
 
 
 def _closed_port() -> int:

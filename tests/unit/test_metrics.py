@@ -1,15 +1,14 @@
-"""MetricsLogger files (JSON lines, TensorBoard, PNG) and resume; console line, phase table and PhaseTimer by hand."""
+"""MetricsLogger files (JSON lines, TensorBoard, PNG) and resume; console line and phase table by hand."""
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 import pytest
 
-from engine.metrics import MetricsLogger, PhaseTimer, format_line, summarize_phase_times
+from engine.metrics import MetricsLogger, format_line, summarize_phase_times
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -211,32 +210,3 @@ def test_summarize_phase_times_shares_sum_to_100() -> None:
 
 def test_summarize_phase_times_without_phases() -> None:
     assert "no phase times" in summarize_phase_times([{"iteration": 0, "reward/mean": 1.0}])
-
-
-def test_phase_timer_accumulates() -> None:
-    timer = PhaseTimer()
-    with timer.phase("rollout"):
-        time.sleep(0.01)
-    with timer.phase("rollout"):
-        time.sleep(0.01)
-    timer.add("train", 1.5)
-    timer.add("train", 0.5)
-    metrics = timer.as_metrics()
-    assert set(metrics) == {"time/rollout", "time/train"}
-    assert metrics["time/rollout"] >= 0.02
-    assert metrics["time/train"] == pytest.approx(2.0)
-    metrics["time/train"] = 0.0
-    assert timer.as_metrics()["time/train"] == pytest.approx(2.0)  # a copy
-
-
-def test_phase_timer_records_a_phase_that_raises() -> None:
-    timer = PhaseTimer()
-    with pytest.raises(RuntimeError), timer.phase("export"):
-        raise RuntimeError("export failed")
-    assert "time/export" in timer.as_metrics()
-
-
-@pytest.mark.parametrize(("name", "seconds"), [("", 1.0), ("a/b", 1.0), ("train", -1.0), ("train", float("nan"))])
-def test_phase_timer_refuses_bad_input(name: str, seconds: float) -> None:
-    with pytest.raises(ValueError, match=re.escape("phase")):
-        PhaseTimer().add(name, seconds)
