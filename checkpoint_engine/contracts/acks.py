@@ -9,26 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import ConfigDict, Field
 
+from checkpoint_engine.contracts.message import Message
 from checkpoint_engine.contracts.phases import Phase
 
-SCHEMA = 1
 
-
-class AckPayload(BaseModel):
-    schema_version: int = Field(default=SCHEMA, alias="schema")
-    model_config = {"populate_by_name": True, "extra": "forbid", "frozen": True}
-
-    @field_validator("schema_version")
-    @classmethod
-    def _known_schema(cls, v: int) -> int:
-        if v != SCHEMA:
-            raise ValueError(f"ack schema {v} is not understood (expected {SCHEMA})")
-        return v
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True)
+class AckPayload(Message):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
 
 class MetricsAck(AckPayload):

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field
 
 from checkpoint_engine.contracts.config import Section
-
-SCHEMA = 1
+from checkpoint_engine.contracts.message import Message
 
 # Why a trajectory stopped, in one vocabulary for the sidecar, the replay buffer and the rewards.
 # The generator reports stop (a stop token), length (max_tokens or the context is full), repeat (the
@@ -39,19 +38,7 @@ class VllmSettings(Section):
     load_format: Literal["dummy", "auto", "safetensors"] = "dummy"  # dummy: the weights come by push
 
 
-class _Message(BaseModel):
-    schema_version: int = Field(default=SCHEMA, alias="schema")
-    model_config = {"populate_by_name": True, "extra": "forbid"}
-
-    @field_validator("schema_version")
-    @classmethod
-    def _known_schema(cls, v: int) -> int:
-        if v != SCHEMA:
-            raise ValueError(f"schema {v} is not understood (expected {SCHEMA})")
-        return v
-
-
-class GenerationRequest(_Message):
+class GenerationRequest(Message):
     """One prompt (or prompt + partial response, to continue it) and how to sample it."""
 
     prompt_ids: list[int] = Field(min_length=1)
@@ -64,11 +51,11 @@ class GenerationRequest(_Message):
     ignore_eos: bool = False
 
 
-class GenerateBody(_Message):
+class GenerateBody(Message):
     requests: list[GenerationRequest]
 
 
-class Completion(_Message):
+class Completion(Message):
     """One sampled continuation of a request's prompt (a task's prompt is `engine.tasks.Sample`)."""
 
     token_ids: list[int]
@@ -77,24 +64,24 @@ class Completion(_Message):
     weight_version: int
 
 
-class GenerationResult(_Message):
+class GenerationResult(Message):
     samples: list[Completion]
 
 
-class GenerateResponse(_Message):
+class GenerateResponse(Message):
     results: list[GenerationResult]
 
 
-class UpdateWeightsBody(_Message):
+class UpdateWeightsBody(Message):
     manifest: dict[str, Any]  # checkpoint_engine.contracts.weight_region.Manifest.to_dict()
 
 
-class UpdateWeightsResponse(_Message):
+class UpdateWeightsResponse(Message):
     weight_version: int
     seconds: float
 
 
-class Health(_Message):
+class Health(Message):
     status: Literal["ok"] = "ok"
     pid: int
     weight_version: int
