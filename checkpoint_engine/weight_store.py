@@ -24,7 +24,7 @@ from checkpoint_engine.contracts.weight_region import (
     retire_region,
     spare_region_name,
 )
-from checkpoint_engine.coordination import Coordinator
+from checkpoint_engine.coordinator import Coordinator
 from checkpoint_engine.mooncake_transport import MooncakeClient, MooncakeConfig, MooncakeServer, RemoteRegion
 
 log = logging.getLogger(__name__)

@@ -24,22 +24,22 @@ from checkpoint_engine.contracts.phases import (
     next_state,
 )
 from checkpoint_engine.contracts.weight_region import Manifest, plan_layout, region_name
-from checkpoint_engine.coordination import (
+from checkpoint_engine.coordination_errors import (
     CoordinationTimeout,
-    Coordinator,
-    Keys,
     NodeLostError,
     NotLeaderError,
     PhaseFailedError,
     StaleStateError,
 )
+from checkpoint_engine.coordinator import Coordinator
+from checkpoint_engine.etcd_keys import Keys
 from launch.etcd_server import LocalEtcd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 JOB = "test-job"
 TTL = 2  # etcd 3.4 with default raft timing grants at least 2 s whatever is asked for
 NODES = ["node0", "node1"]
-LOG = "checkpoint_engine.coordination"
+LOG = "checkpoint_engine"  # the coordinator and the node lease log under it
 
 
 @pytest.fixture
@@ -293,7 +293,7 @@ def test_wait_phase_sees_each_state_in_order_and_stops_on_failure(make) -> None:
     watching = threading.Event()
 
     def is_start_vllm(s: PhaseState) -> bool:
-        watching.set()  # the first call comes after the watch is open
+        watching.set()  # the first call judges the read that the watch starts after
         return s.phase is Phase.START_VLLM
 
     with ThreadPoolExecutor(1) as pool:
@@ -310,6 +310,44 @@ def test_wait_phase_sees_each_state_in_order_and_stops_on_failure(make) -> None:
     with pytest.raises(PhaseFailedError, match="FAILED"):
         c1.wait_phase(next_state(current), timeout=5)
     assert c1.wait_phase(lambda s: s.phase is Phase.FAILED, timeout=1, raise_on_failed=False).phase is Phase.FAILED
+
+
+def _break_watch_stream(coordinator: Coordinator, watches: int) -> None:
+    """Do what pyetcd does when a watch stream breaks: drop every watch of the client and hand each
+    callback the error. Waits first until `watches` watches are open."""
+    watcher = coordinator.client.watcher
+    deadline = time.monotonic() + 5
+    while len(watcher._callbacks) < watches:
+        assert time.monotonic() < deadline, "the wait never opened its watches"
+        time.sleep(0.01)
+    with watcher._lock:
+        callbacks, watcher._callbacks = dict(watcher._callbacks), {}
+    for callback in callbacks.values():
+        callback(ConnectionError("stream reset"))
+
+
+def test_a_broken_watch_stream_resumes_where_it_stopped(make, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOG)
+    c0, state, _ = _leader_with_phase(make)
+    c1 = make("node1")
+    with ThreadPoolExecutor(1) as pool:
+        waiter = pool.submit(c1.wait_phase, lambda s: s.phase is Phase.START_VLLM, 5)
+        _break_watch_stream(c1, watches=1)
+        # Written while the waiter pauses before re-watching: it must still see the first of the two.
+        second = next_state(state)
+        c0.advance(state, second)
+        c0.advance(second, next_state(second))
+        assert waiter.result(timeout=5) == second
+
+        # A barrier (acks and node records: two watches) rides over a break the same way.
+        third = next_state(second)
+        c0.ack(third)
+        barrier = pool.submit(c0.wait_acks, third, NODES, 5)
+        _break_watch_stream(c0, watches=2)
+        c1.ack(third, {"after": "break"})
+        assert barrier.result(timeout=5) == {"node0": {}, "node1": {"after": "break"}}
+    broke = [r.getMessage() for r in caplog.records if "watch stream broke" in r.getMessage()]
+    assert [m.split("]")[0] for m in broke] == ["[node1", "[node0"], broke
 
 
 def test_a_restarted_daemon_reads_the_job_back(make) -> None:

@@ -1,23 +1,26 @@
 """The etcd key layout and the coordination records, without etcd: keys are generation-scoped,
-sort numerically, prune by one range, and every record survives a JSON round trip."""
+sort numerically, prune by one range, pruning keeps what the controller still reads, and every
+record survives a JSON round trip."""
 
 from __future__ import annotations
 
 import pytest
 
 from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState, initial_state, next_state
-from checkpoint_engine.coordination import (
+from checkpoint_engine.etcd_keys import (
     MAX_VALUE_BYTES,
     Ack,
     Keys,
     LeaderRecord,
     NodeStatus,
+    Retained,
     ShardRecord,
     check_name,
     counter,
     decode,
     encode,
     last_segment,
+    retained,
 )
 
 
@@ -106,3 +109,22 @@ def test_bulk_data_is_refused() -> None:
     ack = Ack(node="n", iteration=0, phase=Phase.TRAIN, payload={"blob": "x" * MAX_VALUE_BYTES}, acked_at=0.0)
     with pytest.raises(ValueError, match="etcd carries coordination only"):
         encode(ack)
+
+
+def test_retained_keeps_the_previous_iteration_and_the_served_and_exported_versions() -> None:
+    state, kept = initial_state(), []
+    for _ in range(3 * len(CYCLE)):
+        state = next_state(state)
+        kept.append((state.iteration, state.phase, retained(state)))
+    by_phase = {(i, p): r for i, p, r in kept}
+    # During TRAIN of i + 1 the controller still reads the acks of iteration i.
+    assert by_phase[2, Phase.TRAIN] == Retained(first_iteration=1, first_version=0)
+    # EXPORT of version 2: version 1 is the one served until UPDATE_WEIGHTS loads 2.
+    assert by_phase[2, Phase.EXPORT] == Retained(first_iteration=1, first_version=1)
+    for iteration, _, r in kept:
+        assert r.first_iteration == max(iteration - 1, 0)
+
+
+@pytest.mark.parametrize("state", [initial_state(), PhaseState(iteration=1, phase=Phase.TRAIN, weight_version=0)])
+def test_retained_never_goes_below_zero(state: PhaseState) -> None:
+    assert retained(state) == Retained(first_iteration=0, first_version=0)

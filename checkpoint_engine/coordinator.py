@@ -1,0 +1,463 @@
+"""One node's view of the job in etcd: leader election, the phase, acks, the shard registry.
+
+Consumes: an etcd endpoint (or a client from `etcd_client.connect`), the job name and this node's
+id; the key layout and records of `etcd_keys`, the phase rules of `contracts.phases`.
+Produces: this node's registration (`node_lease`), the leader key on that lease, phase changes
+(leader only: a compare-and-swap on the phase's revision, fenced by the leader key's revision, that
+also prunes what finished iterations left behind, see `Coordinator.advance`), acks and shard records.
+Waits on: etcd watches, all through `etcd_watch.watch_until`, for the phase, acks, shards, node
+registration and expiry and a vacant leader key; every wait takes a timeout and its error
+(`coordination_errors`) names who or what did not arrive. etcd out of reach surfaces as pyetcd's
+ConnectionFailedError (the heartbeat alone retries). etcd carries coordination only; bulk data goes
+through shm / Mooncake (see `shm_buffer.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from checkpoint_engine.contracts.phases import Phase, PhaseState, check_transition
+from checkpoint_engine.coordination_errors import (
+    CoordinationError,
+    CoordinationTimeout,
+    NodeLostError,
+    NotLeaderError,
+    PhaseFailedError,
+    StaleStateError,
+)
+from checkpoint_engine.etcd_client import connect
+from checkpoint_engine.etcd_keys import (
+    Ack,
+    Keys,
+    LeaderRecord,
+    NodeStatus,
+    ShardRecord,
+    check_name,
+    decode,
+    describe,
+    encode,
+    last_segment,
+    names,
+    retained,
+)
+from checkpoint_engine.etcd_watch import Event, watch_until
+from checkpoint_engine.node_lease import NodeLease
+
+if TYPE_CHECKING:
+    import pyetcd
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL = 10  # seconds; etcd 3.4 grants at least ~2 s whatever is asked for
+T = TypeVar("T")
+
+
+def _as_predicate(until: PhaseState | Callable[[PhaseState], bool]) -> tuple[Callable[[PhaseState], bool], str]:
+    if isinstance(until, PhaseState):
+        target = (until.iteration, until.phase, until.weight_version)
+        return (lambda s: (s.iteration, s.phase, s.weight_version) == target), describe(until)
+    return until, getattr(until, "__name__", repr(until))
+
+
+class _NodeLog(logging.LoggerAdapter):
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return f"[{self.extra['node']}] {msg}", kwargs
+
+
+# ----------------------------------------------------------------------------------- coordinator
+class Coordinator:
+    """One node's view of the job in etcd: registration, election, phase, acks, shard registry.
+
+    `Coordinator(endpoint_or_client, job, node)` registers the node on a fresh lease and starts the
+    heartbeat; `close()` (or leaving the `with` block) stops it and revokes the lease, which drops
+    the node record and the leadership at once. A client passed in stays open; one built from an
+    endpoint is closed with the coordinator.
+    """
+
+    def __init__(
+        self,
+        etcd: str | pyetcd.MultiEndpointEtcd3Client,
+        job: str,
+        node: str,
+        *,
+        ttl: int = DEFAULT_TTL,
+        http_address: str = "",
+    ) -> None:
+        self.keys = Keys(job)
+        self.node = check_name(node, "node id")
+        self.log = _NodeLog(logger, {"node": node})
+        self._owns_client = isinstance(etcd, str)
+        self.client = connect(etcd) if isinstance(etcd, str) else etcd
+        self._lock = threading.Lock()
+        self._leader_revision: int | None = None  # mod revision of our leader key: the fencing token
+        self._closed = False
+        status = NodeStatus(node=node, pid=os.getpid(), host=socket.gethostname(), http_address=http_address,
+                            started_at=time.time())  # fmt: skip
+        try:
+            self._node = NodeLease(
+                self.client, self.keys.node(node), status, ttl=ttl, log=self.log, on_expired=self._lost_lease
+            )
+        except BaseException:
+            if self._owns_client:
+                self.client.close()
+            raise
+        self.status, self.ttl, self.heartbeat = status, self._node.ttl, self._node.heartbeat
+
+    def __repr__(self) -> str:
+        return f"Coordinator(job={self.keys.job!r}, node={self.node!r}, ttl={self.ttl})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the heartbeat and revoke the lease (node record and leadership go at once); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._leader_revision = None
+        self._node.close()
+        if self._owns_client:
+            self.client.close()
+
+    @property
+    def lease_id(self) -> int:
+        return self._node.lease.id
+
+    def _lost_lease(self) -> bool:
+        """The lease ran out and the node re-registered: the leader key went with the old lease."""
+        with self._lock:
+            was_leader, self._leader_revision = self._leader_revision is not None, None
+        return was_leader
+
+    # --------------------------------------------------------------------------------- election
+    def campaign(self, timeout: float = 0.0) -> bool:
+        """Take the leader key if it is vacant; with a timeout, wait (watching the key) for a vacancy.
+
+        True when this node holds the key (also when it already did). The key lives on this node's
+        lease, so it goes when the node closes, crashes or hangs past its TTL.
+        """
+        won = self._wait_until([self.keys.leader], self._try_lead, timeout)
+        if not won:
+            self.log.info("not elected: %s leads", self.leader())
+        return bool(won)
+
+    def _try_lead(self) -> bool | None:
+        txn, key = self.client.transactions, self.keys.leader
+        lease = self._node.lease
+        record = encode(LeaderRecord(node=self.node, elected_at=time.time()))
+        _, responses = self.client.transaction(
+            compare=[txn.create(key) == 0], success=[txn.put(key, record, lease=lease), txn.get(key)],
+            failure=[txn.get(key)],
+        )  # fmt: skip
+        kvs = responses[-1]
+        if not kvs:  # the key vanished between the compare and the read: try again on the next event
+            return None
+        value, meta = kvs[0]
+        # Our node id on another lease is an earlier run of this node: wait until that lease runs out.
+        if decode(LeaderRecord, value).node != self.node or meta.lease_id != lease.id:
+            return None
+        with self._lock:
+            # The node lease swaps its lease before `_lost_lease` takes this lock, so either the
+            # check below sees the new lease or `_lost_lease` clears what is set here.
+            if self._node.lease is not lease:  # re-registered meanwhile: the key went with the old lease
+                return None
+            newly, self._leader_revision = self._leader_revision != meta.mod_revision, meta.mod_revision
+        if newly:
+            self.log.info("elected leader of job %s (leader key revision %d)", self.keys.job, meta.mod_revision)
+        return True
+
+    def leader(self) -> str | None:
+        """The node holding the leader key, or None while the seat is vacant."""
+        value, _ = self.client.get(self.keys.leader)
+        return None if value is None else decode(LeaderRecord, value).node
+
+    def is_leader(self) -> bool:
+        """Read from etcd, not from memory: a lease that expired took the leadership with it."""
+        value, meta = self.client.get(self.keys.leader)
+        with self._lock:
+            return (
+                value is not None
+                and meta.mod_revision == self._leader_revision
+                and meta.lease_id == self._node.lease.id
+            )
+
+    # ------------------------------------------------------------------------------------ phase
+    def read_phase(self) -> tuple[PhaseState | None, int]:
+        """The current phase and its mod revision; (None, 0) before the leader initialised it."""
+        value, meta = self.client.get(self.keys.phase)
+        return (None, 0) if value is None else (decode(PhaseState, value), meta.mod_revision)
+
+    def _fence(self) -> int:
+        with self._lock:
+            revision = self._leader_revision
+        if revision is None:
+            raise NotLeaderError(f"{self.node} may not write the phase: it is not the leader ({self.leader()} is)")
+        return revision
+
+    def init_phase(self, state: PhaseState) -> tuple[PhaseState, int]:
+        """Write `state` if the job has no phase yet (leader only); returns what etcd then holds.
+
+        A job that already has a phase (a restarted leader, a second leader after a failover) keeps
+        it: the existing state and its revision come back, and `state` is ignored.
+        """
+        txn, key = self.client.transactions, self.keys.phase
+        fence = self._fence()
+        created, responses = self.client.transaction(
+            compare=[txn.create(key) == 0, txn.mod(self.keys.leader) == fence],
+            success=[txn.put(key, encode(state)), txn.get(key)], failure=[txn.get(key), txn.get(self.keys.leader)],
+        )  # fmt: skip
+        if not created:
+            self._raise_if_not_leader(fence, responses[1])
+        value, meta = responses[1 if created else 0][0]
+        found = decode(PhaseState, value)
+        self.log.info("%s phase %s at revision %d", "initialised" if created else "found", describe(found),
+                      meta.mod_revision)  # fmt: skip
+        return found, meta.mod_revision
+
+    def advance(self, expected: PhaseState | int, new: PhaseState) -> int:
+        """Move the phase from `expected` (a state read before, or its revision) to `new`; leader only.
+
+        Validates with `check_transition` first (IllegalTransition names both states). The write is
+        a compare-and-swap on the phase's mod revision and on this node's leader key revision: a
+        lost race raises StaleStateError, a lost leadership NotLeaderError. Returns the new revision.
+
+        The same transaction prunes what finished iterations left behind, so that the job's keys do
+        not grow with every iteration (`etcd_keys.retained`): it keeps the acks of `new`'s iteration
+        and the one before (the controller reads iteration i's acks for its phase timings while the
+        job is in iteration i + 1) and the shard records of `new`'s weight version and the one before
+        (the version served and the one being exported or loaded). Being part of the fenced write, a
+        deposed leader prunes nothing.
+        """
+        fence = self._fence()
+        current, revision = self.read_phase()
+        if current is None:
+            raise CoordinationError(f"{self.node} cannot advance to {describe(new)}: the phase was never initialised")
+        expected_revision = expected if isinstance(expected, int) else revision
+        if (expected != current) if isinstance(expected, PhaseState) else (expected != revision):
+            raise StaleStateError(expected, revision, current)
+        check_transition(current, new)
+        txn, key = self.client.transactions, self.keys.phase
+        keep = retained(new)
+        acks_start, acks_end = self.keys.acks_before(keep.first_iteration)
+        shards_start, shards_end = self.keys.shards_before(keep.first_version)
+        swapped, responses = self.client.transaction(
+            compare=[txn.mod(key) == expected_revision, txn.mod(self.keys.leader) == fence],
+            success=[txn.put(key, encode(new)), txn.get(key), txn.delete(acks_start, range_end=acks_end),
+                     txn.delete(shards_start, range_end=shards_end)],
+            failure=[txn.get(key), txn.get(self.keys.leader)],
+        )  # fmt: skip
+        if not swapped:
+            self._raise_if_not_leader(fence, responses[1])
+            value, meta = responses[0][0] if responses[0] else (None, None)
+            found = None if value is None else decode(PhaseState, value)
+            raise StaleStateError(expected_revision, 0 if meta is None else meta.mod_revision, found)
+        new_revision = responses[1][0][1].mod_revision
+        self.log.info("phase %s -> %s (revision %d -> %d)", describe(current), describe(new), revision, new_revision)
+        acks, shards = (r.response_delete_range.deleted for r in responses[2:])
+        if acks or shards:
+            self.log.info("pruned %d acks before iteration %d and %d shard records before version %d", acks,
+                          keep.first_iteration, shards, keep.first_version)  # fmt: skip
+        return new_revision
+
+    def _raise_if_not_leader(self, fence: int, leader_kvs: list) -> None:
+        if leader_kvs and leader_kvs[0][1].mod_revision == fence:
+            return
+        with self._lock:
+            if self._leader_revision == fence:
+                self._leader_revision = None
+        holder = decode(LeaderRecord, leader_kvs[0][0]).node if leader_kvs else "no node"
+        raise NotLeaderError(f"{self.node} lost the leadership (its lease expired); now {holder} leads")
+
+    def wait_phase(
+        self, until: PhaseState | Callable[[PhaseState], bool], timeout: float, *, raise_on_failed: bool = True
+    ) -> PhaseState:
+        """The first phase state (current one included) that matches `until`, seen through a watch.
+
+        `until` is a target state (iteration, phase and weight version must match) or a predicate.
+        Every state written while waiting is seen in order, none skipped. A FAILED state that does
+        not match raises PhaseFailedError unless `raise_on_failed` is False.
+        """
+        matches, wanted = _as_predicate(until)
+        last_seen: list[PhaseState | None] = [None]
+
+        def judge(state: PhaseState | None) -> PhaseState | None:
+            last_seen[0] = state
+            if state is not None and matches(state):
+                return state
+            if state is not None and raise_on_failed and state.phase is Phase.FAILED:
+                raise PhaseFailedError(state, wanted)
+            return None
+
+        def read() -> tuple[PhaseState | None, int]:
+            response = self.client.get_response(self.keys.phase)
+            state = decode(PhaseState, response.kvs[0].value) if response.count else None
+            return judge(state), response.header.revision
+
+        def handle(events: list[Event]) -> PhaseState | None:
+            for event in events:
+                if (found := judge(decode(PhaseState, event.value) if event.value else None)) is not None:
+                    return found
+            return None
+
+        found = watch_until(self.client, [self.keys.phase], read, handle, timeout=timeout, log=self.log)
+        if found is None:
+            raise CoordinationTimeout(
+                f"{self.node} waited {timeout:g} s for phase {wanted}; last seen: {describe(last_seen[0])}"
+            )
+        return found
+
+    # ------------------------------------------------------------------------------------ nodes
+    def alive_nodes(self) -> dict[str, NodeStatus]:
+        """Nodes whose lease is live, by node id."""
+        return {
+            last_segment(meta.key): decode(NodeStatus, value) for value, meta in self.client.get_prefix(self.keys.nodes)
+        }
+
+    def missing_nodes(self, expected: Iterable[str]) -> list[str]:
+        """Those of `expected` without a live lease, sorted."""
+        return sorted(set(expected) - set(self.alive_nodes()))
+
+    def wait_nodes(self, nodes: Iterable[str], timeout: float) -> dict[str, NodeStatus]:
+        """Wait until every one of `nodes` is registered (the start-up barrier); returns their status."""
+        wanted = set(nodes)
+
+        def all_there() -> dict[str, NodeStatus] | None:
+            alive = self.alive_nodes()
+            return {n: alive[n] for n in wanted} if wanted <= set(alive) else None
+
+        found = self._wait_until([self.keys.nodes], all_there, timeout)
+        if found is None:
+            raise CoordinationTimeout(
+                f"{self.node} waited {timeout:g} s for nodes to register; missing: {names(self.missing_nodes(wanted))}"
+            )
+        return found
+
+    def wait_node_gone(self, node: str, timeout: float) -> None:
+        """Return once `node`'s record is gone (its lease revoked or expired: at most its TTL after it died)."""
+        key = self.keys.node(node)
+
+        def gone() -> bool | None:
+            return True if self.client.get(key)[0] is None else None
+
+        if self._wait_until([key], gone, timeout) is None:
+            raise CoordinationTimeout(f"{self.node} waited {timeout:g} s for node {node} to go; it is still alive")
+
+    # ------------------------------------------------------------------------------------- acks
+    def ack(self, state: PhaseState, payload: Mapping[str, Any] | None = None) -> None:
+        """Record that this node finished `state` (iteration and phase); `payload` is small JSON."""
+        record = Ack(node=self.node, iteration=state.iteration, phase=state.phase, payload=dict(payload or {}),
+                     acked_at=time.time())  # fmt: skip
+        self.client.put(self.keys.ack(state.iteration, state.phase, self.node), encode(record))
+        self.log.info("acked %s", describe(state))
+
+    def acks(self, state: PhaseState) -> dict[str, Ack]:
+        """The acks recorded so far for `state`'s iteration and phase, by node id."""
+        prefix = self.keys.acks(state.iteration, state.phase)
+        return {last_segment(meta.key): decode(Ack, value) for value, meta in self.client.get_prefix(prefix)}
+
+    def iteration_acks(self, iteration: int) -> dict[Phase, dict[str, Ack]]:
+        """Every ack recorded for `iteration`, by phase and node (what phase timings are read from)."""
+        found: dict[Phase, dict[str, Ack]] = {}
+        for value, _ in self.client.get_prefix(self.keys.iteration_acks(iteration)):
+            ack = decode(Ack, value)
+            found.setdefault(ack.phase, {})[ack.node] = ack
+        return found
+
+    def wait_acks(self, state: PhaseState, nodes: Iterable[str], timeout: float) -> dict[str, dict[str, Any]]:
+        """Barrier: every one of `nodes` acked `state`; returns their payloads by node id.
+
+        Raises CoordinationTimeout naming the silent nodes, or NodeLostError at once when one of
+        them lost its lease without acking (no point waiting out the timeout for a dead node).
+        """
+        prefix, what = (
+            self.keys.acks(state.iteration, state.phase),
+            f"{state.phase.value} (iteration {state.iteration})",
+        )
+        records = self._barrier(prefix, set(nodes), lambda: self.acks(state), timeout, f"acks of {what}")
+        return {n: records[n].payload for n in sorted(records)}
+
+    def prune(self, before_iteration: int) -> int:
+        """Delete the acks of every iteration before `before_iteration` now; returns how many went.
+        (`advance` prunes as it goes; this is for a job that stopped.)"""
+        return self._delete_range(*self.keys.acks_before(before_iteration), f"acks before iteration {before_iteration}")
+
+    # ----------------------------------------------------------------------------------- shards
+    def register_shards(self, version: int, manifest: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
+        """Publish where this node's weights of `version` live (`manifest`: `Manifest.to_dict()`)."""
+        if "version" in manifest and manifest["version"] != version:
+            raise ValueError(f"{self.node}: manifest of version {manifest['version']} registered as version {version}")
+        record = ShardRecord(node=self.node, version=version, manifest=dict(manifest), transport=dict(transport),
+                             registered_at=time.time())  # fmt: skip
+        self.client.put(self.keys.shard(version, self.node), encode(record))
+        self.log.info("registered the shards of weight version %d", version)
+
+    def shards(self, version: int) -> dict[str, ShardRecord]:
+        """The shard records of `version` registered so far, by node id."""
+        prefix = self.keys.shards(version)
+        return {last_segment(meta.key): decode(ShardRecord, value) for value, meta in self.client.get_prefix(prefix)}
+
+    def wait_shards(self, version: int, nodes: Iterable[str], timeout: float) -> dict[str, ShardRecord]:
+        """Barrier: every one of `nodes` registered `version`; errors as for `wait_acks`."""
+        prefix = self.keys.shards(version)
+        return self._barrier(prefix, set(nodes), lambda: self.shards(version), timeout, f"shards of version {version}")
+
+    def prune_shards(self, before_version: int) -> int:
+        """Delete the shard records of every version before `before_version` now; returns how many went."""
+        return self._delete_range(*self.keys.shards_before(before_version), f"shards before version {before_version}")
+
+    # ------------------------------------------------------------------------------------ waits
+    def _barrier(
+        self, prefix: str, nodes: set[str], read: Callable[[], dict[str, T]], timeout: float, what: str
+    ) -> dict[str, T]:
+        def check() -> dict[str, T] | None:
+            found = read()
+            silent = nodes - set(found)
+            if not silent:
+                return {n: found[n] for n in nodes}
+            lost = sorted(silent & set(self.missing_nodes(silent)))
+            if lost:
+                raise NodeLostError(
+                    f"{self.node}: node(s) {names(lost)} have no live lease (crashed, hung or never registered) "
+                    f"and did not send {what}"
+                )
+            return None
+
+        done = self._wait_until([prefix, self.keys.nodes], check, timeout)
+        if done is None:
+            silent = nodes - set(read())
+            raise CoordinationTimeout(
+                f"{self.node} waited {timeout:g} s for {what}; no answer from {names(silent)} "
+                f"(answered: {names(nodes - silent)})"
+            )
+        return done
+
+    def _wait_until(self, keys: list[str], check: Callable[[], T | None], timeout: float) -> T | None:
+        """Re-evaluate `check` (fresh reads) whenever something under `keys` changes; its first
+        non-None result, or None at the timeout."""
+
+        def read() -> tuple[T | None, int]:
+            # The revision comes first: every change after it reaches the watch, whatever `check` read.
+            revision = self.client.get_response(keys[0], count_only=True).header.revision
+            return check(), revision
+
+        return watch_until(self.client, keys, read, lambda _events: check(), timeout=timeout, log=self.log)
+
+    def _delete_range(self, start: str, end: str, what: str) -> int:
+        txn = self.client.transactions
+        _, responses = self.client.transaction(compare=[], success=[txn.delete(start, range_end=end)], failure=[])
+        deleted = responses[0].response_delete_range.deleted
+        self.log.info("pruned %d %s", deleted, what)
+        return deleted
