@@ -9,7 +9,7 @@ Waits on: etcd watches, all through `etcd_watch.watch_until`, for the phase, ack
 registration and expiry and a vacant leader key; every wait takes a timeout and its error
 (`coordination_errors`) names who or what did not arrive. etcd out of reach surfaces as pyetcd's
 ConnectionFailedError (the heartbeat alone retries). etcd carries coordination only; bulk data goes
-through shm / Mooncake (see `shm_buffer.py`).
+through shm / Mooncake (see `contracts/weight_region.py`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and registers it here; the store records it in etcd (with how other nodes can re
 Mooncake server is running) and serves it. For UPDATE_WEIGHTS, `resolve(version)` returns a
 local manifest: the node's own region, or a replica pulled from a node that registered it.
 A dropped version's region is not unlinked but renamed to the node's spare region, which the
-next EXPORT's `shm_buffer.RegionWriter` renames into place: writing into touched pages runs
+next EXPORT's `weight_region.RegionWriter` renames into place: writing into touched pages runs
 about three times faster than into a fresh tmpfs file.
 Regions of this job and node left by a crashed run are removed at start-up; all are removed on close.
 """
