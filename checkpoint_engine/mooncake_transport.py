@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from checkpoint_engine.contracts.weight_region import ALIGNMENT, SHM_DIR, Manifest, TensorSlot, _map, remove_region
+from checkpoint_engine.contracts.weight_region import (
+    ALIGNMENT,
+    SHM_DIR,
+    Manifest,
+    TensorSlot,
+    map_region,
+    remove_region,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +160,7 @@ class MooncakeServer:
 
     def __init__(self, cfg: MooncakeConfig) -> None:
         self.cfg = cfg
-        self._engine, self.session = _start_transfer_engine(cfg)
+        self._transfer, self.session = _start_transfer_engine(cfg)
         self._served: dict[int, _Served] = {}
 
     def serve(self, manifest: Manifest) -> RemoteRegion:
@@ -163,9 +170,9 @@ class MooncakeServer:
                 f"weight version {manifest.version} is already served from {self._served[manifest.version]}"
             )
         # Mapped read-write: RDMA registration (ibv_reg_mr with local write access) fails on read-only pages.
-        buf = _map(SHM_DIR / manifest.region, manifest.size, create=False)
+        buf = map_region(SHM_DIR / manifest.region, manifest.size, create=False)
         addr = _address(buf)
-        rc = self._engine.register_memory(addr, manifest.size)
+        rc = self._transfer.register_memory(addr, manifest.size)
         if rc != 0:
             buf.close()
             raise MooncakeError(f"registering region {manifest.region} ({manifest.size} bytes) failed with code {rc}")
@@ -178,7 +185,7 @@ class MooncakeServer:
     def unserve(self, version: int) -> None:
         """Unregister and unmap the region of `version`; later reads of it are refused by the engine."""
         served = self._served.pop(version)
-        rc = self._engine.unregister_memory(served.remote.base_addr)
+        rc = self._transfer.unregister_memory(served.remote.base_addr)
         served.buf.close()
         if rc != 0:
             raise MooncakeError(f"unregistering region {served.remote.region} failed with code {rc}")
@@ -190,7 +197,7 @@ class MooncakeServer:
         """Stop serving everything; dropping the engine closes its listening sockets (it has no close())."""
         for version in list(self._served):
             self.unserve(version)
-        self._engine = None
+        self._transfer = None
 
     def __enter__(self) -> MooncakeServer:
         return self
@@ -204,7 +211,7 @@ class MooncakeClient:
 
     def __init__(self, cfg: MooncakeConfig) -> None:
         self.cfg = cfg
-        self._engine, self.session = _start_transfer_engine(cfg)
+        self._transfer, self.session = _start_transfer_engine(cfg)
 
     def pull(
         self, remote: RemoteRegion, manifest: Manifest, local_region: str, slots: Collection[str] | None = None
@@ -216,7 +223,7 @@ class MooncakeClient:
         wanted = select_slots(manifest, slots)
         reads = plan_reads(wanted.slots, self.cfg.chunk_bytes)
         start = time.perf_counter()
-        buf = _map(SHM_DIR / local_region, manifest.size, create=True)
+        buf = map_region(SHM_DIR / local_region, manifest.size, create=True)
         try:
             self._read_into(buf, remote, reads)
         except BaseException:
@@ -232,14 +239,14 @@ class MooncakeClient:
 
     def _read_into(self, buf: mmap.mmap, remote: RemoteRegion, reads: list[tuple[int, int]]) -> None:
         addr = _address(buf)
-        rc = self._engine.register_memory(addr, len(buf))
+        rc = self._transfer.register_memory(addr, len(buf))
         if rc != 0:
             raise MooncakeError(
                 f"registering the local copy of {remote.region} ({len(buf)} bytes) failed with code {rc}"
             )
         try:
             for offset, length in reads:
-                rc = self._engine.transfer_sync_read(remote.session, addr + offset, remote.base_addr + offset, length)
+                rc = self._transfer.transfer_sync_read(remote.session, addr + offset, remote.base_addr + offset, length)
                 if rc != 0:
                     raise MooncakeError(
                         f"reading bytes [{offset}, {offset + length}) of region {remote.region} (weight version "
@@ -247,10 +254,10 @@ class MooncakeClient:
                         "no longer serves this version, or the registry entry is stale"
                     )
         finally:
-            self._engine.unregister_memory(addr)
+            self._transfer.unregister_memory(addr)
 
     def close(self) -> None:
-        self._engine = None
+        self._transfer = None
 
     def __enter__(self) -> MooncakeClient:
         return self
@@ -289,7 +296,7 @@ def measure_pull_bandwidth(
     manifest = Manifest(src_name, 0, size, (TensorSlot("bytes", "float32", (size // 4,), 0, size),))
     pull_s, copy_s, warm_s = [], [], []
     try:
-        src_buf = _map(SHM_DIR / src_name, size, create=True)
+        src_buf = map_region(SHM_DIR / src_name, size, create=True)
         src = np.frombuffer(src_buf, dtype=np.uint8)
         src[:] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
         with MooncakeServer(cfg) as server, MooncakeClient(cfg) as client:
@@ -299,7 +306,7 @@ def measure_pull_bandwidth(
                 client.pull(remote, manifest, dst_name)
                 pull_s.append(time.perf_counter() - start)
                 remove_region(dst_name)
-                dst_buf = _map(SHM_DIR / dst_name, size, create=True)
+                dst_buf = map_region(SHM_DIR / dst_name, size, create=True)
                 dst = np.frombuffer(dst_buf, dtype=np.uint8)
                 start = time.perf_counter()
                 np.copyto(dst, src)

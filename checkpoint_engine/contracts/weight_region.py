@@ -98,7 +98,7 @@ def spare_region_name(job: str, node: str) -> str:
     return f"{REGION_PREFIX}{job}-{node}-spare"
 
 
-def _map(path: Path, size: int, create: bool) -> mmap.mmap:
+def map_region(path: Path, size: int, create: bool) -> mmap.mmap:
     """Map a region whole, page tables populated up front: faulting them in one 4 KiB page at a time
     while copying or checksumming costs more than the checksum itself."""
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -136,7 +136,7 @@ def _fill(buf: mmap.mmap, slots: list[TensorSlot], tensors: Mapping[str, torch.T
 def write_region(name: str, version: int, tensors: Mapping[str, torch.Tensor]) -> Manifest:
     """Create region `name` and copy `tensors` (CPU) into it; fails if the region already exists."""
     slots, size = plan_layout(tensors)
-    buf = _map(SHM_DIR / name, size, create=True)
+    buf = map_region(SHM_DIR / name, size, create=True)
     try:
         slots = _fill(buf, slots, tensors)
     finally:
@@ -218,7 +218,7 @@ def read_region(manifest: Manifest, verify: bool = True) -> list[tuple[str, torc
     corrupted push leaves the receiver on its previous version instead of half-loaded. The region
     is mapped once; the mapping lives as long as the tensors do.
     """
-    raw = torch.frombuffer(_map(SHM_DIR / manifest.region, manifest.size, create=False), dtype=torch.uint8)
+    raw = torch.frombuffer(map_region(SHM_DIR / manifest.region, manifest.size, create=False), dtype=torch.uint8)
     views = [raw[s.offset : s.offset + s.nbytes] for s in manifest.slots]
     for s, view in zip(manifest.slots, views, strict=True) if verify else ():
         if checksum(view.numpy()) != s.checksum:
