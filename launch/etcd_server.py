@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
 from checkpoint_engine.etcd_client import connect
+from checkpoint_engine.process_group import ProcessGroup
 
 DEBIAN_BINARY = "/usr/bin/etcd"
 LOOPBACK = "127.0.0.1"
@@ -92,7 +92,8 @@ class LocalEtcd:
     """One etcd process for one job: `with LocalEtcd(run_dir / "etcd") as etcd: connect(etcd.endpoint)`.
 
     Leaving the block, normally or by an exception, stops the process: SIGTERM, then SIGKILL after
-    `stop_grace` seconds; nothing is left running.
+    `stop_grace` seconds; nothing is left running. The server runs in its own session, so Ctrl-C in the
+    launcher's terminal does not kill it under the launcher, which still needs it while it stops the rest.
     """
 
     def __init__(
@@ -108,8 +109,7 @@ class LocalEtcd:
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
         self.log_path = self.data_dir / "etcd.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._group: ProcessGroup | None = None
         self._endpoint: str | None = None
 
     def __repr__(self) -> str:
@@ -126,11 +126,11 @@ class LocalEtcd:
     @property
     def pid(self) -> int | None:
         """Pid of the last process started (kept after stop, so callers can check it is gone)."""
-        return None if self._proc is None else self._proc.pid
+        return None if self._group is None else self._group.pid
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._group is not None and self._group.alive()
 
     def __enter__(self) -> Self:
         self.start()
@@ -167,22 +167,21 @@ class LocalEtcd:
 
     def _start_once(self, binary: str) -> None:
         client_port, peer_port = free_loopback_ports(2)
-        # Append, so that the log of an earlier server on the same directory survives a restart.
-        self._log = self.log_path.open("ab")
-        log_start = self._log.tell()
+        # The log is appended to, so that an earlier server's on the same directory survives a restart.
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         # etcd itself creates the data directory with mode 0700 (it warns on anything looser).
         command = etcd_command(binary, self.data_dir / "etcd-data", client_port, peer_port)
-        self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        self._group = ProcessGroup.spawn(command, self.log_path)
         self._endpoint = f"{LOOPBACK}:{client_port}"
         try:
-            self._wait_ready(self._proc, self._endpoint, log_start)
+            self._wait_ready(self._group, self._endpoint, log_start)
         except RuntimeError as exc:
             self.stop()
             if _PORT_TAKEN in str(exc):
                 raise _PortTakenError(str(exc)) from exc
             raise
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], endpoint: str, log_start: int) -> None:
+    def _wait_ready(self, proc: ProcessGroup, endpoint: str, log_start: int) -> None:
         """Poll until a linearizable read succeeds, i.e. the member has elected itself leader."""
         deadline = time.monotonic() + self.start_timeout
         with connect(endpoint, timeout=1.0) as client:
@@ -207,17 +206,9 @@ class LocalEtcd:
 
     def stop(self) -> None:
         """SIGTERM, wait `stop_grace` s, then SIGKILL; idempotent."""
-        proc, self._endpoint = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=self.stop_grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._endpoint = None
+        if self._group is not None:
+            self._group.stop(self.stop_grace)
 
 
 class _PortTakenError(RuntimeError):

@@ -1,0 +1,170 @@
+"""A child process in its own session, and a stop that leaves nothing of its tree running.
+
+Consumes: an argv, a log file path, and optionally extra environment variables and a working directory.
+Produces: `ProcessGroup`, the running child (pid, poll, wait, its process tree) and, from `stop`, a `Stopped`
+report: every pid that was running, the resident memory they held, how long the stop took and whether
+SIGTERM had to be followed by SIGKILL.
+Waits on: in `stop`, every known process of the tree to exit, `grace` seconds after SIGTERM and up to
+`KILL_WAIT` seconds after SIGKILL (it raises if any survives that), then up to `REAP_WAIT` seconds for
+init to reap the exited orphans. A zombie counts as exited: it holds no memory and no devices.
+
+The child is a session leader, so its pid is the id of a process group that holds the whole tree (unless a
+descendant starts a session of its own): one signal reaches all of it, and Ctrl-C in the launcher's terminal
+reaches none of it. A killed root's children are re-parented and no longer show as its descendants, so the
+tree can be recorded with `remember_tree` while the root lives; `stop` waits for those pids too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+KILL_WAIT = 10.0  # seconds a SIGKILLed process may take to exit (it may be in uninterruptible I/O)
+# Seconds to let init reap exited orphans, so that their pids are gone too when stop returns; some
+# inits poll (about 1.5 s seen), and a container's pid 1 may never reap, which is not worth failing for.
+REAP_WAIT = 5.0
+_POLL = 0.02
+
+
+@dataclass(frozen=True)
+class Stopped:
+    pids: tuple[int, ...]  # every process of the tree that was running when the stop began
+    rss_freed_bytes: int
+    seconds: float
+    killed: bool  # True when SIGTERM was not enough
+
+
+class ProcessGroup:
+    """One spawned child and the processes it starts: `g = ProcessGroup.spawn(argv, log); ...; g.stop(10)`."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self._remembered: dict[int, psutil.Process] = {}
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: Sequence[str],
+        log_path: str | os.PathLike[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> ProcessGroup:
+        """Start `argv` in a new session, stdout and stderr appended to `log_path`.
+
+        `env` is added to (not substituted for) this process's environment.
+        """
+        # Append, so that an earlier run's log on the same path survives; the child keeps its own descriptor.
+        with Path(log_path).open("ab") as log:
+            popen = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, **(env or {})}, cwd=cwd,
+            )  # fmt: skip
+        return cls(popen)
+
+    @property
+    def pid(self) -> int:
+        """The root's pid, which is also the process group's and the session's id."""
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The root's exit status once `poll`, `wait` or `stop` saw it exit (negative: killed by that signal)."""
+        return self._popen.returncode
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the root only; raises `subprocess.TimeoutExpired`. Its descendants may live on."""
+        return self._popen.wait(timeout)
+
+    def alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def tree(self) -> list[psutil.Process]:
+        """The root and its descendants now; empty once the root has exited."""
+        if not self.alive():
+            return []
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:  # the root exited between the poll and the scan
+            return []
+
+    def remember_tree(self) -> list[psutil.Process]:
+        """Record the current tree, so that `stop` still finds those processes after the root has died."""
+        tree = self.tree()
+        self._remembered.update((p.pid, p) for p in tree)
+        return tree
+
+    def known(self) -> list[psutil.Process]:
+        """The current tree and every remembered process still running (psutil checks a pid was not reused)."""
+        found = {p.pid: p for p in [*self._remembered.values(), *self.tree()]}
+        return [p for p in found.values() if _running(p)]
+
+    def stop(self, grace: float) -> Stopped:
+        """SIGTERM the group, SIGKILL it after `grace` s; returns once every known process is gone. Idempotent."""
+        start = time.perf_counter()
+        # The group id is the root's pid. While the root is unreaped or a member still runs, no other
+        # process can hold that id, so the signal cannot reach a stranger; the group outlives a killed root.
+        unreaped = self._popen.returncode is None
+        procs = self.known()
+        signal_group = unreaped or bool(procs)
+        rss = 0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                rss += p.memory_info().rss
+        if signal_group:
+            _signal_group(self.pid, signal.SIGTERM)
+        still = self._wait(procs, grace)
+        if still:
+            if signal_group:
+                _signal_group(self.pid, signal.SIGKILL)
+            for p in still:  # a member that left the group is not reached by the group signal
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            survivors = self._wait(still, KILL_WAIT)
+            if survivors:
+                raise RuntimeError(f"processes {[p.pid for p in survivors]} of group {self.pid} survived SIGKILL")
+        self._popen.wait()
+        _await_reaped(procs, REAP_WAIT)
+        self._remembered.clear()
+        return Stopped(tuple(p.pid for p in procs), rss, time.perf_counter() - start, killed=bool(still))
+
+    def _wait(self, procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+        """Those of `procs` still running after up to `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            # The root is polled through Popen, which reaps it and keeps its exit status.
+            left = [p for p in procs if (self.alive() if p.pid == self.pid else _running(p))]
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(_POLL)
+
+
+def _running(p: psutil.Process) -> bool:
+    """Running and not a zombie: a zombie holds no memory and is gone once its parent (or init) reaps it."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _await_reaped(procs: list[psutil.Process], timeout: float) -> None:
+    """Wait until the exited `procs` are reaped (their pids gone), up to `timeout` s; they are dead either way."""
+    deadline = time.monotonic() + timeout
+    while any(p.is_running() for p in procs) and time.monotonic() < deadline:
+        time.sleep(_POLL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
