@@ -23,8 +23,6 @@ class PhaseConfig(Section):
     KEY = "phase"
     timeout: float = Field(900.0, gt=0)  # how long a barrier waits for every node
     vllm_start_timeout: float = Field(300.0, gt=0)  # until vLLM answers its health check; <= timeout
-    # Between SIGTERM and SIGKILL of vLLM (its graceful exit takes ~3-6 s on CPU; its shm segments go either way).
-    terminate_grace: float = Field(3.0, gt=0)
     ttl: int = Field(10, ge=2)  # node lease in etcd: a node silent this long has failed
 
     @model_validator(mode="after")

@@ -55,7 +55,8 @@ class EngineStatus:
     alive_nodes: list[str]
     phase: dict[str, Any] | None
     vllm_pid: int | None
-    vllm_alive: bool
+    vllm_alive: bool  # started (given its go), not a standby
+    vllm_standby: bool  # a standby sidecar waits for the next START_VLLM
     vllm_weight_version: int | None
     weight_versions: list[int]
     last_timings: dict[str, float] = field(default_factory=dict)
@@ -92,25 +93,33 @@ class CheckpointEngine:
 
     def start_vllm(self) -> StartVllmAck:
         early, self._early_start = self._early_start, None
+        waited = time.perf_counter()
         if early is None:
             seconds = self._timed("start_vllm", self._start_vllm_process)
-            return StartVllmAck(pid=self.vllm.pid, seconds=seconds)
-        waited = time.perf_counter()
-        seconds = early.result()  # a failed start raises here, in START_VLLM, and fails that phase
-        self.timings["start_vllm"] = round(seconds, 3)
-        return StartVllmAck(pid=self.vllm.pid, seconds=seconds, waited_seconds=time.perf_counter() - waited)
+        else:
+            seconds = early.result()  # a failed start raises here, in START_VLLM, and fails that phase
+            self.timings["start_vllm"] = round(seconds, 3)
+        times = self.vllm.startup
+        return StartVllmAck(
+            pid=self.vllm.pid, seconds=seconds, waited_seconds=time.perf_counter() - waited,
+            import_seconds=times.imports if times else 0.0, build_seconds=times.build if times else 0.0,
+        )  # fmt: skip
 
     def _start_vllm_early(self) -> None:
         """Begin vLLM's start-up in the background while EXPORT runs (see the module docstring)."""
-        if self._early_start is None and not self.vllm.alive():
+        if self._early_start is None and not self.vllm.serving():
             self._early_start = self._starter.submit(self._start_vllm_process)
 
     def _start_vllm_process(self) -> float:
         return self.vllm.start(timeout=self.cfg.phase.vllm_start_timeout)
 
     def terminate_vllm(self) -> TerminateVllmAck:
-        t = self._timed("terminate_vllm", lambda: self.vllm.terminate(self.cfg.phase.terminate_grace))
-        return TerminateVllmAck(pids=list(t.pids), rss_freed_bytes=t.rss_freed_bytes, killed=t.killed)
+        """Kill vLLM, then spawn the next iteration's standby (its imports overlap ONLOAD and TRAIN)."""
+        t = self._timed("terminate_vllm", self.vllm.terminate)
+        self.vllm.prepare()
+        return TerminateVllmAck(
+            pids=list(t.pids), rss_freed_bytes=t.rss_freed_bytes, killed=t.killed, seconds=t.seconds
+        )
 
     def register_weights(self, manifest: Manifest, payload: ExportAck) -> None:
         """A producer on this node wrote `manifest`'s region; during EXPORT of that version, this acks it."""
@@ -157,7 +166,7 @@ class CheckpointEngine:
     def status(self) -> EngineStatus:
         state, _ = self.coordinator.read_phase()
         version = None
-        if self.vllm.alive():
+        if self.vllm.serving():
             try:
                 version = self.vllm.client.health().weight_version
             except OSError:
@@ -165,7 +174,8 @@ class CheckpointEngine:
         return EngineStatus(
             node=self.cfg.node, leader=self.coordinator.leader(), alive_nodes=sorted(self.coordinator.alive_nodes()),
             phase=state.to_dict() if state else None,
-            vllm_pid=self.vllm.pid, vllm_alive=self.vllm.alive(), vllm_weight_version=version,
+            vllm_pid=self.vllm.pid, vllm_alive=self.vllm.serving(), vllm_standby=self.vllm.standing_by(),
+            vllm_weight_version=version,
             weight_versions=self.store.versions(), last_timings=dict(self.timings), last_error=self.last_error,
         )  # fmt: skip
 
@@ -241,6 +251,7 @@ class CheckpointEngine:
                 continue  # nothing to do within a second: look at the leader seat again
 
     def start(self) -> None:
+        self.vllm.prepare()  # the first START_VLLM finds its imports done too
         self._thread = threading.Thread(target=self.run, name=f"phase-{self.cfg.node}", daemon=True)
         self._thread.start()
 
@@ -251,6 +262,6 @@ class CheckpointEngine:
         if self._thread:
             self._thread.join(timeout=60)
         self._starter.shutdown(wait=True)  # a start in progress gives up once cancelled
-        self.vllm.terminate(self.cfg.phase.terminate_grace)
+        self.vllm.terminate()
         self.store.close()
         self.coordinator.close()

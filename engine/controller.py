@@ -17,7 +17,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from checkpoint_engine.contracts.acks import AckPayload, ExportAck, MetricsAck, MoveAck, parse_ack
+from checkpoint_engine.contracts.acks import (
+    AckPayload,
+    ExportAck,
+    MetricsAck,
+    MoveAck,
+    StartVllmAck,
+    TerminateVllmAck,
+    parse_ack,
+)
 from checkpoint_engine.contracts.engine_client import EngineClient
 from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState
 from checkpoint_engine.contracts.run_dir import RunPaths
@@ -257,4 +265,9 @@ def _phase_payload(phase: Phase, payload: AckPayload) -> dict[str, float]:
         }
     if phase is Phase.OFFLOAD and isinstance(payload, MoveAck):
         return {"offload/bytes_moved": float(payload.bytes_moved)}
+    if isinstance(payload, StartVllmAck):  # the start-up's parts: imports in the standby, then the build
+        return {"vllm/import_seconds": payload.import_seconds, "vllm/build_seconds": payload.build_seconds,
+                "vllm/go_to_healthy_seconds": payload.seconds}  # fmt: skip
+    if isinstance(payload, TerminateVllmAck):
+        return {"vllm/kill_seconds": payload.seconds, "vllm/rss_freed_bytes": float(payload.rss_freed_bytes)}
     return {}

@@ -38,6 +38,8 @@ from launch.train_config import TrainConfig
 from sidecars.megatron.config import RankConfig
 
 log = logging.getLogger("timeshare.train")
+# The engine's own shutdown (vLLM killed, weight regions removed, lease revoked) before it is killed.
+ENGINE_STOP_GRACE = 30.0
 
 
 def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
@@ -166,7 +168,7 @@ def train(overrides: list[str]) -> int:
         engine = ProcessGroup.spawn(
             [sys.executable, "-m", "launch.cli", "engine", str(engine_file)], paths.logs / "engine.log"
         )
-        stack.callback(engine.stop, cfg.phase.terminate_grace + 30)
+        stack.callback(engine.stop, ENGINE_STOP_GRACE)
         client = EngineClient(f"http://127.0.0.1:{ports['engine']}")
         stack.callback(client.close)
         client.wait_for_engine(timeout=120)

@@ -54,8 +54,11 @@ class ExportWaitAck(AckPayload):
 
 class StartVllmAck(AckPayload):
     pid: int | None
-    seconds: float
+    seconds: float  # from the go to healthy (the standby's imports ran before, during TRAIN)
     waited_seconds: float = 0.0  # START_VLLM's own wait when the start-up began during EXPORT
+    # The sidecar's own breakdown: imports (during the standby), then vLLM's build after the go.
+    import_seconds: float = 0.0
+    build_seconds: float = 0.0
 
 
 class UpdateWeightsAck(AckPayload):
@@ -65,8 +68,9 @@ class UpdateWeightsAck(AckPayload):
 
 class TerminateVllmAck(AckPayload):
     pids: list[int]
-    rss_freed_bytes: int
-    killed: bool  # SIGTERM was not enough
+    rss_freed_bytes: int  # resident memory of the tree just before the kill, gone with it
+    killed: bool  # SIGKILL was needed (it always is: a retired vLLM is killed at once)
+    seconds: float = 0.0  # signal to every pid of the tree gone
 
 
 _BY_PHASE: dict[Phase, tuple[type[AckPayload], ...]] = {

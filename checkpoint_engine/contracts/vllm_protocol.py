@@ -81,8 +81,17 @@ class UpdateWeightsResponse(Message):
     seconds: float
 
 
+class StartupTimes(Message):
+    """Where the sidecar's start-up went, in seconds (`sidecars/vllm/server.py`)."""
+
+    imports: float  # torch, vLLM and the web stack, from the process's first line
+    standby: float  # waiting for the go (0 when started without standby)
+    build: float  # vLLM's LLM with dummy weights: model init, KV cache, warm-up
+
+
 class Health(Message):
     status: Literal["ok"] = "ok"
     pid: int
     weight_version: int
     model: str
+    startup: StartupTimes

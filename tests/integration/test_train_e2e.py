@@ -32,7 +32,7 @@ ITERATIONS, PROMPTS, SEED, POOL = 3, 6, 0, 120
 OVERRIDES = [
     f"run.iterations={ITERATIONS}", "run.eval_every=2", "run.progress=false", f"run.seed={SEED}",
     f"task.pool_size={POOL}", "task.heldout_size=16", f"rollout.prompts_per_iteration={PROMPTS}",
-    "rollout.group_size=4", "rollout.eval_samples=2", "trainer.cold_start.epochs=2", "phase.terminate_grace=3",
+    "rollout.group_size=4", "rollout.eval_samples=2", "trainer.cold_start.epochs=2",
 ]  # fmt: skip
 
 
@@ -50,7 +50,7 @@ def _wait_for(path_glob: Path, proc: subprocess.Popen, timeout: float) -> Path:
         if found:
             return found[0]
         assert proc.poll() is None, f"timeshare train exited early with {proc.returncode}"
-        time.sleep(1)
+        time.sleep(0.1)
     raise AssertionError(f"{path_glob} did not appear within {timeout} s")
 
 
@@ -61,7 +61,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
     first = _launch([*OVERRIDES, f"run.root={root}"], log)
     try:
         run_dir = _wait_for(root / "addition-kimi-*", first, 60)
-        _wait_for(RunPaths(run_dir).batch(1), first, 420)
+        # Checkpoint 1 is complete: the stop lands in iteration 1 (EXPORT, START_VLLM or ROLLOUT),
+        # a whole rollout before TRAIN of iteration 2 could write checkpoint 2.
+        _wait_for(RunPaths(run_dir).complete_marker(1), first, 420)
         first.send_signal(signal.SIGTERM)
         assert first.wait(120) == 130, log.read_text()[-4000:]
     finally:

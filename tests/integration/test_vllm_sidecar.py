@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 import torch
 
 from checkpoint_engine.contracts.vllm_client import SidecarError
@@ -63,8 +64,16 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
     )  # fmt: skip
     vllm = VllmProcess(settings, tmp_path / "vllm.log")
     try:
+        vllm.prepare()  # a standby: imports, then waits for its go without serving anything
+        assert vllm.alive()
+        with pytest.raises(requests.ConnectionError):
+            vllm.client.health()
         startup = vllm.start()
-        print(f"vLLM start-up: {startup:.1f} s")
+        times = vllm.startup
+        assert times is not None
+        assert times.imports > 0
+        assert times.build > 0
+        print(f"vLLM go to healthy: {startup:.1f} s ({times})")
         assert vllm.client.health().weight_version == -1
         prompt = [1, 20, 21, 22]
         with pytest.raises(SidecarError, match="no weights loaded"):
@@ -117,14 +126,14 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
         while vllm.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not vllm.alive()
-        pids = vllm.terminate(grace=5).pids
+        pids = vllm.terminate().pids
         assert not [p for p in pids if psutil.pid_exists(p)], "part of the killed vLLM tree is still running"
 
         vllm.start()
         assert vllm.client.update_weights(v1).weight_version == 1
         assert vllm.client.generate([greedy])[0].samples[0].token_ids == full.token_ids
     finally:
-        report = vllm.terminate(grace=5)
+        report = vllm.terminate()
     assert report.pids
     assert not any(psutil.pid_exists(p) for p in report.pids)
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("timeshare-test-")}
