@@ -65,6 +65,7 @@ class EngineConfig(Section):
     host: str = "127.0.0.1"  # the engine's HTTP API
     port: int = Field(ge=1, le=65535)
     token: str | None = None  # bearer token; required when `host` is not loopback
+    lifecycle: Literal["terminate", "keep_alive"]  # rollout.lifecycle: kill vLLM after each rollout, or not
     phase: PhaseConfig
     transfer: TransferConfig
     vllm: VllmSettings

@@ -93,6 +93,8 @@ class CheckpointEngine:
 
     def start_vllm(self) -> StartVllmAck:
         early, self._early_start = self._early_start, None
+        if early is None and self._keep_alive() and self.vllm.serving():
+            return StartVllmAck(pid=self.vllm.pid, seconds=0.0, kept_alive=True)
         waited = time.perf_counter()
         if early is None:
             seconds = self._timed("start_vllm", self._start_vllm_process)
@@ -112,6 +114,16 @@ class CheckpointEngine:
 
     def _start_vllm_process(self) -> float:
         return self.vllm.start(timeout=self.cfg.phase.vllm_start_timeout)
+
+    def _keep_alive(self) -> bool:
+        return self.cfg.lifecycle == "keep_alive"
+
+    def end_rollout(self) -> TerminateVllmAck:
+        """TERMINATE_VLLM: kill vLLM, or with keep_alive leave it serving for the next rollout (it
+        holds host memory on CPU; on GPU it would sleep here, which is not built)."""
+        if self._keep_alive() and self.vllm.serving():
+            return TerminateVllmAck(pids=[], rss_freed_bytes=0, killed=False, kept_alive=True)
+        return self.terminate_vllm()
 
     def terminate_vllm(self) -> TerminateVllmAck:
         """Kill vLLM, then spawn the next iteration's standby (its imports overlap ONLOAD and TRAIN)."""
@@ -195,7 +207,7 @@ class CheckpointEngine:
             return self.start_vllm()
         if state.phase is Phase.UPDATE_WEIGHTS:
             return self.update_weights(state.weight_version)
-        return self.terminate_vllm()
+        return self.end_rollout()
 
     def _patiently(self, wait: Callable[[float], Any]) -> Any:
         """Run a barrier `wait(timeout)` in one-second slices up to `phase_timeout`, so that `stop()`

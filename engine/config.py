@@ -33,10 +33,12 @@ class RunConfig(Section):
 
 
 class RolloutConfig(Section):
-    """Sampling, partial rollouts (Kimi k1.5) and vLLM's share of the machine. vLLM is started for each
-    rollout and killed after it (ARCHITECTURE.md); there is no other lifecycle yet."""
+    """Sampling, partial rollouts (Kimi k1.5), vLLM's lifecycle and its share of the machine."""
 
     KEY = "rollout"
+    # terminate (the design's default): vLLM is started for each rollout and killed after it.
+    # keep_alive: vLLM stays up across iterations (on CPU it stays resident) and only loads each version.
+    lifecycle: Literal["terminate", "keep_alive"] = "terminate"
     group_size: int = Field(8, ge=2)  # samples per prompt: advantages are relative to the group
     prompts_per_iteration: int = Field(256, ge=1)  # complete groups per training batch
     temperature: float = Field(1.0, gt=0)

@@ -111,7 +111,8 @@ def _engine_config(
     rollout = cfg.effective_rollout()
     return EngineConfig(
         node=cfg.cluster.node, job=paths.root.name, etcd=endpoint, nodes=cfg.cluster.nodes, start_iteration=start,
-        log_dir=str(paths.logs), port=ports["engine"], phase=cfg.phase, transfer=cfg.transfer,
+        log_dir=str(paths.logs), port=ports["engine"], lifecycle=rollout.lifecycle, phase=cfg.phase,
+        transfer=cfg.transfer,
         vllm=VllmSettings(
             model_dir=str(model_dir), port=ports["vllm"], tensor_parallel=cfg.parallel.vllm_tp,
             gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_model_len,

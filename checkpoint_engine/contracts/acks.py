@@ -59,6 +59,7 @@ class StartVllmAck(AckPayload):
     # The sidecar's own breakdown: imports (during the standby), then vLLM's build after the go.
     import_seconds: float = 0.0
     build_seconds: float = 0.0
+    kept_alive: bool = False  # rollout.lifecycle=keep_alive: the vLLM of the last rollout serves again
 
 
 class UpdateWeightsAck(AckPayload):
@@ -71,6 +72,7 @@ class TerminateVllmAck(AckPayload):
     rss_freed_bytes: int  # resident memory of the tree just before the kill, gone with it
     killed: bool  # SIGKILL was needed (it always is: a retired vLLM is killed at once)
     seconds: float = 0.0  # signal to every pid of the tree gone
+    kept_alive: bool = False  # rollout.lifecycle=keep_alive: vLLM stays up for the next rollout
 
 
 _BY_PHASE: dict[Phase, tuple[type[AckPayload], ...]] = {

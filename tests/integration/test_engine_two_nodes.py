@@ -39,7 +39,8 @@ def _engine(
 ) -> subprocess.Popen:
     cfg = EngineConfig(
         node=node, job=JOB, etcd=etcd, nodes=("node0", "node1"), weights_from=weights_from, log_dir=str(run),
-        port=ports[0], phase=PhaseConfig(timeout=300.0, ttl=TTL), transfer=TransferConfig(kind="mooncake"),
+        port=ports[0], lifecycle="terminate", phase=PhaseConfig(timeout=300.0, ttl=TTL),
+        transfer=TransferConfig(kind="mooncake"),
         vllm=VllmSettings(model_dir=str(model), port=ports[1], tensor_parallel=1, gpu_memory_utilization=0.15,
                           max_model_len=512, dtype="float32", seed=0),
     )  # fmt: skip

@@ -1,12 +1,14 @@
 """`timeshare train` end to end on a small configuration: real etcd, checkpoint engine, torchrun
 trainer ranks (Megatron) and a vLLM started with dummy weights and killed every iteration.
 
-One run is stopped with SIGTERM once iteration 1's rollout is written (mid-iteration: TRAIN of
+One run is stopped with SIGTERM once checkpoint 1 is complete (mid-iteration 1: TRAIN of
 iteration 2 has not checkpointed) and resumed from its newest complete checkpoint. Then:
 - every iteration's rollout was sampled by the weight version the trainer exported for it;
 - the trainer-vs-vLLM logprob gap stays below 1e-3 in every trained iteration;
 - the prompts trained on are exactly those an uninterrupted sampler issues, none lost or repeated;
 - metrics, TensorBoard events, the progress plot and checkpoints are in the run directory.
+A second run keeps vLLM alive across iterations (`rollout.lifecycle=keep_alive`): one vLLM, built
+once, serves every iteration's exported version.
 """
 
 from __future__ import annotations
@@ -118,3 +120,22 @@ def test_run_directory_has_metrics_plot_and_checkpoints(run: RunPaths) -> None:
     assert run.latest_checkpoint() == ITERATIONS
     assert (run.controller_state(ITERATIONS)).exists()
     assert (run.trainer_state(ITERATIONS, 0)).exists()
+
+
+def test_keep_alive_builds_vllm_once_and_serves_every_version(tmp_path: Path) -> None:
+    log = tmp_path / "launcher.log"
+    proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=2", "rollout.lifecycle=keep_alive"], log)
+    try:
+        assert proc.wait(600) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (run_dir,) = tmp_path.glob("addition-kimi-*")
+    paths = RunPaths(run_dir)
+    history = {int(r["iteration"]): r for r in _rows(paths)}
+    for i in range(2):
+        assert history[i]["rollout/weight_version"] == i
+    assert max(r["logprob_gap/mean_abs"] for r in history.values() if "logprob_gap/mean_abs" in r) < 1e-3
+    builds = (paths.logs / "vllm-node0.log").read_text().count("vLLM built:")
+    assert builds == 1, f"vLLM was built {builds} times; keep_alive builds it once"
