@@ -131,6 +131,7 @@ class Controller:
     def rollout(self, vllm: VllmClient, version: int) -> dict[str, float]:
         """Continue buffered trajectories, start new prompts, score the finished groups, write the batch."""
         start, groups, rounds = time.perf_counter(), [], 0
+        generated, generating = 0, 0.0  # tokens out of vLLM and seconds inside its generate calls
         while not groups:
             if rounds == self.rollout_cfg.max_rounds:
                 raise RuntimeError(
@@ -141,7 +142,10 @@ class Controller:
             new = [s for s in self.sampler.sample(self.rollout_cfg.prompts_per_iteration) if s.uid not in in_flight]
             prompts = [PromptTokens(s.uid, tuple(self.tokens.encode(s.prompt))) for s in new]
             requests = self.buffer.plan_iteration(prompts, version)
+            asked = time.perf_counter()
             results = vllm.generate(self._requests(requests, seed=self.run_cfg.seed + 7919 * version + 131 * rounds))
+            generating += time.perf_counter() - asked
+            generated += sum(len(s.token_ids) for res in results for s in res.samples)
             self.buffer.record(
                 RolloutResult(prompt_uid=r.prompt_uid, sample_index=r.sample_index, token_ids=tuple(s.token_ids),
                               logprobs=tuple(s.logprobs), finish_reason=s.finish_reason, version=s.weight_version)
@@ -163,6 +167,7 @@ class Controller:
             "rollout/rounds": float(rounds),
             "rollout/unfinished": float(len(self.buffer.unfinished())),
             "rollout/generate_seconds": time.perf_counter() - start,
+            "rollout/tokens_per_second": generated / max(generating, 1e-9),  # inside vLLM's generate calls
             "rollout/weight_version": float(max(served)),  # what vLLM reported (the buffer refuses a mismatch)
         }
 

@@ -25,6 +25,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.which == "cycle":
+        from launch import bench_cycle
+
+        return bench_cycle.main(args.options)
     from launch import bench
 
     return bench.main(args.options)
@@ -57,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_make_tiny_model)
 
     bench = sub.add_parser("bench", help="benchmarks, one JSON line per result")
-    bench.add_argument("which", choices=["push"], help="push: weight-push throughput against same-run baselines")
+    bench.add_argument(
+        "which", choices=["push", "cycle"],
+        help="push: weight-push throughput against same-run baselines; cycle: an iteration's phases per lifecycle",
+    )  # fmt: skip
     bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
     bench.set_defaults(func=_bench)
 
