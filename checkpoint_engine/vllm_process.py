@@ -16,28 +16,20 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
 from checkpoint_engine.contracts.vllm_client import VllmClient
 from checkpoint_engine.contracts.vllm_protocol import StartupTimes, VllmSettings
-from checkpoint_engine.process_group import ProcessGroup
+from checkpoint_engine.process_group import ProcessGroup, Stopped
 
 log = logging.getLogger(__name__)
 
 
 class VllmStartError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class Termination:
-    pids: tuple[int, ...]
-    rss_freed_bytes: int
-    seconds: float
-    killed: bool  # True when SIGTERM was not enough
 
 
 def _tail(path: str, lines: int = 40) -> str:
@@ -91,7 +83,7 @@ class VllmProcess:
     def start(self, timeout: float = 300.0) -> float:
         """Give the standby its go (spawning one first if there is none) and wait for /health; returns
         the seconds this took. Raises with the log tail on failure."""
-        if self.alive() and not self._standby:
+        if self.serving():
             raise VllmStartError(f"vLLM (pid {self.pid}) is already running")
         if self._cancelled.is_set():
             raise VllmStartError("vLLM start cancelled: the engine is stopping")
@@ -137,17 +129,17 @@ class VllmProcess:
                 found |= {m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/")}
         return found
 
-    def terminate(self) -> Termination:
+    def terminate(self) -> Stopped:
         """Kill the process tree at once (a retired vLLM holds nothing worth a graceful exit) and remove
         its /dev/shm segments; returns once every pid is gone."""
         start = time.perf_counter()
         self._go_path.unlink(missing_ok=True)
         if self._group is None:
-            return Termination((), 0, time.perf_counter() - start, killed=False)
+            return Stopped((), 0, time.perf_counter() - start, killed=False)
         self._segments |= self._mapped_segments()
         stopped = self._group.stop(grace=0.0)
         self._group, self._standby = None, False
         for path in self._segments:
             Path(path).unlink(missing_ok=True)
         self._segments = set()
-        return Termination(stopped.pids, stopped.rss_freed_bytes, time.perf_counter() - start, stopped.killed)
+        return replace(stopped, seconds=time.perf_counter() - start)  # the segments' removal included

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULTS_NAME = "timeshare_defaults"
-NOT_OFFERED_GROUP_OPTIONS = {"algo"}  # groups whose refused options carry a reason (engine.algorithms.config)
 
 
 def _register_defaults() -> None:
@@ -91,7 +90,7 @@ def _missing_option_message(error: Exception, conf: Path) -> str:
     group, option = match.groups()
     options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
     message = f"{text.splitlines()[0]}; available options of {group}: {options}"
-    if group in NOT_OFFERED_GROUP_OPTIONS and option in NOT_OFFERED:
+    if group == "algo" and option in NOT_OFFERED:  # a refused algorithm says why
         message += f" ({NOT_OFFERED[option]})"
     return message
 

@@ -26,6 +26,7 @@ from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import VllmClient
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 from checkpoint_engine.process_group import ProcessGroup
+from engine.config import RolloutConfig
 from engine.controller import Controller, Tokens
 from engine.metrics import MetricsLogger, format_line, summarize_phase_times
 from engine.replay_buffer import PartialRolloutBuffer
@@ -45,10 +46,8 @@ ENGINE_STOP_GRACE = 30.0
 def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
     """The config, run directory and first iteration: new run, or the newest checkpoint of `resume`."""
     cfg = load_config(overrides)
-    import torch
-
-    cfg.check_machine(has_cuda=torch.cuda.is_available())
     if cfg.resume is None:
+        _check_machine(cfg)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         paths = RunPaths(Path(cfg.run.root) / f"{cfg.run.name}-{stamp}").make()
         paths.config.write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -62,7 +61,15 @@ def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
     start = paths.latest_checkpoint()
     if start is None:
         raise ConfigError(f"resume={cfg.resume}: the run has no complete checkpoint yet; start it again instead")
-    return TrainConfig.from_dict(json.loads(paths.config.read_text())), paths.make(), start
+    saved = TrainConfig.from_dict(json.loads(paths.config.read_text()))
+    _check_machine(saved)
+    return saved, paths.make(), start
+
+
+def _check_machine(cfg: TrainConfig) -> None:
+    import torch
+
+    cfg.check_machine(has_cuda=torch.cuda.is_available())
 
 
 def _model_dir(cfg: TrainConfig, paths: RunPaths) -> Path:
@@ -105,10 +112,17 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _engine_config(
-    cfg: TrainConfig, paths: RunPaths, model_dir: Path, endpoint: str, ports: dict[str, int], *, start: int
+    cfg: TrainConfig,
+    paths: RunPaths,
+    model_dir: Path,
+    endpoint: str,
+    ports: dict[str, int],
+    *,
+    rollout: RolloutConfig,
+    start: int,
 ) -> EngineConfig:
-    """This node's engine, from the run's sections (the engine reads them as one JSON file)."""
-    rollout = cfg.effective_rollout()
+    """This node's engine, from the run's sections (the engine reads them as one JSON file);
+    `rollout` is the effective one (long-context preset applied)."""
     return EngineConfig(
         node=cfg.cluster.node, job=paths.root.name, etcd=endpoint, nodes=cfg.cluster.nodes, start_iteration=start,
         log_dir=str(paths.logs), port=ports["engine"], lifecycle=rollout.lifecycle, phase=cfg.phase,
@@ -163,7 +177,7 @@ def train(overrides: list[str]) -> int:
             endpoint = stack.enter_context(LocalEtcd(paths.root / "etcd-data")).endpoint
         else:
             endpoint = cfg.cluster.etcd
-        engine_file = _engine_config(cfg, paths, model_dir, endpoint, ports, start=start).to_json_file(
+        engine_file = _engine_config(cfg, paths, model_dir, endpoint, ports, rollout=rollout, start=start).to_json_file(
             paths.root / f"engine-{cfg.cluster.node}.json"
         )
         engine = ProcessGroup.spawn(
