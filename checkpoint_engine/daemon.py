@@ -55,8 +55,8 @@ class EngineStatus:
     alive_nodes: list[str]
     phase: dict[str, Any] | None
     vllm_pid: int | None
-    vllm_alive: bool  # started (given its go), not a standby
-    vllm_standby: bool  # a standby sidecar waits for the next START_VLLM
+    vllm_alive: bool  # a sidecar forked by START_VLLM lives
+    vllm_zygote: bool  # the zygote lives: the next START_VLLM forks a sidecar with its imports done
     vllm_weight_version: int | None
     weight_versions: list[int]
     last_timings: dict[str, float] = field(default_factory=dict)
@@ -104,7 +104,8 @@ class CheckpointEngine:
         times = self.vllm.startup
         return StartVllmAck(
             pid=self.vllm.pid, seconds=seconds, waited_seconds=time.perf_counter() - waited,
-            import_seconds=times.imports if times else 0.0, build_seconds=times.build if times else 0.0,
+            import_seconds=times.imports if times else 0.0, compile_seconds=times.compile if times else 0.0,
+            fork_seconds=times.fork if times else 0.0, build_seconds=times.build if times else 0.0,
         )  # fmt: skip
 
     def _start_vllm_early(self) -> None:
@@ -126,7 +127,7 @@ class CheckpointEngine:
         return self.terminate_vllm()
 
     def terminate_vllm(self) -> TerminateVllmAck:
-        """Kill vLLM, then spawn the next iteration's standby (its imports overlap ONLOAD and TRAIN)."""
+        """Kill vLLM; the zygote stays (respawned here if it died) for the next iteration's fork."""
         t = self._timed("terminate_vllm", self.vllm.terminate)
         self.vllm.prepare()
         return TerminateVllmAck(
@@ -186,7 +187,7 @@ class CheckpointEngine:
         return EngineStatus(
             node=self.cfg.node, leader=self.coordinator.leader(), alive_nodes=sorted(self.coordinator.alive_nodes()),
             phase=state.to_dict() if state else None,
-            vllm_pid=self.vllm.pid, vllm_alive=self.vllm.serving(), vllm_standby=self.vllm.standing_by(),
+            vllm_pid=self.vllm.pid, vllm_alive=self.vllm.serving(), vllm_zygote=self.vllm.zygote_alive(),
             vllm_weight_version=version,
             weight_versions=self.store.versions(), last_timings=dict(self.timings), last_error=self.last_error,
         )  # fmt: skip
@@ -263,7 +264,7 @@ class CheckpointEngine:
                 continue  # nothing to do within a second: look at the leader seat again
 
     def start(self) -> None:
-        self.vllm.prepare()  # the first START_VLLM finds its imports done too
+        self.vllm.prepare()  # the zygote imports while the trainer works: the first START_VLLM forks it too
         self._thread = threading.Thread(target=self.run, name=f"phase-{self.cfg.node}", daemon=True)
         self._thread.start()
 
@@ -274,6 +275,6 @@ class CheckpointEngine:
         if self._thread:
             self._thread.join(timeout=60)
         self._starter.shutdown(wait=True)  # a start in progress gives up once cancelled
-        self.vllm.terminate()
+        self.vllm.close()
         self.store.close()
         self.coordinator.close()

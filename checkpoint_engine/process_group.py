@@ -12,6 +12,9 @@ The child is a session leader, so its pid is the id of a process group that hold
 descendant starts a session of its own): one signal reaches all of it, and Ctrl-C in the launcher's terminal
 reaches none of it. A killed root's children are re-parented and no longer show as its descendants, so the
 tree can be recorded with `remember_tree` while the root lives; `stop` waits for those pids too.
+
+`adopt` takes a session leader another process forked (the vLLM zygote's sidecars): it is watched through
+psutil instead of `Popen`, its parent reaps it, and its exit status is not known here.
 """
 
 from __future__ import annotations
@@ -45,9 +48,14 @@ class Stopped:
 class ProcessGroup:
     """One spawned child and the processes it starts: `g = ProcessGroup.spawn(argv, log); ...; g.stop(10)`."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None = None) -> None:
+        self._pid = pid
         self._popen = popen
         self._remembered: dict[int, psutil.Process] = {}
+        self._root: psutil.Process | None = None
+        if popen is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self._root = psutil.Process(pid)
 
     @classmethod
     def spawn(
@@ -67,26 +75,36 @@ class ProcessGroup:
                 list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, **(env or {})}, cwd=cwd,
             )  # fmt: skip
-        return cls(popen)
+        return cls(popen.pid, popen)
+
+    @classmethod
+    def adopt(cls, pid: int) -> ProcessGroup:
+        """The group of a session leader this process did not spawn (and does not reap)."""
+        return cls(pid)
 
     @property
     def pid(self) -> int:
         """The root's pid, which is also the process group's and the session's id."""
-        return self._popen.pid
+        return self._pid
 
     @property
     def returncode(self) -> int | None:
-        """The root's exit status once `poll`, `wait` or `stop` saw it exit (negative: killed by that signal)."""
-        return self._popen.returncode
+        """The root's exit status once `poll`, `wait` or `stop` saw it exit (negative: killed by that signal);
+        always None for an adopted root."""
+        return self._popen.returncode if self._popen else None
 
     def poll(self) -> int | None:
-        return self._popen.poll()
+        return self._popen.poll() if self._popen else None
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the root only; raises `subprocess.TimeoutExpired`. Its descendants may live on."""
+        if self._popen is None:
+            raise TypeError("an adopted process group cannot be waited for; use stop")
         return self._popen.wait(timeout)
 
     def alive(self) -> bool:
+        if self._popen is None:
+            return self._root is not None and _running(self._root)
         return self._popen.poll() is None
 
     def tree(self) -> list[psutil.Process]:
@@ -115,7 +133,7 @@ class ProcessGroup:
         start = time.perf_counter()
         # The group id is the root's pid. While the root is unreaped or a member still runs, no other
         # process can hold that id, so the signal cannot reach a stranger; the group outlives a killed root.
-        unreaped = self._popen.returncode is None
+        unreaped = self.alive() if self._popen is None else self._popen.returncode is None
         procs = self.known()
         signal_group = unreaped or bool(procs)
         rss = 0
@@ -134,7 +152,8 @@ class ProcessGroup:
             survivors = self._wait(still, KILL_WAIT)
             if survivors:
                 raise RuntimeError(f"processes {[p.pid for p in survivors]} of group {self.pid} survived SIGKILL")
-        self._popen.wait()
+        if self._popen is not None:
+            self._popen.wait()
         _await_reaped(procs, REAP_WAIT)
         self._remembered.clear()
         return Stopped(tuple(p.pid for p in procs), rss, time.perf_counter() - start, killed=bool(still))

@@ -1,10 +1,13 @@
-"""vLLM lifecycle on one node: a standby sidecar (imports done), its go, healthy with dummy weights, killed.
+"""vLLM lifecycle on one node: a zygote (imports done), a sidecar forked from it at START_VLLM, healthy
+with dummy weights, killed after the rollout.
 
-Start-up on CPU is mostly Python imports, so the engine spawns the next sidecar as a standby right
-after it kills the last one (`prepare`), and START_VLLM only pays for building vLLM (`start`).
-Terminate means the whole process tree is gone, confirmed, at once: the sidecar runs as a
-`ProcessGroup` (its own session, with vLLM's engine-core and worker processes when TP > 1), the
-group is SIGKILLed, and every pid seen in the tree must have exited.
+Start-up on CPU is mostly Python imports, so the engine spawns a zygote once (`prepare`, at engine
+start): it imports torch and vLLM while the trainer works and then forks a fresh sidecar for every
+START_VLLM (`start`), which pays for vLLM's build alone. Terminate means the sidecar's whole process
+tree is gone, confirmed, at once: the sidecar is a session leader adopted as a `ProcessGroup` (with
+vLLM's engine-core and worker processes when TP > 1), the group is SIGKILLed, and every pid seen in
+the tree must have exited. The zygote lives until the engine stops; it and every sidecar exit when
+their parent does.
 vLLM's message queues live in /dev/shm segments that a killed tree never unlinks; the segments
 the tree has mapped are recorded once it is healthy and removed after it is gone.
 """
@@ -45,61 +48,84 @@ class VllmProcess:
         # The sidecar reads its settings from this file (`python -m sidecars.vllm.server <file>`).
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.settings_path = settings.to_json_file(log_path.with_suffix(".json"))
-        self._go_path = log_path.with_suffix(".go")  # a standby builds vLLM once this file exists
-        self._standby = False  # the running process is a standby waiting for its go
+        # The zygote forks a sidecar when this file appears, and writes the sidecar's pid to `.pid`.
+        self._fork_path = log_path.with_suffix(".fork")
+        self._pid_path = log_path.with_suffix(".pid")
         self.startup: StartupTimes | None = None  # the last start's breakdown, as the sidecar measured it
-        self._group: ProcessGroup | None = None
+        self._zygote: ProcessGroup | None = None
+        self._group: ProcessGroup | None = None  # the sidecar forked by the last start
         self._segments: set[str] = set()
         self._cancelled = threading.Event()
         self.client = VllmClient(f"http://{settings.host}:{settings.port}")
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "sidecars.vllm.server", str(self.settings_path), "--go", str(self._go_path)]
+        return [sys.executable, "-m", "sidecars.vllm.server", str(self.settings_path), "--zygote", str(self._fork_path)]
 
     @property
     def pid(self) -> int | None:
         return self._group.pid if self._group else None
 
     def alive(self) -> bool:
-        """The sidecar process lives (a standby or a started vLLM)."""
+        """The sidecar lives (it may still be building vLLM)."""
         return self._group is not None and self._group.alive()
 
     def serving(self) -> bool:
-        """vLLM was given its go and the process lives (it may still be building)."""
-        return self.alive() and not self._standby
+        """A started sidecar lives (it may still be building vLLM)."""
+        return self.alive()
 
-    def standing_by(self) -> bool:
-        return self.alive() and self._standby
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote else None
+
+    def zygote_alive(self) -> bool:
+        return self._zygote is not None and self._zygote.alive()
 
     def prepare(self) -> None:
-        """Spawn a standby sidecar: it imports torch and vLLM now, touching no accelerator memory,
-        and builds vLLM on `start`. Does nothing if one is already up."""
-        if self._cancelled.is_set() or self.alive():
+        """Spawn the zygote, which imports torch and vLLM now, touching no accelerator memory, and forks
+        a sidecar on each `start`. Does nothing if it is already up."""
+        if self._cancelled.is_set() or self.zygote_alive():
             return
-        self._go_path.unlink(missing_ok=True)
-        self._group = ProcessGroup.spawn(self._command(), self.log_path, env={"PYTHONUNBUFFERED": "1"})
-        self._standby = True
+        if self._zygote is not None:  # it died: what it left goes first
+            self._zygote.stop(grace=0.0)
+        self._fork_path.unlink(missing_ok=True)
+        self._zygote = ProcessGroup.spawn(self._command(), self.log_path, env={"PYTHONUNBUFFERED": "1"})
+
+    def _fork(self, deadline: float) -> ProcessGroup:
+        """Ask the zygote for a sidecar (waiting for its imports if they are not done) and adopt it."""
+        self.prepare()
+        self._pid_path.unlink(missing_ok=True)
+        self._fork_path.touch()
+        while time.perf_counter() < deadline:
+            self._check_start()
+            if not self.zygote_alive():
+                raise VllmStartError(
+                    f"vLLM's zygote exited with code {self._zygote.returncode} before forking; last lines of "
+                    f"{self.log_path}:\n" + _tail(self.log_path)
+                )
+            if self._pid_path.exists():
+                return ProcessGroup.adopt(int(self._pid_path.read_text()))
+            time.sleep(0.01)
+        raise VllmStartError(f"vLLM's zygote did not fork a sidecar in time; log: {self.log_path}")
+
+    def _check_start(self) -> None:
+        if self._cancelled.is_set():
+            self.terminate()
+            raise VllmStartError("vLLM start cancelled: the engine is stopping")
 
     def start(self, timeout: float = 300.0) -> float:
-        """Give the standby its go (spawning one first if there is none) and wait for /health; returns
-        the seconds this took. Raises with the log tail on failure."""
+        """Fork a sidecar from the zygote (spawning the zygote first if there is none) and wait for
+        /health; returns the seconds this took. Raises with the log tail on failure."""
         if self.serving():
             raise VllmStartError(f"vLLM (pid {self.pid}) is already running")
-        if self._cancelled.is_set():
-            raise VllmStartError("vLLM start cancelled: the engine is stopping")
+        self._check_start()
         start = time.perf_counter()
-        self.prepare()
-        self._go_path.touch()
-        self._standby = False
         deadline = start + timeout
+        self._group = self._fork(deadline)
         while time.perf_counter() < deadline:
-            if self._cancelled.is_set():
-                self.terminate()
-                raise VllmStartError("vLLM start cancelled: the engine is stopping")
+            self._check_start()
             if not self.alive():
-                code = self._group.returncode
                 raise VllmStartError(
-                    f"vLLM exited with code {code} during start-up; last lines of {self.log_path}:\n"
+                    f"vLLM (pid {self.pid}) exited during start-up; last lines of {self.log_path}:\n"
                     + _tail(self.log_path)
                 )
             # Recorded while starting too: a start cancelled half-way must not leak them either.
@@ -133,13 +159,21 @@ class VllmProcess:
         """Kill the process tree at once (a retired vLLM holds nothing worth a graceful exit) and remove
         its /dev/shm segments; returns once every pid is gone."""
         start = time.perf_counter()
-        self._go_path.unlink(missing_ok=True)
         if self._group is None:
             return Stopped((), 0, time.perf_counter() - start, killed=False)
         self._segments |= self._mapped_segments()
         stopped = self._group.stop(grace=0.0)
-        self._group, self._standby = None, False
+        self._group = None
         for path in self._segments:
             Path(path).unlink(missing_ok=True)
         self._segments = set()
         return replace(stopped, seconds=time.perf_counter() - start)  # the segments' removal included
+
+    def close(self) -> None:
+        """Kill the sidecar and the zygote: the engine is stopping."""
+        self.terminate()
+        if self._zygote is not None:
+            self._zygote.stop(grace=0.0)
+            self._zygote = None
+        self._fork_path.unlink(missing_ok=True)
+        self._pid_path.unlink(missing_ok=True)

@@ -11,7 +11,9 @@ something):
   `train` shows and this ratio does not;
 - `iteration`: mean seconds per iteration, and keep_alive's against terminate's;
 - `rollout_tokens_per_second`: vLLM's output inside the loop (tokens over the time in its
-  generate calls).
+  generate calls), against a standalone vLLM serving the same requests (`launch/bench_standalone.py`:
+  the same settings and prompts, as many tokens as each response had) right after the job, and the
+  ratio of the two.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def _emit(**record: object) -> None:
     print(json.dumps({"bench": "cycle", **record}), flush=True)
 
 
-def run_job(lifecycle: str, overrides: list[str], root: Path) -> list[dict[str, float]]:
-    """One `timeshare train` run; its metrics rows."""
+def run_job(lifecycle: str, overrides: list[str], root: Path) -> Path:
+    """One `timeshare train` run; its run directory."""
     args = [*overrides, f"rollout.lifecycle={lifecycle}", f"run.root={root}", "run.progress=false"]
     log = root / f"{lifecycle}.log"
     with log.open("w") as out:
@@ -44,14 +46,19 @@ def run_job(lifecycle: str, overrides: list[str], root: Path) -> list[dict[str, 
     if code != 0:
         raise SystemExit(f"timeshare train ({lifecycle}) exited with {code}; see {log}")
     (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir
 
 
-def summarize(lifecycle: str, rows: list[dict[str, float]]) -> float:
-    """Emit the lines of one lifecycle; returns its mean iteration seconds."""
+def later_iterations(lifecycle: str, rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The metrics rows of the complete iterations after the first (which also starts every process)."""
     later = [r for r in rows if r["iteration"] >= 1 and all(f"time/{p}" in r for p in PHASES)]
     if not later:
         raise SystemExit(f"{lifecycle}: no complete iteration after the first; raise --iterations")
+    return later
+
+
+def summarize(lifecycle: str, later: list[dict[str, float]]) -> float:
+    """Emit the phase lines of one lifecycle; returns its mean iteration seconds."""
     means = {p: sum(r[f"time/{p}"] for r in later) / len(later) for p in PHASES}
     iteration = sum(means.values())
     for phase, seconds in means.items():
@@ -59,10 +66,28 @@ def summarize(lifecycle: str, rows: list[dict[str, float]]) -> float:
     switch = sum(means[p] for p in SWITCH)
     _emit(lifecycle=lifecycle, measure="switch_overhead", seconds=round(switch, 3), ratio=round(switch / iteration, 3))
     _emit(lifecycle=lifecycle, measure="iteration", seconds=round(iteration, 3), iterations=len(later))
-    rates = [r["rollout/tokens_per_second"] for r in later if "rollout/tokens_per_second" in r]
-    if rates:
-        _emit(lifecycle=lifecycle, measure="rollout_tokens_per_second", value=round(sum(rates) / len(rates), 1))
     return iteration
+
+
+def compare_rollout_rate(lifecycle: str, later: list[dict[str, float]], run_dir: Path) -> None:
+    """vLLM's output rate inside the loop against a standalone vLLM serving the same rollouts' requests."""
+    rolled = [r for r in later if "rollout/tokens_per_second" in r]
+    if not rolled:
+        return
+    in_loop = sum(r["rollout/tokens_per_second"] for r in rolled) / len(rolled)
+    config = json.loads((run_dir / "config.json").read_text())["rollout"]
+    batches = [str(run_dir / "rollouts" / f"iter_{int(r['iteration']):05d}.pt") for r in rolled]
+    (settings,) = (run_dir / "logs").glob("vllm-*.json")
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.bench_standalone", str(settings), *batches,
+         f"--temperature={config['temperature']}", f"--top-p={config['top_p']}"],
+        check=False, capture_output=True, text=True,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"the standalone vLLM exited with {out.returncode}:\n{out.stderr[-3000:]}")
+    standalone = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_second"]
+    _emit(lifecycle=lifecycle, measure="rollout_tokens_per_second", value=round(in_loop, 1),
+          standalone=round(standalone, 1), ratio=round(in_loop / standalone, 3))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         for lifecycle in args.lifecycles:
             root = Path(tmp) / lifecycle
             root.mkdir()
-            seconds[lifecycle] = summarize(lifecycle, run_job(lifecycle, overrides, root))
+            run_dir = run_job(lifecycle, overrides, root)
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            later = later_iterations(lifecycle, rows)
+            seconds[lifecycle] = summarize(lifecycle, later)
+            compare_rollout_rate(lifecycle, later, run_dir)
     if {"terminate", "keep_alive"} <= set(seconds):
         ratio = seconds["keep_alive"] / seconds["terminate"]
         _emit(measure="iteration_keep_alive_vs_terminate", ratio=round(ratio, 3))

@@ -54,10 +54,12 @@ class ExportWaitAck(AckPayload):
 
 class StartVllmAck(AckPayload):
     pid: int | None
-    seconds: float  # from the go to healthy (the standby's imports ran before, during TRAIN)
+    seconds: float  # from the fork request to healthy (the zygote's imports ran before, during TRAIN)
     waited_seconds: float = 0.0  # START_VLLM's own wait when the start-up began during EXPORT
-    # The sidecar's own breakdown: imports (during the standby), then vLLM's build after the go.
+    # The sidecar's own breakdown: the zygote's imports and compiles (first start only), the fork, the build.
     import_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    fork_seconds: float = 0.0
     build_seconds: float = 0.0
     kept_alive: bool = False  # rollout.lifecycle=keep_alive: the vLLM of the last rollout serves again
 

@@ -84,9 +84,12 @@ class UpdateWeightsResponse(Message):
 class StartupTimes(Message):
     """Where the sidecar's start-up went, in seconds (`sidecars/vllm/server.py`)."""
 
-    imports: float  # torch, vLLM and the web stack, from the process's first line
-    standby: float  # waiting for the go (0 when started without standby)
-    build: float  # vLLM's LLM with dummy weights: model init, KV cache, warm-up
+    # Paid once per zygote (reported by its first sidecar) or by a sidecar started on its own:
+    imports: float = 0.0  # torch, vLLM and the web stack, from the process's first line
+    compile: float = 0.0  # torch.compile of vLLM's sampler helpers (see sidecars/vllm/llm.py)
+    # Paid by every sidecar:
+    fork: float = 0.0  # from the engine's request to the forked sidecar running (0 without a zygote)
+    build: float = 0.0  # vLLM's LLM with dummy weights: model init, KV cache, warm-up
 
 
 class Health(Message):

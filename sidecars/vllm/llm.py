@@ -6,7 +6,9 @@ On CPU, `gpu_memory_utilization` is a fraction of host memory used for the KV ca
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 
@@ -42,3 +44,25 @@ def start_llm(settings: VllmSettings):  # -> vllm.LLM
         # quantity the trainer's importance ratios and the logprob-gap check compare against.
         logprobs_mode="processed_logprobs",
     )
+
+
+def compile_sampler_ops(settings: VllmSettings) -> None:
+    """Compile, before vLLM is built, the sampler helper vLLM wraps in `torch.compile`.
+
+    vLLM's sampler counts each sampled token's rank with a `torch.compile`d function. Its first call in
+    a fresh process runs inductor's per-process set-up (ISA probes in subprocesses, the header hash),
+    about 1.5-3 s on CPU even when the compiled kernel is in inductor's on-disk cache; a vLLM restarted
+    every iteration would pay it inside every rollout. Calling it here, with the model's vocabulary,
+    under inference mode (vLLM's grad mode) and with batches of 1, 2 and 3 rows (1 is specialised; 2
+    and 3 make the batch dimension dynamic), leaves the compiled code in dynamo's cache for vLLM's
+    calls. The kernel itself comes from inductor's cache (`TORCHINDUCTOR_CACHE_DIR`, by default under
+    /tmp), shared by every restart.
+    """
+    import torch
+    from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+
+    vocab = json.loads((Path(settings.model_dir) / "config.json").read_text())["vocab_size"]
+    with torch.inference_mode():
+        for rows in (1, 2, 3):
+            logprobs = torch.zeros(rows, vocab, dtype=torch.float32)
+            batched_count_greater_than(logprobs, logprobs[:, :1])

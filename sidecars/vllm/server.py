@@ -1,9 +1,14 @@
 """The vLLM sidecar process: one per node and rollout phase, started and killed by the checkpoint engine.
 
-`python -m sidecars.vllm.server <settings.json> [--go FILE]` (a `VllmSettings` document the engine
-writes) starts vLLM with dummy weights and serves, on loopback. With `--go` it is a standby: it
-imports torch and vLLM at once (most of a start-up on CPU) and builds vLLM only when FILE appears,
-so the engine can spawn it while the trainer works and START_VLLM pays for the build alone.
+`python -m sidecars.vllm.server <settings.json>` (a `VllmSettings` document the engine writes)
+imports torch and vLLM, compiles vLLM's sampler helpers (what the first rollout would otherwise
+pay), starts vLLM with dummy weights and serves, on loopback.
+
+With `--zygote FILE` it stops after the imports and compiles, most of a start-up on CPU, and forks a
+sidecar each time FILE appears: each builds vLLM and serves, and the engine kills it after its
+rollout. The imports are paid once per engine instead of once per iteration, and a fork takes
+milliseconds. The zygote runs niced (its imports overlap the trainer's work) and never touches an
+accelerator: each forked sidecar builds its own vLLM (and CUDA context) from scratch.
   GET  /health          -> Health (pid, loaded weight version)
   POST /weights/update  -> load a pushed version from shared memory (checksums verified, stale
                            versions refused), reset the prefix cache
@@ -32,10 +37,11 @@ from checkpoint_engine.contracts.vllm_protocol import (
     UpdateWeightsResponse,
     VllmSettings,
 )
-from sidecars.vllm.llm import configure_vllm, start_llm
+from sidecars.vllm.llm import compile_sampler_ops, configure_vllm, start_llm
 
 # vLLM's finish reasons in the project's vocabulary (contracts.vllm_protocol.FinishReason).
 _FINISH = {"stop": "stop", "length": "length", "abort": "aborted"}
+STANDBY_NICE = 19
 
 
 def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
@@ -102,7 +108,7 @@ def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
 
 def _exit_with_parent(poll: float = 0.5) -> None:
     """Kill this sidecar's process group once the engine that spawned it is gone (reparented): a
-    standby lives across phases, and an engine killed by SIGKILL cannot stop it."""
+    zygote lives across phases, and an engine killed by SIGKILL cannot stop it or its sidecars."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -113,9 +119,67 @@ def _exit_with_parent(poll: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _wait_for(path: Path, poll: float = 0.01) -> None:
-    while not path.exists():
-        time.sleep(poll)
+def _set_priority(nice: int) -> None:
+    """This process's CPU priority (threads started later inherit it), and its session's: the kernel's
+    autogroups share the CPU between sessions before nice values count, and the sidecar has its own."""
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    autogroup = Path("/proc/self/autogroup")
+    if autogroup.exists():
+        autogroup.write_text(str(nice))
+
+
+def _restore_priority() -> None:
+    """Back to normal priority for the build and the rollout, where the system lets a process raise it
+    (root or CAP_SYS_NICE); otherwise vLLM runs niced, which costs nothing while the trainer idles."""
+    try:
+        _set_priority(0)
+    except PermissionError:
+        print(f"vLLM keeps nice {STANDBY_NICE}: raising a priority needs CAP_SYS_NICE", flush=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def _reap_children() -> None:
+    """The zygote reaps its forked sidecars (the engine kills them; they are not its children)."""
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:  # none right now
+                time.sleep(0.2)
+                continue
+            print(f"vLLM sidecar pid {pid} ended with status {os.waitstatus_to_exitcode(status)}", flush=True)
+
+    threading.Thread(target=reap, name="reap", daemon=True).start()
+
+
+def fork_on_request(requests: Path, ready: StartupTimes, poll: float = 0.01) -> StartupTimes:
+    """The zygote's loop: fork a sidecar each time `requests` appears, and write its pid beside it
+    (`<requests>.pid`). Returns only in a forked child: its start-up so far (the first also reports
+    the zygote's imports and compiles, which its start may have waited for)."""
+    pid_path = requests.with_suffix(".pid")
+    _reap_children()
+    first = True
+    while True:
+        if not requests.exists():
+            time.sleep(poll)
+            continue
+        asked = time.perf_counter()
+        requests.unlink()
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()  # its own session and process group: the engine kills its tree without the zygote
+            _exit_with_parent()  # the zygote's, and with it the engine's
+            _restore_priority()
+            fork = time.perf_counter() - asked
+            return ready.model_copy(update={"fork": fork}) if first else StartupTimes(fork=fork)
+        _write_atomically(pid_path, str(pid))
+        first = False
 
 
 def main() -> None:
@@ -123,24 +187,32 @@ def main() -> None:
     _exit_with_parent()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("settings", help="JSON file of checkpoint_engine.contracts.vllm_protocol.VllmSettings")
-    ap.add_argument("--go", default=None, help="standby: import everything, then build vLLM once this file exists")
+    ap.add_argument("--zygote", metavar="REQUESTS", default=None,
+                    help="import everything, then fork a sidecar each time this file appears")  # fmt: skip
     args = ap.parse_args()
     settings = VllmSettings.from_json_file(args.settings)
+    if args.zygote:  # it yields the CPU to the trainer: its imports only have to be done by START_VLLM
+        _set_priority(STANDBY_NICE)
     configure_vllm(settings)  # before vLLM is imported: its environment is read then
 
-    import fastapi  # noqa: F401 - imported during standby, not after the go
+    import fastapi  # noqa: F401 - imported once, in the zygote
     import uvicorn
     from vllm import LLM, SamplingParams  # noqa: F401 - vLLM's top level is lazy: these import the engine
 
     imported = time.perf_counter()
-    if args.go:
-        _wait_for(Path(args.go))
-    go = time.perf_counter()
+    compile_sampler_ops(settings)
+    times = StartupTimes(imports=imported - began, compile=time.perf_counter() - imported)
+    if args.zygote:
+        print(f"vLLM zygote ready: {times.model_dump_json()}", flush=True)
+        times = fork_on_request(Path(args.zygote), times)
+    began = time.perf_counter()
     llm = start_llm(settings)
-    times = StartupTimes(imports=imported - began, standby=go - imported, build=time.perf_counter() - go)
+    times = times.model_copy(update={"build": time.perf_counter() - began})
     print(f"vLLM built: {times.model_dump_json()}", flush=True)
     app = create_app(llm, settings.model_dir, times)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    if args.zygote:
+        os._exit(0)  # a forked sidecar: nothing of the zygote's to clean up
 
 
 if __name__ == "__main__":

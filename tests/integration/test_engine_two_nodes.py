@@ -144,7 +144,7 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
                 n.post("/phase/complete", {"iteration": 0, "phase": "ROLLOUT", "payload": rollout})
             _wait("ONLOAD", lambda: n0.phase() == (0, "ONLOAD"), timeout=120)
             assert not any(n.get("/status")["vllm_alive"] for n in nodes)
-            assert all(n.get("/status")["vllm_standby"] for n in nodes)  # the next start's imports are done early
+            assert all(n.get("/status")["vllm_zygote"] for n in nodes)  # the next start forks, with imports done
             with pytest.raises(AssertionError, match="409"):  # a phase that is not current is refused
                 n0.post("/phase/complete", {"iteration": 0, "phase": "TRAIN", "payload": MetricsAck().to_dict()})
             for n in nodes:

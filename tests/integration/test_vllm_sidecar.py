@@ -64,16 +64,19 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
     )  # fmt: skip
     vllm = VllmProcess(settings, tmp_path / "vllm.log")
     try:
-        vllm.prepare()  # a standby: imports, then waits for its go without serving anything
-        assert vllm.alive()
+        vllm.prepare()  # the zygote: imports, then waits for a fork request without serving anything
+        assert vllm.zygote_alive()
+        assert not vllm.alive()
         with pytest.raises(requests.ConnectionError):
             vllm.client.health()
         startup = vllm.start()
         times = vllm.startup
         assert times is not None
         assert times.imports > 0
+        assert times.fork > 0
         assert times.build > 0
-        print(f"vLLM go to healthy: {startup:.1f} s ({times})")
+        assert vllm.pid != vllm.zygote_pid
+        print(f"vLLM fork request to healthy: {startup:.1f} s ({times})")
         assert vllm.client.health().weight_version == -1
         prompt = [1, 20, 21, 22]
         with pytest.raises(SidecarError, match="no weights loaded"):
@@ -130,12 +133,17 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
         assert not [p for p in pids if psutil.pid_exists(p)], "part of the killed vLLM tree is still running"
 
         vllm.start()
+        assert vllm.startup.imports == 0.0  # forked again from the same zygote: nothing imported twice
         assert vllm.client.update_weights(v1).weight_version == 1
         assert vllm.client.generate([greedy])[0].samples[0].token_ids == full.token_ids
     finally:
         report = vllm.terminate()
+        zygote = vllm.zygote_pid
+        vllm.close()
     assert report.pids
     assert not any(psutil.pid_exists(p) for p in report.pids)
+    assert zygote is not None
+    assert not psutil.pid_exists(zygote)
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("timeshare-test-")}
     assert not left, f"vLLM left shared-memory segments behind: {left}"  # ours go with the fixture
 

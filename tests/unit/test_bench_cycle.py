@@ -1,4 +1,5 @@
-"""`timeshare bench cycle`'s summary of a run: per-phase means after the first iteration, the switch share."""
+"""`timeshare bench cycle`'s summary of a run (per-phase means after the first iteration, the switch
+share) and the standalone baseline's requests, rebuilt from a rollout batch."""
 
 from __future__ import annotations
 
@@ -6,22 +7,34 @@ import json
 
 import pytest
 
-from launch.bench_cycle import PHASES, summarize
+from engine.batch import collate
+from engine.replay_buffer import Group
+from engine.trajectory import Trajectory
+from launch.bench_cycle import PHASES, later_iterations, summarize
+from launch.bench_standalone import requests_from_batch
 
 
 def test_summary_skips_the_first_iteration_and_computes_the_switch_share(capsys: pytest.CaptureFixture) -> None:
     def row(i: int, scale: float) -> dict[str, float]:
-        return {"iteration": i, **{f"time/{p}": scale for p in PHASES}, "rollout/tokens_per_second": 100.0 * scale}
+        return {"iteration": i, **{f"time/{p}": scale for p in PHASES}}
 
-    total = summarize("terminate", [row(0, 50.0), row(1, 1.0), row(2, 3.0)])
+    total = summarize("terminate", later_iterations("terminate", [row(0, 50.0), row(1, 1.0), row(2, 3.0)]))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert total == pytest.approx(2.0 * len(PHASES))  # iterations 1 and 2 only: each phase 2 s on average
     (switch,) = [x for x in lines if x["measure"] == "switch_overhead"]
     assert switch["ratio"] == pytest.approx(6 / 8)  # six of the eight phases are the switch
-    (rate,) = [x for x in lines if x["measure"] == "rollout_tokens_per_second"]
-    assert rate["value"] == pytest.approx(200.0)
 
 
 def test_a_run_without_a_later_iteration_is_refused() -> None:
     with pytest.raises(SystemExit, match="raise --iterations"):
-        summarize("keep_alive", [{"iteration": 0}])
+        later_iterations("keep_alive", [{"iteration": 0}])
+
+
+def test_the_standalone_replays_each_trajectorys_prompt_and_response_length() -> None:
+    def trajectory(i: int, prompt: list[int], length: int) -> Trajectory:
+        return Trajectory("p", i, prompt, list(range(40, 40 + length)), [-0.5] * length, [2] * length, "stop", 1.0)
+
+    group = Group("p", (trajectory(0, [5, 6, 7], 4), trajectory(1, [5, 6, 7], 1)))
+    other = Group("q", (trajectory(0, [9], 2), trajectory(1, [9], 6)))
+    batch = collate([group, other], current_version=2, staleness="keep", pad_id=0)
+    assert requests_from_batch(batch) == [([5, 6, 7], 4), ([5, 6, 7], 1), ([9], 2), ([9], 6)]
