@@ -50,8 +50,14 @@ class RolloutConfig(Section):
     staleness: Literal["exclude", "keep"] = "exclude"  # tokens of older versions: out of the loss (Kimi) | kept
     max_rounds: int = Field(4, ge=1)  # generation rounds per ROLLOUT while no group has finished
     eval_samples: int = Field(4, ge=1)  # k of pass@k on the held-out split
-    # vLLM's share of accelerator memory (host memory on CPU: the tiny model needs little KV cache,
-    # and a smaller one starts seconds faster); raise it on GPUs.
+    # vLLM's KV cache, explicit: vLLM allocates it without measuring the memory left after loading the
+    # model (on CPU it then also skips its warm-up pass), and a sidecar forked from the zygote, whose
+    # resident size includes the zygote's pages, gets the same cache every time. The tiny model needs
+    # 1 KiB per token: 0.25 GiB holds 1024 sequences of 256 tokens. null: vLLM sizes the cache itself
+    # from gpu_memory_utilization.
+    kv_cache_gib: float | None = Field(0.25, gt=0)
+    # vLLM's share of accelerator memory (of host memory on CPU) when kv_cache_gib is null; on GPUs,
+    # also the bound of what vLLM may hold besides the cache.
     gpu_memory_utilization: float = Field(0.08, gt=0, le=0.95)
     max_model_len: int = Field(256, ge=1)  # vLLM's context: prompt + response
     stop: str = "\n"  # responses end at this string; "" for none
@@ -68,6 +74,9 @@ class RolloutConfig(Section):
                 f"rollout.max_response_tokens ({self.max_response_tokens}) must be < rollout.max_model_len "
                 f"({self.max_model_len}): the prompt needs room too"
             )
+
+    def kv_cache_bytes(self) -> int | None:
+        return None if self.kv_cache_gib is None else int(self.kv_cache_gib * 2**30)
 
     def buffer(self) -> PartialRolloutConfig:
         """The replay buffer's slice."""

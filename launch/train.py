@@ -42,6 +42,8 @@ log = logging.getLogger("timeshare.train")
 # The engine's own shutdown (vLLM killed, weight regions removed, lease revoked) before it is killed.
 ENGINE_STOP_GRACE = 30.0
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # model.dtype -> bytes per element
+
 
 def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
     """The config, run directory and first iteration: new run, or the newest checkpoint of `resume`."""
@@ -80,6 +82,31 @@ def _model_dir(cfg: TrainConfig, paths: RunPaths) -> Path:
 
         write_tiny_model(paths.model_init, cfg.model.tiny_spec(seed=cfg.run.seed))
     return paths.model_init
+
+
+def _prepare_model(cfg: TrainConfig, paths: RunPaths, rollout: RolloutConfig) -> tuple[Path, Tokens]:
+    """The model's directory (the tiny model written on first use), checked against the KV cache, and
+    its tokens."""
+    model_dir = _model_dir(cfg, paths)
+    _check_kv_cache(rollout, model_dir, cfg.model.dtype, cfg.parallel.vllm_tp)
+    return model_dir, _tokens(model_dir, rollout.stop)
+
+
+def _check_kv_cache(rollout: RolloutConfig, model_dir: Path, dtype: str, vllm_tp: int) -> None:
+    """An explicit KV cache must hold one whole sequence of max_model_len tokens (per vLLM worker)."""
+    if rollout.kv_cache_gib is None:
+        return
+    hf = json.loads((model_dir / "config.json").read_text())
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    per_token = 2 * hf["num_hidden_layers"] * hf.get("num_key_value_heads", heads) * head_dim * DTYPE_BYTES[dtype]
+    needed = per_token * rollout.max_model_len / max(1, vllm_tp) / 2**30
+    if rollout.kv_cache_gib < needed:
+        raise ConfigError(
+            f"rollout.kv_cache_gib={rollout.kv_cache_gib} cannot hold one sequence of max_model_len="
+            f"{rollout.max_model_len} tokens of {model_dir} ({needed:.3g} GiB per vLLM worker): raise it, or "
+            "set it to null to let vLLM size the cache from rollout.gpu_memory_utilization"
+        )
 
 
 def _tokens(model_dir: Path, stop: str) -> Tokens:
@@ -129,8 +156,8 @@ def _engine_config(
         transfer=cfg.transfer,
         vllm=VllmSettings(
             model_dir=str(model_dir), port=ports["vllm"], tensor_parallel=cfg.parallel.vllm_tp,
-            gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_model_len,
-            dtype=cfg.model.dtype, seed=cfg.run.seed,
+            gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_bytes=rollout.kv_cache_bytes(),
+            max_model_len=rollout.max_model_len, dtype=cfg.model.dtype, seed=cfg.run.seed,
         ),
     )  # fmt: skip
 
@@ -161,8 +188,7 @@ def train(overrides: list[str]) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     cfg, paths, start = _prepare_run(overrides)
     rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
-    model_dir = _model_dir(cfg, paths)
-    tokens = _tokens(model_dir, rollout.stop)
+    model_dir, tokens = _prepare_model(cfg, paths, rollout)
     task = cfg.task.make()
     pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
     heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)

@@ -30,7 +30,8 @@ class VllmSettings(Section):
     model_dir: str  # HF directory: config and tokenizer; the weights are pushed after a dummy start
     port: int = Field(ge=1, le=65535)
     tensor_parallel: int = Field(ge=1)
-    gpu_memory_utilization: float = Field(gt=0, le=0.95)  # host memory on CPU
+    gpu_memory_utilization: float = Field(gt=0, le=0.95)  # host memory on CPU; unused with kv_cache_bytes
+    kv_cache_bytes: int | None = Field(default=None, gt=0)  # explicit KV cache: vLLM skips its sizing
     max_model_len: int = Field(ge=1)
     dtype: Literal["float32", "bfloat16"]
     seed: int = Field(ge=0)

@@ -34,6 +34,7 @@ def start_llm(settings: VllmSettings):  # -> vllm.LLM
         load_format=settings.load_format,
         tensor_parallel_size=settings.tensor_parallel,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        kv_cache_memory_bytes=settings.kv_cache_bytes,
         max_model_len=settings.max_model_len,
         seed=settings.seed,
         dtype=settings.dtype,

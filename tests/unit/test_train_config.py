@@ -10,6 +10,7 @@ import pytest
 from checkpoint_engine.contracts.config import ConfigError
 from engine.config import RolloutConfig
 from launch.config_loading import CONF_DIR, compose, load_config, to_config
+from launch.train import _check_kv_cache
 from launch.train_config import TrainConfig
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -213,3 +214,15 @@ def test_a_component_document_round_trips_through_its_file(tmp_path: Path) -> No
     path.write_text(path.read_text().replace('"weight_decay"', '"weight_decy"'))
     with pytest.raises(ConfigError, match=r"unknown key.*trainer\.weight_decy.*did you mean \['weight_decay'\]"):
         type(cfg.trainer).from_json_file(path)
+
+
+def test_an_explicit_kv_cache_must_hold_one_whole_sequence(tmp_path: Path) -> None:
+    # 2 layers x (K, V) x 2 heads x 32 dims x 4 bytes = 1 KiB per token, 1 GiB for 2**20 tokens.
+    hf = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    long = {"max_model_len": 2**20 + 1, "max_response_tokens": 16, "iteration_token_budget": 16}
+    with pytest.raises(ConfigError, match=r"rollout.kv_cache_gib=1.0 cannot hold .* \(1 GiB per vLLM worker\)"):
+        _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "float32", vllm_tp=1)
+    _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "bfloat16", vllm_tp=1)  # half the bytes
+    _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "float32", vllm_tp=2)  # half the heads
+    _check_kv_cache(RolloutConfig(kv_cache_gib=None, **long), tmp_path, "float32", vllm_tp=1)  # vLLM sizes it
