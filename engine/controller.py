@@ -131,7 +131,8 @@ class Controller:
     def rollout(self, vllm: VllmClient, version: int) -> dict[str, float]:
         """Continue buffered trajectories, start new prompts, score the finished groups, write the batch."""
         start, groups, rounds = time.perf_counter(), [], 0
-        generated, generating = 0, 0.0  # tokens out of vLLM and seconds inside its generate calls
+        # Tokens out of vLLM, seconds of its generate requests, and of these the seconds inside vLLM.
+        generated, generating, in_vllm = 0, 0.0, 0.0
         while not groups:
             if rounds == self.rollout_cfg.max_rounds:
                 raise RuntimeError(
@@ -143,8 +144,10 @@ class Controller:
             prompts = [PromptTokens(s.uid, tuple(self.tokens.encode(s.prompt))) for s in new]
             requests = self.buffer.plan_iteration(prompts, version)
             asked = time.perf_counter()
-            results = vllm.generate(self._requests(requests, seed=self.run_cfg.seed + 7919 * version + 131 * rounds))
+            response = vllm.generate(self._requests(requests, seed=self.run_cfg.seed + 7919 * version + 131 * rounds))
             generating += time.perf_counter() - asked
+            in_vllm += response.seconds
+            results = response.results
             generated += sum(len(s.token_ids) for res in results for s in res.samples)
             self.buffer.record(
                 RolloutResult(prompt_uid=r.prompt_uid, sample_index=r.sample_index, token_ids=tuple(s.token_ids),
@@ -167,7 +170,8 @@ class Controller:
             "rollout/rounds": float(rounds),
             "rollout/unfinished": float(len(self.buffer.unfinished())),
             "rollout/generate_seconds": time.perf_counter() - start,
-            "rollout/tokens_per_second": generated / max(generating, 1e-9),  # inside vLLM's generate calls
+            "rollout/tokens_per_second": generated / max(generating, 1e-9),  # over the sidecar's generate requests
+            "rollout/serving_share": 1.0 - in_vllm / max(generating, 1e-9),  # of those requests, outside vLLM
             "rollout/weight_version": float(max(served)),  # what vLLM reported (the buffer refuses a mismatch)
         }
 
@@ -194,12 +198,14 @@ class Controller:
         prompts = [self.tokens.encode(s.prompt) for s in self.heldout]
         stop, k = list(self.tokens.stop_ids), self.rollout_cfg.eval_samples
         common = {"max_tokens": self.rollout_cfg.max_response_tokens, "stop_token_ids": stop}
-        greedy = vllm.generate([GenerationRequest(prompt_ids=p, n=1, temperature=0.0, **common) for p in prompts])
+        greedy = vllm.generate(
+            [GenerationRequest(prompt_ids=p, n=1, temperature=0.0, **common) for p in prompts]
+        ).results
         temperature = self.rollout_cfg.temperature
         sampled = vllm.generate([
             GenerationRequest(prompt_ids=p, n=k, temperature=temperature, seed=self.run_cfg.seed + j, **common)
             for j, p in enumerate(prompts)
-        ])  # fmt: skip
+        ]).results  # fmt: skip
 
         def right(sample: Sample, ids: Sequence[int]) -> bool:
             return self.task.reward(self.tokens.decode(ids), sample) >= self.scorer.cfg.correct_threshold

@@ -12,8 +12,8 @@ something):
 - `iteration`: mean seconds per iteration, and keep_alive's against terminate's;
 - `rollout_tokens_per_second`: vLLM's output inside the loop (tokens over the time in its
   generate calls), against a standalone vLLM serving the same requests (`launch/bench_standalone.py`:
-  the same settings and prompts, as many tokens as each response had) right after the job, and the
-  ratio of the two.
+  the same settings and prompts, as many tokens as each response had) right after the job, the
+  ratio of the two, and the share of the loop's generate requests spent outside vLLM (HTTP, JSON).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def compare_rollout_rate(lifecycle: str, later: list[dict[str, float]], run_dir:
     if not rolled:
         return
     in_loop = sum(r["rollout/tokens_per_second"] for r in rolled) / len(rolled)
+    serving = sum(r.get("rollout/serving_share", 0.0) for r in rolled) / len(rolled)
     config = json.loads((run_dir / "config.json").read_text())["rollout"]
     batches = [str(run_dir / "rollouts" / f"iter_{int(r['iteration']):05d}.pt") for r in rolled]
     (settings,) = (run_dir / "logs").glob("vllm-*.json")
@@ -87,7 +88,8 @@ def compare_rollout_rate(lifecycle: str, later: list[dict[str, float]], run_dir:
         raise SystemExit(f"the standalone vLLM exited with {out.returncode}:\n{out.stderr[-3000:]}")
     standalone = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_second"]
     _emit(lifecycle=lifecycle, measure="rollout_tokens_per_second", value=round(in_loop, 1),
-          standalone=round(standalone, 1), ratio=round(in_loop / standalone, 3))  # fmt: skip
+          standalone=round(standalone, 1), ratio=round(in_loop / standalone, 3),
+          serving_share=round(serving, 3))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

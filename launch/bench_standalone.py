@@ -5,8 +5,9 @@ vLLM as the sidecar does, from the job's own `VllmSettings` (dummy weights: the 
 does not depend on its weights' values), and replays each rollout batch's trajectories as requests:
 the same prompt and as many tokens as the response had (`ignore_eos`), one request per trajectory,
 sampled and with logprobs as in the loop. The first batch is served once untimed (vLLM's warm-up),
-then every batch once, timed inside `generate`. Prints one JSON line: the tokens and seconds, and the
-mean over batches of tokens per second (as the loop's `rollout/tokens_per_second` is averaged).
+then every batch once, timed inside `generate`, each with an empty prefix cache. Prints one JSON
+line: the tokens and seconds, and the mean over batches of tokens per second (as the loop's
+`rollout/tokens_per_second` is averaged).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                            seed=k, logprobs=0)
             for k, (_, n) in enumerate(requests)
         ]  # fmt: skip
+        llm.reset_prefix_cache()  # as a fresh vLLM in the loop: no prompt of an earlier pass is cached
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return sum(len(c.token_ids) for o in outputs for c in o.outputs), time.perf_counter() - start

@@ -8,7 +8,6 @@ from checkpoint_engine.contracts.vllm_protocol import (
     GenerateBody,
     GenerateResponse,
     GenerationRequest,
-    GenerationResult,
     Health,
     UpdateWeightsBody,
     UpdateWeightsResponse,
@@ -42,8 +41,8 @@ class VllmClient:
     def update_weights(self, manifest: dict) -> UpdateWeightsResponse:
         return UpdateWeightsResponse.model_validate(self._post("/weights/update", UpdateWeightsBody(manifest=manifest)))
 
-    def generate(self, requests_: list[GenerationRequest]) -> list[GenerationResult]:
-        return GenerateResponse.model_validate(self._post("/generate", GenerateBody(requests=requests_))).results
+    def generate(self, requests_: list[GenerationRequest]) -> GenerateResponse:
+        return GenerateResponse.model_validate(self._post("/generate", GenerateBody(requests=requests_)))
 
     def close(self) -> None:
         self._session.close()

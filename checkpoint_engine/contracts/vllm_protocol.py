@@ -71,6 +71,7 @@ class GenerationResult(Message):
 
 class GenerateResponse(Message):
     results: list[GenerationResult]
+    seconds: float  # inside vLLM's generate call: the rest of the request's time is serving
 
 
 class UpdateWeightsBody(Message):

@@ -88,7 +88,9 @@ def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
             for r in body.requests
         ]
         with lock:
+            start = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
             version = state["version"]
         results = []
         for out in outputs:
@@ -102,7 +104,7 @@ def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
                 for c in out.outputs
             ]
             results.append(GenerationResult(samples=samples))
-        return GenerateResponse(results=results)
+        return GenerateResponse(results=results, seconds=seconds)
 
     return app
 

@@ -85,7 +85,7 @@ def _wait(what: str, fn, timeout: float = 240.0, every: float = 0.3):
 
 def _greedy(node: Node, n: int) -> list[list[int]]:
     reqs = [GenerationRequest(prompt_ids=p, max_tokens=n, temperature=0.0, ignore_eos=True) for p in PROMPTS]
-    return [r.samples[0].token_ids for r in node.vllm.generate(reqs)]
+    return [r.samples[0].token_ids for r in node.vllm.generate(reqs).results]
 
 
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

@@ -84,15 +84,15 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
 
         assert vllm.client.update_weights(v1).weight_version == 1
         greedy = GenerationRequest(prompt_ids=prompt, max_tokens=10, temperature=0.0, ignore_eos=True)
-        full = vllm.client.generate([greedy])[0].samples[0]
+        full = vllm.client.generate([greedy]).results[0].samples[0]
         assert (len(full.token_ids), full.finish_reason, full.weight_version) == (10, "length", 1)
 
         # Continuation from prompt + partial output gives the rest of the same greedy sequence.
         cont = GenerationRequest(prompt_ids=prompt + full.token_ids[:4], max_tokens=6, temperature=0.0, ignore_eos=True)
-        assert vllm.client.generate([cont])[0].samples[0].token_ids == full.token_ids[4:]
+        assert vllm.client.generate([cont]).results[0].samples[0].token_ids == full.token_ids[4:]
 
         # n samples at temperature 1: per-token logprobs of the sampling distribution, equal to HF's.
-        sampled = vllm.client.generate([GenerationRequest(prompt_ids=prompt, max_tokens=8, n=3, seed=1)])[0]
+        sampled = vllm.client.generate([GenerationRequest(prompt_ids=prompt, max_tokens=8, n=3, seed=1)]).results[0]
         assert len(sampled.samples) == 3
         s = sampled.samples[0]
         assert len(s.logprobs) == len(s.token_ids)
@@ -112,7 +112,7 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
         with pytest.raises(SidecarError, match="stale"):
             vllm.client.update_weights(v1)
         assert vllm.client.health().weight_version == 1
-        assert vllm.client.generate([greedy])[0].samples[0].token_ids == full.token_ids
+        assert vllm.client.generate([greedy]).results[0].samples[0].token_ids == full.token_ids
 
         # Killed mid-generation: the failure surfaces, the tree is cleaned up, a restart works.
         long = GenerationRequest(prompt_ids=prompt, max_tokens=480, n=256, ignore_eos=True)
@@ -135,7 +135,7 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
         vllm.start()
         assert vllm.startup.imports == 0.0  # forked again from the same zygote: nothing imported twice
         assert vllm.client.update_weights(v1).weight_version == 1
-        assert vllm.client.generate([greedy])[0].samples[0].token_ids == full.token_ids
+        assert vllm.client.generate([greedy]).results[0].samples[0].token_ids == full.token_ids
     finally:
         report = vllm.terminate()
         zygote = vllm.zygote_pid

@@ -20,7 +20,7 @@ from checkpoint_engine.contracts.acks import (
 )
 from checkpoint_engine.contracts.phases import CYCLE, Phase
 from checkpoint_engine.contracts.run_dir import RunPaths
-from checkpoint_engine.contracts.vllm_protocol import Completion, GenerationRequest, GenerationResult
+from checkpoint_engine.contracts.vllm_protocol import Completion, GenerateResponse, GenerationRequest, GenerationResult
 from engine.batch import load_batch
 from engine.config import RolloutConfig, RunConfig
 from engine.controller import Controller, Tokens
@@ -44,9 +44,11 @@ class FakeVllm:
     def __init__(self, version: int, chunk: int = 99) -> None:
         self.version, self.chunk, self.calls = version, chunk, 0
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest]) -> GenerateResponse:
         self.calls += 1
-        return [GenerationResult(samples=[self._answer(r) for _ in range(r.n)]) for r in requests]
+        return GenerateResponse(
+            results=[GenerationResult(samples=[self._answer(r) for _ in range(r.n)]) for r in requests], seconds=0.0
+        )
 
     def _answer(self, r: GenerationRequest) -> Completion:
         text = TOKENS.decode(r.prompt_ids)
