@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -139,6 +140,7 @@ class Controller:
                     f"no group finished within {rounds} generation rounds of iteration {version}: raise "
                     "rollout.iteration_token_budget or rollout.max_rounds, or lower rollout.max_response_tokens"
                 )
+            self.sampler.set_iteration(version)
             in_flight = self.buffer.in_flight_uids
             new = [s for s in self.sampler.sample(self.rollout_cfg.prompts_per_iteration) if s.uid not in in_flight]
             prompts = [PromptTokens(s.uid, tuple(self.tokens.encode(s.prompt))) for s in new]
@@ -157,13 +159,14 @@ class Controller:
             groups = self.buffer.take_ready_groups()
             rounds += 1
         served = {t.versions[-1] for g in groups for t in g.trajectories if t.versions}
-        rewards, correct, lengths = self._score(groups, version)
+        rewards, correct, lengths, terms = self._score(groups, version)
         batch = collate(groups, version, self.buffer.config.staleness, self.tokens.pad_id)
         save_batch(batch, self.paths.batch(version))
         self._save_state(version + 1)
         n = len(rewards)
         return {
             "reward/mean": sum(rewards) / n,
+            **{f"reward/term/{key}": sum(values) / n for key, values in terms.items()},
             "reward/correct": sum(correct) / n,
             "rollout/mean_length": sum(lengths) / n,
             "rollout/groups": float(len(groups)),
@@ -175,8 +178,11 @@ class Controller:
             "rollout/weight_version": float(max(served)),  # what vLLM reported (the buffer refuses a mismatch)
         }
 
-    def _score(self, groups: Sequence[Group], iteration: int) -> tuple[list[float], list[bool], list[int]]:
-        rewards, correct, lengths = [], [], []
+    def _score(
+        self, groups: Sequence[Group], iteration: int
+    ) -> tuple[list[float], list[bool], list[int], dict[str, list[float]]]:
+        """Each trajectory's total reward, correctness and length, and each reward term's contributions."""
+        rewards, correct, lengths, terms = [], [], [], defaultdict(list)
         for group in groups:
             sample = self.samples[group.prompt_uid]
             trajs = group.trajectories
@@ -190,7 +196,9 @@ class Controller:
             rewards += scores.totals
             correct += scores.correct
             lengths += [len(t.response_ids) for t in trajs]
-        return rewards, correct, lengths
+            for key, values in scores.terms.items():
+                terms[key] += values
+        return rewards, correct, lengths, terms
 
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self, vllm: VllmClient) -> dict[str, float]:

@@ -32,16 +32,16 @@ import math
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
+from pydantic import Field
 
+from checkpoint_engine.contracts.config import Section
 from engine.tasks.base import Sample
 
 STATE_FORMAT = 1
 CurriculumKey = Literal["difficulty", "pass_rate"]
-CURRICULUM_KEYS: tuple[CurriculumKey, ...] = ("difficulty", "pass_rate")
 
 
 class PromptSampler(Protocol):
@@ -58,30 +58,13 @@ class PromptSampler(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-def _check_fraction(where: str, value: object, *, low_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value <= 1
-    if not ok or (low_open and value == 0):
-        bounds = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{where} must be a number in {bounds}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class CurriculumOptions:
+class CurriculumOptions(Section):
+    KEY = "sampler.curriculum"
     by: CurriculumKey = "difficulty"
-    start_fraction: float = 0.2  # share of the pool (easiest first) available at iteration 0
-    ramp_iterations: int = 100  # the whole pool is available from this iteration on (0: from the start)
-    unseen_pass_rate: float = 1.0  # pass_rate ordering: where prompts never measured sit (1.0 = easiest)
-    decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.by not in CURRICULUM_KEYS:
-            raise ValueError(f"sampling.curriculum.by must be one of {CURRICULUM_KEYS}, got {self.by!r}")
-        _check_fraction("sampling.curriculum.start_fraction", self.start_fraction, low_open=True)
-        ramp = self.ramp_iterations
-        if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 0:
-            raise ValueError(f"sampling.curriculum.ramp_iterations must be an integer >= 0, got {ramp!r}")
-        _check_fraction("sampling.curriculum.unseen_pass_rate", self.unseen_pass_rate)
-        _check_fraction("sampling.curriculum.decay", self.decay)
+    start_fraction: float = Field(0.2, gt=0, le=1)  # share of the pool (easiest first) available at iteration 0
+    ramp_iterations: int = Field(100, ge=0)  # the whole pool is available from this iteration on (0: from the start)
+    unseen_pass_rate: float = Field(1.0, ge=0, le=1)  # pass_rate ordering: where unmeasured prompts sit (1 = easiest)
+    decay: float = Field(0.0, ge=0, le=1)
 
     def fraction(self, iteration: int) -> float:
         """Share of the ordered pool available at `iteration`."""
@@ -90,16 +73,11 @@ class CurriculumOptions:
         return self.start_fraction + (1 - self.start_fraction) * min(1.0, iteration / self.ramp_iterations)
 
 
-@dataclass(frozen=True)
-class PrioritizedOptions:
-    epsilon: float = 0.05  # floor on 1 - s, so solved prompts still come up now and then
-    initial_success_rate: float = 0.0  # s of a prompt never measured
-    decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_fraction("sampling.prioritized.epsilon", self.epsilon, low_open=True)
-        _check_fraction("sampling.prioritized.initial_success_rate", self.initial_success_rate)
-        _check_fraction("sampling.prioritized.decay", self.decay)
+class PrioritizedOptions(Section):
+    KEY = "sampler.prioritized"
+    epsilon: float = Field(0.05, gt=0, le=1)  # floor on 1 - s, so solved prompts still come up now and then
+    initial_success_rate: float = Field(0.0, ge=0, le=1)  # s of a prompt never measured
+    decay: float = Field(0.0, ge=0, le=1)
 
 
 class _PoolSampler(ABC):
@@ -326,3 +304,22 @@ SAMPLERS: dict[str, tuple[type[_PoolSampler], type | None]] = {
     "curriculum": (CurriculumSampler, CurriculumOptions),
     "prioritized": (PrioritizedSampler, PrioritizedOptions),
 }
+
+
+SamplerKind = Literal["uniform", "curriculum", "prioritized"]
+
+
+class SamplerConfig(Section):
+    """The `sampler` section: which prompts each rollout starts from (see the module docstring)."""
+
+    KEY = "sampler"
+    kind: SamplerKind = "uniform"
+    curriculum: CurriculumOptions = CurriculumOptions()  # read when kind=curriculum
+    prioritized: PrioritizedOptions = PrioritizedOptions()  # read when kind=prioritized
+
+    def make(self, pool: Sequence[Sample], seed: int) -> PromptSampler:
+        if self.kind == "curriculum":
+            return CurriculumSampler(pool, seed, self.curriculum)
+        if self.kind == "prioritized":
+            return PrioritizedSampler(pool, seed, self.prioritized)
+        return UniformSampler(pool, seed)

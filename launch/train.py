@@ -30,8 +30,7 @@ from engine.config import RolloutConfig
 from engine.controller import Controller, Tokens
 from engine.metrics import MetricsLogger, format_line, summarize_phase_times
 from engine.replay_buffer import PartialRolloutBuffer
-from engine.rewards import RewardConfig, RewardScorer
-from engine.sampling import UniformSampler
+from engine.rewards import RewardScorer
 from engine.tasks import Sample
 from launch.config_loading import load_config
 from launch.etcd_server import LocalEtcd, free_loopback_ports
@@ -245,8 +244,8 @@ def train(overrides: list[str]) -> int:
         controller = Controller(
             cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, engine=client, task=task, tokens=tokens,
             rollout_engine=lambda: VllmClient(f"http://127.0.0.1:{ports['vllm']}"),
-            sampler=UniformSampler(pool, cfg.run.seed), buffer=PartialRolloutBuffer(rollout.buffer()),
-            scorer=RewardScorer(RewardConfig(), task), pool=pool, heldout=heldout, log_metrics=record,
+            sampler=cfg.sampler.make(pool, cfg.run.seed), buffer=PartialRolloutBuffer(rollout.buffer()),
+            scorer=RewardScorer(cfg.reward, task), pool=pool, heldout=heldout, log_metrics=record,
             check_alive=check_alive,
         )  # fmt: skip
         if start:

@@ -18,6 +18,8 @@ from checkpoint_engine.contracts.config import ConfigError, Section
 from checkpoint_engine.etcd_client import parse_endpoint
 from engine.algorithms.config import AlgoSection
 from engine.config import RolloutConfig, RunConfig
+from engine.rewards import RewardConfig
+from engine.sampling import SamplerConfig
 from engine.tasks.config import TaskConfig
 from engine.tiny_model import VALID_HEAD_DIMS, Arch, TinyModelSpec
 from sidecars.megatron.config import TrainerConfig
@@ -163,6 +165,8 @@ class TrainConfig(Section):
     algo: AlgoSection = Field(default_factory=AlgoSection)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     phase: PhaseConfig = Field(default_factory=PhaseConfig)

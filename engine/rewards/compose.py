@@ -14,10 +14,13 @@ samplers' success rates use. Terms:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Self
 
+from pydantic import Field, field_validator, model_validator
+
+from checkpoint_engine.contracts.config import ConfigError, Section
 from engine.rewards.format import extract_tagged_answer, format_reward
 from engine.rewards.length import LengthRewardConfig, kimi_length_rewards
 from engine.rewards.plugins import is_import_path, load_reward_fn
@@ -30,91 +33,55 @@ TaskInput = Literal["response", "answer"]
 TASK_INPUTS: tuple[TaskInput, ...] = ("response", "answer")
 
 
-def _is_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float)
-
-
-@dataclass(frozen=True)
-class RewardTerm:
+class RewardTerm(Section):
     """`weight * source(response, sample)`; `source` is "task", "format" or "package.module:function"."""
 
+    KEY = "reward.terms[]"
     source: str
     weight: float = 1.0
-    name: str | None = None  # key in the breakdown; defaults to `source`
+    name: str | None = Field(None, min_length=1)  # key in the breakdown; defaults to `source`
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not (self.source in BUILTIN_TERMS or is_import_path(self.source)):
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if not (source in BUILTIN_TERMS or is_import_path(source)):
             raise ValueError(
-                f"reward.terms[].source must be one of {BUILTIN_TERMS} or 'package.module:function', "
-                f"got {self.source!r}"
+                f"reward.terms[].source must be one of {BUILTIN_TERMS} or 'package.module:function', got {source!r}"
             )
-        if not _is_number(self.weight):
-            raise ValueError(f"reward.terms[{self.key!r}].weight must be a number, got {self.weight!r}")
-        if self.name is not None and (not isinstance(self.name, str) or not self.name):
-            raise ValueError(f"reward.terms[].name must be a non-empty string or null, got {self.name!r}")
+        return source
 
     @property
     def key(self) -> str:
         return self.name or self.source
 
 
-@dataclass(frozen=True)
-class RewardConfig:
-    terms: tuple[RewardTerm, ...] = (RewardTerm("task"),)
-    length: LengthRewardConfig = field(default_factory=LengthRewardConfig)
-    repeat_penalty: float = 0.0  # subtracted from the total of a trajectory stopped for repetition
+class RewardConfig(Section):
+    """The `reward` section: the terms of the total and the group terms' settings."""
+
+    KEY = "reward"
+    terms: tuple[RewardTerm, ...] = (RewardTerm(source="task"),)
+    length: LengthRewardConfig = LengthRewardConfig()
+    repeat_penalty: float = Field(0.0, ge=0)  # subtracted from the total of a trajectory stopped for repetition
     correct_threshold: float = 1.0  # task reward >= this counts as correct (length term, success rates)
     task_input: TaskInput = "response"  # "answer": the task scores only the <answer> part (0 if malformed)
     think_in_prompt: bool = False  # the chat template opens <think> itself (format and answer extraction)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.terms, tuple) or not all(isinstance(t, RewardTerm) for t in self.terms):
-            raise ValueError(f"reward.terms must be a tuple of RewardTerm, got {self.terms!r}")
+    @field_validator("terms", mode="before")
+    @classmethod
+    def _listed_terms(cls, terms: object) -> object:
+        return tuple(terms) if isinstance(terms, list) else terms  # Hydra and JSON give lists
+
+    @model_validator(mode="after")
+    def _terms_are_unique(self) -> Self:
         if not self.terms:
-            raise ValueError(f"reward.terms must list at least one term (e.g. {RewardTerm('task')})")
+            raise ConfigError("reward.terms must list at least one term (e.g. {source: task})")
         keys = [t.key for t in self.terms]
         clashes = sorted({k for k in keys if keys.count(k) > 1 or k in GROUP_TERMS})
         if clashes:
-            raise ValueError(
+            raise ConfigError(
                 f"reward.terms names {clashes} are repeated or reserved ({GROUP_TERMS}); give each term a unique name"
             )
-        if not isinstance(self.length, LengthRewardConfig):
-            raise ValueError(f"reward.length must be a LengthRewardConfig, got {type(self.length).__name__}")
-        if not _is_number(self.repeat_penalty) or self.repeat_penalty < 0:
-            raise ValueError(
-                f"reward.repeat_penalty must be a number >= 0 (it is subtracted), got {self.repeat_penalty!r}"
-            )
-        if not _is_number(self.correct_threshold):
-            raise ValueError(f"reward.correct_threshold must be a number, got {self.correct_threshold!r}")
-        if self.task_input not in TASK_INPUTS:
-            raise ValueError(f"reward.task_input must be one of {TASK_INPUTS}, got {self.task_input!r}")
-        if not isinstance(self.think_in_prompt, bool):
-            raise ValueError(f"reward.think_in_prompt must be true or false, got {self.think_in_prompt!r}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RewardConfig:
-        """Build from plain data (the composed Hydra config); unknown keys are errors."""
-        _check_keys("reward", d, cls)
-        kwargs = dict(d)
-        if "terms" in kwargs:
-            terms = []
-            for i, t in enumerate(kwargs["terms"]):
-                _check_keys(f"reward.terms[{i}]", t, RewardTerm)
-                terms.append(RewardTerm(**t))
-            kwargs["terms"] = tuple(terms)
-        if "length" in kwargs:
-            _check_keys("reward.length", kwargs["length"], LengthRewardConfig)
-            kwargs["length"] = LengthRewardConfig(**kwargs["length"])
-        return cls(**kwargs)
-
-
-def _check_keys(where: str, d: object, cls: type) -> None:
-    valid = sorted(f.name for f in fields(cls))
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{where} must be a mapping with keys from {valid}, got {type(d).__name__}")
-    unknown = sorted(set(d) - set(valid))
-    if unknown:
-        raise ValueError(f"{where} has unknown key(s) {unknown}; valid keys: {valid}")
+        return self
 
 
 @dataclass(frozen=True)

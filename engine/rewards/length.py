@@ -9,31 +9,24 @@ wrong answer is never rewarded. `LengthRewardConfig.scale(iteration)` says how m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from pydantic import Field
+
+from checkpoint_engine.contracts.config import Section
 
 
-@dataclass(frozen=True)
-class LengthRewardConfig:
+class LengthRewardConfig(Section):
     """Off until `warmup_iterations`; from then on weight * min(1, (it - warmup + 1) / ramp_iterations).
 
     With ramp_iterations = 0 the full weight applies from `warmup_iterations` on; with ramp = 4 and
     warmup = 10, iterations 10, 11, 12, 13 get 1/4, 2/4, 3/4, 4/4 of the weight.
     """
 
+    KEY = "reward.length"
     enabled: bool = False
-    weight: float = 1.0
-    warmup_iterations: int = 0
-    ramp_iterations: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"reward.length.enabled must be true or false, got {self.enabled!r}")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float) or self.weight < 0:
-            raise ValueError(f"reward.length.weight must be a number >= 0, got {self.weight!r}")
-        for name in ("warmup_iterations", "ramp_iterations"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"reward.length.{name} must be an integer >= 0, got {value!r}")
+    weight: float = Field(1.0, ge=0)
+    warmup_iterations: int = Field(0, ge=0)
+    ramp_iterations: int = Field(0, ge=0)
 
     def scale(self, iteration: int) -> float:
         """The weight of the length term at `iteration` (0-based)."""

@@ -139,3 +139,29 @@ def test_keep_alive_builds_vllm_once_and_serves_every_version(tmp_path: Path) ->
     assert max(r["logprob_gap/mean_abs"] for r in history.values() if "logprob_gap/mean_abs" in r) < 1e-3
     builds = (paths.logs / "vllm-node0.log").read_text().count("vLLM built:")
     assert builds == 1, f"vLLM was built {builds} times; keep_alive builds it once"
+
+
+def test_the_reward_and_sampler_sections_reach_the_run(tmp_path: Path) -> None:
+    """`sampler=prioritized reward=kimi` (length reward from iteration 0) through the real job: the
+    metrics break each rollout's reward into its terms, which add up to it, and the controller's
+    checkpoint holds the prioritized sampler's success counts of every scored group."""
+    log = tmp_path / "launcher.log"
+    proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=2", "sampler=prioritized", "reward=kimi",
+                    "reward.length.warmup_iterations=0", "reward.length.ramp_iterations=0"], log)  # fmt: skip
+    try:
+        assert proc.wait(600) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (run_dir,) = tmp_path.glob("addition-kimi-*")
+    paths = RunPaths(run_dir)
+    history = {int(r["iteration"]): r for r in _rows(paths)}
+    for i in range(2):  # the rollouts of iterations 0 and 1 (the last iteration only evaluates)
+        terms = {k: v for k, v in history[i].items() if k.startswith("reward/term/")}
+        assert {"reward/term/task", "reward/term/length"} <= set(terms), f"iteration {i}: {sorted(terms)}"
+        assert history[i]["reward/mean"] == pytest.approx(sum(terms.values()))
+    sampler = json.loads(paths.controller_state(2).read_text())["sampler"]
+    assert sampler["kind"] == "prioritized"
+    assert sampler["iteration"] == 1
+    assert sum(sampler["trials"]) == 2 * PROMPTS * 4  # two rollouts of PROMPTS groups of group_size 4

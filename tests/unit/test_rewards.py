@@ -238,7 +238,7 @@ def test_plugin_bad_results_name_the_path(fn_name: str, match: str) -> None:
 
 
 def test_scorer_fails_at_construction_on_a_bad_plugin() -> None:
-    cfg = RewardConfig(terms=(RewardTerm("task"), RewardTerm(f"{__name__}:missing_fn")))
+    cfg = RewardConfig(terms=(RewardTerm(source="task"), RewardTerm(source=f"{__name__}:missing_fn")))
     with pytest.raises(RewardPluginError, match="missing_fn"):
         RewardScorer(cfg, ContainsAnswerTask())
 
@@ -249,9 +249,9 @@ def test_scorer_fails_at_construction_on_a_bad_plugin() -> None:
 def test_composition_weights_sum_to_the_total() -> None:
     cfg = RewardConfig(
         terms=(
-            RewardTerm("task", weight=1.0),
-            RewardTerm("format", weight=0.5),
-            RewardTerm(f"{__name__}:bonus_reward", weight=0.1, name="bonus"),
+            RewardTerm(source="task", weight=1.0),
+            RewardTerm(source="format", weight=0.5),
+            RewardTerm(source=f"{__name__}:bonus_reward", weight=0.1, name="bonus"),
         ),
         length=LengthRewardConfig(enabled=True, weight=2.0, warmup_iterations=5),
         repeat_penalty=0.3,
@@ -327,10 +327,10 @@ def test_score_group_rejects_bad_groups() -> None:
     ("kwargs", "match"),
     [
         ({"terms": ()}, "at least one term"),
-        ({"terms": (RewardTerm("task"), RewardTerm("task"))}, r"\['task'\] are repeated or reserved"),
-        ({"terms": (RewardTerm("format", name="length"),)}, "reserved"),
+        ({"terms": (RewardTerm(source="task"), RewardTerm(source="task"))}, r"\['task'\] are repeated or reserved"),
+        ({"terms": (RewardTerm(source="format", name="length"),)}, "reserved"),
         ({"repeat_penalty": -1.0}, "reward.repeat_penalty"),
-        ({"task_input": "prompt"}, r"reward.task_input must be one of \('response', 'answer'\)"),
+        ({"task_input": "prompt"}, r"reward.task_input must be one of \['response', 'answer'\], got 'prompt'"),
         ({"correct_threshold": "1"}, "reward.correct_threshold"),
     ],
 )
@@ -341,9 +341,9 @@ def test_reward_config_names_the_bad_key(kwargs: dict[str, object], match: str) 
 
 def test_reward_term_validation() -> None:
     with pytest.raises(ValueError, match=r"one of \('task', 'format'\) or 'package.module:function'"):
-        RewardTerm("lenght")
-    with pytest.raises(ValueError, match=r"reward.terms\['task'\].weight"):
-        RewardTerm("task", weight="1")  # type: ignore[arg-type]
+        RewardTerm(source="lenght")
+    with pytest.raises(ValueError, match=r"reward.terms\[\].weight must be a number, got '1'"):
+        RewardTerm(source="task", weight="1")  # type: ignore[arg-type]
 
 
 def test_reward_config_from_dict() -> None:
@@ -354,11 +354,11 @@ def test_reward_config_from_dict() -> None:
             "repeat_penalty": 1.0,
         }
     )
-    assert cfg.terms == (RewardTerm("task"), RewardTerm("format", weight=0.2))
+    assert cfg.terms == (RewardTerm(source="task"), RewardTerm(source="format", weight=0.2))
     assert cfg.length == LengthRewardConfig(enabled=True, warmup_iterations=3)
-    with pytest.raises(ValueError, match=r"reward has unknown key\(s\) \['repeat_penalt'\]; valid keys: \["):
+    with pytest.raises(ValueError, match=r"\['reward.repeat_penalt'\] \(did you mean \['repeat_penalty'\]\?\)"):
         RewardConfig.from_dict({"repeat_penalt": 1.0})
-    with pytest.raises(ValueError, match=r"reward.length has unknown key\(s\) \['warmup'\]"):
+    with pytest.raises(ValueError, match=r"\['reward.length.warmup'\]; valid keys of reward.length: \["):
         RewardConfig.from_dict({"length": {"warmup": 3}})
-    with pytest.raises(ValueError, match=r"reward.terms\[1\] has unknown key\(s\) \['wieght'\]"):
+    with pytest.raises(ValueError, match=r"\['reward.terms\[\].wieght'\] \(did you mean \['weight'\]\?\)"):
         RewardConfig.from_dict({"terms": [{"source": "task"}, {"source": "format", "wieght": 1.0}]})

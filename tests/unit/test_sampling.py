@@ -215,16 +215,12 @@ def test_pool_checks() -> None:
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
-        (CurriculumOptions, {"by": "length"}, r"sampling\.curriculum\.by must be one of \('difficulty', 'pass_rate'\)"),
-        (
-            CurriculumOptions,
-            {"start_fraction": 0.0},
-            r"sampling\.curriculum\.start_fraction must be a number in \(0, 1\]",
-        ),
-        (CurriculumOptions, {"ramp_iterations": -1}, r"sampling\.curriculum\.ramp_iterations"),
-        (CurriculumOptions, {"decay": 1.5}, r"sampling\.curriculum\.decay"),
-        (PrioritizedOptions, {"epsilon": 0.0}, r"sampling\.prioritized\.epsilon"),
-        (PrioritizedOptions, {"initial_success_rate": -0.1}, r"sampling\.prioritized\.initial_success_rate"),
+        (CurriculumOptions, {"by": "length"}, r"sampler\.curriculum\.by must be one of \['difficulty', 'pass_rate'\]"),
+        (CurriculumOptions, {"start_fraction": 0.0}, r"sampler\.curriculum\.start_fraction must be > 0"),
+        (CurriculumOptions, {"ramp_iterations": -1}, r"sampler\.curriculum\.ramp_iterations"),
+        (CurriculumOptions, {"decay": 1.5}, r"sampler\.curriculum\.decay must be <= 1"),
+        (PrioritizedOptions, {"epsilon": 0.0}, r"sampler\.prioritized\.epsilon"),
+        (PrioritizedOptions, {"initial_success_rate": -0.1}, r"sampler\.prioritized\.initial_success_rate"),
     ],
 )
 def test_options_name_the_bad_key(cls: type, kwargs: dict[str, object], match: str) -> None:
