@@ -32,6 +32,17 @@ class RunConfig(Section):
         return self
 
 
+class RepeatDetection(Section):
+    """Stop a trajectory, during generation, whose tail is an n-gram (n <= max_ngram) repeated
+    min_repeats times back to back: vLLM ends it with finish reason "repeat" (its
+    `repetition_detection`), and `reward.repeat_penalty` is subtracted from its reward."""
+
+    KEY = "rollout.repeat"
+    enabled: bool = False
+    max_ngram: int = Field(20, ge=1)
+    min_repeats: int = Field(10, ge=2)
+
+
 class RolloutConfig(Section):
     """Sampling, partial rollouts (Kimi k1.5), vLLM's lifecycle and its share of the machine."""
 
@@ -61,6 +72,7 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.08, gt=0, le=0.95)
     max_model_len: int = Field(256, ge=1)  # vLLM's context: prompt + response
     stop: str = "\n"  # responses end at this string; "" for none
+    repeat: RepeatDetection = RepeatDetection()
 
     def check_lengths(self) -> None:
         """budget <= max_response_tokens < max_model_len."""

@@ -116,6 +116,7 @@ class Controller:
 
     # ------------------------------------------------------------------------------- rollout
     def _requests(self, requests: Sequence[RolloutRequest], seed: int) -> list[GenerationRequest]:
+        repeat = self.rollout_cfg.repeat
         return [
             GenerationRequest(
                 prompt_ids=list(r.token_ids),
@@ -125,6 +126,8 @@ class Controller:
                 top_p=self.rollout_cfg.top_p,
                 seed=seed + k,
                 stop_token_ids=list(self.tokens.stop_ids),
+                repeat_max_ngram=repeat.max_ngram if repeat.enabled else 0,
+                repeat_min_repeats=repeat.min_repeats if repeat.enabled else 0,
             )
             for k, r in enumerate(requests)
         ]
@@ -172,6 +175,8 @@ class Controller:
             "rollout/groups": float(len(groups)),
             "rollout/rounds": float(rounds),
             "rollout/unfinished": float(len(self.buffer.unfinished())),
+            # Of the batch's trajectories, the share vLLM stopped for repeating themselves (rollout.repeat).
+            "rollout/repeat_share": sum(t.finish_reason == "repeat" for g in groups for t in g.trajectories) / n,
             "rollout/generate_seconds": time.perf_counter() - start,
             "rollout/tokens_per_second": generated / max(generating, 1e-9),  # over the sidecar's generate requests
             "rollout/serving_share": 1.0 - in_vllm / max(generating, 1e-9),  # of those requests, outside vLLM

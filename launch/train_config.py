@@ -193,6 +193,11 @@ class TrainConfig(Section):
                 f"{source} but model.max_positions is {self.model.max_positions} (the tiny model's context); "
                 f"set model.max_positions >= {rollout.max_model_len} or a shorter context"
             )
+        if self.reward.repeat_penalty and not rollout.repeat.enabled:
+            raise ConfigError(
+                f"reward.repeat_penalty={self.reward.repeat_penalty} never applies without repeat detection: set "
+                "rollout.repeat.enabled=true, or the penalty to 0"
+            )
         if self.task.pool_size < rollout.prompts_per_iteration:
             raise ConfigError(
                 f"task.pool_size ({self.task.pool_size}) must be >= rollout.prompts_per_iteration "

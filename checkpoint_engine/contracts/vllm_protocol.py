@@ -5,9 +5,9 @@ Every message carries `schema`; a receiver refuses a schema it does not know.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from checkpoint_engine.contracts.config import Section
 from checkpoint_engine.contracts.message import Message
@@ -50,6 +50,18 @@ class GenerationRequest(Message):
     seed: int | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    # Stop with finish reason "repeat" once the output ends in an n-gram (n <= repeat_max_ngram)
+    # repeated repeat_min_repeats times back to back; 0 and 0: no detection.
+    repeat_max_ngram: int = Field(default=0, ge=0)
+    repeat_min_repeats: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _repeat_both_or_neither(self) -> Self:
+        if self.repeat_max_ngram and self.repeat_min_repeats < 2:
+            raise ValueError(
+                f"repeat_min_repeats must be >= 2 with repeat_max_ngram set, got {self.repeat_min_repeats}"
+            )
+        return self
 
 
 class GenerateBody(Message):

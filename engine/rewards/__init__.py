@@ -1,4 +1,4 @@
-"""Rewards: format, Kimi length reward, repeat detection, user functions, and their weighted sum.
+"""Rewards: format, Kimi length reward, repeat penalty, user functions, and their weighted sum.
 
 `RewardScorer(cfg, task).score_group(...)` is the entry point the rollout uses; the other names
 are the pieces it is built from, exported for tests and for custom compositions.
@@ -19,7 +19,6 @@ from engine.rewards.compose import (
 from engine.rewards.format import extract_tagged_answer, format_reward
 from engine.rewards.length import LengthRewardConfig, kimi_length_rewards
 from engine.rewards.plugins import PluginReward, RewardPluginError, load_reward_fn
-from engine.rewards.repeat import RepeatDetectionConfig, tail_repeat
 
 __all__ = [
     "BUILTIN_TERMS",
@@ -28,7 +27,6 @@ __all__ = [
     "GroupScores",
     "LengthRewardConfig",
     "PluginReward",
-    "RepeatDetectionConfig",
     "RewardConfig",
     "RewardPluginError",
     "RewardScorer",
@@ -38,5 +36,4 @@ __all__ = [
     "kimi_length_rewards",
     "load_reward_fn",
     "score_group",
-    "tail_repeat",
 ]

@@ -41,13 +41,14 @@ from checkpoint_engine.contracts.vllm_protocol import (
 from sidecars.vllm.llm import compile_sampler_ops, configure_vllm, start_llm
 
 # vLLM's finish reasons in the project's vocabulary (contracts.vllm_protocol.FinishReason).
-_FINISH = {"stop": "stop", "length": "length", "abort": "aborted"}
+_FINISH = {"stop": "stop", "length": "length", "abort": "aborted", "repetition": "repeat"}
 STANDBY_NICE = 19
 
 
 def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
     from fastapi import FastAPI, HTTPException
     from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import RepetitionDetectionParams
 
     app = FastAPI(title="timeshare vLLM sidecar")
     lock = threading.Lock()
@@ -84,6 +85,11 @@ def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
                 stop_token_ids=r.stop_token_ids,
                 ignore_eos=r.ignore_eos,
                 logprobs=0,
+                repetition_detection=RepetitionDetectionParams(
+                    max_pattern_size=r.repeat_max_ngram, min_count=r.repeat_min_repeats
+                )
+                if r.repeat_max_ngram
+                else None,
             )
             for r in body.requests
         ]

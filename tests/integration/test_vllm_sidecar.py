@@ -87,6 +87,20 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
         full = vllm.client.generate([greedy]).results[0].samples[0]
         assert (len(full.token_ids), full.finish_reason, full.weight_version) == (10, "length", 1)
 
+        # Repeat detection during generation: greedy decoding of the test model falls into a loop, which
+        # vLLM ends as "repeat" once the output's tail is an n-gram repeated back to back; without
+        # detection the same request runs to its cap.
+        looping = GenerationRequest(prompt_ids=prompt, max_tokens=400, temperature=0.0, ignore_eos=True)
+        free = vllm.client.generate([looping]).results[0].samples[0]
+        detect = looping.model_copy(update={"repeat_max_ngram": 8, "repeat_min_repeats": 3})
+        stopped = vllm.client.generate([detect]).results[0].samples[0]
+        assert (len(free.token_ids), free.finish_reason) == (400, "length")
+        assert stopped.finish_reason == "repeat"
+        assert len(stopped.token_ids) < 400
+        assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]  # the same sequence, cut short
+        tail = stopped.token_ids
+        assert any(tail[-3 * n :] == tail[-n:] * 3 for n in range(1, 9)), tail[-24:]
+
         # Continuation from prompt + partial output gives the rest of the same greedy sequence.
         cont = GenerationRequest(prompt_ids=prompt + full.token_ids[:4], max_tokens=6, temperature=0.0, ignore_eos=True)
         assert vllm.client.generate([cont]).results[0].samples[0].token_ids == full.token_ids[4:]

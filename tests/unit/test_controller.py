@@ -22,7 +22,7 @@ from checkpoint_engine.contracts.phases import CYCLE, Phase
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_protocol import Completion, GenerateResponse, GenerationRequest, GenerationResult
 from engine.batch import load_batch
-from engine.config import RolloutConfig, RunConfig
+from engine.config import RepeatDetection, RolloutConfig, RunConfig
 from engine.controller import Controller, Tokens
 from engine.replay_buffer import PartialRolloutBuffer
 from engine.rewards import RewardConfig, RewardScorer
@@ -74,10 +74,18 @@ class FakeEngine:
         self.completed.append((iteration, phase, payload))
 
 
-def _controller(tmp_path: Path, vllm: FakeVllm, budget: int = 8, engine: FakeEngine | None = None) -> Controller:
+def _controller(
+    tmp_path: Path,
+    vllm: FakeVllm,
+    budget: int = 8,
+    engine: FakeEngine | None = None,
+    reward: RewardConfig | None = None,
+    repeat: RepeatDetection | None = None,
+) -> Controller:
     task = AdditionTask(max_digits=2)
     pool = task.samples("train", 40, 0)
-    rollout = RolloutConfig(prompts_per_iteration=4, max_response_tokens=8, iteration_token_budget=budget, group_size=2)
+    rollout = RolloutConfig(prompts_per_iteration=4, max_response_tokens=8, iteration_token_budget=budget, group_size=2,
+                            repeat=repeat or RepeatDetection())  # fmt: skip
     return Controller(
         RunConfig(iterations=3),
         rollout,
@@ -89,7 +97,7 @@ def _controller(tmp_path: Path, vllm: FakeVllm, budget: int = 8, engine: FakeEng
         tokens=TOKENS,
         sampler=UniformSampler(pool, 0),
         buffer=PartialRolloutBuffer(rollout.buffer()),
-        scorer=RewardScorer(RewardConfig(), task),
+        scorer=RewardScorer(reward or RewardConfig(), task),
         pool=pool,
         heldout=task.samples("heldout", 6, 0),
         log_metrics=lambda i, m: None,
@@ -109,6 +117,33 @@ def test_rollout_writes_the_batch_and_the_checkpoint_half(tmp_path: Path) -> Non
     assert metrics["rollout/weight_version"] == 2
     state = json.loads(controller.paths.controller_state(3).read_text())
     assert set(state) == {"sampler", "buffer"}
+
+
+class RepeatingVllm(FakeVllm):
+    """Reports "repeat" for odd a (where the fake's answer is wrong) when a request asks for detection."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(version)
+        self.requests: list[GenerationRequest] = []
+
+    def _answer(self, r: GenerationRequest) -> Completion:
+        self.requests.append(r)
+        completion = super()._answer(r)
+        odd = int(TOKENS.decode(r.prompt_ids).split("+")[0]) % 2
+        return completion.model_copy(update={"finish_reason": "repeat"}) if odd and r.repeat_max_ngram else completion
+
+
+def test_repeat_detection_reaches_vllm_and_the_penalty_the_reward(tmp_path: Path) -> None:
+    vllm = RepeatingVllm(version=0)
+    controller = _controller(tmp_path, vllm, reward=RewardConfig(repeat_penalty=2.0),
+                             repeat=RepeatDetection(enabled=True, max_ngram=3, min_repeats=4))  # fmt: skip
+    metrics = controller.rollout(vllm, version=0)
+    assert {(r.repeat_max_ngram, r.repeat_min_repeats) for r in vllm.requests} == {(3, 4)}
+    batch = load_batch(controller.paths.batch(0))
+    odd = [int(uid.removeprefix("add:").split("+")[0]) % 2 for uid in batch.prompt_uids]
+    assert batch.rewards.tolist() == [-2.0 if o else 1.0 for o in odd]  # wrong and repeating: 0 - 2
+    assert metrics["rollout/repeat_share"] == pytest.approx(sum(odd) / len(odd))
+    assert metrics["reward/term/repeat"] == pytest.approx(-2.0 * sum(odd) / len(odd))
 
 
 def test_a_rollout_with_no_finished_group_generates_more_rounds(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import pytest
 from engine.rewards import (
     GroupScores,
     LengthRewardConfig,
-    RepeatDetectionConfig,
     RewardConfig,
     RewardPluginError,
     RewardScorer,
@@ -19,7 +18,6 @@ from engine.rewards import (
     kimi_length_rewards,
     load_reward_fn,
     score_group,
-    tail_repeat,
 )
 from engine.tasks.base import Sample
 
@@ -169,37 +167,6 @@ def test_format_with_think_opened_by_the_prompt() -> None:
     assert extract_tagged_answer("reasoning</think><answer>4</answer>", think_in_prompt=True) == "4"
     assert format_reward("<think>reasoning</think><answer>4</answer>", think_in_prompt=True) == 0.0
     assert format_reward("reasoning</think><answer>4</answer>") == 0.0
-
-
-# ---- repeat detection ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("ids", "max_ngram", "min_repeats", "expected"),
-    [
-        ([5] * 10, 4, 10, 1),
-        ([5] * 9, 4, 10, None),  # one repeat short
-        ([1, 2] * 5, 4, 5, 2),
-        ([7, 8, 9] + [1, 2, 3] * 4, 4, 4, 3),
-        ([9, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1], 4, 4, 3),  # ends mid-period: still a repetition
-        ([1, 2, 3] * 5, 2, 4, None),  # the period is above max_ngram
-        ([1] * 20, 5, 3, 1),  # the smallest period is reported
-        ([1, 1, 1, 1, 1, 2], 3, 3, None),  # the repetition is not at the end
-        ([1, 2, 1, 2, 1, 3], 3, 2, None),
-        ([], 3, 2, None),
-    ],
-)
-def test_tail_repeat(ids: list[int], max_ngram: int, min_repeats: int, expected: int | None) -> None:
-    assert tail_repeat(ids, max_ngram, min_repeats) == expected
-
-
-def test_repeat_detection_config() -> None:
-    assert RepeatDetectionConfig(enabled=False, max_ngram=2, min_repeats=2).detect([1, 1, 1, 1]) is None
-    assert RepeatDetectionConfig(enabled=True, max_ngram=2, min_repeats=2).detect([3, 1, 1]) == 1
-    with pytest.raises(ValueError, match=r"rollout\.repeat\.min_repeats"):
-        RepeatDetectionConfig(min_repeats=1)
-    with pytest.raises(ValueError, match=r"rollout\.repeat\.max_ngram"):
-        RepeatDetectionConfig(max_ngram=0)
 
 
 # ---- plugins -------------------------------------------------------------------------------------

@@ -231,3 +231,10 @@ def test_an_explicit_kv_cache_must_hold_one_whole_sequence(tmp_path: Path) -> No
     _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "bfloat16", vllm_tp=1)  # half the bytes
     _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "float32", vllm_tp=2)  # half the heads
     _check_kv_cache(RolloutConfig(kv_cache_gib=None, **long), tmp_path, "float32", vllm_tp=1)  # vLLM sizes it
+
+
+def test_a_repeat_penalty_needs_repeat_detection() -> None:
+    with pytest.raises(ConfigError, match=r"reward.repeat_penalty=1.0 never applies .* rollout.repeat.enabled=true"):
+        load_config(["reward.repeat_penalty=1.0"])
+    cfg = load_config(["reward.repeat_penalty=1.0", "rollout.repeat.enabled=true", "rollout.repeat.max_ngram=4"])
+    assert (cfg.rollout.repeat.max_ngram, cfg.rollout.repeat.min_repeats) == (4, 10)
