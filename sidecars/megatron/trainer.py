@@ -59,6 +59,9 @@ class Trainer:
         mg.load_hf_weights(self.model, mg.read_hf_tensors(model_dir), self.arch)
         self.optimizer = compat.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.step = 0  # rollout batches trained on: the learning-rate schedule's clock (one per iteration)
+        # The reference policy of a KL term (algo.kl_coef > 0): this rank's parameters when RL began
+        # (after the cold start), kept in host memory and checkpointed with the trainer's state.
+        self.reference: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------ logprobs
     def _logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -79,6 +82,23 @@ class Trainer:
         self.model.eval()
         return torch.cat([self._logprobs(input_ids[i : i + chunk]).cpu() for i in range(0, len(input_ids), chunk)])
 
+    def _host_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}
+
+    @torch.no_grad()
+    def _set_parameters(self, values: dict[str, torch.Tensor]) -> None:
+        for name, p in self.model.named_parameters():
+            p.copy_(values[name])
+
+    def reference_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """log p_ref(target): the reference's parameters swapped in for the forward passes, then back."""
+        live = self._host_parameters()
+        self._set_parameters(self.reference)
+        try:
+            return self.recompute_logprobs(input_ids)
+        finally:
+            self._set_parameters(live)
+
     # -------------------------------------------------------------------------------- RL step
     def _my_groups(self, n_groups: int) -> list[int]:
         """The groups this data-parallel rank trains on (round-robin over DP ranks)."""
@@ -92,6 +112,15 @@ class Trainer:
         batch.old_logp = self.recompute_logprobs(batch.input_ids)
         fresh = (batch.versions == rollout_version) & (batch.loss_mask > 0)
         gap = (batch.old_logp - batch.rollout_logp).abs()[fresh]
+        reference: dict[str, float] = {}
+        if self.algo.needs_reference:
+            if self.reference is None:  # the first RL update: the policy as RL found it
+                self.reference = self._host_parameters()
+            batch.ref_logp = self.reference_logprobs(batch.input_ids)
+            mask = batch.loss_mask > 0
+            reference["train/kl_to_reference"] = (
+                float((batch.old_logp - batch.ref_logp)[mask].mean()) if mask.any() else 0.0
+            )
         with_advantages(batch, self.algo)
         n_groups = batch.size // g
         mine = self._my_groups(n_groups)
@@ -107,6 +136,7 @@ class Trainer:
             "logprob_gap/mean_abs": float(gap.mean()) if gap.numel() else 0.0,
             "logprob_gap/max_abs": float(gap.max()) if gap.numel() else 0.0,
             "train/tokens": float(batch.loss_mask.sum()),
+            **reference,
         }
 
     def _update(self, batch: TrainBatch, mine: Sequence[int], n_groups: int) -> dict[str, float]:
@@ -207,6 +237,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "rng": torch.get_rng_state(),
+            "reference": self.reference,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,6 +245,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
+        self.reference = state.get("reference")
 
 
 def _pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,3 +165,33 @@ def test_the_reward_and_sampler_sections_reach_the_run(tmp_path: Path) -> None:
     assert sampler["kind"] == "prioritized"
     assert sampler["iteration"] == 1
     assert sum(sampler["trials"]) == 2 * PROMPTS * 4  # two rollouts of PROMPTS groups of group_size 4
+
+
+@pytest.mark.parametrize(
+    "algo", [["algo=grpo", "algo.kl_coef=0.05"], ["algo=dr_grpo"], ["algo=rloo"], ["algo=reinforce_pp"]], ids=str
+)
+def test_every_algorithm_trains_through_the_job(tmp_path: Path, algo: list[str]) -> None:
+    """The other algorithms (kimi is the main run) train in the real job; with a KL term (kl_coef > 0),
+    TRAIN recomputes the reference policy's logprobs: the policy RL started from, so the KL to it is
+    zero at the first update and not after it."""
+    log = tmp_path / "launcher.log"
+    # After a 2-epoch cold start no answer is right yet: the length reward (from iteration 0) is what
+    # separates a group's samples, so that the advantages and the first update are not zero.
+    length = ["reward=kimi", "reward.length.warmup_iterations=0", "reward.length.ramp_iterations=0"]
+    proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=2", *length, *algo], log)
+    try:
+        assert proc.wait(600) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (run_dir,) = tmp_path.glob("addition-*")
+    trained = [r for r in _rows(RunPaths(run_dir)) if "train/loss" in r]
+    assert [int(r["iteration"]) for r in trained] == [1, 2]
+    assert all(abs(r["train/loss"]) < 1e3 and r["train/grad_norm"] > 0 for r in trained)
+    if "algo=dr_grpo" in algo or "algo=rloo" in algo:
+        assert all("train/kl_to_reference" not in r for r in trained)
+    else:
+        first, second = (r["train/kl_to_reference"] for r in trained)
+        assert first == pytest.approx(0.0, abs=1e-6)
+        assert abs(second) > 1e-6
