@@ -34,6 +34,14 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.main(args.options)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from sidecars.megatron.hf_export import export_checkpoint
+
+    out = export_checkpoint(args.run_dir, args.out_dir, args.iteration)  # a bad run or iteration: one line
+    print(f"wrote an HF model to {out}")
+    return 0
+
+
 def _engine(args: argparse.Namespace) -> int:
     import logging
 
@@ -75,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the RL job (Hydra overrides, e.g. run.iterations=4 resume=<run dir>)")
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=_train)
+
+    export = sub.add_parser("export", help="write a checkpoint of a run as an HF model directory")
+    export.add_argument("run_dir", help="the run directory")
+    export.add_argument("out_dir", help="where to write config, tokenizer and model.safetensors")
+    export.add_argument("--iteration", type=int, default=None, help="the checkpoint (default: the newest complete)")
+    export.set_defaults(func=_export)
     return parser
 
 

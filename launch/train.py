@@ -36,6 +36,7 @@ from launch.config_loading import load_config
 from launch.etcd_server import LocalEtcd, free_loopback_ports
 from launch.train_config import TrainConfig
 from sidecars.megatron.config import RankConfig
+from sidecars.megatron.hf_export import export_checkpoint
 
 log = logging.getLogger("timeshare.train")
 # The engine's own shutdown (vLLM killed, weight regions removed, lease revoked) before it is killed.
@@ -257,5 +258,7 @@ def train(overrides: list[str]) -> int:
             return 130
         trainer.wait(timeout=120)
     print(summarize_phase_times(metrics.history()), flush=True)
-    print(f"timeshare train: done; metrics, TensorBoard logs and progress.png in {paths.root}", flush=True)
+    final = export_checkpoint(paths.root, paths.root / "hf")  # the trained model, loadable by transformers and vLLM
+    print(f"timeshare train: done; metrics, TensorBoard logs and progress.png in {paths.root}, the model in {final}",
+          flush=True)  # fmt: skip
     return 0

@@ -122,6 +122,33 @@ def test_run_directory_has_metrics_plot_and_checkpoints(run: RunPaths) -> None:
     assert (run.trainer_state(ITERATIONS, 0)).exists()
 
 
+def test_an_exported_checkpoint_reproduces_vllms_logprobs_in_transformers(run: RunPaths, tmp_path: Path) -> None:
+    """`timeshare export` of checkpoint 2 (the weights of version 2) loads in transformers, which gives
+    the tokens vLLM sampled in iteration 2's rollout the logprobs vLLM reported; the run itself
+    exported its final checkpoint to <run>/hf."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", "2"],
+                          cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    batch = load_batch(run.batch(2))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(batch.input_ids).logits[:, :-1], dim=-1)  # the rollout's temperature is 1
+    taken = logp.gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
+    response = batch.versions == 2
+    assert response.sum() > 0
+    assert (taken - batch.rollout_logp)[response].abs().max() < 1e-3
+    final = AutoModelForCausalLM.from_pretrained(run.root / "hf", dtype=torch.float32)
+    assert final.config.vocab_size == model.config.vocab_size
+    bad = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", "9"],
+                         cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
+    assert bad.returncode == 2
+    assert "no complete checkpoint 9; complete ones: [1, 2, 3]" in bad.stderr
+
+
 def test_keep_alive_builds_vllm_once_and_serves_every_version(tmp_path: Path) -> None:
     log = tmp_path / "launcher.log"
     proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=2", "rollout.lifecycle=keep_alive"], log)

@@ -1,0 +1,62 @@
+"""A checkpoint of a run as an HF model directory: config, tokenizer and one safetensors file.
+
+Consumes a run directory (its `trainer.json` names the model directory the run started from and its
+`config.json` the trainer's tensor parallelism) and one complete checkpoint; produces a directory that
+transformers and vLLM load like the model the run started from. Runs offline, without
+torch.distributed: each TP rank's shard of every parameter is read from its `trainer-rank<r>.pt`
+(ranks 0..tp-1 hold TP ranks 0..tp-1 of the first data-parallel replica) and merged as the live
+export merges them (`convert.tp_merge`, then `convert.megatron_to_hf`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from checkpoint_engine.contracts.run_dir import RunPaths
+from sidecars.megatron.arch import ModelArch
+from sidecars.megatron.config import RankConfig
+from sidecars.megatron.convert import megatron_to_hf, tp_merge
+
+
+class ExportError(ValueError):
+    pass
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int | None = None) -> Path:
+    """Write checkpoint `iteration` (default: the newest complete one) of `run_dir` to `out_dir`."""
+    paths = RunPaths(Path(run_dir))
+    if not (paths.root / "trainer.json").exists():
+        raise ExportError(f"{run_dir} is not a run directory (no trainer.json)")
+    complete = sorted(int(p.parent.name.removeprefix("iter_")) for p in paths.root.glob("checkpoints/iter_*/COMPLETE"))
+    if not complete:
+        raise ExportError(f"{run_dir} has no complete checkpoint yet")
+    iteration = complete[-1] if iteration is None else iteration
+    if iteration not in complete:
+        raise ExportError(f"{run_dir} has no complete checkpoint {iteration}; complete ones: {complete}")
+    # The tiny model the run wrote, or the model.path it started from.
+    started = paths.model_init
+    if not (started / "config.json").exists():
+        started = Path(RankConfig.from_json_file(paths.root / "trainer.json").model_dir)
+    tp = json.loads(paths.config.read_text())["parallel"]["trainer_tp"]
+    shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(tp)]
+    merged = {name: tp_merge(name, [s[name] for s in shards]) for name in shards[0]}
+    fused_norms = any(n.endswith("layer_norm_weight") for n in merged)
+    tensors = megatron_to_hf(merged, ModelArch.from_pretrained(started), fused_norms=fused_norms)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in started.iterdir():  # config, generation config, tokenizer: everything but the weights
+        if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
+            shutil.copy2(f, out / f.name)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "timeshare_iteration": str(iteration)})
+    return out
+
+
+def _model_state(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return {n: t for n, t in state.items() if not n.endswith("_extra_state")}
