@@ -93,7 +93,7 @@ class CheckpointEngine:
 
     def start_vllm(self) -> StartVllmAck:
         early, self._early_start = self._early_start, None
-        if early is None and self._keep_alive() and self.vllm.serving():
+        if early is None and self._keep_alive() and self.vllm.alive():
             return StartVllmAck(pid=self.vllm.pid, seconds=0.0, kept_alive=True)
         waited = time.perf_counter()
         if early is None:
@@ -110,7 +110,7 @@ class CheckpointEngine:
 
     def _start_vllm_early(self) -> None:
         """Begin vLLM's start-up in the background while EXPORT runs (see the module docstring)."""
-        if self._early_start is None and not self.vllm.serving():
+        if self._early_start is None and not self.vllm.alive():
             self._early_start = self._starter.submit(self._start_vllm_process)
 
     def _start_vllm_process(self) -> float:
@@ -122,7 +122,7 @@ class CheckpointEngine:
     def end_rollout(self) -> TerminateVllmAck:
         """TERMINATE_VLLM: kill vLLM, or with keep_alive leave it serving for the next rollout (it
         holds host memory on CPU; on GPU it would sleep here, which is not built)."""
-        if self._keep_alive() and self.vllm.serving():
+        if self._keep_alive() and self.vllm.alive():
             return TerminateVllmAck(pids=[], rss_freed_bytes=0, killed=False, kept_alive=True)
         return self.terminate_vllm()
 
@@ -179,7 +179,7 @@ class CheckpointEngine:
     def status(self) -> EngineStatus:
         state, _ = self.coordinator.read_phase()
         version = None
-        if self.vllm.serving():
+        if self.vllm.alive():
             try:
                 version = self.vllm.client.health().weight_version
             except OSError:
@@ -187,7 +187,7 @@ class CheckpointEngine:
         return EngineStatus(
             node=self.cfg.node, leader=self.coordinator.leader(), alive_nodes=sorted(self.coordinator.alive_nodes()),
             phase=state.to_dict() if state else None,
-            vllm_pid=self.vllm.pid, vllm_alive=self.vllm.serving(), vllm_zygote=self.vllm.zygote_alive(),
+            vllm_pid=self.vllm.pid, vllm_alive=self.vllm.alive(), vllm_zygote=self.vllm.zygote_alive(),
             vllm_weight_version=version,
             weight_versions=self.store.versions(), last_timings=dict(self.timings), last_error=self.last_error,
         )  # fmt: skip

@@ -69,10 +69,6 @@ class VllmProcess:
         """The sidecar lives (it may still be building vLLM)."""
         return self._group is not None and self._group.alive()
 
-    def serving(self) -> bool:
-        """A started sidecar lives (it may still be building vLLM)."""
-        return self.alive()
-
     @property
     def zygote_pid(self) -> int | None:
         return self._zygote.pid if self._zygote else None
@@ -115,7 +111,7 @@ class VllmProcess:
     def start(self, timeout: float = 300.0) -> float:
         """Fork a sidecar from the zygote (spawning the zygote first if there is none) and wait for
         /health; returns the seconds this took. Raises with the log tail on failure."""
-        if self.serving():
+        if self.alive():
             raise VllmStartError(f"vLLM (pid {self.pid}) is already running")
         self._check_start()
         start = time.perf_counter()
