@@ -7,8 +7,7 @@ something):
 - `phase`: mean seconds of each phase over the iterations after the first (the first also starts
   the processes and does the cold start);
 - `switch_overhead`: (offload + export + start_vllm + update_weights + terminate_vllm + onload) /
-  the whole iteration; on a CPU machine the standby's imports overlap TRAIN and slow it, which
-  `train` shows and this ratio does not;
+  the whole iteration (vLLM's zygote imports once per job, niced, so TRAIN keeps the CPU);
 - `iteration`: mean seconds per iteration, and keep_alive's against terminate's;
 - `rollout_tokens_per_second`: vLLM's output inside the loop (tokens over the time in its
   generate calls), against a standalone vLLM serving the same requests (`launch/bench_standalone.py`:

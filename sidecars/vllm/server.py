@@ -42,7 +42,7 @@ from sidecars.vllm.llm import compile_sampler_ops, configure_vllm, start_llm
 
 # vLLM's finish reasons in the project's vocabulary (contracts.vllm_protocol.FinishReason).
 _FINISH = {"stop": "stop", "length": "length", "abort": "aborted", "repetition": "repeat"}
-STANDBY_NICE = 19
+ZYGOTE_NICE = 19
 
 
 def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
@@ -143,7 +143,7 @@ def _restore_priority() -> None:
     try:
         _set_priority(0)
     except PermissionError:
-        print(f"vLLM keeps nice {STANDBY_NICE}: raising a priority needs CAP_SYS_NICE", flush=True)
+        print(f"vLLM keeps nice {ZYGOTE_NICE}: raising a priority needs CAP_SYS_NICE", flush=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -201,7 +201,7 @@ def main() -> None:
     args = ap.parse_args()
     settings = VllmSettings.from_json_file(args.settings)
     if args.zygote:  # it yields the CPU to the trainer: its imports only have to be done by START_VLLM
-        _set_priority(STANDBY_NICE)
+        _set_priority(ZYGOTE_NICE)
     configure_vllm(settings)  # before vLLM is imported: its environment is read then
 
     import fastapi  # noqa: F401 - imported once, in the zygote

@@ -88,6 +88,20 @@ def _rows(paths: RunPaths) -> list[dict[str, float]]:
     return [json.loads(line) for line in (paths.root / "metrics.jsonl").read_text().splitlines()]
 
 
+def _two_iterations(root: Path, *overrides: str) -> RunPaths:
+    """A whole two-iteration run of the small configuration with `overrides`; its run directory."""
+    log = root / "launcher.log"
+    proc = _launch([*OVERRIDES, f"run.root={root}", "run.iterations=2", *overrides], log)
+    try:
+        assert proc.wait(600) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    return RunPaths(run_dir)
+
+
 def test_each_rollout_used_the_exported_version_and_logprobs_agree(run: RunPaths) -> None:
     rows = _rows(run)
     history = {int(r["iteration"]): r for r in rows}  # the resumed run logs iteration 1 again: last wins
@@ -150,16 +164,7 @@ def test_an_exported_checkpoint_reproduces_vllms_logprobs_in_transformers(run: R
 
 
 def test_keep_alive_builds_vllm_once_and_serves_every_version(tmp_path: Path) -> None:
-    log = tmp_path / "launcher.log"
-    proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=2", "rollout.lifecycle=keep_alive"], log)
-    try:
-        assert proc.wait(600) == 0, log.read_text()[-6000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    (run_dir,) = tmp_path.glob("addition-kimi-*")
-    paths = RunPaths(run_dir)
+    paths = _two_iterations(tmp_path, "rollout.lifecycle=keep_alive")
     history = {int(r["iteration"]): r for r in _rows(paths)}
     for i in range(2):
         assert history[i]["rollout/weight_version"] == i
@@ -172,17 +177,8 @@ def test_the_reward_and_sampler_sections_reach_the_run(tmp_path: Path) -> None:
     """`sampler=prioritized reward=kimi` (length reward from iteration 0) through the real job: the
     metrics break each rollout's reward into its terms, which add up to it, and the controller's
     checkpoint holds the prioritized sampler's success counts of every scored group."""
-    log = tmp_path / "launcher.log"
-    proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=2", "sampler=prioritized", "reward=kimi",
-                    "reward.length.warmup_iterations=0", "reward.length.ramp_iterations=0"], log)  # fmt: skip
-    try:
-        assert proc.wait(600) == 0, log.read_text()[-6000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    (run_dir,) = tmp_path.glob("addition-kimi-*")
-    paths = RunPaths(run_dir)
+    paths = _two_iterations(tmp_path, "sampler=prioritized", "reward=kimi", "reward.length.warmup_iterations=0",
+                            "reward.length.ramp_iterations=0")  # fmt: skip
     history = {int(r["iteration"]): r for r in _rows(paths)}
     for i in range(2):  # the rollouts of iterations 0 and 1 (the last iteration only evaluates)
         terms = {k: v for k, v in history[i].items() if k.startswith("reward/term/")}
@@ -201,19 +197,10 @@ def test_every_algorithm_trains_through_the_job(tmp_path: Path, algo: list[str])
     """The other algorithms (kimi is the main run) train in the real job; with a KL term (kl_coef > 0),
     TRAIN recomputes the reference policy's logprobs: the policy RL started from, so the KL to it is
     zero at the first update and not after it."""
-    log = tmp_path / "launcher.log"
     # After a 2-epoch cold start no answer is right yet: the length reward (from iteration 0) is what
     # separates a group's samples, so that the advantages and the first update are not zero.
     length = ["reward=kimi", "reward.length.warmup_iterations=0", "reward.length.ramp_iterations=0"]
-    proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=2", *length, *algo], log)
-    try:
-        assert proc.wait(600) == 0, log.read_text()[-6000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    (run_dir,) = tmp_path.glob("addition-*")
-    trained = [r for r in _rows(RunPaths(run_dir)) if "train/loss" in r]
+    trained = [r for r in _rows(_two_iterations(tmp_path, *length, *algo)) if "train/loss" in r]
     assert [int(r["iteration"]) for r in trained] == [1, 2]
     assert all(abs(r["train/loss"]) < 1e3 and r["train/grad_norm"] > 0 for r in trained)
     if "algo=dr_grpo" in algo or "algo=rloo" in algo:
