@@ -35,6 +35,7 @@ from engine.tasks import Sample
 from launch.config_loading import load_config
 from launch.etcd_server import LocalEtcd, free_loopback_ports
 from launch.train_config import TrainConfig
+from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.config import RankConfig
 from sidecars.megatron.hf_export import export_checkpoint
 
@@ -96,10 +97,8 @@ def _check_kv_cache(rollout: RolloutConfig, model_dir: Path, dtype: str, vllm_tp
     """An explicit KV cache must hold one whole sequence of max_model_len tokens (per vLLM worker)."""
     if rollout.kv_cache_gib is None:
         return
-    hf = json.loads((model_dir / "config.json").read_text())
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    per_token = 2 * hf["num_hidden_layers"] * hf.get("num_key_value_heads", heads) * head_dim * DTYPE_BYTES[dtype]
+    arch = ModelArch.from_pretrained(model_dir)
+    per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * DTYPE_BYTES[dtype]  # K and V of every layer
     needed = per_token * rollout.max_model_len / max(1, vllm_tp) / 2**30
     if rollout.kv_cache_gib < needed:
         raise ConfigError(

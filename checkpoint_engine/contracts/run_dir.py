@@ -56,9 +56,13 @@ class RunPaths:
     def complete_marker(self, iteration: int) -> Path:
         return self.checkpoint(iteration) / "COMPLETE"
 
+    def complete_checkpoints(self) -> list[int]:
+        """The iterations whose checkpoints are complete (both halves written), oldest first."""
+        return sorted(int(p.parent.name.removeprefix("iter_")) for p in self.root.glob("checkpoints/iter_*/COMPLETE"))
+
     def latest_checkpoint(self) -> int | None:
-        """The newest iteration whose checkpoint is complete (both halves written), or None."""
-        done = sorted(int(p.parent.name.removeprefix("iter_")) for p in self.root.glob("checkpoints/iter_*/COMPLETE"))
+        """The newest iteration whose checkpoint is complete, or None."""
+        done = self.complete_checkpoints()
         return done[-1] if done else None
 
     def make(self) -> RunPaths:

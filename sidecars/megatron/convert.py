@@ -14,7 +14,7 @@ Layouts (Megatron side):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -25,6 +25,16 @@ Tensors = dict[str, torch.Tensor]
 
 class ConversionError(ValueError):
     pass
+
+
+def megatron_weights(state: Mapping[str, torch.Tensor]) -> Tensors:
+    """A Megatron state dict's weights by name: Transformer Engine's `_extra_state` entries left out."""
+    return {n: t for n, t in state.items() if not n.endswith("_extra_state")}
+
+
+def has_fused_norms(names: Iterable[str]) -> bool:
+    """Whether Megatron weights with these names keep their norms inside linear_qkv / linear_fc1 (TE spec)."""
+    return any(n.endswith("layer_norm_weight") for n in names)
 
 
 def megatron_layer_names(fused_norms: bool) -> dict[str, str]:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from checkpoint_engine.contracts.run_dir import RunPaths
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.config import RankConfig
-from sidecars.megatron.convert import megatron_to_hf, tp_merge
+from sidecars.megatron.convert import has_fused_norms, megatron_to_hf, megatron_weights, tp_merge
 
 
 class ExportError(ValueError):
@@ -32,7 +32,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
     paths = RunPaths(Path(run_dir))
     if not (paths.root / "trainer.json").exists():
         raise ExportError(f"{run_dir} is not a run directory (no trainer.json)")
-    complete = sorted(int(p.parent.name.removeprefix("iter_")) for p in paths.root.glob("checkpoints/iter_*/COMPLETE"))
+    complete = paths.complete_checkpoints()
     if not complete:
         raise ExportError(f"{run_dir} has no complete checkpoint yet")
     iteration = complete[-1] if iteration is None else iteration
@@ -45,8 +45,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
     tp = json.loads(paths.config.read_text())["parallel"]["trainer_tp"]
     shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(tp)]
     merged = {name: tp_merge(name, [s[name] for s in shards]) for name in shards[0]}
-    fused_norms = any(n.endswith("layer_norm_weight") for n in merged)
-    tensors = megatron_to_hf(merged, ModelArch.from_pretrained(started), fused_norms=fused_norms)
+    tensors = megatron_to_hf(merged, ModelArch.from_pretrained(started), fused_norms=has_fused_norms(merged))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,5 +57,4 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    return {n: t for n, t in state.items() if not n.endswith("_extra_state")}
+    return megatron_weights(torch.load(path, map_location="cpu", weights_only=False)["model"])

@@ -19,8 +19,10 @@ from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.convert import (
     ConversionError,
     Tensors,
+    has_fused_norms,
     hf_to_megatron,
     megatron_to_hf,
+    megatron_weights,
     tp_merge,
     tp_shard,
     tp_split_dim,
@@ -95,11 +97,11 @@ def build_model(arch: ModelArch, params_dtype: torch.dtype = torch.float32):  # 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's own weights by local name (TE's `_extra_state` and buffers left out)."""
-    return {n: p for n, p in model.state_dict(keep_vars=True).items() if not n.endswith("_extra_state")}
+    return megatron_weights(model.state_dict(keep_vars=True))
 
 
 def uses_fused_norms(model: torch.nn.Module) -> bool:
-    return any(n.endswith("layer_norm_weight") for n in _weights(model))
+    return has_fused_norms(_weights(model))
 
 
 def read_hf_tensors(model_dir: str | Path) -> Tensors:

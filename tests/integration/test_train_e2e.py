@@ -56,6 +56,16 @@ def _wait_for(path_glob: Path, proc: subprocess.Popen, timeout: float) -> Path:
     raise AssertionError(f"{path_glob} did not appear within {timeout} s")
 
 
+def _await_success(proc: subprocess.Popen, log: Path) -> None:
+    """The launcher exits 0 within 10 minutes; killed otherwise."""
+    try:
+        assert proc.wait(600) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
     root = tmp_path_factory.mktemp("runs")
@@ -74,13 +84,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
             first.wait()
     paths = RunPaths(run_dir)
     assert paths.latest_checkpoint() == 1, "the stop came before TRAIN of iteration 2 could checkpoint"
-    resumed = _launch([f"resume={run_dir}"], log)
-    try:
-        assert resumed.wait(600) == 0, log.read_text()[-6000:]
-    finally:
-        if resumed.poll() is None:
-            resumed.kill()
-            resumed.wait()
+    _await_success(_launch([f"resume={run_dir}"], log), log)
     return paths
 
 
@@ -91,13 +95,7 @@ def _rows(paths: RunPaths) -> list[dict[str, float]]:
 def _two_iterations(root: Path, *overrides: str) -> RunPaths:
     """A whole two-iteration run of the small configuration with `overrides`; its run directory."""
     log = root / "launcher.log"
-    proc = _launch([*OVERRIDES, f"run.root={root}", "run.iterations=2", *overrides], log)
-    try:
-        assert proc.wait(600) == 0, log.read_text()[-6000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _await_success(_launch([*OVERRIDES, f"run.root={root}", "run.iterations=2", *overrides], log), log)
     (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
     return RunPaths(run_dir)
 

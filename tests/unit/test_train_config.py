@@ -223,7 +223,8 @@ def test_a_component_document_round_trips_through_its_file(tmp_path: Path) -> No
 
 def test_an_explicit_kv_cache_must_hold_one_whole_sequence(tmp_path: Path) -> None:
     # 2 layers x (K, V) x 2 heads x 32 dims x 4 bytes = 1 KiB per token, 1 GiB for 2**20 tokens.
-    hf = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128}
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "intermediate_size": 256,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128}  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(hf))
     long = {"max_model_len": 2**20 + 1, "max_response_tokens": 16, "iteration_token_budget": 16}
     with pytest.raises(ConfigError, match=r"rollout.kv_cache_gib=1.0 cannot hold .* \(1 GiB per vLLM worker\)"):
