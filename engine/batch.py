@@ -30,6 +30,7 @@ class TrainBatch:
     prompt_uids: list[str]
     old_logp: torch.Tensor | None = None  # [B, L-1] pi_old, recomputed by the trainer
     ref_logp: torch.Tensor | None = None  # [B, L-1] reference policy, when a KL term needs it
+    token_weights: torch.Tensor | None = None  # [B, L-1] importance weights of older versions' tokens
 
     @property
     def size(self) -> int:

@@ -17,7 +17,7 @@ from engine.replay_buffer import PartialRolloutConfig
 
 class RunConfig(Section):
     KEY = "run"
-    name: str = "addition-kimi"  # the run directory is <root>/<name>-<time>
+    name: str = "scratchpad-kimi"  # the run directory is <root>/<name>-<time>
     root: str = "runs"  # run directories go under it
     seed: int = Field(0, ge=0)
     iterations: int = Field(12, ge=1)
@@ -54,10 +54,11 @@ class RolloutConfig(Section):
     prompts_per_iteration: int = Field(256, ge=1)  # complete groups per training batch
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_response_tokens: int = Field(16, ge=1)  # a trajectory's total length cap, across iterations
+    max_response_tokens: int = Field(64, ge=1)  # a trajectory's total length cap, across iterations
     # Tokens a trajectory may grow per iteration; below max_response_tokens, unfinished trajectories
-    # continue from the replay buffer next iteration (partial rollouts).
-    iteration_token_budget: int = Field(16, ge=1)
+    # continue from the replay buffer next iteration (partial rollouts): with the default task, about
+    # a quarter of each batch's trajectories were begun by an older version.
+    iteration_token_budget: int = Field(32, ge=1)
     staleness: Literal["exclude", "keep"] = "exclude"  # tokens of older versions: out of the loss (Kimi) | kept
     max_rounds: int = Field(4, ge=1)  # generation rounds per ROLLOUT while no group has finished
     eval_samples: int = Field(4, ge=1)  # k of pass@k on the held-out split

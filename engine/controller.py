@@ -162,7 +162,7 @@ class Controller:
             groups = self.buffer.take_ready_groups()
             rounds += 1
         served = {t.versions[-1] for g in groups for t in g.trajectories if t.versions}
-        rewards, correct, lengths, terms = self._score(groups, version)
+        rewards, correct, terms = self._score(groups, version)
         batch = collate(groups, version, self.buffer.config.staleness, self.tokens.pad_id)
         save_batch(batch, self.paths.batch(version))
         self._save_state(version + 1)
@@ -171,7 +171,7 @@ class Controller:
             "reward/mean": sum(rewards) / n,
             **{f"reward/term/{key}": sum(values) / n for key, values in terms.items()},
             "reward/correct": sum(correct) / n,
-            "rollout/mean_length": sum(lengths) / n,
+            **length_metrics(groups, version),
             "rollout/groups": float(len(groups)),
             "rollout/rounds": float(rounds),
             "rollout/unfinished": float(len(self.buffer.unfinished())),
@@ -183,11 +183,9 @@ class Controller:
             "rollout/weight_version": float(max(served)),  # what vLLM reported (the buffer refuses a mismatch)
         }
 
-    def _score(
-        self, groups: Sequence[Group], iteration: int
-    ) -> tuple[list[float], list[bool], list[int], dict[str, list[float]]]:
-        """Each trajectory's total reward, correctness and length, and each reward term's contributions."""
-        rewards, correct, lengths, terms = [], [], [], defaultdict(list)
+    def _score(self, groups: Sequence[Group], iteration: int) -> tuple[list[float], list[bool], dict[str, list[float]]]:
+        """Each trajectory's total reward and correctness, and each reward term's contributions."""
+        rewards, correct, terms = [], [], defaultdict(list)
         for group in groups:
             sample = self.samples[group.prompt_uid]
             trajs = group.trajectories
@@ -200,10 +198,9 @@ class Controller:
             self.sampler.update(group.prompt_uid, successes=float(sum(scores.correct)), trials=float(len(trajs)))
             rewards += scores.totals
             correct += scores.correct
-            lengths += [len(t.response_ids) for t in trajs]
             for key, values in scores.terms.items():
                 terms[key] += values
-        return rewards, correct, lengths, terms
+        return rewards, correct, terms
 
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self, vllm: VllmClient) -> dict[str, float]:
@@ -273,6 +270,26 @@ class Controller:
             waited = metrics.get("time/export", work) - work - metrics.get("time/cold_start", 0.0)
             metrics["time/startup"], metrics["time/export"] = max(waited, 0.0), work
         return metrics
+
+
+def length_metrics(groups: Sequence[Group], version: int) -> dict[str, float]:
+    """The batch's response lengths, and how much of it partial rollouts carried over from older versions."""
+    trajs = [t for g in groups for t in g.trajectories]
+    lengths = sorted(len(t.response_ids) for t in trajs)
+    tokens = max(sum(lengths), 1)
+
+    def percentile(q: float) -> float:
+        return float(lengths[min(len(lengths) - 1, int(q * len(lengths)))])
+
+    return {
+        "rollout/mean_length": sum(lengths) / len(lengths),
+        "rollout/length_p50": percentile(0.5),
+        "rollout/length_p90": percentile(0.9),
+        "rollout/length_max": float(lengths[-1]),
+        # Trajectories begun by an older version and continued from the replay buffer.
+        "rollout/partial_share": sum(any(v != version for v in t.versions) for t in trajs) / len(trajs),
+        "rollout/stale_token_share": sum(v != version for t in trajs for v in t.versions) / tokens,
+    }
 
 
 def _phase_payload(phase: Phase, payload: AckPayload) -> dict[str, float]:

@@ -127,10 +127,12 @@ def _tokens(model_dir: Path, stop: str) -> Tokens:
 
 
 def _cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, stop: str) -> list[list[list[int]]]:
-    """At most a tenth of the RL pool, answered: a random model earns no reward to learn from."""
+    """At most a tenth of the RL pool, answered (worked steps included where the task demonstrates
+    them): a random model earns no reward to learn from."""
     n = int(cfg.trainer.cold_start.fraction * len(pool))
     chosen = random.Random(cfg.run.seed).sample(pool, n)
-    return [[tokens.encode(s.prompt), tokens.encode(s.answer + stop)[1:]] for s in chosen]  # [1:]: no BOS
+    # [1:]: the response without the tokenizer's BOS
+    return [[tokens.encode(s.prompt), tokens.encode((s.demonstration or s.answer) + stop)[1:]] for s in chosen]
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:

@@ -193,6 +193,12 @@ class TrainConfig(Section):
                 f"{source} but model.max_positions is {self.model.max_positions} (the tiny model's context); "
                 f"set model.max_positions >= {rollout.max_model_len} or a shorter context"
             )
+        if rollout.staleness == "keep" and self.algo.name == "kimi":
+            raise ConfigError(
+                "rollout.staleness='keep' trains older versions' tokens with importance weights, which kimi's "
+                "per-sequence loss cannot take (Kimi k1.5 excludes them); use it with algo=grpo, dr_grpo, rloo "
+                "or reinforce_pp, or keep rollout.staleness=exclude"
+            )
         if self.reward.repeat_penalty and not rollout.repeat.enabled:
             raise ConfigError(
                 f"reward.repeat_penalty={self.reward.repeat_penalty} never applies without repeat detection: set "

@@ -40,6 +40,7 @@ class AlgoConfig:
     norm_tokens: float = 1.0  # seq_sum divisor, e.g. the generation budget for Dr.GRPO
     gamma: float = 1.0
     lam: float = 0.95
+    stale_ratio_cap: float = 2.0  # rollout.staleness=keep: cap of an older token's weight pi_old / pi_rollout
 
     def __post_init__(self) -> None:
         if self.name not in ALGORITHMS:
@@ -54,6 +55,8 @@ class AlgoConfig:
             raise ValueError(f"algo.tau must be > 0 for kimi, got {self.tau}")
         if self.name == "reinforce_pp" and self.kl_coef < 0:
             raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.stale_ratio_cap <= 0:
+            raise ValueError(f"algo.stale_ratio_cap must be > 0, got {self.stale_ratio_cap}")
         for name in ("clip_low", "clip_high"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"algo.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -114,8 +117,10 @@ def policy_loss(
     rewards: torch.Tensor | None = None,
     group_size: int | None = None,
     ref_logp: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The scalar to minimise for this algorithm on one (micro-)batch."""
+    """The scalar to minimise for this algorithm on one (micro-)batch; `token_weights` weigh the tokens
+    older versions sampled (kimi's per-sequence loss takes none: the config keeps such tokens out of it)."""
     if cfg.name == "kimi":
         if rewards is None or group_size is None:
             raise ValueError("kimi's loss needs the rewards and the group size")
@@ -134,6 +139,7 @@ def policy_loss(
         ref_logp=ref_logp,
         kl_coef=cfg.kl_coef if kl_in_loss else 0.0,
         kl_estimator=cfg.kl_estimator,
+        token_weights=token_weights,
     )
 
 
@@ -153,6 +159,8 @@ class AlgoSection(Section):
     kl_coef: float = Field(0.0, ge=0)  # > 0: a KL to a reference model in the loss
     kl_estimator: KlEstimator = "k3"
     aggregation: str | None = None  # None: the algorithm's own (NATURAL_AGGREGATION)
+    # rollout.staleness=keep: a token an older version sampled weighs min(pi_old / pi_rollout, this).
+    stale_ratio_cap: float = Field(2.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -184,6 +192,7 @@ class AlgoSection(Section):
                 kl_coef=self.kl_coef,
                 kl_estimator=self.kl_estimator,
                 aggregation=self.aggregation,  # AlgoConfig checks the value
+                stale_ratio_cap=self.stale_ratio_cap,
                 norm_tokens=norm_tokens,
             )
         except ValueError as e:  # its messages already name algo.<key>

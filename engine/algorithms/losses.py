@@ -31,6 +31,21 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: Aggregation, norm_
     raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
 
 
+def stale_token_weights(
+    old_logp: torch.Tensor, rollout_logp: torch.Tensor, versions: torch.Tensor, current_version: int, cap: float
+) -> torch.Tensor:
+    """Truncated importance weights min(pi_old / pi_rollout, cap) for tokens an older version sampled.
+
+    With `rollout.staleness=keep`, a continued trajectory's older tokens come from a policy other than
+    pi_old, the one PPO's ratio is taken against: weighting them by pi_old / pi_rollout corrects the
+    expectation, and the cap bounds the variance (truncated importance sampling). Every other token,
+    padding included, weighs 1.
+    """
+    stale = (versions >= 0) & (versions != current_version)
+    ratio = torch.exp(old_logp - rollout_logp).clamp(max=cap)
+    return torch.where(stale, ratio, torch.ones_like(ratio))
+
+
 def clipped_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -44,16 +59,18 @@ def clipped_policy_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: KlEstimator = "k3",
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """-min(rho A, clip(rho, 1-clip_low, 1+clip_high) A) per token, plus kl_coef * KL to a reference.
+    """-w min(rho A, clip(rho, 1-clip_low, 1+clip_high) A) per token, plus kl_coef * KL to a reference.
 
-    `advantages` may be [batch] (one per sequence) or [batch, tokens].
+    `advantages` may be [batch] (one per sequence) or [batch, tokens]; `token_weights` w (default 1)
+    are importance weights of tokens sampled by an older policy (`stale_token_weights`).
     """
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(logp)
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
-    per_token = -surrogate
+    per_token = -surrogate if token_weights is None else -surrogate * token_weights
     if kl_coef:
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs reference logprobs (ref_logp)")

@@ -7,9 +7,10 @@ from typing import Any
 from engine.tasks.addition import AdditionTask
 from engine.tasks.base import Sample, Split, Task
 from engine.tasks.jsonl import JsonlTask
+from engine.tasks.scratchpad import ScratchpadTask
 from engine.tasks.sort import SortTask
 
-TASKS: dict[str, type] = {"addition": AdditionTask, "sort": SortTask, "jsonl": JsonlTask}
+TASKS: dict[str, type] = {"addition": AdditionTask, "sort": SortTask, "jsonl": JsonlTask, "scratchpad": ScratchpadTask}
 
 
 def make_task(name: str, **options: Any) -> Task:
@@ -18,4 +19,4 @@ def make_task(name: str, **options: Any) -> Task:
     return TASKS[name](**options)
 
 
-__all__ = ["TASKS", "AdditionTask", "JsonlTask", "Sample", "SortTask", "Split", "Task", "make_task"]
+__all__ = ["TASKS", "AdditionTask", "JsonlTask", "Sample", "ScratchpadTask", "SortTask", "Split", "Task", "make_task"]

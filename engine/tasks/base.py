@@ -25,6 +25,8 @@ class Sample:
     prompt: str
     answer: str
     difficulty: float = 0.0
+    # The whole response the cold start teaches (worked steps and answer); the answer alone when empty.
+    demonstration: str = ""
     meta: dict[str, str] = field(default_factory=dict, compare=False)
 
 

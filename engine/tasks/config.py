@@ -10,16 +10,16 @@ from checkpoint_engine.contracts.config import ConfigError, Section
 from engine.tasks import Task, make_task
 
 # The tasks' own limits: addition operands have <= 9 digits, sorted lists <= 32 items.
-MAX_DIGITS = {"addition": 9, "sort": 32}
+MAX_DIGITS = {"addition": 9, "scratchpad": 9, "sort": 32}
 
 
 class TaskConfig(Section):
     KEY = "task"
-    name: Literal["addition", "sort", "jsonl"] = "addition"
+    name: Literal["scratchpad", "addition", "sort", "jsonl"] = "scratchpad"
     path: str | None = None  # JSONL records for task jsonl; must be null otherwise
     pool_size: int = Field(8000, ge=1)  # RL prompt pool (the cold start draws its tenth from it)
     heldout_size: int = Field(128, ge=1)  # held-out prompts for evaluation (a disjoint split)
-    digits: int = Field(2, ge=1)  # addition: max digits of each operand; sort: list length
+    digits: int = Field(6, ge=1)  # scratchpad and addition: max digits of each operand; sort: list length
     # partial: credit per right digit / position (addition, sort); "correct" stays exact.
     reward: Literal["exact", "partial"] = "partial"
 
@@ -39,9 +39,11 @@ class TaskConfig(Section):
         return self
 
     def make(self) -> Task:
-        """task.digits means operand digits for addition and list length for sort."""
+        """task.digits means operand digits for scratchpad and addition, and list length for sort."""
         if self.name == "jsonl":
             return make_task("jsonl", path=self.path)
+        if self.name == "scratchpad":
+            return make_task("scratchpad", max_digits=self.digits, reward_kind=self.reward)
         if self.name == "sort":
             return make_task("sort", max_len=self.digits, min_len=min(3, self.digits), reward_kind=self.reward)
         return make_task("addition", max_digits=self.digits, reward_kind=self.reward)

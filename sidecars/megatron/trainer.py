@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from engine.algorithms import AlgoConfig, policy_loss
 from engine.algorithms.logprobs import vocab_parallel_token_logprobs
+from engine.algorithms.losses import stale_token_weights
 from engine.batch import TrainBatch, with_advantages
 from sidecars.megatron import compat
 from sidecars.megatron import model as mg
@@ -112,6 +113,9 @@ class Trainer:
         batch.old_logp = self.recompute_logprobs(batch.input_ids)
         fresh = (batch.versions == rollout_version) & (batch.loss_mask > 0)
         gap = (batch.old_logp - batch.rollout_logp).abs()[fresh]
+        batch.token_weights = stale_token_weights(
+            batch.old_logp, batch.rollout_logp, batch.versions, rollout_version, self.algo.stale_ratio_cap
+        )
         reference: dict[str, float] = {}
         if self.algo.needs_reference:
             if self.reference is None:  # the first RL update: the policy as RL found it
@@ -136,13 +140,30 @@ class Trainer:
             "logprob_gap/mean_abs": float(gap.mean()) if gap.numel() else 0.0,
             "logprob_gap/max_abs": float(gap.max()) if gap.numel() else 0.0,
             "train/tokens": float(batch.loss_mask.sum()),
+            # -log pi of the tokens the policy itself sampled: an unbiased estimate of its per-token entropy.
+            "train/entropy": float(-batch.old_logp[fresh].mean()) if fresh.any() else 0.0,
+            **self._stale_metrics(batch, rollout_version),
             **reference,
+        }
+
+    def _stale_metrics(self, batch: TrainBatch, rollout_version: int) -> dict[str, float]:
+        """The importance ratios pi_old / pi_rollout of the trained tokens older versions sampled
+        (rollout.staleness=keep), before the cap; nothing when no such token trains."""
+        stale = (batch.versions >= 0) & (batch.versions != rollout_version) & (batch.loss_mask > 0)
+        if not stale.any():
+            return {}
+        ratio = torch.exp(batch.old_logp - batch.rollout_logp)[stale]
+        return {
+            "train/stale_tokens": float(stale.sum()),
+            "train/stale_ratio_mean": float(ratio.mean()),
+            "train/stale_ratio_max": float(ratio.max()),
+            "train/stale_ratio_capped_share": float((ratio > self.algo.stale_ratio_cap).float().mean()),
         }
 
     def _update(self, batch: TrainBatch, mine: Sequence[int], n_groups: int) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        g, total_loss = batch.group_size, 0.0
+        g, total_loss, clipped, counted = batch.group_size, 0.0, 0.0, 0.0
         step_groups = self.cfg.micro_batch_groups
         for start in range(0, len(mine), step_groups):
             groups = mine[start : start + step_groups]
@@ -153,14 +174,21 @@ class Trainer:
                 self.algo, logp, batch.old_logp[rows].to(dev), batch.advantages[rows].to(dev),
                 batch.loss_mask[rows].to(dev), rewards=batch.rewards[rows].to(dev), group_size=g,
                 ref_logp=None if batch.ref_logp is None else batch.ref_logp[rows].to(dev),
+                token_weights=None if batch.token_weights is None else batch.token_weights[rows].to(dev),
             )  # fmt: skip
+            with torch.no_grad():  # tokens whose ratio to pi_old left the clip range (kimi does not clip)
+                ratio = torch.exp(logp - batch.old_logp[rows].to(dev))
+                mask = batch.loss_mask[rows].to(dev) > 0
+                clipped += float(((ratio < 1 - self.algo.clip_low) | (ratio > 1 + self.algo.clip_high))[mask].sum())
+                counted += float(mask.sum())
             # Each micro-batch loss is a mean over its groups: weight it by its share of the batch.
             (loss * len(groups) / n_groups).backward()
             total_loss += loss.item() * len(groups) / n_groups
         self._reduce_data_parallel(average=False)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
-        return {"train/loss": total_loss, "train/grad_norm": grad_norm}
+        clip = {} if self.algo.name == "kimi" else {"train/clip_fraction": clipped / max(counted, 1.0)}
+        return {"train/loss": total_loss, "train/grad_norm": grad_norm, **clip}
 
     def _reduce_data_parallel(self, average: bool) -> None:
         """Sum gradients over the DP ranks (`average`: then divide by their number, for per-rank mean

@@ -13,6 +13,7 @@ from pathlib import Path
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 
 EXTENSION = "sidecars.vllm.worker_extension.WeightReceiverExtension"
+BATCHED_TOKENS = 4096  # prompt and decode tokens per engine step, raised to max_model_len where that is longer
 
 
 def configure_vllm(settings: VllmSettings) -> None:
@@ -40,6 +41,11 @@ def start_llm(settings: VllmSettings):  # -> vllm.LLM
         dtype=settings.dtype,
         enforce_eager=True,
         enable_prefix_caching=True,
+        # A prompt is prefilled in one step, never split across steps: on CPU, vLLM's bookkeeping for a
+        # split prompt of a seeded request (every rollout request has its seed) fails with "CPU Generator
+        # does not use offset". Continued partial rollouts make long prompts that would be split.
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=max(settings.max_model_len, BATCHED_TOKENS),
         worker_extension_cls=EXTENSION,
         # Logprobs of the distribution actually sampled from (temperature and top-p applied), the
         # quantity the trainer's importance ratios and the logprob-gap check compare against.

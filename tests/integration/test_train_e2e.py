@@ -31,8 +31,9 @@ from engine.tasks import make_task
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 ITERATIONS, PROMPTS, SEED, POOL = 3, 6, 0, 120
+# The short-answer task: every trajectory finishes within one iteration, so batches hold the sampled prompts.
 OVERRIDES = [
-    f"run.iterations={ITERATIONS}", "run.eval_every=2", "run.progress=false", f"run.seed={SEED}",
+    "task=addition", f"run.iterations={ITERATIONS}", "run.eval_every=2", "run.progress=false", f"run.seed={SEED}",
     f"task.pool_size={POOL}", "task.heldout_size=16", f"rollout.prompts_per_iteration={PROMPTS}",
     "rollout.group_size=4", "rollout.eval_samples=2", "trainer.cold_start.epochs=2",
 ]  # fmt: skip
@@ -72,7 +73,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
     log = root / "launcher.log"
     first = _launch([*OVERRIDES, f"run.root={root}"], log)
     try:
-        run_dir = _wait_for(root / "addition-kimi-*", first, 60)
+        run_dir = _wait_for(root / "scratchpad-kimi-*", first, 60)
         # Checkpoint 1 is complete: the stop lands in iteration 1 (EXPORT, START_VLLM or ROLLOUT),
         # a whole rollout before TRAIN of iteration 2 could write checkpoint 2.
         _wait_for(RunPaths(run_dir).complete_marker(1), first, 420)
@@ -186,6 +187,33 @@ def test_the_reward_and_sampler_sections_reach_the_run(tmp_path: Path) -> None:
     assert sampler["kind"] == "prioritized"
     assert sampler["iteration"] == 1
     assert sum(sampler["trials"]) == 2 * PROMPTS * 4  # two rollouts of PROMPTS groups of group_size 4
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["exclude", "keep"])
+def test_long_answers_continue_from_the_buffer_in_the_next_iteration(tmp_path: Path, keep: bool) -> None:
+    """The scratchpad task with a budget of 16 tokens per iteration: answers with a carry take more, and
+    continue in the next iteration from the replay buffer. Their older tokens serve as context only
+    (staleness=exclude, Kimi), or train with their importance ratio to the rollout (keep, with grpo)."""
+    # A cold start long enough for the worked format: short answers then stop within the first budget.
+    partial = ["task=scratchpad", "task.digits=2", "task.pool_size=400", "trainer.cold_start.epochs=40",
+               "rollout.max_response_tokens=32", "rollout.iteration_token_budget=16"]  # fmt: skip
+    keeping = ["algo=grpo", "rollout.staleness=keep"] if keep else []
+    paths = _two_iterations(tmp_path, *partial, *keeping)
+    history = {int(r["iteration"]): r for r in _rows(paths)}
+    assert history[1]["rollout/partial_share"] > 0
+    assert history[1]["rollout/stale_token_share"] > 0
+    assert history[1]["rollout/length_max"] > 16
+    batch = load_batch(paths.batch(1))
+    stale = batch.versions == 0
+    assert stale.any()
+    assert (batch.loss_mask[batch.versions == 1] == 1).all()
+    assert (batch.loss_mask[stale] == float(keep)).all()
+    trained = history[2]  # TRAIN of iteration 2 learns from rollout 1
+    if keep:
+        assert trained["train/stale_tokens"] == stale.sum().item()
+        assert 0 < trained["train/stale_ratio_mean"] <= trained["train/stale_ratio_max"]
+    else:
+        assert "train/stale_tokens" not in trained
 
 
 @pytest.mark.parametrize(

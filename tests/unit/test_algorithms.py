@@ -11,7 +11,7 @@ from engine.algorithms import ALGORITHMS, AlgoConfig, compute_advantages, policy
 from engine.algorithms import advantages as adv
 from engine.algorithms.kl import kl_estimate
 from engine.algorithms.logprobs import token_logprobs
-from engine.algorithms.losses import aggregate, clipped_policy_loss, kimi_loss, value_loss
+from engine.algorithms.losses import aggregate, clipped_policy_loss, kimi_loss, stale_token_weights, value_loss
 
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
 
@@ -85,6 +85,20 @@ def test_clipping_stops_the_gradient_beyond_the_trust_region() -> None:
         logp = torch.tensor([[logp0]], requires_grad=True)
         clipped_policy_loss(logp, old, torch.tensor([a]), torch.ones(1, 1)).backward()
         assert (logp.grad.abs().item() > 0) == has_grad, (logp0, a)
+
+
+def test_stale_tokens_weigh_their_truncated_importance_ratio() -> None:
+    # versions: two tokens of version 3 (stale), one of 4 (current), then padding (-1).
+    versions = torch.tensor([[3, 3, 4, -1]])
+    old = torch.tensor([[-1.0, -0.5, -2.0, 0.0]])
+    rollout = torch.tensor([[-1.5, -2.0, -1.0, 0.0]])
+    weights = stale_token_weights(old, rollout, versions, current_version=4, cap=2.0)
+    assert torch.allclose(weights, torch.tensor([[math.exp(0.5), 2.0, 1.0, 1.0]]))  # exp(1.5) is capped at 2
+    # The weights scale each token's gradient (ratio 1: inside the clip range).
+    logp = old.clone().requires_grad_(True)
+    clipped_policy_loss(logp, old, torch.tensor([1.0]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+                        aggregation="token_mean", token_weights=weights).backward()  # fmt: skip
+    assert torch.allclose(logp.grad, -weights * torch.tensor([[1.0, 1.0, 1.0, 0.0]]) / 3)
 
 
 def test_value_loss_clips() -> None:

@@ -155,6 +155,22 @@ def test_a_rollout_with_no_finished_group_generates_more_rounds(tmp_path: Path) 
     assert controller.rollout(FakeVllm(version=0), version=0)["rollout/rounds"] == 1
 
 
+def test_partial_rollouts_are_measured_in_the_batch_they_finish_in(tmp_path: Path) -> None:
+    # A 3-token budget: two-digit sums and the newline finish at once, three-digit ones continue next version.
+    controller = _controller(tmp_path, FakeVllm(version=0), budget=3)
+    controller.rollout(FakeVllm(version=0), version=0)
+    metrics = controller.rollout(FakeVllm(version=1), version=1)
+    batch = load_batch(controller.paths.batch(1))
+    sampled = batch.versions[batch.versions >= 0]
+    assert metrics["rollout/stale_token_share"] == pytest.approx(float((sampled == 0).float().mean()))
+    partial = float((batch.versions == 0).any(dim=1).float().mean())
+    assert 0 < metrics["rollout/partial_share"] == pytest.approx(partial)
+    lengths = sorted(batch.response_lengths().tolist())
+    assert metrics["rollout/length_max"] == lengths[-1]
+    assert metrics["rollout/length_p50"] <= metrics["rollout/length_p90"] <= metrics["rollout/length_max"]
+    assert metrics["rollout/mean_length"] == pytest.approx(sum(lengths) / len(lengths))
+
+
 def test_state_round_trip_resumes_the_same_prompt_order(tmp_path: Path) -> None:
     first = _controller(tmp_path, FakeVllm(version=0))
     first.rollout(FakeVllm(version=0), version=0)

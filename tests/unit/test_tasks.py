@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.tasks import TASKS, AdditionTask, JsonlTask, Sample, SortTask, make_task
+from engine.tasks import TASKS, AdditionTask, JsonlTask, Sample, ScratchpadTask, SortTask, make_task
 from engine.tasks.base import partial_credit, split_of
+from engine.tasks.scratchpad import stated_answer, worked_sum
 
 
 def uids(samples: list[Sample]) -> list[str]:
@@ -28,6 +29,7 @@ def digits_of(sample: Sample) -> list[int]:
 GENERATED = [
     pytest.param(lambda: AdditionTask(max_digits=2), id="addition"),
     pytest.param(lambda: SortTask(min_len=3, max_len=5), id="sort"),
+    pytest.param(lambda: ScratchpadTask(max_digits=4), id="scratchpad"),
 ]
 
 
@@ -83,6 +85,62 @@ def test_addition_answers_are_sums(max_digits: int, n_train: int, n_heldout: int
 def test_addition_reaches_max_digits() -> None:
     samples = AdditionTask(max_digits=4).samples("train", 200, seed=0)
     assert max(s.difficulty for s in samples) == 4
+
+
+def _columns_add_up(demonstration: str, a: int, b: int) -> None:
+    """Each column `x+y[+1]=s` takes the operands' digits from the right, the carry of the column before,
+    and the sum after `#` is the column sums' last digits with the final carry."""
+    steps, _, answer = demonstration.partition("#")
+    carry, digits = 0, []
+    for i, step in enumerate(steps.split(";")):
+        terms, total = step.split("=")
+        parts = [int(t) for t in terms.split("+")]
+        assert parts[:2] == [a // 10**i % 10, b // 10**i % 10]
+        assert parts[2:] == ([1] if carry else [])
+        assert int(total) == sum(parts)
+        carry, digits = int(total) // 10, [int(total) % 10, *digits]
+    assert answer == str(a + b) == str(int(("1" if carry else "") + "".join(map(str, digits))))
+
+
+def test_scratchpad_demonstrations_work_the_columns() -> None:
+    task = ScratchpadTask(max_digits=6)
+    samples = task.samples("train", 400, seed=0) + task.samples("heldout", 50, seed=0)
+    for s in samples:
+        a, b = operands(s)
+        assert s.answer == str(a + b)
+        assert s.difficulty == max(len(str(a)), len(str(b))) == s.demonstration.count(";") + 1
+        _columns_add_up(s.demonstration, a, b)
+        assert task.reward(s.demonstration, s) == 1.0
+    assert worked_sum(47, 385) == "7+5=12;4+8+1=13;0+3+1=4#432"
+
+
+def test_scratchpad_lengths_have_a_long_tail() -> None:
+    samples = ScratchpadTask(max_digits=6).samples("train", 4000, seed=0)
+    lengths = sorted(len(s.demonstration) for s in samples)
+    median, p99 = lengths[len(lengths) // 2], lengths[int(0.99 * len(lengths))]
+    assert p99 > 2 * median  # a few take many columns
+    columns = [s.difficulty for s in samples]
+    assert columns.count(2.0) > columns.count(4.0) > columns.count(6.0) > 0
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("7+5=12;4+8+1=13#132", 1.0),
+        ("#132", 1.0),
+        ("7+5=12#99#132", 1.0),  # the last `#` states the answer
+        ("7+5=12;4+8+1=13#133", 0.5 * 2 / 3),  # partial: two of three digits, aligned from the right
+        ("7+5=12;4+8+1=13", 0.0),  # no answer stated
+        ("132", 0.0),
+        ("#", 0.0),
+        ("\n#132", 0.0),
+    ],
+)
+def test_scratchpad_reward_reads_the_answer_after_the_mark(response: str, expected: float) -> None:
+    sample = Sample(uid="pad:47+85", prompt="47+85=", answer="132")
+    assert ScratchpadTask().reward(response.replace("\\n", "\n"), sample) == pytest.approx(expected)
+    assert ScratchpadTask(reward_kind="exact").reward(response, sample) == float(expected == 1.0)
+    assert stated_answer("1+1=2#2\n#3") == "2"
 
 
 def test_sort_answers_are_sorted_digits() -> None:
@@ -158,7 +216,7 @@ def test_partial_credit(got: str, want: str, expected: float) -> None:
 def test_reference_answers_earn_full_reward(make) -> None:
     task = make()
     for s in task.samples("heldout", 50, seed=3):
-        assert task.reward(s.answer + "\n", s) == 1.0
+        assert task.reward((s.demonstration or s.answer) + "\n", s) == 1.0
         assert task.reward(s.answer + "9", s) < 1.0
 
 

@@ -39,7 +39,7 @@ def test_groups_are_the_documented_ones() -> None:
 def test_defaults_compose_to_the_sections_defaults() -> None:
     cfg = load_config([])
     assert cfg == TrainConfig()
-    assert cfg.run.name == "addition-kimi"
+    assert cfg.run.name == "scratchpad-kimi"
     assert cfg.effective_rollout() == cfg.rollout
     assert cfg.parallel.trainer_ranks == 1
     assert cfg.algo.to_algo().name == "kimi"
@@ -108,7 +108,7 @@ def test_bad_override_syntax() -> None:
 
 def test_bad_literal() -> None:
     assert _error(["rollout.staleness=x"]) == "rollout.staleness must be one of ['exclude', 'keep'], got 'x'"
-    assert _error(["task.name=x"]) == "task.name must be one of ['addition', 'sort', 'jsonl'], got 'x'"
+    assert _error(["task.name=x"]) == "task.name must be one of ['scratchpad', 'addition', 'sort', 'jsonl'], got 'x'"
 
 
 @pytest.mark.parametrize(
@@ -232,6 +232,12 @@ def test_an_explicit_kv_cache_must_hold_one_whole_sequence(tmp_path: Path) -> No
     _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "bfloat16", vllm_tp=1)  # half the bytes
     _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "float32", vllm_tp=2)  # half the heads
     _check_kv_cache(RolloutConfig(kv_cache_gib=None, **long), tmp_path, "float32", vllm_tp=1)  # vLLM sizes it
+
+
+def test_kept_stale_tokens_need_a_per_token_loss() -> None:
+    with pytest.raises(ConfigError, match=r"rollout.staleness='keep' .* kimi's per-sequence loss"):
+        load_config(["rollout.staleness=keep"])
+    assert load_config(["rollout.staleness=keep", "algo=grpo"]).rollout.staleness == "keep"
 
 
 def test_a_repeat_penalty_needs_repeat_detection() -> None:
