@@ -34,18 +34,22 @@ def _emit(**record: object) -> None:
     print(json.dumps({"bench": "cycle", **record}), flush=True)
 
 
-def run_job(lifecycle: str, overrides: list[str], root: Path) -> Path:
-    """One `timeshare train` run; its run directory."""
-    args = [*overrides, f"rollout.lifecycle={lifecycle}", f"run.root={root}", "run.progress=false"]
-    log = root / f"{lifecycle}.log"
+def run_job(name: str, overrides: list[str], root: Path) -> Path:
+    """One `timeshare train` run (`name` names its log) in the empty directory `root`; its run directory."""
+    args = [*overrides, f"run.root={root}", "run.progress=false"]
+    log = root / f"{name}.log"
     with log.open("w") as out:
         code = subprocess.call(
             [sys.executable, "-m", "launch.cli", "train", *args], stdout=out, stderr=subprocess.STDOUT
         )
     if code != 0:
-        raise SystemExit(f"timeshare train ({lifecycle}) exited with {code}; see {log}")
+        raise SystemExit(f"timeshare train ({name}) exited with {code}; see {log}")
     (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
     return run_dir
+
+
+def read_rows(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def later_iterations(lifecycle: str, rows: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -105,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         for lifecycle in args.lifecycles:
             root = Path(tmp) / lifecycle
             root.mkdir()
-            run_dir = run_job(lifecycle, overrides, root)
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            run_dir = run_job(lifecycle, [*overrides, f"rollout.lifecycle={lifecycle}"], root)
+            rows = read_rows(run_dir)
             later = later_iterations(lifecycle, rows)
             seconds[lifecycle] = summarize(lifecycle, later)
             compare_rollout_rate(lifecycle, later, run_dir)

@@ -29,6 +29,10 @@ def _bench(args: argparse.Namespace) -> int:
         from launch import bench_cycle
 
         return bench_cycle.main(args.options)
+    if args.which == "partial":
+        from launch import bench_partial
+
+        return bench_partial.main(args.options)
     from launch import bench
 
     return bench.main(args.options)
@@ -70,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks, one JSON line per result")
     bench.add_argument(
-        "which", choices=["push", "cycle"],
-        help="push: weight-push throughput against same-run baselines; cycle: an iteration's phases per lifecycle",
+        "which", choices=["push", "cycle", "partial"],
+        help="push: weight-push throughput against same-run baselines; cycle: an iteration's phases per lifecycle; "
+        "partial: iteration time with and without partial rollouts",
     )  # fmt: skip
     bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
     bench.set_defaults(func=_bench)

@@ -1,5 +1,5 @@
-"""`timeshare bench cycle`'s summary of a run (per-phase means after the first iteration, the switch
-share) and the standalone baseline's requests, rebuilt from a rollout batch."""
+"""`timeshare bench cycle` and `bench partial`: the summary of a run (per-phase means after the first
+iteration, the switch share) and the standalone baseline's requests, rebuilt from a rollout batch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from engine.batch import collate
 from engine.replay_buffer import Group
 from engine.trajectory import Trajectory
+from launch import bench_partial
 from launch.bench_cycle import PHASES, later_iterations, summarize
 from launch.bench_standalone import requests_from_batch
 
@@ -38,3 +39,20 @@ def test_the_standalone_replays_each_trajectorys_prompt_and_response_length() ->
     other = Group("q", (trajectory(0, [9], 2), trajectory(1, [9], 6)))
     batch = collate([group, other], current_version=2, staleness="keep", pad_id=0)
     assert requests_from_batch(batch) == [([5, 6, 7], 4), ([5, 6, 7], 1), ([9], 2), ([9], 6)]
+
+
+def test_bench_partial_reports_time_and_accuracy_and_refuses_a_budget_at_the_cap(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    rows = [
+        {"iteration": 0, "eval/accuracy": 0.25, **{f"time/{p}": 9.0 for p in PHASES}},
+        {"iteration": 1, "rollout/partial_share": 0.5, **{f"time/{p}": 1.0 for p in PHASES}},
+        {"iteration": 2, "eval/accuracy": 0.5, "rollout/partial_share": 0.3, **{f"time/{p}": 2.0 for p in PHASES}},
+    ]
+    assert bench_partial.summarize("partial", rows) == pytest.approx(1.5 * len(PHASES))
+    iteration, accuracy = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert iteration["rollout_seconds"] == 1.5
+    assert iteration["partial_share"] == pytest.approx(0.4)
+    assert (accuracy["first"], accuracy["last"]) == (0.25, 0.5)
+    with pytest.raises(SystemExit, match=r"iteration_token_budget \(64\) must be below .*max_response_tokens \(64\)"):
+        bench_partial.main(["rollout.iteration_token_budget=64"])
