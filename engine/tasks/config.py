@@ -18,7 +18,7 @@ class TaskConfig(Section):
     name: Literal["scratchpad", "addition", "sort", "jsonl"] = "scratchpad"
     path: str | None = None  # JSONL records for task jsonl; must be null otherwise
     pool_size: int = Field(8000, ge=1)  # RL prompt pool (the cold start draws its tenth from it)
-    heldout_size: int = Field(128, ge=1)  # held-out prompts for evaluation (a disjoint split)
+    heldout_size: int = Field(256, ge=1)  # held-out prompts for evaluation (a disjoint split)
     digits: int = Field(6, ge=1)  # scratchpad and addition: max digits of each operand; sort: list length
     # partial: credit per right digit / position (addition, sort); "correct" stays exact.
     reward: Literal["exact", "partial"] = "partial"

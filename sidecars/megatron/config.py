@@ -20,7 +20,10 @@ class ColdStartConfig(Section):
 
     KEY = "trainer.cold_start"
     fraction: float = 0.1  # share of task.pool_size, at most a tenth; 0 skips it
-    epochs: int = Field(100, ge=1)
+    # Enough to teach the answer's form, not to settle every answer: after 100 epochs on the default
+    # task the policy's entropy was 0.03 nats per token and RL gained 1 point per iteration; after 30,
+    # 0.08 and about 2 points per iteration over the first ten.
+    epochs: int = Field(30, ge=1)
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(32, ge=1)
 
@@ -37,8 +40,8 @@ class TrainerConfig(Section):
     """Megatron's optimisation: one trainer for every run, keys set directly (`trainer.lr=1e-4`)."""
 
     KEY = "trainer"
-    lr: float = Field(3e-4, gt=0)
-    min_lr: float = Field(3e-5, ge=0)  # end of the cosine decay
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)  # end of the cosine decay
     warmup_iterations: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)

@@ -128,7 +128,7 @@ def test_wrong_types_name_the_key(override: str, pattern: str) -> None:
 
 
 RULES = [
-    (["rollout.iteration_token_budget=32"], r"rollout\.iteration_token_budget \(32\) must be in \[1, "),
+    (["rollout.iteration_token_budget=80"], r"rollout\.iteration_token_budget \(80\) must be in \[1, "),
     (["rollout.max_response_tokens=300", "rollout.iteration_token_budget=8"], r"must be < rollout\.max_model_len"),
     (["rollout.max_model_len=512"], r"rollout\.max_model_len is 512 but model\.max_positions is 256"),
     (["task=jsonl"], r"task\.path is required"),
