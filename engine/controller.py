@@ -34,7 +34,7 @@ from checkpoint_engine.contracts.vllm_client import VllmClient
 from checkpoint_engine.contracts.vllm_protocol import GenerationRequest
 from engine.batch import collate, save_batch
 from engine.config import RolloutConfig, RunConfig
-from engine.evaluation import mean_pass_at_k
+from engine.evaluation import mean_cons_at_n, mean_pass_at_k, percentile
 from engine.replay_buffer import Group, PartialRolloutBuffer, PromptTokens, RolloutRequest, RolloutResult
 from engine.rewards import RewardScorer
 from engine.sampling import PromptSampler
@@ -217,15 +217,23 @@ class Controller:
             for j, p in enumerate(prompts)
         ]).results  # fmt: skip
 
-        def right(sample: Sample, ids: Sequence[int]) -> bool:
-            return self.task.reward(self.tokens.decode(ids), sample) >= self.scorer.cfg.correct_threshold
+        def right(sample: Sample, text: str) -> bool:
+            return self.task.reward(text, sample) >= self.scorer.cfg.correct_threshold
 
-        greedy_ok = [right(s, r.samples[0].token_ids) for s, r in zip(self.heldout, greedy, strict=True)]
-        sampled_ok = [[right(s, x.token_ids) for x in r.samples] for s, r in zip(self.heldout, sampled, strict=True)]
+        def vote_right(vote: str, prompt: tuple[Sample, list[str], list[str | None]]) -> bool:
+            sample, texts, answers = prompt  # the majority answer is right when a response stating it is
+            return right(sample, texts[answers.index(vote)])
+
+        greedy_ok = [right(s, self.tokens.decode(r.samples[0].token_ids)) for s, r in zip(self.heldout, greedy,
+                                                                                          strict=True)]  # fmt: skip
+        texts = [[self.tokens.decode(x.token_ids) for x in r.samples] for r in sampled]
+        answers = [[self.task.answer(t) for t in ts] for ts in texts]
+        sampled_ok = [[right(s, t) for t in ts] for s, ts in zip(self.heldout, texts, strict=True)]
         return {
             "eval/accuracy": sum(greedy_ok) / len(greedy_ok),
             "eval/pass@1": mean_pass_at_k(sampled_ok, 1),
             f"eval/pass@{k}": mean_pass_at_k(sampled_ok, k),
+            f"eval/cons@{k}": mean_cons_at_n(answers, list(zip(self.heldout, texts, answers, strict=True)), vote_right),
         }
 
     # ---------------------------------------------------------------------------- bookkeeping
@@ -277,14 +285,10 @@ def length_metrics(groups: Sequence[Group], version: int) -> dict[str, float]:
     trajs = [t for g in groups for t in g.trajectories]
     lengths = sorted(len(t.response_ids) for t in trajs)
     tokens = max(sum(lengths), 1)
-
-    def percentile(q: float) -> float:
-        return float(lengths[min(len(lengths) - 1, int(q * len(lengths)))])
-
     return {
         "rollout/mean_length": sum(lengths) / len(lengths),
-        "rollout/length_p50": percentile(0.5),
-        "rollout/length_p90": percentile(0.9),
+        "rollout/length_p50": percentile(lengths, 50),
+        "rollout/length_p90": percentile(lengths, 90),
         "rollout/length_max": float(lengths[-1]),
         # Trajectories begun by an older version and continued from the replay buffer.
         "rollout/partial_share": sum(any(v != version for v in t.versions) for t in trajs) / len(trajs),

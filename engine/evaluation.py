@@ -1,21 +1,17 @@
-"""Evaluation metrics: unbiased pass@k, cons@N (majority vote) and summary statistics for logging.
+"""Evaluation metrics: unbiased pass@k, cons@N (majority vote) and percentiles.
 
 Consumes per-prompt correctness flags, extracted answers (already normalised by the task) or plain
-numbers; produces floats, a small `SummaryStats` dataclass and flat dicts for the logger. Pure Python.
+numbers; produces floats for the logger. Pure Python.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
-
-from engine.trajectory import FINISH_REASONS, Trajectory
 
 A = TypeVar("A", bound=Hashable)
 R = TypeVar("R")
-DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -85,30 +81,6 @@ def mean_cons_at_n(
     return sum(cons_at_n(a, ref, is_correct) for a, ref in zip(answers, references, strict=True)) / len(answers)
 
 
-@dataclass(frozen=True)
-class SummaryStats:
-    """count, mean, population std (ddof=0), min, max and linear-interpolated percentiles."""
-
-    count: int
-    mean: float
-    std: float
-    min: float
-    max: float
-    percentiles: tuple[tuple[float, float], ...]  # (p, value), p in [0, 100]
-
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """Flat `{prefix}mean`, `{prefix}p50`, ... for the logger."""
-        out = {
-            f"{prefix}count": float(self.count),
-            f"{prefix}mean": self.mean,
-            f"{prefix}std": self.std,
-            f"{prefix}min": self.min,
-            f"{prefix}max": self.max,
-        }
-        out.update({f"{prefix}p{p:g}": value for p, value in self.percentiles})
-        return out
-
-
 def percentile(sorted_values: Sequence[float], p: float) -> float:
     """The p-th percentile of ascending `sorted_values`, interpolating linearly between order
     statistics (numpy's default method)."""
@@ -120,35 +92,3 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     lo = math.floor(rank)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (rank - lo)
-
-
-def summarize(values: Sequence[float], percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> SummaryStats:
-    if not values:
-        raise ValueError("summarize needs at least one value")
-    xs = sorted(float(v) for v in values)
-    mean = math.fsum(xs) / len(xs)
-    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / len(xs))
-    return SummaryStats(
-        count=len(xs),
-        mean=mean,
-        std=std,
-        min=xs[0],
-        max=xs[-1],
-        percentiles=tuple((float(p), percentile(xs, p)) for p in percentiles),
-    )
-
-
-def trajectory_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
-    """Reward and response-length statistics and finish-reason fractions of scored trajectories."""
-    if not trajectories:
-        raise ValueError("trajectory_stats needs at least one trajectory")
-    rewards: list[float] = []
-    for traj in trajectories:
-        if traj.reward is None:
-            raise ValueError(f"trajectory {traj.key} has no reward; score it before taking statistics")
-        rewards.append(traj.reward)
-    out = summarize(rewards).as_dict("reward/")
-    out.update(summarize([len(t.response_ids) for t in trajectories]).as_dict("response_len/"))
-    for reason in FINISH_REASONS:
-        out[f"finish/{reason}"] = sum(t.finish_reason == reason for t in trajectories) / len(trajectories)
-    return out

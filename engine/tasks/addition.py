@@ -62,6 +62,9 @@ class AdditionTask:
             )
         return list(seen.values())
 
+    def answer(self, response: str) -> str | None:
+        return first_line(response) or None
+
     def reward(self, response: str, sample: Sample) -> float:
         got = first_line(response)
         if got == sample.answer:

@@ -41,6 +41,10 @@ class Task(Protocol):
         """Reward in [0, 1] for `response` to `sample.prompt`."""
         ...
 
+    def answer(self, response: str) -> str | None:
+        """The final answer `response` states, as the reward reads it (None: none), for majority votes."""
+        ...
+
 
 def check_split(split: str) -> Split:
     if split not in SPLITS:

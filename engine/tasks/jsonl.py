@@ -73,5 +73,8 @@ class JsonlTask:
             raise ValueError(f"{self.path} has {len(pool)} {split} records, {n} asked for")
         return random.Random(f"{self.name}:{split}:{seed}").sample(pool, n)
 
+    def answer(self, response: str) -> str | None:
+        return extract_answer(response)
+
     def reward(self, response: str, sample: Sample) -> float:
         return math_reward(response, sample.answer)

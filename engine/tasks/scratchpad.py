@@ -93,6 +93,9 @@ class ScratchpadTask:
             )
         return list(seen.values())
 
+    def answer(self, response: str) -> str | None:
+        return stated_answer(response) or None
+
     def reward(self, response: str, sample: Sample) -> float:
         got = stated_answer(response)
         if got == sample.answer:

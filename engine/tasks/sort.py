@@ -58,6 +58,9 @@ class SortTask:
             )
         return list(seen.values())
 
+    def answer(self, response: str) -> str | None:
+        return first_line(response) or None
+
     def reward(self, response: str, sample: Sample) -> float:
         got = first_line(response)
         if self.reward_kind == "exact":

@@ -186,6 +186,7 @@ def test_evaluation_counts_greedy_and_sampled_answers(tmp_path: Path) -> None:
     even = sum(int(s.uid.removeprefix("add:").split("+")[0]) % 2 == 0 for s in controller.heldout) / 6
     assert metrics["eval/accuracy"] == pytest.approx(even)
     assert metrics["eval/pass@4"] == pytest.approx(even)
+    assert metrics["eval/cons@4"] == pytest.approx(even)  # every sample states the same sum
 
 
 def test_phase_times_come_from_ack_times_and_the_first_export_is_split(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""pass@k against brute-force enumeration, cons@N votes with ties, and summary statistics by hand."""
+"""pass@k against brute-force enumeration, cons@N votes with ties, and percentiles against numpy."""
 
 from __future__ import annotations
 
@@ -16,10 +16,7 @@ from engine.evaluation import (
     mean_pass_at_k,
     pass_at_k,
     percentile,
-    summarize,
-    trajectory_stats,
 )
-from engine.trajectory import Trajectory
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -97,50 +94,10 @@ def test_cons_at_n_uses_the_correctness_function() -> None:
         mean_cons_at_n(answers, ["1", "5"], same_number)
 
 
-def test_summarize_matches_numpy() -> None:
-    values = [3.0, -1.0, 7.5, 2.0, 2.0, 10.0, 0.25]
-    stats = summarize(values, percentiles=(0, 25, 50, 90, 100))
-    assert stats.count == 7
-    assert stats.mean == pytest.approx(np.mean(values))
-    assert stats.std == pytest.approx(np.std(values))
-    assert (stats.min, stats.max) == (-1.0, 10.0)
-    assert [v for _, v in stats.percentiles] == pytest.approx(np.percentile(values, [0, 25, 50, 90, 100]).tolist())
-    d = stats.as_dict("reward/")
-    assert d["reward/p50"] == pytest.approx(2.0)
-    assert d["reward/p90"] == pytest.approx(np.percentile(values, 90))
-    assert d["reward/count"] == 7.0
 
-
-def test_summarize_single_value_and_errors() -> None:
-    stats = summarize([4.0])
-    assert (stats.mean, stats.std, stats.min, stats.max) == (4.0, 0.0, 4.0, 4.0)
-    assert all(v == 4.0 for _, v in stats.percentiles)
-    with pytest.raises(ValueError, match="at least one value"):
-        summarize([])
-    with pytest.raises(ValueError, match="in \\[0, 100\\]"):
-        percentile([1.0], 101)
-
-
-def test_trajectory_stats() -> None:
-    def traj(i: int, n_tokens: int, reward: float | None, reason: str) -> Trajectory:
-        return Trajectory(
-            "p",
-            i,
-            [1],
-            list(range(n_tokens)),
-            [0.0] * n_tokens,
-            [0] * n_tokens,
-            reason,
-            reward,  # type: ignore[arg-type]
-        )
-
-    trajs = [traj(0, 4, 1.0, "stop"), traj(1, 8, 0.0, "length"), traj(2, 2, 0.5, "stop"), traj(3, 6, 0.5, "repeat")]
-    out = trajectory_stats(trajs)
-    assert out["reward/mean"] == pytest.approx(0.5)
-    assert out["response_len/max"] == 8.0
-    assert out["response_len/mean"] == pytest.approx(5.0)
-    assert out["finish/stop"] == pytest.approx(0.5)
-    assert out["finish/length"] == pytest.approx(0.25)
-    assert out["finish/length_budget"] == 0.0
-    with pytest.raises(ValueError, match="no reward"):
-        trajectory_stats([traj(0, 1, None, "stop")])
+def test_percentile_matches_numpy() -> None:
+    values = sorted([3.0, -1.0, 7.5, 2.0, 2.0, 10.0, 0.25])
+    for p in (0, 25, 50, 90, 100):
+        assert percentile(values, p) == pytest.approx(np.percentile(values, p))
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)

@@ -143,6 +143,20 @@ def test_scratchpad_reward_reads_the_answer_after_the_mark(response: str, expect
     assert stated_answer("1+1=2#2\n#3") == "2"
 
 
+@pytest.mark.parametrize(
+    ("task", "response", "answer"),
+    [
+        (AdditionTask(), " 42 \nmore", "42"),
+        (AdditionTask(), "\n42", None),
+        (SortTask(), "123", "123"),
+        (ScratchpadTask(), "2+4=6;1+3=4#46\n", "46"),
+        (ScratchpadTask(), "2+4=6;1+3=4", None),
+    ],
+)
+def test_tasks_state_the_answer_their_reward_reads(task, response: str, answer: str | None) -> None:
+    assert task.answer(response) == answer
+
+
 def test_sort_answers_are_sorted_digits() -> None:
     task = SortTask(min_len=2, max_len=7)
     samples = task.samples("train", 300, seed=0) + task.samples("heldout", 100, seed=0)
@@ -330,6 +344,7 @@ def test_jsonl_gsm8k_loads_and_splits(gsm8k_path: Path) -> None:
     assert len(train) + len(heldout) == N_GSM8K
     answers = {s.prompt: s.answer for split in by_split.values() for s in split}
     assert answers == {q: str(2 * i) for i, q in enumerate(questions[:-1])} | {questions[-1]: "1,234"}
+    assert task.answer("so it is \\boxed{1,234}") == "1,234"
     n_train = len(train)
     with pytest.raises(ValueError, match=f"{n_train} train records, {n_train + 1} asked for"):
         task.samples("train", n_train + 1, seed=0)
