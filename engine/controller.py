@@ -163,6 +163,8 @@ class Controller:
             rounds += 1
         served = {t.versions[-1] for g in groups for t in g.trajectories if t.versions}
         rewards, correct, terms = self._score(groups, version)
+        right_lengths = [len(t.response_ids) for t, ok in zip((t for g in groups for t in g.trajectories), correct,
+                                                              strict=True) if ok]  # fmt: skip
         batch = collate(groups, version, self.buffer.config.staleness, self.tokens.pad_id)
         save_batch(batch, self.paths.batch(version))
         self._save_state(version + 1)
@@ -172,6 +174,8 @@ class Controller:
             **{f"reward/term/{key}": sum(values) / n for key, values in terms.items()},
             "reward/correct": sum(correct) / n,
             **length_metrics(groups, version),
+            # The length reward's target: how long the right answers are (absent when none is right).
+            **({"rollout/correct_length": sum(right_lengths) / len(right_lengths)} if right_lengths else {}),
             "rollout/groups": float(len(groups)),
             "rollout/rounds": float(rounds),
             "rollout/unfinished": float(len(self.buffer.unfinished())),

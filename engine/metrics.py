@@ -287,14 +287,16 @@ def _no_data(ax: Any) -> None:
 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: Path) -> None:
-    """Three panels over iterations: reward, held-out accuracy and pass@k; logprob gap; stacked phase times."""
+    """Four panels over iterations: reward, held-out accuracy and pass@k; response lengths (all, the
+    correct ones: the length reward's effect); logprob gap; stacked phase times."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(10, 10), layout="constrained")
-    ax_reward, ax_gap, ax_time = fig.subplots(3, 1, sharex=True)
+    fig = Figure(figsize=(10, 13), layout="constrained")
+    ax_reward, ax_length, ax_gap, ax_time = fig.subplots(4, 1, sharex=True)
     keys = {k for entry in history for k in entry}
     _plot_accuracy(ax_reward, history, keys)
+    _plot_lengths(ax_length, history)
     _plot_gap(ax_gap, history, keys)
     _plot_phase_times(ax_time, history, keys)
     ax_time.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -317,6 +319,20 @@ def _plot_accuracy(ax: Any, history: Sequence[Mapping[str, float]], keys: set[st
             # Every iteration has a reward (small dots); eval runs every N (big dots). A lone point shows too.
             small = key == "reward/mean"
             ax.plot(xs, ys, ".-" if small else "o-", markersize=4 if small else 5, label=key)
+            drawn = True
+    if drawn:
+        _legend(ax)
+    else:
+        _no_data(ax)
+
+
+def _plot_lengths(ax: Any, history: Sequence[Mapping[str, float]]) -> None:
+    ax.set_title("response length (tokens)")
+    drawn = False
+    for key in ("rollout/mean_length", "rollout/correct_length", "rollout/length_p90"):
+        xs, ys = _series(history, key)
+        if xs:
+            ax.plot(xs, ys, ".-", label=key)
             drawn = True
     if drawn:
         _legend(ax)
