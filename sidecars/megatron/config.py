@@ -47,6 +47,9 @@ class TrainerConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_groups: int = Field(32, ge=1)  # prompt groups per micro-batch
     updates_per_batch: int = Field(2, ge=1)  # optimizer steps per rollout batch
+    # Several trajectories per row (block-diagonal mask) instead of one padded row each: the same
+    # logprobs and gradients, less compute on padding (sidecars/megatron/packing.py).
+    packing: bool = True
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
 
     @model_validator(mode="after")

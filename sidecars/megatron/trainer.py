@@ -24,6 +24,7 @@ from sidecars.megatron import compat
 from sidecars.megatron import model as mg
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.config import TrainerConfig
+from sidecars.megatron.packing import pack, sequence_lengths, unpack_targets
 
 
 def lr_at(step: int, cfg: TrainerConfig, iterations: int) -> float:
@@ -65,23 +66,41 @@ class Trainer:
         self.reference: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------ logprobs
-    def _logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """log p(target) for targets input_ids[:, 1:] under the current weights: [B, L-1]."""
+    def _logprobs(self, input_ids: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """log p(target) for targets input_ids[:, 1:] under the current weights: [B, L-1]. With the
+        rows' `lengths` (prompt + response), the rows are packed for the forward pass."""
         ps = _tp()
         dev = compat.device()
-        tokens = input_ids.to(dev)
-        positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
-        logits = self.model(tokens, positions, compat.causal_mask(tokens.shape[1], dev))[:, :-1]
+        width = input_ids.shape[1]
+        if lengths is None:
+            tokens = input_ids
+            positions = torch.arange(width).unsqueeze(0).expand_as(tokens)
+            mask = compat.causal_mask(width)
+        else:
+            packed = pack(input_ids, list(lengths))
+            tokens, positions, mask = packed.tokens, packed.positions, packed.mask
+        tokens = tokens.to(dev)
+        logits = self.model(tokens, positions.to(dev), mask.to(dev))[:, :-1]
         vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
-        return vocab_parallel_token_logprobs(
+        logp = vocab_parallel_token_logprobs(
             logits, tokens[:, 1:], vocab_start, group=ps.get_tensor_model_parallel_group(),
             temperature=self.temperature,
         )  # fmt: skip
+        return logp if lengths is None else unpack_targets(logp, packed, width)
 
     @torch.no_grad()
-    def recompute_logprobs(self, input_ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    def recompute_logprobs(
+        self, input_ids: torch.Tensor, lengths: Sequence[int] | None = None, chunk: int = 64
+    ) -> torch.Tensor:
         self.model.eval()
-        return torch.cat([self._logprobs(input_ids[i : i + chunk]).cpu() for i in range(0, len(input_ids), chunk)])
+        return torch.cat([
+            self._logprobs(input_ids[i : i + chunk], None if lengths is None else lengths[i : i + chunk]).cpu()
+            for i in range(0, len(input_ids), chunk)
+        ])  # fmt: skip
+
+    def _lengths(self, batch: TrainBatch) -> list[int] | None:
+        """The rows' lengths when packing (trainer.packing), else None: one padded row per trajectory."""
+        return sequence_lengths(batch.versions) if self.cfg.packing else None
 
     def _host_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}
@@ -91,12 +110,12 @@ class Trainer:
         for name, p in self.model.named_parameters():
             p.copy_(values[name])
 
-    def reference_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def reference_logprobs(self, input_ids: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
         """log p_ref(target): the reference's parameters swapped in for the forward passes, then back."""
         live = self._host_parameters()
         self._set_parameters(self.reference)
         try:
-            return self.recompute_logprobs(input_ids)
+            return self.recompute_logprobs(input_ids, lengths)
         finally:
             self._set_parameters(live)
 
@@ -110,7 +129,8 @@ class Trainer:
     def train_on(self, batch: TrainBatch, rollout_version: int) -> dict[str, float]:
         """RL updates on one rollout batch sampled by weight version `rollout_version`."""
         g = batch.group_size
-        batch.old_logp = self.recompute_logprobs(batch.input_ids)
+        lengths = self._lengths(batch)
+        batch.old_logp = self.recompute_logprobs(batch.input_ids, lengths)
         fresh = (batch.versions == rollout_version) & (batch.loss_mask > 0)
         gap = (batch.old_logp - batch.rollout_logp).abs()[fresh]
         batch.token_weights = stale_token_weights(
@@ -120,7 +140,7 @@ class Trainer:
         if self.algo.needs_reference:
             if self.reference is None:  # the first RL update: the policy as RL found it
                 self.reference = self._host_parameters()
-            batch.ref_logp = self.reference_logprobs(batch.input_ids)
+            batch.ref_logp = self.reference_logprobs(batch.input_ids, lengths)
             mask = batch.loss_mask > 0
             reference["train/kl_to_reference"] = (
                 float((batch.old_logp - batch.ref_logp)[mask].mean()) if mask.any() else 0.0
@@ -132,7 +152,7 @@ class Trainer:
         lr = lr_at(self.step, self.cfg, self.iterations)
         self._set_lr(lr)
         for _ in range(self.cfg.updates_per_batch):
-            metrics = self._update(batch, mine, n_groups)
+            metrics = self._update(batch, mine, n_groups, lengths)
         self.step += 1
         return {
             **metrics,
@@ -160,7 +180,9 @@ class Trainer:
             "train/stale_ratio_capped_share": float((ratio > self.algo.stale_ratio_cap).float().mean()),
         }
 
-    def _update(self, batch: TrainBatch, mine: Sequence[int], n_groups: int) -> dict[str, float]:
+    def _update(
+        self, batch: TrainBatch, mine: Sequence[int], n_groups: int, lengths: Sequence[int] | None
+    ) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         g, total_loss, clipped, counted = batch.group_size, 0.0, 0.0, 0.0
@@ -168,7 +190,7 @@ class Trainer:
         for start in range(0, len(mine), step_groups):
             groups = mine[start : start + step_groups]
             rows = torch.tensor([grp * g + j for grp in groups for j in range(g)])
-            logp = self._logprobs(batch.input_ids[rows])
+            logp = self._logprobs(batch.input_ids[rows], None if lengths is None else [lengths[r] for r in rows])
             dev = logp.device
             loss = policy_loss(
                 self.algo, logp, batch.old_logp[rows].to(dev), batch.advantages[rows].to(dev),
@@ -244,9 +266,10 @@ class Trainer:
             epoch_loss, steps = 0.0, 0
             for start in range(0, len(order), batch_size):
                 chunk = [examples[i] for i in order[start : start + batch_size]]
-                ids, mask = _pad_examples(chunk[rank::size] or chunk[:1])
+                part = chunk[rank::size] or chunk[:1]
+                ids, mask = _pad_examples(part)
                 self.optimizer.zero_grad(set_to_none=True)
-                logp = self._logprobs(ids)
+                logp = self._logprobs(ids, [len(p) + len(a) for p, a in part] if self.cfg.packing else None)
                 dev = logp.device
                 loss = -(logp * mask.to(dev)).sum() / mask.sum().clamp(min=1).to(dev)
                 loss.backward()

@@ -57,6 +57,14 @@ def test_cold_start_learns_and_rl_steps_run(runs: dict, tp: int) -> None:
 
 
 @pytest.mark.parametrize("tp", [1, 2])
+def test_packed_rows_give_the_padded_logprobs_and_gradients(runs: dict, tp: int) -> None:
+    differences = runs[tp][0]["packing"]
+    assert differences["rows_packed"] < 8  # eight trajectories of 6..14 tokens in fewer rows of 14
+    assert differences["logp"] < 1e-5
+    assert differences["grad"] < 1e-5
+
+
+@pytest.mark.parametrize("tp", [1, 2])
 def test_offload_keeps_every_weight(runs: dict, tp: int) -> None:
     results, _ = runs[tp]
     assert results["params_empty_while_offloaded"]

@@ -18,6 +18,7 @@ from engine.batch import TrainBatch
 from sidecars.megatron import model as mg
 from sidecars.megatron.config import TrainerConfig
 from sidecars.megatron.offload import Offloader
+from sidecars.megatron.packing import pack
 from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown
 from sidecars.megatron.trainer import Trainer
 
@@ -35,6 +36,31 @@ def synthetic_batch(trainer: Trainer, groups: int, g: int, seed: int) -> TrainBa
     return TrainBatch(ids, mask, rollout, versions, rewards, torch.zeros(b), g, [f"p{i // g}" for i in range(b)])
 
 
+def packing_differences(trainer: Trainer) -> dict[str, float]:
+    """Largest differences between a padded and a packed forward/backward of trajectories of unequal
+    length: the logprobs of their tokens and the gradient of every parameter."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [6 + (5 * i) % 9 for i in range(8)]  # 6..14 tokens
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros(len(lengths), max(lengths) - 1)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, 40, (n,), generator=gen)
+        mask[i, n - 5 : n - 1] = 1.0  # the last four tokens are the response
+    weights = torch.randn(mask.shape, generator=gen) * mask
+    logp, grads = {}, {}
+    for packed in (False, True):
+        trainer.model.zero_grad(set_to_none=True)
+        logp[packed] = trainer._logprobs(ids, lengths if packed else None)
+        (logp[packed] * weights.to(logp[packed].device)).sum().backward()
+        grads[packed] = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad(set_to_none=True)
+    return {
+        "logp": float(((logp[True] - logp[False]) * mask.to(logp[True].device)).abs().max()),
+        "grad": max(float((grads[True][n] - grads[False][n]).abs().max()) for n in grads[False]),
+        "rows_packed": float(len(pack(ids, lengths).tokens)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -47,6 +73,7 @@ def main() -> None:
     out: dict = {}
     examples = [([1, 5 + i % 7, 9, 12], [20 + i % 5, 2]) for i in range(32)]
     out["sft_losses"] = trainer.supervised(examples, epochs=4, lr=3e-3, batch_size=8)
+    out["packing"] = packing_differences(trainer)
     batch = synthetic_batch(trainer, groups=3, g=4, seed=1)
     out["train"] = trainer.train_on(batch, rollout_version=0)
 
