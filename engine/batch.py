@@ -31,6 +31,8 @@ class TrainBatch:
     old_logp: torch.Tensor | None = None  # [B, L-1] pi_old, recomputed by the trainer
     ref_logp: torch.Tensor | None = None  # [B, L-1] reference policy, when a KL term needs it
     token_weights: torch.Tensor | None = None  # [B, L-1] importance weights of older versions' tokens
+    old_values: torch.Tensor | None = None  # [B, L-1] ppo: the critic's values at the iteration's start
+    returns: torch.Tensor | None = None  # [B, L-1] ppo: the critic's targets
 
     @property
     def size(self) -> int:

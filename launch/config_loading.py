@@ -80,19 +80,14 @@ def _bad_override(overrides: list[str]) -> str:
 
 
 def _missing_option_message(error: Exception, conf: Path) -> str:
-    """Hydra's first line, then the options of the group from the files, and why an absent one is absent."""
-    from engine.algorithms.config import NOT_OFFERED
-
+    """Hydra's first line, then the options of the group from the files."""
     text = str(error)
-    match = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    match = re.search(r"Could not find '([^']+)/[^'/]+'", text)
     if not match:
         return f"{text.split('Config search path', maxsplit=1)[0].strip()} (config dir {conf})"
-    group, option = match.groups()
+    (group,) = match.groups()
     options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-    message = f"{text.splitlines()[0]}; available options of {group}: {options}"
-    if group == "algo" and option in NOT_OFFERED:  # a refused algorithm says why
-        message += f" ({NOT_OFFERED[option]})"
-    return message
+    return f"{text.splitlines()[0]}; available options of {group}: {options}"
 
 
 def _check_key_path(dotted: str) -> None:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -38,8 +38,10 @@ class AlgoConfig:
     kl_estimator: KlEstimator = "k3"
     aggregation: Aggregation | None = None  # None: the algorithm's own (NATURAL_AGGREGATION)
     norm_tokens: float = 1.0  # seq_sum divisor, e.g. the generation budget for Dr.GRPO
-    gamma: float = 1.0
+    gamma: float = 1.0  # ppo: GAE's discount and lambda
     lam: float = 0.95
+    vf_coef: float = 0.5  # ppo: weight of the value loss
+    value_clip: float = 0.2  # ppo: how far a value may move from the iteration's start per update
     stale_ratio_cap: float = 2.0  # rollout.staleness=keep: cap of an older token's weight pi_old / pi_rollout
 
     def __post_init__(self) -> None:
@@ -92,19 +94,38 @@ def compute_advantages(
         return adv.grpo(groups).flatten()
     if cfg.name == "rloo":
         return adv.rloo(groups).flatten()
-    kl = torch.zeros_like(mask, dtype=torch.float32)
-    if cfg.kl_coef:
-        if old_logp is None or ref_logp is None:
-            raise ValueError(f"{cfg.name} with kl_coef > 0 needs old and reference logprobs")
-        kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator)
     if cfg.name == "reinforce_pp":
-        return adv.reinforce_pp(rewards, kl, mask, cfg.kl_coef)
+        return adv.reinforce_pp(rewards, _kl_in_reward(cfg, mask, old_logp, ref_logp), mask, cfg.kl_coef)
     if values is None:
         raise ValueError("ppo needs critic values for GAE")
+    return ppo_targets(cfg, rewards, mask, values, old_logp=old_logp, ref_logp=ref_logp)[0]
+
+
+def _kl_in_reward(
+    cfg: AlgoConfig, mask: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None
+) -> torch.Tensor:
+    if not cfg.kl_coef:
+        return torch.zeros_like(mask, dtype=torch.float32)
+    if old_logp is None or ref_logp is None:
+        raise ValueError(f"{cfg.name} with kl_coef > 0 needs old and reference logprobs")
+    return kl_estimate(old_logp, ref_logp, cfg.kl_estimator)
+
+
+def ppo_targets(
+    cfg: AlgoConfig,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token advantages (GAE over the critic's values, whitened over the batch's tokens) and
+    the value targets (returns). The sequence reward lands on its last token, the KL on every token."""
     last = (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)) & mask.bool()
-    token_rewards = last * rewards[:, None] - cfg.kl_coef * kl * mask
-    advantages, _ = adv.gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
-    return advantages
+    token_rewards = last * rewards[:, None] - cfg.kl_coef * _kl_in_reward(cfg, mask, old_logp, ref_logp) * mask
+    advantages, returns = adv.gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+    return adv.batch_normalize(advantages, mask), returns
 
 
 def policy_loss(
@@ -143,34 +164,24 @@ def policy_loss(
     )
 
 
-# engine.algorithms implements PPO's losses, but the trainer has no value head to feed them.
-NOT_OFFERED = {"ppo": "ppo needs a critic (a value head), which the trainer does not wire yet"}
-OfferedAlgo = Literal["kimi", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
-
-
 class AlgoSection(Section):
     """The `algo` section of the run's config; the trainer turns it into an `AlgoConfig` (`to_algo`)."""
 
     KEY = "algo"
-    name: OfferedAlgo = "kimi"
+    name: AlgoName = "kimi"
     tau: float = 0.1  # kimi: weight of the squared log-ratio to the iteration's starting policy
     clip_low: float = 0.2  # clipped estimators (not kimi)
     clip_high: float = 0.2
     kl_coef: float = Field(0.0, ge=0)  # > 0: a KL to a reference model in the loss
     kl_estimator: KlEstimator = "k3"
     aggregation: str | None = None  # None: the algorithm's own (NATURAL_AGGREGATION)
+    # ppo: a value head on the policy's last hidden states (the critic), trained with the policy.
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    vf_coef: float = Field(0.5, gt=0)
+    value_clip: float = Field(0.2, gt=0)
     # rollout.staleness=keep: a token an older version sampled weighs min(pi_old / pi_rollout, this).
     stale_ratio_cap: float = Field(2.0, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _offered(cls, data: object) -> object:
-        name = data.get("name") if isinstance(data, dict) else None
-        if isinstance(name, str) and name in NOT_OFFERED:
-            raise ConfigError(
-                f"algo.name={name!r} is not offered: {NOT_OFFERED[name]}; choose one of {list(get_args(OfferedAlgo))}"
-            )
-        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> AlgoSection:
@@ -193,6 +204,10 @@ class AlgoSection(Section):
                 kl_estimator=self.kl_estimator,
                 aggregation=self.aggregation,  # AlgoConfig checks the value
                 stale_ratio_cap=self.stale_ratio_cap,
+                gamma=self.gamma,
+                lam=self.lam,
+                vf_coef=self.vf_coef,
+                value_clip=self.value_clip,
                 norm_tokens=norm_tokens,
             )
         except ValueError as e:  # its messages already name algo.<key>

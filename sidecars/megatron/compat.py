@@ -15,6 +15,7 @@ On a machine with CUDA nothing here patches anything.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import torch
 
@@ -62,6 +63,6 @@ def causal_mask(seq_len: int, dev: torch.device | None = None) -> torch.Tensor:
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev), diagonal=1)[None, None]
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW over the model's own parameters: Megatron's DistributedOptimizer needs CUDA."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the given parameters: Megatron's DistributedOptimizer needs CUDA."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from engine.algorithms import AlgoConfig, policy_loss
+from engine.algorithms.config import ppo_targets
 from engine.algorithms.logprobs import vocab_parallel_token_logprobs
-from engine.algorithms.losses import stale_token_weights
+from engine.algorithms.losses import stale_token_weights, value_loss
 from engine.batch import TrainBatch, with_advantages
 from sidecars.megatron import compat
 from sidecars.megatron import model as mg
@@ -59,16 +60,40 @@ class Trainer:
         self.iterations, self.temperature, self.seed = iterations, temperature, seed
         self.model = mg.build_model(self.arch, params_dtype=getattr(torch, dtype))
         mg.load_hf_weights(self.model, mg.read_hf_tensors(model_dir), self.arch)
-        self.optimizer = compat.make_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        # ppo's critic: a linear value head on the last hidden states of the policy's own forward pass
+        # (read by a hook on the final norm), trained with it; zero at first, so the first advantages
+        # are the returns.
+        self.value_head: torch.nn.Linear | None = None
+        self._hidden: torch.Tensor | None = None
+        if algo.needs_critic:
+            self.value_head = torch.nn.Linear(self.arch.hidden, 1, device=compat.device(), dtype=getattr(torch, dtype))
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+            self.model.decoder.final_layernorm.register_forward_hook(self._keep_hidden)
+        self.optimizer = compat.make_optimizer(self.parameters(), cfg.lr, cfg.weight_decay)
         self.step = 0  # rollout batches trained on: the learning-rate schedule's clock (one per iteration)
         # The reference policy of a KL term (algo.kl_coef > 0): this rank's parameters when RL began
         # (after the cold start), kept in host memory and checkpointed with the trainer's state.
         self.reference: dict[str, torch.Tensor] | None = None
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer trains: the model's parameters, and the value head's under ppo."""
+        head = [] if self.value_head is None else list(self.value_head.parameters())
+        return [*self.model.parameters(), *head]
+
+    def _keep_hidden(self, module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+        self._hidden = output  # [seq, batch, hidden]: the final norm's output, the output layer's input
+
     # ------------------------------------------------------------------------------ logprobs
     def _logprobs(self, input_ids: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
-        """log p(target) for targets input_ids[:, 1:] under the current weights: [B, L-1]. With the
-        rows' `lengths` (prompt + response), the rows are packed for the forward pass."""
+        return self._forward(input_ids, lengths)[0]
+
+    def _forward(
+        self, input_ids: torch.Tensor, lengths: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log p(target) for targets input_ids[:, 1:] under the current weights [B, L-1], and under ppo
+        the critic's value of each target's state (the tokens before it) [B, L-1]. With the rows'
+        `lengths` (prompt + response), the rows are packed for the forward pass."""
         ps = _tp()
         dev = compat.device()
         width = input_ids.shape[1]
@@ -86,17 +111,26 @@ class Trainer:
             logits, tokens[:, 1:], vocab_start, group=ps.get_tensor_model_parallel_group(),
             temperature=self.temperature,
         )  # fmt: skip
-        return logp if lengths is None else unpack_targets(logp, packed, width)
+        values = None
+        if self.value_head is not None:
+            values = self.value_head(self._hidden).squeeze(-1).transpose(0, 1)[:, :-1].float()
+        if lengths is None:
+            return logp, values
+        return unpack_targets(logp, packed, width), None if values is None else unpack_targets(values, packed, width)
 
     @torch.no_grad()
-    def recompute_logprobs(
+    def recompute(
         self, input_ids: torch.Tensor, lengths: Sequence[int] | None = None, chunk: int = 64
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_forward` without gradients, `chunk` rows at a time: logprobs, and the values under ppo."""
         self.model.eval()
-        return torch.cat([
-            self._logprobs(input_ids[i : i + chunk], None if lengths is None else lengths[i : i + chunk]).cpu()
-            for i in range(0, len(input_ids), chunk)
-        ])  # fmt: skip
+        parts = [self._forward(input_ids[i : i + chunk], None if lengths is None else lengths[i : i + chunk])
+                 for i in range(0, len(input_ids), chunk)]  # fmt: skip
+        logp = torch.cat([p[0].cpu() for p in parts])
+        return logp, None if self.value_head is None else torch.cat([p[1].cpu() for p in parts])
+
+    def recompute_logprobs(self, input_ids: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
+        return self.recompute(input_ids, lengths)[0]
 
     def _lengths(self, batch: TrainBatch) -> list[int] | None:
         """The rows' lengths when packing (trainer.packing), else None: one padded row per trajectory."""
@@ -130,7 +164,7 @@ class Trainer:
         """RL updates on one rollout batch sampled by weight version `rollout_version`."""
         g = batch.group_size
         lengths = self._lengths(batch)
-        batch.old_logp = self.recompute_logprobs(batch.input_ids, lengths)
+        batch.old_logp, batch.old_values = self.recompute(batch.input_ids, lengths)
         fresh = (batch.versions == rollout_version) & (batch.loss_mask > 0)
         gap = (batch.old_logp - batch.rollout_logp).abs()[fresh]
         batch.token_weights = stale_token_weights(
@@ -145,7 +179,11 @@ class Trainer:
             reference["train/kl_to_reference"] = (
                 float((batch.old_logp - batch.ref_logp)[mask].mean()) if mask.any() else 0.0
             )
-        with_advantages(batch, self.algo)
+        if batch.old_values is None:
+            with_advantages(batch, self.algo)
+        else:
+            batch.advantages, batch.returns = ppo_targets(self.algo, batch.rewards, batch.loss_mask, batch.old_values,
+                                                          old_logp=batch.old_logp, ref_logp=batch.ref_logp)  # fmt: skip
         n_groups = batch.size // g
         mine = self._my_groups(n_groups)
         metrics: dict[str, float] = {}
@@ -162,6 +200,11 @@ class Trainer:
             "train/tokens": float(batch.loss_mask.sum()),
             # -log pi of the tokens the policy itself sampled: an unbiased estimate of its per-token entropy.
             "train/entropy": float(-batch.old_logp[fresh].mean()) if fresh.any() else 0.0,
+            **(
+                {}
+                if batch.old_values is None
+                else {"train/value_mean": float(batch.old_values[batch.loss_mask > 0].mean())}
+            ),
             **self._stale_metrics(batch, rollout_version),
             **reference,
         }
@@ -185,12 +228,12 @@ class Trainer:
     ) -> dict[str, float]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        g, total_loss, clipped, counted = batch.group_size, 0.0, 0.0, 0.0
+        g, total_loss, clipped, counted, critic_loss = batch.group_size, 0.0, 0.0, 0.0, 0.0
         step_groups = self.cfg.micro_batch_groups
         for start in range(0, len(mine), step_groups):
             groups = mine[start : start + step_groups]
             rows = torch.tensor([grp * g + j for grp in groups for j in range(g)])
-            logp = self._logprobs(batch.input_ids[rows], None if lengths is None else [lengths[r] for r in rows])
+            logp, values = self._forward(batch.input_ids[rows], None if lengths is None else [lengths[r] for r in rows])
             dev = logp.device
             loss = policy_loss(
                 self.algo, logp, batch.old_logp[rows].to(dev), batch.advantages[rows].to(dev),
@@ -198,6 +241,11 @@ class Trainer:
                 ref_logp=None if batch.ref_logp is None else batch.ref_logp[rows].to(dev),
                 token_weights=None if batch.token_weights is None else batch.token_weights[rows].to(dev),
             )  # fmt: skip
+            if values is not None:
+                critic = value_loss(values, batch.old_values[rows].to(dev), batch.returns[rows].to(dev),
+                                    batch.loss_mask[rows].to(dev), clip=self.algo.value_clip)  # fmt: skip
+                loss = loss + self.algo.vf_coef * critic
+                critic_loss += critic.item() * len(groups) / n_groups
             with torch.no_grad():  # tokens whose ratio to pi_old left the clip range (kimi does not clip)
                 ratio = torch.exp(logp - batch.old_logp[rows].to(dev))
                 mask = batch.loss_mask[rows].to(dev) > 0
@@ -210,7 +258,8 @@ class Trainer:
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         clip = {} if self.algo.name == "kimi" else {"train/clip_fraction": clipped / max(counted, 1.0)}
-        return {"train/loss": total_loss, "train/grad_norm": grad_norm, **clip}
+        critic = {} if self.value_head is None else {"train/value_loss": critic_loss}
+        return {"train/loss": total_loss, "train/grad_norm": grad_norm, **clip, **critic}
 
     def _reduce_data_parallel(self, average: bool) -> None:
         """Sum gradients over the DP ranks (`average`: then divide by their number, for per-rank mean
@@ -219,7 +268,7 @@ class Trainer:
         size = ps.get_data_parallel_world_size()
         if size == 1:
             return
-        for p in self.model.parameters():
+        for p in self.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
@@ -236,7 +285,7 @@ class Trainer:
         ps = _tp()
         first_tp_rank = ps.get_tensor_model_parallel_rank() == 0
         squares = torch.zeros((), dtype=torch.float64, device=compat.device())
-        for p in self.model.parameters():
+        for p in self.parameters():
             if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or first_tp_rank):
                 squares += p.grad.double().pow(2).sum()
         if ps.get_tensor_model_parallel_world_size() > 1:
@@ -244,7 +293,7 @@ class Trainer:
         norm = float(squares.sqrt())
         if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
             scale = self.cfg.grad_clip / (norm + 1e-6)
-            for p in self.model.parameters():
+            for p in self.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
         return norm
@@ -289,6 +338,7 @@ class Trainer:
             "step": self.step,
             "rng": torch.get_rng_state(),
             "reference": self.reference,
+            "value_head": None if self.value_head is None else self.value_head.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -297,6 +347,8 @@ class Trainer:
         self.step = state["step"]
         torch.set_rng_state(state["rng"])
         self.reference = state.get("reference")
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
 
 
 def _pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,19 +217,24 @@ def test_long_answers_continue_from_the_buffer_in_the_next_iteration(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    "algo", [["algo=grpo", "algo.kl_coef=0.05"], ["algo=dr_grpo"], ["algo=rloo"], ["algo=reinforce_pp"]], ids=str
+    "algo",
+    [["algo=grpo", "algo.kl_coef=0.05"], ["algo=dr_grpo"], ["algo=rloo"], ["algo=reinforce_pp"], ["algo=ppo"]],
+    ids=str,
 )
 def test_every_algorithm_trains_through_the_job(tmp_path: Path, algo: list[str]) -> None:
     """The other algorithms (kimi is the main run) train in the real job; with a KL term (kl_coef > 0),
     TRAIN recomputes the reference policy's logprobs: the policy RL started from, so the KL to it is
-    zero at the first update and not after it."""
+    zero at the first update and not after it. ppo trains its critic, a value head, with the policy."""
     # After a 2-epoch cold start no answer is right yet: the length reward (from iteration 0) is what
     # separates a group's samples, so that the advantages and the first update are not zero.
     length = ["reward=kimi", "reward.length.warmup_iterations=0", "reward.length.ramp_iterations=0"]
     trained = [r for r in _rows(_two_iterations(tmp_path, *length, *algo)) if "train/loss" in r]
     assert [int(r["iteration"]) for r in trained] == [1, 2]
     assert all(abs(r["train/loss"]) < 1e3 and r["train/grad_norm"] > 0 for r in trained)
-    if "algo=dr_grpo" in algo or "algo=rloo" in algo:
+    if "algo=ppo" in algo:
+        assert all(r["train/value_loss"] > 0 for r in trained)
+        assert trained[0]["train/value_mean"] == 0.0 != trained[1]["train/value_mean"]
+    if not any("kl_coef" in a for a in algo) and "algo=reinforce_pp" not in algo:  # reinforce_pp's KL is on
         assert all("train/kl_to_reference" not in r for r in trained)
     else:
         first, second = (r["train/kl_to_reference"] for r in trained)

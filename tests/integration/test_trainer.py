@@ -65,6 +65,15 @@ def test_packed_rows_give_the_padded_logprobs_and_gradients(runs: dict, tp: int)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
+def test_ppo_trains_its_value_head_with_the_policy(runs: dict, tp: int) -> None:
+    first, second = runs[tp][0]["ppo"]
+    assert first["train/value_mean"] == 0.0  # the head starts at zero
+    assert first["train/value_loss"] > 0
+    assert second["train/value_mean"] != 0.0  # the first step moved it toward the returns
+    assert all(torch.isfinite(torch.tensor([s["train/loss"], s["train/grad_norm"]])).all() for s in (first, second))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
 def test_offload_keeps_every_weight(runs: dict, tp: int) -> None:
     results, _ = runs[tp]
     assert results["params_empty_while_offloaded"]
@@ -79,6 +88,9 @@ def test_tensor_parallel_step_equals_single_rank(runs: dict) -> None:
     for step in ("train", "second_step"):
         for key in ("train/loss", "train/grad_norm"):
             assert r1[step][key] == pytest.approx(r2[step][key], rel=1e-4), (step, key)
+    for one, two in zip(r1["ppo"], r2["ppo"], strict=True):
+        for key in ("train/loss", "train/value_loss", "train/grad_norm"):
+            assert one[key] == pytest.approx(two[key], rel=1e-4), key
     one = load_file(str(runs[1][1] / "after_step.safetensors"))
     two = load_file(str(runs[2][1] / "after_step.safetensors"))
     assert one.keys() == two.keys()

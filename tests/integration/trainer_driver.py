@@ -87,6 +87,8 @@ def main() -> None:
     after = mg.export_hf_weights(trainer.model, trainer.arch)
     out["export_equal_after_onload"] = all(torch.equal(before[k], after[k]) for k in before)
     out["second_step"] = trainer.train_on(synthetic_batch(trainer, groups=3, g=4, seed=2), rollout_version=1)
+    ppo = Trainer(args.model, cfg, AlgoConfig(name="ppo"), iterations=1, temperature=1.0, seed=0, dtype="float32")
+    out["ppo"] = [ppo.train_on(synthetic_batch(ppo, groups=3, g=4, seed=s), rollout_version=s) for s in (1, 2)]
     if dist.get_rank() == 0:
         save_file(before, str(Path(args.out) / "after_step.safetensors"))
         (Path(args.out) / "results.json").write_text(json.dumps(out))

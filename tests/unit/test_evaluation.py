@@ -94,7 +94,6 @@ def test_cons_at_n_uses_the_correctness_function() -> None:
         mean_cons_at_n(answers, ["1", "5"], same_number)
 
 
-
 def test_percentile_matches_numpy() -> None:
     values = sorted([3.0, -1.0, 7.5, 2.0, 2.0, 10.0, 0.25])
     for p in (0, 25, 50, 90, 100):

@@ -93,12 +93,10 @@ def test_misspelt_key_in_from_dict() -> None:
 
 
 def test_unknown_group_option_lists_the_options() -> None:
-    message = _error(["algo=ppo"])
+    message = _error(["algo=a2c"])
     assert "kimi" in message
-    assert "reinforce_pp" in message
-    assert "critic" in message
-    with pytest.raises(ConfigError, match=r"not offered.*critic"):
-        load_config(["algo.name=ppo"])
+    assert "ppo" in message
+    assert load_config(["algo=ppo"]).algo.name == "ppo"
 
 
 def test_bad_override_syntax() -> None:
