@@ -29,7 +29,7 @@ from sidecars.megatron.convert import (
 )
 
 
-def _use_transformer_engine() -> bool:
+def use_transformer_engine() -> bool:
     if not compat.on_gpu():
         return False
     try:
@@ -78,7 +78,7 @@ def build_model(arch: ModelArch, params_dtype: torch.dtype = torch.float32):  # 
         params_dtype=params_dtype,
         use_cpu_initialization=not compat.on_gpu(),
     )
-    if _use_transformer_engine():
+    if use_transformer_engine():
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")

@@ -9,6 +9,7 @@ averaged). No phases and no processes here: `rank_main.py` drives this from the 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from sidecars.megatron import model as mg
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.config import TrainerConfig
 from sidecars.megatron.packing import pack, sequence_lengths, unpack_targets
+
+log = logging.getLogger("timeshare.trainer")
 
 
 def lr_at(step: int, cfg: TrainerConfig, iterations: int) -> float:
@@ -71,6 +74,12 @@ class Trainer:
             torch.nn.init.zeros_(self.value_head.bias)
             self.model.decoder.final_layernorm.register_forward_hook(self._keep_hidden)
         self.optimizer = compat.make_optimizer(self.parameters(), cfg.lr, cfg.weight_decay)
+        # Packing hands the attention a block-diagonal mask. Transformer Engine's attention, built for
+        # a causal mask, would not apply it (its packed path takes cu_seqlens in THD layout, not wired
+        # here): with TE the rows stay padded.
+        self.packing = cfg.packing and not mg.use_transformer_engine()
+        if cfg.packing and not self.packing:
+            log.warning("trainer.packing is off: Transformer Engine's attention here takes no block-diagonal mask")
         self.step = 0  # rollout batches trained on: the learning-rate schedule's clock (one per iteration)
         # The reference policy of a KL term (algo.kl_coef > 0): this rank's parameters when RL began
         # (after the cold start), kept in host memory and checkpointed with the trainer's state.
@@ -134,7 +143,7 @@ class Trainer:
 
     def _lengths(self, batch: TrainBatch) -> list[int] | None:
         """The rows' lengths when packing (trainer.packing), else None: one padded row per trajectory."""
-        return sequence_lengths(batch.versions) if self.cfg.packing else None
+        return sequence_lengths(batch.versions) if self.packing else None
 
     def _host_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}
@@ -318,7 +327,7 @@ class Trainer:
                 part = chunk[rank::size] or chunk[:1]
                 ids, mask = _pad_examples(part)
                 self.optimizer.zero_grad(set_to_none=True)
-                logp = self._logprobs(ids, [len(p) + len(a) for p, a in part] if self.cfg.packing else None)
+                logp = self._logprobs(ids, [len(p) + len(a) for p, a in part] if self.packing else None)
                 dev = logp.device
                 loss = -(logp * mask.to(dev)).sum() / mask.sum().clamp(min=1).to(dev)
                 loss.backward()

@@ -1,12 +1,13 @@
 """`timeshare train` end to end on a small configuration: real etcd, checkpoint engine, torchrun
 trainer ranks (Megatron) and a vLLM started with dummy weights and killed every iteration.
 
-One run is stopped with SIGTERM once checkpoint 1 is complete (mid-iteration 1: TRAIN of
-iteration 2 has not checkpointed) and resumed from its newest complete checkpoint. Then:
+One run (grpo with a KL term) is stopped with SIGTERM once checkpoint 1 is complete (mid-iteration
+1: TRAIN of iteration 2 has not checkpointed) and resumed from its newest complete checkpoint. Then:
 - every iteration's rollout was sampled by the weight version the trainer exported for it;
 - the trainer-vs-vLLM logprob gap stays below 1e-3 in every trained iteration;
 - the prompts trained on are exactly those an uninterrupted sampler issues, none lost or repeated;
-- metrics, TensorBoard events, the progress plot and checkpoints are in the run directory.
+- metrics, TensorBoard events, the progress plot and checkpoints are in the run directory;
+- the resumed trainer keeps the reference policy of the KL term that the first one took.
 A second run keeps vLLM alive across iterations (`rollout.lifecycle=keep_alive`): one vLLM, built
 once, serves every iteration's exported version.
 """
@@ -31,12 +32,19 @@ from engine.tasks import make_task
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 ITERATIONS, PROMPTS, SEED, POOL = 3, 6, 0, 120
-# The short-answer task: every trajectory finishes within one iteration, so batches hold the sampled prompts.
+# The short-answer task, and a budget equal to the cap: every trajectory finishes within its iteration,
+# so each batch holds the prompts sampled for it.
 OVERRIDES = [
-    "task=addition", f"run.iterations={ITERATIONS}", "run.eval_every=2", "run.progress=false", f"run.seed={SEED}",
+    "task=addition", "rollout.max_response_tokens=16", "rollout.iteration_token_budget=16",
+    f"run.iterations={ITERATIONS}", "run.eval_every=2", "run.progress=false", f"run.seed={SEED}",
     f"task.pool_size={POOL}", "task.heldout_size=16", f"rollout.prompts_per_iteration={PROMPTS}",
     "rollout.group_size=4", "rollout.eval_samples=2", "trainer.cold_start.epochs=2",
 ]  # fmt: skip
+
+
+# The length reward from iteration 0 separates a group's samples even when no answer is right yet.
+LENGTH = ["reward=kimi", "reward.length.warmup_iterations=0", "reward.length.ramp_iterations=0"]
+KL = ["algo=grpo", "algo.kl_coef=0.05", *LENGTH]
 
 
 def _launch(args: list[str], log: Path) -> subprocess.Popen:
@@ -71,9 +79,9 @@ def _await_success(proc: subprocess.Popen, log: Path) -> None:
 def run(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
     root = tmp_path_factory.mktemp("runs")
     log = root / "launcher.log"
-    first = _launch([*OVERRIDES, f"run.root={root}"], log)
+    first = _launch([*OVERRIDES, f"run.root={root}", *KL], log)
     try:
-        run_dir = _wait_for(root / "scratchpad-kimi-*", first, 60)
+        run_dir = _wait_for(root / "addition-grpo-*", first, 60)
         # Checkpoint 1 is complete: the stop lands in iteration 1 (EXPORT, START_VLLM or ROLLOUT),
         # a whole rollout before TRAIN of iteration 2 could write checkpoint 2.
         _wait_for(RunPaths(run_dir).complete_marker(1), first, 420)
@@ -87,6 +95,20 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
     assert paths.latest_checkpoint() == 1, "the stop came before TRAIN of iteration 2 could checkpoint"
     _await_success(_launch([f"resume={run_dir}"], log), log)
     return paths
+
+
+def test_the_resumed_trainer_keeps_the_reference_policy(run: RunPaths) -> None:
+    import torch
+
+    def reference(i: int) -> dict:
+        return torch.load(run.trainer_state(i, 0), weights_only=False)["reference"]
+
+    first, last = reference(1), reference(ITERATIONS)  # taken before the stop; saved after the resume
+    assert first.keys() == last.keys()
+    assert all(torch.equal(first[k], last[k]) for k in first)
+    kl = [r["train/kl_to_reference"] for r in _rows(run) if "train/kl_to_reference" in r]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)
+    assert abs(kl[-1]) > 1e-6
 
 
 def _rows(paths: RunPaths) -> list[dict[str, float]]:
@@ -139,27 +161,46 @@ def test_an_exported_checkpoint_reproduces_vllms_logprobs_in_transformers(run: R
     """`timeshare export` of checkpoint 2 (the weights of version 2) loads in transformers, which gives
     the tokens vLLM sampled in iteration 2's rollout the logprobs vLLM reported; the run itself
     exported its final checkpoint to <run>/hf."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", "2"],
-                          cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    batch = load_batch(run.batch(2))
-    with torch.no_grad():
-        logp = torch.log_softmax(model(batch.input_ids).logits[:, :-1], dim=-1)  # the rollout's temperature is 1
-    taken = logp.gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
-    response = batch.versions == 2
-    assert response.sum() > 0
-    assert (taken - batch.rollout_logp)[response].abs().max() < 1e-3
-    final = AutoModelForCausalLM.from_pretrained(run.root / "hf", dtype=torch.float32)
+    model = _export_reproduces_rollout(run, 2, tmp_path / "hf")
+    final = AutoModelForCausalLM.from_pretrained(run.root / "hf")
     assert final.config.vocab_size == model.config.vocab_size
+    out = tmp_path / "hf"
     bad = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", "9"],
                          cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
     assert bad.returncode == 2
     assert "no complete checkpoint 9; complete ones: [1, 2, 3]" in bad.stderr
+
+
+def _export_reproduces_rollout(run: RunPaths, version: int, out: Path):  # -> the exported transformers model
+    """`timeshare export` of checkpoint `version` (its weights sampled rollout `version`); transformers
+    gives the tokens vLLM sampled with them the logprobs vLLM reported."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", str(version)],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    batch = load_batch(run.batch(version))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(batch.input_ids).logits[:, :-1], dim=-1)  # the rollout's temperature is 1
+    taken = logp.gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
+    response = batch.versions == version
+    assert response.sum() > 0
+    assert (taken - batch.rollout_logp)[response].abs().max() < 1e-3
+    return model
+
+
+def test_a_tensor_parallel_run_exports_one_merged_model(tmp_path: Path) -> None:
+    """A run whose trainer shards the model over two ranks (parallel=tp2) exports checkpoint 1 as one
+    HF model, which reproduces the logprobs vLLM sampled rollout 1 with."""
+    (tmp_path / "runs").mkdir()
+    paths = _two_iterations(tmp_path / "runs", "parallel=tp2")
+    _export_reproduces_rollout(paths, 1, tmp_path / "hf")
 
 
 def test_keep_alive_builds_vllm_once_and_serves_every_version(tmp_path: Path) -> None:
@@ -222,13 +263,12 @@ def test_long_answers_continue_from_the_buffer_in_the_next_iteration(tmp_path: P
     ids=str,
 )
 def test_every_algorithm_trains_through_the_job(tmp_path: Path, algo: list[str]) -> None:
-    """The other algorithms (kimi is the main run) train in the real job; with a KL term (kl_coef > 0),
+    """The other algorithms (kimi is the default) train in the real job; with a KL term (kl_coef > 0),
     TRAIN recomputes the reference policy's logprobs: the policy RL started from, so the KL to it is
     zero at the first update and not after it. ppo trains its critic, a value head, with the policy."""
-    # After a 2-epoch cold start no answer is right yet: the length reward (from iteration 0) is what
-    # separates a group's samples, so that the advantages and the first update are not zero.
-    length = ["reward=kimi", "reward.length.warmup_iterations=0", "reward.length.ramp_iterations=0"]
-    trained = [r for r in _rows(_two_iterations(tmp_path, *length, *algo)) if "train/loss" in r]
+    # After a 2-epoch cold start no answer is right yet: the length reward is what separates a group's
+    # samples, so that the advantages and the first update are not zero.
+    trained = [r for r in _rows(_two_iterations(tmp_path, *LENGTH, *algo)) if "train/loss" in r]
     assert [int(r["iteration"]) for r in trained] == [1, 2]
     assert all(abs(r["train/loss"]) < 1e3 and r["train/grad_norm"] > 0 for r in trained)
     if "algo=ppo" in algo:
