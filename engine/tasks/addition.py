@@ -14,9 +14,8 @@ from engine.tasks.base import (
     RewardKind,
     Sample,
     Split,
-    check_count,
     check_reward_kind,
-    check_split,
+    distinct_samples,
     first_line,
     partial_credit,
     split_of,
@@ -34,41 +33,28 @@ class AdditionTask:
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_digits <= 9:
-            raise ValueError(f"addition.max_digits must be in 1..9, got {self.max_digits}")
-        check_reward_kind("addition", self.reward_kind)
+            raise ValueError(f"{self.name}.max_digits must be in 1..9, got {self.max_digits}")
+        check_reward_kind(self.name, self.reward_kind)
         split_of("probe", self.heldout_fraction)  # validates the fraction
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
-        check_split(split)
-        check_count(n)
         upper = 10**self.max_digits
-        capacity = upper * upper
-        rng = random.Random(f"{self.name}:{split}:{seed}")
-        seen: dict[str, Sample] = {}
-        # Rejection sampling: the loop bound makes an impossible request fail instead of spinning.
-        for _ in range(50 * n + 1000):
-            if len(seen) == n:
-                break
+
+        def draw(rng: random.Random) -> Sample:
             a, b = rng.randrange(upper), rng.randrange(upper)
-            key = f"{a}+{b}"
-            if key in seen or split_of(key, self.heldout_fraction) != split:
-                continue
             digits = max(len(str(a)), len(str(b)))
-            seen[key] = Sample(uid=f"add:{key}", prompt=f"{key}=", answer=str(a + b), difficulty=float(digits))
-        if len(seen) < n:
-            raise ValueError(
-                f"addition(max_digits={self.max_digits}) cannot give {n} distinct {split} samples "
-                f"(about {capacity} pairs in all); ask for fewer or raise max_digits"
-            )
-        return list(seen.values())
+            return Sample(uid=f"add:{a}+{b}", prompt=f"{a}+{b}=", answer=str(a + b), difficulty=float(digits))
+
+        return distinct_samples(draw, split, n, seed=f"{self.name}:{seed}", heldout_fraction=self.heldout_fraction,
+                                task=f"addition(max_digits={self.max_digits}, {upper * upper} pairs)")  # fmt: skip
 
     def answer(self, response: str) -> str | None:
         return first_line(response) or None
 
     def reward(self, response: str, sample: Sample) -> float:
-        got = first_line(response)
+        got = self.answer(response)
         if got == sample.answer:
             return 1.0
-        if self.reward_kind == "exact" or not got.isdigit():
+        if self.reward_kind == "exact" or not got or not got.isdigit():
             return 0.0
         return partial_credit(got[::-1], sample.answer[::-1]) * 0.5  # below any exact answer

@@ -7,6 +7,8 @@ Tasks know nothing of tokenizers or models; `engine` turns samples into token id
 from __future__ import annotations
 
 import hashlib
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -44,6 +46,28 @@ class Task(Protocol):
     def answer(self, response: str) -> str | None:
         """The final answer `response` states, as the reward reads it (None: none), for majority votes."""
         ...
+
+
+def distinct_samples(
+    draw: Callable[[random.Random], Sample], split: Split, n: int, *, seed: str, heldout_fraction: float, task: str
+) -> list[Sample]:
+    """`n` distinct samples of `split` by rejection: `draw` makes one from the generator seeded with
+    `seed` and the split, and a sample whose prompt is in the other split or already drawn is drawn
+    again. The loop bound makes an impossible request fail, naming `task` (with its options), instead
+    of spinning."""
+    check_split(split)
+    check_count(n)
+    rng = random.Random(f"{seed}:{split}")
+    seen: dict[str, Sample] = {}
+    for _ in range(50 * n + 1000):
+        if len(seen) == n:
+            break
+        sample = draw(rng)
+        if sample.prompt not in seen and split_of(sample.prompt, heldout_fraction) == split:
+            seen[sample.prompt] = sample
+    if len(seen) < n:
+        raise ValueError(f"{task} cannot give {n} distinct {split} samples; ask for fewer")
+    return list(seen.values())
 
 
 def check_split(split: str) -> Split:

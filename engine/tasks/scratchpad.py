@@ -18,17 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from engine.tasks.base import (
-    RewardKind,
-    Sample,
-    Split,
-    check_count,
-    check_reward_kind,
-    check_split,
-    first_line,
-    partial_credit,
-    split_of,
-)
+from engine.tasks.addition import AdditionTask
+from engine.tasks.base import RewardKind, Sample, Split, distinct_samples, first_line
 
 ANSWER_MARK = "#"
 
@@ -53,53 +44,27 @@ def stated_answer(response: str) -> str | None:
 
 
 @dataclass
-class ScratchpadTask:
-    """Operands have 1..`max_digits` digits, d with weight 2**-d; difficulty is the number of columns."""
+class ScratchpadTask(AdditionTask):
+    """Operands have 1..`max_digits` digits, d with weight 2**-d; difficulty is the number of columns.
+    The reward is addition's, on the sum the response states after `#`."""
 
     max_digits: int = 6
     reward_kind: RewardKind = "partial"
-    heldout_fraction: float = 0.1
     name: str = "scratchpad"
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_digits <= 9:
-            raise ValueError(f"scratchpad.max_digits must be in 1..9, got {self.max_digits}")
-        check_reward_kind("scratchpad", self.reward_kind)
-        split_of("probe", self.heldout_fraction)
 
     def _operand(self, rng: random.Random) -> int:
         digits = rng.choices(range(1, self.max_digits + 1), weights=[2.0**-d for d in range(1, self.max_digits + 1)])[0]
         return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
-        check_split(split)
-        check_count(n)
-        rng = random.Random(f"{self.name}:{split}:{seed}")
-        seen: dict[str, Sample] = {}
-        for _ in range(50 * n + 1000):
-            if len(seen) == n:
-                break
+        def draw(rng: random.Random) -> Sample:
             a, b = self._operand(rng), self._operand(rng)
-            key = f"{a}+{b}"
-            if key in seen or split_of(key, self.heldout_fraction) != split:
-                continue
             columns = max(len(str(a)), len(str(b)))
-            seen[key] = Sample(uid=f"pad:{key}", prompt=f"{key}=", answer=str(a + b), difficulty=float(columns),
-                               demonstration=worked_sum(a, b))  # fmt: skip
-        if len(seen) < n:
-            raise ValueError(
-                f"scratchpad(max_digits={self.max_digits}) cannot give {n} distinct {split} samples; "
-                "ask for fewer or raise max_digits"
-            )
-        return list(seen.values())
+            return Sample(uid=f"pad:{a}+{b}", prompt=f"{a}+{b}=", answer=str(a + b), difficulty=float(columns),
+                          demonstration=worked_sum(a, b))  # fmt: skip
+
+        return distinct_samples(draw, split, n, seed=f"{self.name}:{seed}", heldout_fraction=self.heldout_fraction,
+                                task=f"scratchpad(max_digits={self.max_digits})")  # fmt: skip
 
     def answer(self, response: str) -> str | None:
         return stated_answer(response) or None
-
-    def reward(self, response: str, sample: Sample) -> float:
-        got = stated_answer(response)
-        if got == sample.answer:
-            return 1.0
-        if self.reward_kind == "exact" or not got or not got.isdigit():
-            return 0.0
-        return partial_credit(got[::-1], sample.answer[::-1]) * 0.5  # below any exact answer

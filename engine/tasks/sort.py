@@ -13,9 +13,8 @@ from engine.tasks.base import (
     RewardKind,
     Sample,
     Split,
-    check_count,
     check_reward_kind,
-    check_split,
+    distinct_samples,
     first_line,
     partial_credit,
     split_of,
@@ -37,26 +36,13 @@ class SortTask:
         split_of("probe", self.heldout_fraction)
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
-        check_split(split)
-        check_count(n)
-        rng = random.Random(f"{self.name}:{split}:{seed}")
-        seen: dict[str, Sample] = {}
-        for _ in range(50 * n + 1000):
-            if len(seen) == n:
-                break
-            length = rng.randint(self.min_len, self.max_len)
-            digits = [rng.randrange(10) for _ in range(length)]
-            key = ",".join(map(str, digits))
-            if key in seen or split_of(key, self.heldout_fraction) != split:
-                continue
-            answer = "".join(map(str, sorted(digits)))
-            seen[key] = Sample(uid=f"sort:{key}", prompt=f"sort:{key}=", answer=answer, difficulty=float(length))
-        if len(seen) < n:
-            raise ValueError(
-                f"sort(min_len={self.min_len}, max_len={self.max_len}) cannot give {n} distinct {split} samples; "
-                "ask for fewer or raise max_len"
-            )
-        return list(seen.values())
+        def draw(rng: random.Random) -> Sample:
+            digits = [rng.randrange(10) for _ in range(rng.randint(self.min_len, self.max_len))]
+            key, answer = ",".join(map(str, digits)), "".join(map(str, sorted(digits)))
+            return Sample(uid=f"sort:{key}", prompt=f"sort:{key}=", answer=answer, difficulty=float(len(digits)))
+
+        return distinct_samples(draw, split, n, seed=f"{self.name}:{seed}", heldout_fraction=self.heldout_fraction,
+                                task=f"sort(min_len={self.min_len}, max_len={self.max_len})")  # fmt: skip
 
     def answer(self, response: str) -> str | None:
         return first_line(response) or None
