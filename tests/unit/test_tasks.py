@@ -238,7 +238,8 @@ def test_reference_answers_earn_full_reward(make) -> None:
 
 
 def test_addition_too_many_samples() -> None:
-    with pytest.raises(ValueError, match=r"addition\(max_digits=1, 100 pairs\) cannot give 100 distinct heldout samples"):
+    message = r"addition\(max_digits=1, 100 pairs\) cannot give 100 distinct heldout samples"
+    with pytest.raises(ValueError, match=message):
         AdditionTask(max_digits=1).samples("heldout", 100, seed=0)
 
 
