@@ -170,5 +170,9 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
             for proc in procs.values():
                 _stop(proc)
     assert not list_regions(f"timeshare-{JOB}-")
-    ours = [p for p in psutil.process_iter(["cmdline"]) if "sidecars.vllm.server" in " ".join(p.info["cmdline"] or [])]
+    # This test's sidecars and zygotes: their settings files are under tmp_path (other jobs may run).
+    ours = [
+        p for p in psutil.process_iter(["cmdline"])
+        if "sidecars.vllm.server" in " ".join(p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])
+    ]  # fmt: skip
     assert not ours, "a vLLM sidecar survived its engine"
