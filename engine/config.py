@@ -20,7 +20,7 @@ class RunConfig(Section):
     name: str = "scratchpad-kimi"  # the run directory is <root>/<name>-<time>
     root: str = "runs"  # run directories go under it
     seed: int = Field(0, ge=0)
-    iterations: int = Field(16, ge=1)
+    iterations: int = Field(24, ge=1)
     eval_every: int = Field(4, ge=1)  # held-out eval every N iterations, plus at the first and the last
     checkpoint_every: int = Field(1, ge=1)  # iterations between checkpoints (buffer, sampler and RNG included)
     progress: bool = True  # a progress bar on the terminal

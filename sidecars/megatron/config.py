@@ -20,10 +20,11 @@ class ColdStartConfig(Section):
 
     KEY = "trainer.cold_start"
     fraction: float = 0.1  # share of task.pool_size, at most a tenth; 0 skips it
-    # Enough to teach the answer's form, not to settle every answer: after 100 epochs on the default
-    # task the policy's entropy was 0.03 nats per token and RL gained 1 point per iteration; after 30,
-    # 0.08 and about 2 points per iteration over the first ten.
-    epochs: int = Field(30, ge=1)
+    # Enough to teach the answer's form, not to settle every answer. On the default task (seed 0), 100
+    # epochs left a near-deterministic policy (0.03 nats per token) at 48 % held-out accuracy, and RL
+    # added 5 points in 12 iterations; 20 epochs, 42 % and 9 points in 20 (the tiny model levels off
+    # near 50 %); 10 epochs, 13 % and 14 points in 16.
+    epochs: int = Field(10, ge=1)
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(32, ge=1)
 
