@@ -163,8 +163,6 @@ class Controller:
             rounds += 1
         served = {t.versions[-1] for g in groups for t in g.trajectories if t.versions}
         rewards, correct, terms = self._score(groups, version)
-        right_lengths = [len(t.response_ids) for t, ok in zip((t for g in groups for t in g.trajectories), correct,
-                                                              strict=True) if ok]  # fmt: skip
         batch = collate(groups, version, self.buffer.config.staleness, self.tokens.pad_id)
         save_batch(batch, self.paths.batch(version))
         self._save_state(version + 1)
@@ -173,9 +171,7 @@ class Controller:
             "reward/mean": sum(rewards) / n,
             **{f"reward/term/{key}": sum(values) / n for key, values in terms.items()},
             "reward/correct": sum(correct) / n,
-            **length_metrics(groups, version),
-            # The length reward's target: how long the right answers are (absent when none is right).
-            **({"rollout/correct_length": sum(right_lengths) / len(right_lengths)} if right_lengths else {}),
+            **length_metrics(groups, version, correct),
             "rollout/groups": float(len(groups)),
             "rollout/rounds": float(rounds),
             "rollout/unfinished": float(len(self.buffer.unfinished())),
@@ -228,8 +224,8 @@ class Controller:
             sample, texts, answers = prompt  # the majority answer is right when a response stating it is
             return right(sample, texts[answers.index(vote)])
 
-        greedy_ok = [right(s, self.tokens.decode(r.samples[0].token_ids)) for s, r in zip(self.heldout, greedy,
-                                                                                          strict=True)]  # fmt: skip
+        greedy_texts = [self.tokens.decode(r.samples[0].token_ids) for r in greedy]
+        greedy_ok = [right(s, t) for s, t in zip(self.heldout, greedy_texts, strict=True)]
         texts = [[self.tokens.decode(x.token_ids) for x in r.samples] for r in sampled]
         answers = [[self.task.answer(t) for t in ts] for ts in texts]
         sampled_ok = [[right(s, t) for t in ts] for s, ts in zip(self.heldout, texts, strict=True)]
@@ -284,12 +280,15 @@ class Controller:
         return metrics
 
 
-def length_metrics(groups: Sequence[Group], version: int) -> dict[str, float]:
-    """The batch's response lengths, and how much of it partial rollouts carried over from older versions."""
+def length_metrics(groups: Sequence[Group], version: int, correct: Sequence[bool]) -> dict[str, float]:
+    """The batch's response lengths, of the right answers among them (the length reward's target; absent
+    when none is right), and how much of the batch partial rollouts carried over from older versions."""
     trajs = [t for g in groups for t in g.trajectories]
     lengths = sorted(len(t.response_ids) for t in trajs)
+    right = [len(t.response_ids) for t, ok in zip(trajs, correct, strict=True) if ok]
     tokens = max(sum(lengths), 1)
     return {
+        **({"rollout/correct_length": sum(right) / len(right)} if right else {}),
         "rollout/mean_length": sum(lengths) / len(lengths),
         "rollout/length_p50": percentile(lengths, 50),
         "rollout/length_p90": percentile(lengths, 90),

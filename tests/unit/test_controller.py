@@ -114,6 +114,9 @@ def test_rollout_writes_the_batch_and_the_checkpoint_half(tmp_path: Path) -> Non
     expected = [1.0 if int(uid.removeprefix("add:").split("+")[0]) % 2 == 0 else 0.0 for uid in batch.prompt_uids]
     assert batch.rewards.tolist() == expected
     assert metrics["reward/mean"] == pytest.approx(sum(expected) / 8)
+    sums = [sum(map(int, uid.removeprefix("add:").split("+"))) for uid in batch.prompt_uids]
+    right = [len(str(s)) + 1 for s, r in zip(sums, expected, strict=True) if r]
+    assert metrics["rollout/correct_length"] == pytest.approx(sum(right) / len(right))  # the sum and a newline
     assert metrics["rollout/weight_version"] == 2
     state = json.loads(controller.paths.controller_state(3).read_text())
     assert set(state) == {"sampler", "buffer"}
