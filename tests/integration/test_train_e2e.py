@@ -257,6 +257,25 @@ def test_long_answers_continue_from_the_buffer_in_the_next_iteration(tmp_path: P
         assert "train/stale_tokens" not in trained
 
 
+def test_curriculum_starts_easy_and_a_repeating_trajectory_stops_with_its_penalty(tmp_path: Path) -> None:
+    """sampler=curriculum on the scratchpad task: iteration 0 draws from the easiest fifth of the pool
+    (by columns). Repeat detection at its most eager (any token twice in a row) stops trajectories in
+    vLLM as "repeat", and the penalty is their reward's repeat term."""
+    paths = _two_iterations(tmp_path, "task=scratchpad", "task.pool_size=400", "sampler=curriculum",
+                            "rollout.repeat.enabled=true", "rollout.repeat.max_ngram=1",
+                            "rollout.repeat.min_repeats=2", "reward.repeat_penalty=0.5")  # fmt: skip
+    pool = {s.uid: s.difficulty for s in make_task("scratchpad").samples("train", 400, SEED)}
+    easiest = sorted(pool.values())[: 400 // 5][-1]
+    assert max(pool.values()) > easiest
+    assert max(pool[uid] for uid in load_batch(paths.batch(0)).prompt_uids) <= easiest
+    history = {int(r["iteration"]): r for r in _rows(paths)}
+    stopped = [i for i in range(2) if history[i]["rollout/repeat_share"] > 0]
+    assert stopped, "no trajectory repeated a token twice in a row"
+    for i in stopped:
+        share = history[i]["rollout/repeat_share"]
+        assert history[i]["reward/term/repeat"] == pytest.approx(-0.5 * share)
+
+
 @pytest.mark.parametrize(
     "algo",
     [["algo=grpo", "algo.kl_coef=0.05"], ["algo=dr_grpo"], ["algo=rloo"], ["algo=reinforce_pp"], ["algo=ppo"]],
