@@ -23,6 +23,7 @@ class PhaseConfig(Section):
     KEY = "phase"
     timeout: float = Field(900.0, gt=0)  # how long a barrier waits for every node
     vllm_start_timeout: float = Field(300.0, gt=0)  # until vLLM answers its health check; <= timeout
+    vllm_start_attempts: int = Field(3, ge=1)  # a vLLM that dies or stays unhealthy is started again
     ttl: int = Field(10, ge=2)  # node lease in etcd: a node silent this long has failed
 
     @model_validator(mode="after")

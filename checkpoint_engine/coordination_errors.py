@@ -38,9 +38,14 @@ class NodeLostError(CoordinationError):
     """A node awaited by a barrier lost its lease (crashed, hung or cut off) before answering."""
 
 
+class NodeFailedError(CoordinationError):
+    """A node awaited by a barrier reported that it could not do its part of the phase (an error ack)."""
+
+
 class PhaseFailedError(CoordinationError):
     """The leader declared the phase FAILED while this node waited for something else."""
 
-    def __init__(self, state: PhaseState, waited_for: str) -> None:
+    def __init__(self, state: PhaseState, waited_for: str, causes: list[str] | None = None) -> None:
         self.state = state
-        super().__init__(f"the job is {describe(state)} (while waiting for {waited_for})")
+        because = f": {'; '.join(causes)}" if causes else ""
+        super().__init__(f"the job is {describe(state)} (while waiting for {waited_for}){because}")

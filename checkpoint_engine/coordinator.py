@@ -27,6 +27,7 @@ from checkpoint_engine.contracts.phases import Phase, PhaseState, check_transiti
 from checkpoint_engine.coordination_errors import (
     CoordinationError,
     CoordinationTimeout,
+    NodeFailedError,
     NodeLostError,
     NotLeaderError,
     PhaseFailedError,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 10  # seconds; etcd 3.4 grants at least ~2 s whatever is asked for
+ERROR_CHARS = 500  # of an error ack's message: etcd carries coordination, not logs
 T = TypeVar("T")
 
 
@@ -356,12 +358,13 @@ class Coordinator:
             raise CoordinationTimeout(f"{self.node} waited {timeout:g} s for node {node} to go; it is still alive")
 
     # ------------------------------------------------------------------------------------- acks
-    def ack(self, state: PhaseState, payload: Mapping[str, Any] | None = None) -> None:
-        """Record that this node finished `state` (iteration and phase); `payload` is small JSON."""
+    def ack(self, state: PhaseState, payload: Mapping[str, Any] | None = None, error: str = "") -> None:
+        """Record that this node finished `state` (iteration and phase); `payload` is small JSON. With
+        an `error`, that it could not: the leader's barrier then fails the phase without waiting."""
         record = Ack(node=self.node, iteration=state.iteration, phase=state.phase, payload=dict(payload or {}),
-                     acked_at=time.time())  # fmt: skip
+                     acked_at=time.time(), error=error[:ERROR_CHARS])  # fmt: skip
         self.client.put(self.keys.ack(state.iteration, state.phase, self.node), encode(record))
-        self.log.info("acked %s", describe(state))
+        self.log.info("%s %s", f"could not do ({error})" if error else "acked", describe(state))
 
     def acks(self, state: PhaseState) -> dict[str, Ack]:
         """The acks recorded so far for `state`'s iteration and phase, by node id."""
@@ -386,8 +389,21 @@ class Coordinator:
             self.keys.acks(state.iteration, state.phase),
             f"{state.phase.value} (iteration {state.iteration})",
         )
-        records = self._barrier(prefix, set(nodes), lambda: self.acks(state), timeout, f"acks of {what}")
+
+        def read() -> dict[str, Ack]:
+            found = self.acks(state)
+            failed = {n: a.error for n, a in found.items() if a.error}
+            if failed:
+                raise NodeFailedError(f"{what} failed on " + "; ".join(f"{n}: {e}" for n, e in sorted(failed.items())))
+            return found
+
+        records = self._barrier(prefix, set(nodes), read, timeout, f"acks of {what}")
         return {n: records[n].payload for n in sorted(records)}
+
+    def errors(self, iteration: int) -> list[str]:
+        """What the nodes reported they could not do in `iteration` (error acks), as lines."""
+        return [f"{a.node} in {p.value}: {a.error}" for p, by in self.iteration_acks(iteration).items()
+                for a in by.values() if a.error]  # fmt: skip
 
     def prune(self, before_iteration: int) -> int:
         """Delete the acks of every iteration before `before_iteration` now; returns how many went.

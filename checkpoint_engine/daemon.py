@@ -36,7 +36,7 @@ from checkpoint_engine.contracts.acks import (
 )
 from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, fail, initial_state, next_state, order, spec
 from checkpoint_engine.contracts.weight_region import Manifest
-from checkpoint_engine.coordination_errors import CoordinationError, CoordinationTimeout
+from checkpoint_engine.coordination_errors import CoordinationError, CoordinationTimeout, PhaseFailedError
 from checkpoint_engine.coordinator import Coordinator
 from checkpoint_engine.etcd_keys import describe
 from checkpoint_engine.mooncake_transport import MooncakeConfig
@@ -78,6 +78,7 @@ class CheckpointEngine:
         self._thread: threading.Thread | None = None
         self._done: set[tuple[int, Phase]] = set()  # phases whose part this node did (recent ones)
         self._early_start: Future[float] | None = None  # vLLM start-up begun during EXPORT
+        self._start_retries = 0  # failed vLLM starts before the last one that worked
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vllm-start-{cfg.node}")
         self.timings: dict[str, float] = {}
         self.last_error: str | None = None
@@ -106,6 +107,7 @@ class CheckpointEngine:
             pid=self.vllm.pid, seconds=seconds, waited_seconds=time.perf_counter() - waited,
             import_seconds=times.imports if times else 0.0, compile_seconds=times.compile if times else 0.0,
             fork_seconds=times.fork if times else 0.0, build_seconds=times.build if times else 0.0,
+            retries=self._start_retries,
         )  # fmt: skip
 
     def _start_vllm_early(self) -> None:
@@ -114,7 +116,9 @@ class CheckpointEngine:
             self._early_start = self._starter.submit(self._start_vllm_process)
 
     def _start_vllm_process(self) -> float:
-        return self.vllm.start(timeout=self.cfg.phase.vllm_start_timeout)
+        phase = self.cfg.phase
+        seconds, self._start_retries = self.vllm.start_retrying(phase.vllm_start_timeout, phase.vllm_start_attempts)
+        return seconds
 
     def _keep_alive(self) -> bool:
         return self.cfg.lifecycle == "keep_alive"
@@ -164,9 +168,13 @@ class CheckpointEngine:
         """The first state at or past `phase` of `iteration` (a process on this node waits for its turn).
         A FAILED job raises PhaseFailedError; nothing within `timeout` raises CoordinationTimeout."""
         target = order(iteration, phase)
-        return self.coordinator.wait_phase(
-            lambda s: s.phase is not Phase.FAILED and order(s.iteration, s.phase) >= target, timeout
-        )
+        try:
+            return self.coordinator.wait_phase(
+                lambda s: s.phase is not Phase.FAILED and order(s.iteration, s.phase) >= target, timeout
+            )
+        except PhaseFailedError as e:  # say why: what the nodes reported they could not do
+            causes = self.coordinator.errors(e.state.iteration) or ([self.last_error] if self.last_error else [])
+            raise PhaseFailedError(e.state, f"{phase.value} of iteration {iteration}", causes) from e
 
     def iteration_acks(self, iteration: int) -> dict[str, dict[str, Any]]:
         """Acks of `iteration` by phase and node: payload and time, for the controller's phase timings."""
@@ -237,9 +245,10 @@ class CheckpointEngine:
             if self._own(state.phase):
                 try:
                     self.coordinator.ack(state, self._do_own(state).to_dict())
-                except Exception as e:  # no ack: the leader's barrier fails the phase, naming this node
+                except Exception as e:  # an error ack: the leader fails the phase at once, with the cause
                     self.last_error = f"{state.phase.value} of iteration {state.iteration}: {e}"
                     log.exception("[%s] %s", self.cfg.node, self.last_error)
+                    self.coordinator.ack(state, error=f"{type(e).__name__}: {_first_line(e)}")
             self._done = {k for k in self._done if k[0] >= state.iteration - 1} | {key}
         if leader and state.phase is not Phase.FAILED:
             try:
@@ -278,3 +287,8 @@ class CheckpointEngine:
         self.vllm.close()
         self.store.close()
         self.coordinator.close()
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's first line: error acks carry the cause, the engine's log the rest."""
+    return (str(error).splitlines() or [""])[0]

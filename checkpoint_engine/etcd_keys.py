@@ -177,13 +177,15 @@ class LeaderRecord:
 
 @dataclass(frozen=True)
 class Ack:
-    """One node's answer to one phase of one iteration; `payload` is small JSON (timings, ...)."""
+    """One node's answer to one phase of one iteration; `payload` is small JSON (timings, ...). An
+    `error` says the node could not do its part: the leader fails the phase at once, naming it."""
 
     node: str
     iteration: int
     phase: Phase
     payload: dict[str, Any]
     acked_at: float
+    error: str = ""
     schema: int = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,7 +195,7 @@ class Ack:
     def from_dict(cls, d: Mapping[str, Any]) -> Ack:
         _check_schema("ack", d)
         return cls(node=d["node"], iteration=d["iteration"], phase=Phase(d["phase"]), payload=dict(d["payload"]),
-                   acked_at=d["acked_at"])  # fmt: skip
+                   acked_at=d["acked_at"], error=d.get("error", ""))  # fmt: skip
 
 
 @dataclass(frozen=True)

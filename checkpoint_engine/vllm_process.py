@@ -139,6 +139,22 @@ class VllmProcess:
         self.terminate()
         raise VllmStartError(f"vLLM did not become healthy within {timeout:g} s; log: {self.log_path}")
 
+    def start_retrying(self, timeout: float, attempts: int, pause: float = 1.0) -> tuple[float, int]:
+        """`start`, and again after a start that failed (the sidecar died or never became healthy;
+        a dead zygote is spawned again), up to `attempts` starts in all, `pause` s, then twice that,
+        ... apart; each has `timeout`. Returns the seconds of the start that worked and how many
+        failed before it; the last failure propagates, and none is retried once cancelled."""
+        for failed in range(attempts):
+            try:
+                return self.start(timeout), failed
+            except VllmStartError as e:
+                if self._cancelled.is_set() or failed + 1 == attempts:
+                    raise
+                log.warning("vLLM start %d of %d failed; starting it again: %s", failed + 1, attempts, e)
+                self.terminate()
+                time.sleep(pause * 2**failed)
+        raise VllmStartError(f"vLLM start attempts must be >= 1, got {attempts}")
+
     def cancel(self) -> None:
         """Make a start in progress (in another thread) kill what it spawned and give up; no more starts."""
         self._cancelled.set()

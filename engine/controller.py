@@ -316,7 +316,7 @@ def _phase_payload(phase: Phase, payload: AckPayload) -> dict[str, float]:
     if isinstance(payload, StartVllmAck):  # the start-up's parts: the zygote's imports and compiles, fork, build
         return {"vllm/import_seconds": payload.import_seconds, "vllm/compile_seconds": payload.compile_seconds,
                 "vllm/fork_seconds": payload.fork_seconds, "vllm/build_seconds": payload.build_seconds,
-                "vllm/start_seconds": payload.seconds}  # fmt: skip
+                "vllm/start_seconds": payload.seconds, "vllm/start_retries": float(payload.retries)}  # fmt: skip
     if isinstance(payload, TerminateVllmAck):
         return {"vllm/kill_seconds": payload.seconds, "vllm/rss_freed_bytes": float(payload.rss_freed_bytes)}
     return {}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from checkpoint_engine.config import EngineConfig
 from checkpoint_engine.contracts.config import ConfigError
-from checkpoint_engine.contracts.engine_client import EngineClient
+from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import VllmClient
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
@@ -133,6 +133,20 @@ def _cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, s
     chosen = random.Random(cfg.run.seed).sample(pool, n)
     # [1:]: the response without the tokenizer's BOS
     return [[tokens.encode(s.prompt), tokens.encode((s.demonstration or s.answer) + stop)[1:]] for s in chosen]
+
+
+def _run_controller(controller: Controller, start: int, paths: RunPaths) -> int | None:
+    """The iterations from `start`; an exit status when they stop early, with one line saying why."""
+    resume = f"continue with `timeshare train resume={paths.root}`"
+    try:
+        controller.run(start)
+    except KeyboardInterrupt:
+        print(f"timeshare train: interrupted; {resume}", flush=True)
+        return 130
+    except JobFailedError as e:  # a node could not do its part: the cause in one line, the rest in the logs
+        print(f"timeshare train: {e}; logs in {paths.logs}; {resume}", flush=True)
+        return 1
+    return None
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -252,11 +266,9 @@ def train(overrides: list[str]) -> int:
         )  # fmt: skip
         if start:
             controller.load_state(start)
-        try:
-            controller.run(start)
-        except KeyboardInterrupt:
-            print(f"timeshare train: interrupted; continue with `timeshare train resume={paths.root}`", flush=True)
-            return 130
+        stopped = _run_controller(controller, start, paths)
+        if stopped is not None:
+            return stopped
         trainer.wait(timeout=120)
     print(summarize_phase_times(metrics.history()), flush=True)
     final = export_checkpoint(paths.root, paths.root / "hf")  # the trained model, loadable by transformers and vLLM

@@ -62,6 +62,7 @@ class StartVllmAck(AckPayload):
     fork_seconds: float = 0.0
     build_seconds: float = 0.0
     kept_alive: bool = False  # rollout.lifecycle=keep_alive: the vLLM of the last rollout serves again
+    retries: int = 0  # starts that failed before this one (phase.vllm_start_attempts)
 
 
 class UpdateWeightsAck(AckPayload):

@@ -43,7 +43,7 @@ class EngineClient:
             detail = r.json().get("detail", r.text) if "json" in r.headers.get("content-type", "") else r.text
             specific = {409: JobFailedError, 504: PhaseWaitTimeout} if path == "/phase/wait" else {}
             error = specific.get(r.status_code, EngineError)
-            raise error(f"{method} {path} -> {r.status_code}: {detail}")
+            raise error(detail if error is JobFailedError else f"{method} {path} -> {r.status_code}: {detail}")
         return r.json()
 
     def wait_for_engine(self, timeout: float) -> None:

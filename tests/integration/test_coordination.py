@@ -26,6 +26,7 @@ from checkpoint_engine.contracts.phases import (
 from checkpoint_engine.contracts.weight_region import Manifest, plan_layout, region_name
 from checkpoint_engine.coordination_errors import (
     CoordinationTimeout,
+    NodeFailedError,
     NodeLostError,
     NotLeaderError,
     PhaseFailedError,
@@ -211,6 +212,18 @@ def test_wait_acks_timeout_names_the_silent_node(make) -> None:
 
     c1.ack(state)
     assert c0.wait_acks(state, NODES, timeout=1) == {"node0": {"seconds": 0.5}, "node1": {}}
+
+
+def test_wait_acks_fails_at_once_on_an_error_ack_naming_node_and_cause(make) -> None:
+    c0, c1 = make("node0"), make("node1")
+    state = next_state(initial_state())  # START_VLLM
+    c0.ack(state)
+    c1.ack(state, error="VllmStartError: vLLM exited during start-up")
+    start = time.monotonic()
+    with pytest.raises(NodeFailedError, match=r"START_VLLM \(iteration 0\) failed on node1: VllmStartError: vLLM exit"):
+        c0.wait_acks(state, NODES, timeout=30)
+    assert time.monotonic() - start < 2
+    assert c0.errors(0) == ["node1 in START_VLLM: VllmStartError: vLLM exited during start-up"]
 
 
 def test_wait_acks_gives_up_as_soon_as_a_silent_node_expires(make) -> None:

@@ -150,6 +150,15 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
         assert vllm.startup.imports == 0.0  # forked again from the same zygote: nothing imported twice
         assert vllm.client.update_weights(v1).weight_version == 1
         assert vllm.client.generate([greedy]).results[0].samples[0].token_ids == full.token_ids
+
+        # Killed during its start-up: started again (the engine's phase.vllm_start_attempts).
+        vllm.terminate()
+        killer = threading.Thread(target=_kill_first_child, args=(vllm.zygote_pid,))
+        killer.start()
+        _, retries = vllm.start_retrying(timeout=120, attempts=2, pause=0.1)
+        killer.join()
+        assert retries == 1
+        assert vllm.client.update_weights(v1).weight_version == 1
     finally:
         report = vllm.terminate()
         zygote = vllm.zygote_pid
@@ -160,6 +169,17 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
     assert not psutil.pid_exists(zygote)
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("timeshare-test-")}
     assert not left, f"vLLM left shared-memory segments behind: {left}"  # ours go with the fixture
+
+
+def _kill_first_child(pid: int) -> None:
+    """SIGKILL the first process `pid` forks (within a minute)."""
+    parent, deadline = psutil.Process(pid), time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = parent.children()
+        if children:
+            os.kill(children[0].pid, signal.SIGKILL)
+            return
+        time.sleep(0.01)
 
 
 def _capture(errors: list[Exception], fn, *args) -> None:
