@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from checkpoint_engine.contracts.run_dir import RunPaths
 from engine.batch import load_batch
 from engine.sampling import UniformSampler
 from engine.tasks import make_task
+from tests.integration.faults import find_zygote, kill_next_sidecar
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -201,6 +203,38 @@ def test_a_tensor_parallel_run_exports_one_merged_model(tmp_path: Path) -> None:
     (tmp_path / "runs").mkdir()
     paths = _two_iterations(tmp_path / "runs", "parallel=tp2")
     _export_reproduces_rollout(paths, 1, tmp_path / "hf")
+
+
+def test_a_vllm_killed_during_its_start_is_started_again(tmp_path: Path) -> None:
+    """The first vLLM sidecar the job forks is SIGKILLed during its start-up: the engine starts it again,
+    the job finishes, and iteration 0 counts one retry."""
+    killer = threading.Thread(target=lambda: kill_next_sidecar(find_zygote(tmp_path)), daemon=True)
+    killer.start()
+    paths = _two_iterations(tmp_path, "run.iterations=1")
+    killer.join(timeout=1)
+    history = {int(r["iteration"]): r for r in _rows(paths)}
+    assert history[0]["vllm/start_retries"] == 1
+    assert history[0]["rollout/weight_version"] == 0
+
+
+def test_a_start_that_fails_every_attempt_fails_the_job_at_once_with_its_cause(tmp_path: Path) -> None:
+    """With one attempt (phase.vllm_start_attempts=1), a sidecar killed during its start-up fails
+    START_VLLM at once (the engine's error ack; phase.timeout is 900 s), and the launcher ends with
+    one line naming the node, the phase, the cause and how to resume."""
+    killer = threading.Thread(target=lambda: kill_next_sidecar(find_zygote(tmp_path)), daemon=True)
+    killer.start()
+    log = tmp_path / "launcher.log"
+    proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=1", "phase.vllm_start_attempts=1"], log)
+    try:
+        assert proc.wait(300) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (line,) = [s for s in log.read_text().splitlines() if s.startswith("timeshare train: ")][-1:]
+    assert "node0 in START_VLLM: VllmStartError: vLLM (pid" in line
+    assert "exited during start-up" in line
+    assert "continue with `timeshare train resume=" in line
 
 
 def test_keep_alive_builds_vllm_once_and_serves_every_version(tmp_path: Path) -> None:

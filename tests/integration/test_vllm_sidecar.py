@@ -21,6 +21,7 @@ from checkpoint_engine.vllm_process import VllmProcess
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch.etcd_server import free_loopback_ports
 from sidecars.megatron.model import read_hf_tensors
+from tests.integration.faults import kill_next_sidecar
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -153,7 +154,7 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
 
         # Killed during its start-up: started again (the engine's phase.vllm_start_attempts).
         vllm.terminate()
-        killer = threading.Thread(target=_kill_first_child, args=(vllm.zygote_pid,))
+        killer = threading.Thread(target=kill_next_sidecar, args=(psutil.Process(vllm.zygote_pid),))
         killer.start()
         _, retries = vllm.start_retrying(timeout=120, attempts=2, pause=0.1)
         killer.join()
@@ -169,17 +170,6 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
     assert not psutil.pid_exists(zygote)
     left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("timeshare-test-")}
     assert not left, f"vLLM left shared-memory segments behind: {left}"  # ours go with the fixture
-
-
-def _kill_first_child(pid: int) -> None:
-    """SIGKILL the first process `pid` forks (within a minute)."""
-    parent, deadline = psutil.Process(pid), time.monotonic() + 60
-    while time.monotonic() < deadline:
-        children = parent.children()
-        if children:
-            os.kill(children[0].pid, signal.SIGKILL)
-            return
-        time.sleep(0.01)
 
 
 def _capture(errors: list[Exception], fn, *args) -> None:
