@@ -290,5 +290,6 @@ class CheckpointEngine:
 
 
 def _first_line(error: BaseException) -> str:
-    """An exception's first line: error acks carry the cause, the engine's log the rest."""
-    return (str(error).splitlines() or [""])[0]
+    """An exception's first line (without the colon before a log's tail): error acks carry the cause,
+    the engine's log the rest."""
+    return (str(error).splitlines() or [""])[0].rstrip(":")
