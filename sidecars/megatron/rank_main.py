@@ -72,9 +72,9 @@ class Rank:
         examples = json.loads(self.paths.cold_start.read_text())
         c = self.cfg.trainer.cold_start
         start = time.perf_counter()
-        losses = self.trainer.supervised([tuple(e) for e in examples], c.epochs, c.lr, c.batch_size)
+        losses = self.trainer.supervised([tuple(e) for e in examples], c.epochs, c.lr, c.batch_size, c.target_loss)
         self.cold_start_seconds = time.perf_counter() - start
-        self._log("cold start: %d examples, %d epochs, loss %s, %.1f s", len(examples), c.epochs,
+        self._log("cold start: %d examples, %d epochs, loss %s, %.1f s", len(examples), len(losses),
                   " -> ".join(f"{x:.3f}" for x in losses), time.perf_counter() - start)  # fmt: skip
 
     def train(self, state: PhaseState) -> None:

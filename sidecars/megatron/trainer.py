@@ -284,6 +284,15 @@ class Trainer:
             if average:
                 p.grad.div_(size)
 
+    def _mean_over_data_parallel(self, value: float) -> float:
+        """`value` averaged over the DP ranks: every rank takes the same decision from it."""
+        ps = _tp()
+        if ps.get_data_parallel_world_size() == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=compat.device())
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return float(total) / ps.get_data_parallel_world_size()
+
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -309,10 +318,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------- cold start SFT
     def supervised(
-        self, examples: Sequence[tuple[Sequence[int], Sequence[int]]], epochs: int, lr: float, batch_size: int
+        self,
+        examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        target_loss: float | None = None,
     ) -> list[float]:
         """Cross-entropy on the answer tokens of (prompt ids, answer ids) pairs: the cold start that
-        gives RL a policy which earns some reward. Returns the mean loss per epoch."""
+        gives RL a policy which earns some reward. Stops after `epochs`, or after the first epoch whose
+        mean loss (over every rank's steps) is at most `target_loss`. Returns the mean loss per epoch."""
         ps = _tp()
         rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         gen = torch.Generator().manual_seed(self.seed)
@@ -335,7 +350,9 @@ class Trainer:
                 self._clip_gradients()
                 self.optimizer.step()
                 epoch_loss, steps = epoch_loss + loss.item(), steps + 1
-            losses.append(epoch_loss / max(steps, 1))
+            losses.append(self._mean_over_data_parallel(epoch_loss / max(steps, 1)))
+            if target_loss is not None and losses[-1] <= target_loss:
+                break
         self.optimizer.state.clear()  # RL starts with fresh moments at its own learning rate
         return losses
 

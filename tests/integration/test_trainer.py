@@ -52,6 +52,8 @@ def test_cold_start_learns_and_rl_steps_run(runs: dict, tp: int) -> None:
         metrics = results[step]
         assert torch.isfinite(torch.tensor([metrics["train/loss"], metrics["train/grad_norm"]])).all()
         assert metrics["train/tokens"] == 3 * 4 * 6
+    # With a target loss the same cold start stops after the first epoch that reaches it (the second).
+    assert results["sft_to_target"] == pytest.approx(losses[:2], rel=1e-6)
     # The batch's rollout logprobs are the trainer's own: the gap is float noise only.
     assert results["train"]["logprob_gap/mean_abs"] < 1e-5
 
