@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.algorithms import AlgoConfig, compute_advantages
+from engine.algorithms.config import ppo_targets
 from engine.replay_buffer import Group, StalenessMode, loss_mask
 
 
@@ -81,18 +82,21 @@ def collate(
     )
 
 
-def with_advantages(batch: TrainBatch, algo: AlgoConfig, values: torch.Tensor | None = None) -> TrainBatch:
-    """Fill `batch.advantages` for `algo` (old/ref logprobs and critic values where it needs them)."""
+def with_advantages(batch: TrainBatch, algo: AlgoConfig) -> TrainBatch:
+    """Fill `batch.advantages` for `algo` (old/ref logprobs where it needs them); under ppo from the
+    critic's values at the iteration's start (`old_values`), with the value targets (`returns`)."""
     if algo.needs_reference and batch.ref_logp is None:
         raise ValueError(f"{algo.name} with kl_coef > 0 needs ref_logp in the batch")
+    old_logp = batch.old_logp if batch.old_logp is not None else batch.rollout_logp
+    if algo.needs_critic:
+        if batch.old_values is None:
+            raise ValueError(f"{algo.name} needs the critic's values (old_values) in the batch")
+        batch.advantages, batch.returns = ppo_targets(
+            algo, batch.rewards, batch.loss_mask, batch.old_values, old_logp=old_logp, ref_logp=batch.ref_logp
+        )
+        return batch
     batch.advantages = compute_advantages(
-        algo,
-        batch.rewards,
-        batch.loss_mask,
-        batch.group_size,
-        old_logp=batch.old_logp if batch.old_logp is not None else batch.rollout_logp,
-        ref_logp=batch.ref_logp,
-        values=values,
+        algo, batch.rewards, batch.loss_mask, batch.group_size, old_logp=old_logp, ref_logp=batch.ref_logp
     )
     return batch
 

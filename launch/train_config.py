@@ -196,8 +196,8 @@ class TrainConfig(Section):
         if rollout.staleness == "keep" and self.algo.name == "kimi":
             raise ConfigError(
                 "rollout.staleness='keep' trains older versions' tokens with importance weights, which kimi's "
-                "per-sequence loss cannot take (Kimi k1.5 excludes them); use it with algo=grpo, dr_grpo, rloo "
-                "or reinforce_pp, or keep rollout.staleness=exclude"
+                "per-sequence loss cannot take (Kimi k1.5 excludes them); use it with algo=grpo, dr_grpo, rloo, "
+                "reinforce_pp or ppo, or keep rollout.staleness=exclude"
             )
         if self.reward.repeat_penalty and not rollout.repeat.enabled:
             raise ConfigError(

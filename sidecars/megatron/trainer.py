@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from engine.algorithms import AlgoConfig, policy_loss
-from engine.algorithms.config import ppo_targets
 from engine.algorithms.logprobs import vocab_parallel_token_logprobs
 from engine.algorithms.losses import stale_token_weights, value_loss
 from engine.batch import TrainBatch, with_advantages
@@ -188,11 +187,7 @@ class Trainer:
             reference["train/kl_to_reference"] = (
                 float((batch.old_logp - batch.ref_logp)[mask].mean()) if mask.any() else 0.0
             )
-        if batch.old_values is None:
-            with_advantages(batch, self.algo)
-        else:
-            batch.advantages, batch.returns = ppo_targets(self.algo, batch.rewards, batch.loss_mask, batch.old_values,
-                                                          old_logp=batch.old_logp, ref_logp=batch.ref_logp)  # fmt: skip
+        with_advantages(batch, self.algo)
         n_groups = batch.size // g
         mine = self._my_groups(n_groups)
         metrics: dict[str, float] = {}

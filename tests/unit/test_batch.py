@@ -75,3 +75,14 @@ def test_grpo_advantages_over_groups() -> None:
 def test_kl_needs_reference_logprobs() -> None:
     with pytest.raises(ValueError, match="ref_logp"):
         with_advantages(collate(_groups(), 3, "keep", PAD), AlgoConfig(name="reinforce_pp", kl_coef=0.1))
+
+
+def test_ppo_advantages_come_from_the_critics_values_with_their_targets() -> None:
+    batch = collate(_groups(), 3, "keep", PAD)
+    with pytest.raises(ValueError, match="old_values"):
+        with_advantages(batch, AlgoConfig(name="ppo"))
+    batch.old_values = torch.zeros_like(batch.loss_mask)
+    with_advantages(batch, AlgoConfig(name="ppo", lam=1.0))
+    # Zero values, gamma = lambda = 1: each token's return is its sequence's reward.
+    assert torch.equal(batch.returns, batch.rewards[:, None] * batch.loss_mask)
+    assert batch.advantages.shape == batch.loss_mask.shape
