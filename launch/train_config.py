@@ -36,7 +36,7 @@ class ModelConfig(Section):
     KEY = "model"
     path: str | None = None  # an HF model directory; None: write the tiny model described below
     arch: Arch = "llama"
-    layers: int = Field(2, ge=1)
+    layers: int = Field(4, ge=1)
     hidden: int = Field(128, ge=1)
     heads: int = Field(4, ge=1)  # hidden / heads must be 32, 64 or 128 (vLLM's CPU attention rejects 16)
     kv_heads: int = Field(2, ge=1)
