@@ -152,8 +152,8 @@ class MetricsLogger:
 
     On start it reads an existing `metrics.jsonl` (a resumed run). When a run resumes from an earlier
     checkpoint and logs an iteration it had already logged, the entries from that iteration on are dropped
-    from `history()` (the file keeps every line; reading it back applies the same rule) and TensorBoard is
-    told to purge its events from that step on.
+    from `history()` and from the file (so each iteration has one line), and TensorBoard is told to purge
+    its events from that step on.
     """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, echo: Callable[[str], None] | None = print) -> None:
@@ -181,9 +181,12 @@ class MetricsLogger:
         entry: dict[str, float] = {"iteration": iteration, "time": time.time(), **values}
 
         rewinds = bool(self._history) and iteration <= self._history[-1]["iteration"]
-        with self.metrics_path.open("a", encoding="utf-8") as f:  # closed (so flushed) after every line
-            f.write(json.dumps(entry) + "\n")
         self._record(entry)
+        if rewinds:  # the lines from `iteration` on belong to the run before its restart
+            _rewrite(self.metrics_path, self._history)
+        else:
+            with self.metrics_path.open("a", encoding="utf-8") as f:  # closed (so flushed) after every line
+                f.write(json.dumps(entry) + "\n")
 
         if self._tensorboard:
             writer = self._summary_writer(purge_step=iteration if rewinds else None)
@@ -232,6 +235,13 @@ class MetricsLogger:
 
             self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=purge_step)
         return self._writer
+
+
+def _rewrite(path: Path, history: Sequence[Mapping[str, float]]) -> None:
+    """`path` holding exactly `history`, replaced at once: a kill mid-write leaves the old file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(dict(entry)) + "\n" for entry in history), encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:

@@ -67,16 +67,21 @@ def test_resume_sees_history_and_appends(tmp_path: Path) -> None:
     assert [line["iteration"] for line in read_lines(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
-def test_rewind_replaces_later_iterations_in_history(tmp_path: Path) -> None:
-    """A run resumed from the checkpoint of iteration 1 logs 2 again: the old 2 drops out of history."""
+def test_rewind_replaces_later_iterations_in_history_and_file(tmp_path: Path) -> None:
+    """A run resumed from the checkpoint of iteration 1 logs 2 again: the old 2 drops out of history and
+    out of metrics.jsonl, which has one line per iteration."""
     log_three(tmp_path, tensorboard=False)
     logger = MetricsLogger(tmp_path, tensorboard=False, echo=None)
     logger.log(2, {"reward/mean": 0.77})
     history = logger.history()
     assert [h["iteration"] for h in history] == [0, 1, 2]
     assert history[-1]["reward/mean"] == pytest.approx(0.77)
-    assert len(read_lines(tmp_path / "metrics.jsonl")) == 4  # the file keeps every line
-    assert [h["iteration"] for h in MetricsLogger(tmp_path, tensorboard=False, echo=None).history()] == [0, 1, 2]
+    lines = read_lines(tmp_path / "metrics.jsonl")
+    assert [line["iteration"] for line in lines] == [0, 1, 2]
+    assert lines[-1]["reward/mean"] == pytest.approx(0.77)
+    logger.log(1, {"reward/mean": 0.5})  # further back: 1 and 2 go
+    assert [line["iteration"] for line in read_lines(tmp_path / "metrics.jsonl")] == [0, 1]
+    assert [h["iteration"] for h in MetricsLogger(tmp_path, tensorboard=False, echo=None).history()] == [0, 1]
 
 
 def test_half_written_last_line_is_cut_off(tmp_path: Path) -> None:
