@@ -61,9 +61,10 @@ def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
     paths = RunPaths(Path(cfg.resume))
     if not paths.config.exists():
         raise ConfigError(f"resume={cfg.resume}: not a run directory (no {paths.config.name})")
-    start = paths.latest_checkpoint()
+    start = paths.latest_checkpoint()  # warns about newer damaged ones
     if start is None:
-        raise ConfigError(f"resume={cfg.resume}: the run has no complete checkpoint yet; start it again instead")
+        damaged = " sound" if paths.complete_checkpoints() else " complete"
+        raise ConfigError(f"resume={cfg.resume}: the run has no{damaged} checkpoint; start it again instead")
     saved = TrainConfig.from_dict(json.loads(paths.config.read_text()))
     _check_machine(saved)
     return saved, paths.make(), start

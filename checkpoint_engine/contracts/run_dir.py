@@ -6,15 +6,21 @@
     <run>/rollouts/iter_00003.pt    the batch ROLLOUT of iteration 3 built; TRAIN of iteration 4 reads it
     <run>/checkpoints/iter_00004/   controller.json (sampler, buffer, RNG after ROLLOUT 3),
                                     trainer-rank{r}.pt (model, optimizer after TRAIN 4),
-                                    train_metrics.json, COMPLETE
+                                    train_metrics.json, COMPLETE (written last: the others' sha256)
     <run>/metrics.jsonl, tensorboard/, progress.png, logs/
 A checkpoint of iteration i is the state at the end of TRAIN i; resuming restarts at EXPORT of i.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,12 +66,52 @@ class RunPaths:
         """The iterations whose checkpoints are complete (both halves written), oldest first."""
         return sorted(int(p.parent.name.removeprefix("iter_")) for p in self.root.glob("checkpoints/iter_*/COMPLETE"))
 
+    def mark_complete(self, iteration: int) -> None:
+        """Write checkpoint `iteration`'s COMPLETE, after every other file of it: their sha256, so that a
+        resume can tell a checkpoint that a crash or a full disk damaged."""
+        folder = self.checkpoint(iteration)
+        files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != "COMPLETE")
+        marker = self.complete_marker(iteration)
+        partial = marker.with_name(marker.name + ".partial")
+        partial.write_text(json.dumps({"iteration": iteration, "sha256": {f.name: _sha256(f) for f in files}}))
+        os.replace(partial, marker)
+
+    def checkpoint_damage(self, iteration: int) -> str | None:
+        """Why complete checkpoint `iteration` cannot be resumed from (a file missing or changed since it
+        was written), or None when every file matches its checksum."""
+        folder = self.checkpoint(iteration)
+        try:
+            sums = json.loads(self.complete_marker(iteration).read_text())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its COMPLETE marker has no readable checksums"
+        for name, digest in sums.items():
+            if not (folder / name).is_file():
+                return f"{name} is missing"
+            if _sha256(folder / name) != digest:
+                return f"{name} does not match its checksum"
+        return None
+
     def latest_checkpoint(self) -> int | None:
-        """The newest iteration whose checkpoint is complete, or None."""
-        done = self.complete_checkpoints()
-        return done[-1] if done else None
+        """The newest complete checkpoint whose files match their checksums, or None; a newer damaged one
+        is logged as a warning naming it, why, and the checkpoint used instead."""
+        damaged: list[str] = []
+        for iteration in reversed(self.complete_checkpoints()):
+            why = self.checkpoint_damage(iteration)
+            if why is None:
+                for line in damaged:
+                    log.warning("%s; using checkpoint %s instead", line, self.checkpoint(iteration))
+                return iteration
+            damaged.append(f"checkpoint {self.checkpoint(iteration)} is damaged ({why})")
+        for line in damaged:
+            log.warning("%s; no earlier checkpoint is sound", line)
+        return None
 
     def make(self) -> RunPaths:
         for d in (self.root, self.logs, self.root / "rollouts", self.root / "checkpoints"):
             d.mkdir(parents=True, exist_ok=True)
         return self
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

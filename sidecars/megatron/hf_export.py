@@ -35,9 +35,14 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
     complete = paths.complete_checkpoints()
     if not complete:
         raise ExportError(f"{run_dir} has no complete checkpoint yet")
-    iteration = complete[-1] if iteration is None else iteration
+    if iteration is None:
+        iteration = paths.latest_checkpoint()
+        if iteration is None:
+            raise ExportError(f"{run_dir}: every complete checkpoint is damaged (see the warnings above)")
     if iteration not in complete:
         raise ExportError(f"{run_dir} has no complete checkpoint {iteration}; complete ones: {complete}")
+    if (damage := paths.checkpoint_damage(iteration)) is not None:
+        raise ExportError(f"checkpoint {paths.checkpoint(iteration)} is damaged: {damage}")
     # The tiny model the run wrote, or the model.path it started from.
     started = paths.model_init
     if not (started / "config.json").exists():

@@ -90,7 +90,7 @@ class Rank:
             dist.barrier()
             if self.rank == 0:
                 self.paths.train_metrics(iteration).write_text(json.dumps(metrics))
-                self.paths.complete_marker(iteration).write_text(json.dumps({"iteration": iteration}))
+                self.paths.mark_complete(iteration)
         self._report(iteration, Phase.TRAIN, MetricsAck(metrics=metrics))
 
     def export(self, state: PhaseState) -> None:

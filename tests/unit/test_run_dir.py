@@ -1,0 +1,67 @@
+"""Checkpoints carry checksums: a resume skips a damaged newest checkpoint for the previous sound one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from checkpoint_engine.contracts.config import ConfigError
+from checkpoint_engine.contracts.run_dir import RunPaths
+from launch import train
+from launch.config_loading import load_config
+
+
+def write_checkpoint(paths: RunPaths, iteration: int) -> None:
+    paths.checkpoint(iteration).mkdir(parents=True)
+    paths.controller_state(iteration).write_text(json.dumps({"sampler": iteration}))
+    paths.trainer_state(iteration, 0).write_bytes(bytes(range(256)) * 64)
+    paths.mark_complete(iteration)
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunPaths:
+    paths = RunPaths(tmp_path / "run").make()
+    for iteration in (1, 2, 3):
+        write_checkpoint(paths, iteration)
+    return paths
+
+
+def test_sound_checkpoints_match_their_checksums(run: RunPaths) -> None:
+    assert [run.checkpoint_damage(i) for i in (1, 2, 3)] == [None, None, None]
+    assert set(json.loads(run.complete_marker(3).read_text())["sha256"]) == {"controller.json", "trainer-rank0.pt"}
+    assert run.latest_checkpoint() == 3
+
+
+def test_truncated_missing_and_unmarked_files_are_damage(run: RunPaths) -> None:
+    state = run.trainer_state(3, 0)
+    state.write_bytes(state.read_bytes()[:1000])
+    assert run.checkpoint_damage(3) == "trainer-rank0.pt does not match its checksum"
+    run.controller_state(2).unlink()
+    assert run.checkpoint_damage(2) == "controller.json is missing"
+    run.complete_marker(1).write_text(json.dumps({"iteration": 1}))
+    assert run.checkpoint_damage(1) == "its COMPLETE marker has no readable checksums"
+
+
+def test_latest_checkpoint_falls_back_and_warns_naming_both(run: RunPaths, caplog: pytest.LogCaptureFixture) -> None:
+    state = run.trainer_state(3, 0)
+    state.write_bytes(state.read_bytes()[:-1])
+    with caplog.at_level(logging.WARNING):
+        assert run.latest_checkpoint() == 2
+    (warning,) = caplog.messages
+    assert str(run.checkpoint(3)) in warning
+    assert str(run.checkpoint(2)) in warning
+    assert "trainer-rank0.pt does not match its checksum" in warning
+
+
+def test_resume_starts_from_the_previous_sound_checkpoint(run: RunPaths) -> None:
+    run.config.write_text(json.dumps(load_config([]).to_dict()))
+    run.trainer_state(3, 0).write_bytes(b"")
+    _, paths, start = train._prepare_run([f"resume={run.root}"])
+    assert (paths.root, start) == (run.root, 2)
+    for iteration in (1, 2):
+        run.controller_state(iteration).write_text("{}")
+    with pytest.raises(ConfigError, match="no sound checkpoint"):
+        train._prepare_run([f"resume={run.root}"])
