@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -167,6 +168,26 @@ class ProcessGroup:
             if not left or time.monotonic() >= deadline:
                 return left
             time.sleep(_POLL)
+
+
+# A line a Python traceback ends with: `pkg.mod.SomeError: message` (or SystemExit's text).
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b:?")
+_LOG_TAIL_BYTES = 64 << 10
+
+
+def last_error(log_path: str | os.PathLike[str]) -> str:
+    """The last error a process's log names (the final line of its last traceback), else its last line:
+    the cause of an exit in one line, for a message that points to the log for the rest."""
+    try:
+        with Path(log_path).open("rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES, 0))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError as e:
+        return f"no log: {e}"
+    if not lines:
+        return f"{log_path} is empty"
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+    return (errors or lines)[-1][:300]
 
 
 def _running(p: psutil.Process) -> bool:

@@ -25,13 +25,13 @@ from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedErr
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import VllmClient
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
-from checkpoint_engine.process_group import ProcessGroup
+from checkpoint_engine.process_group import ProcessGroup, last_error
 from engine.config import RolloutConfig
 from engine.controller import Controller, Tokens
 from engine.metrics import MetricsLogger, format_line, summarize_phase_times
 from engine.replay_buffer import PartialRolloutBuffer
 from engine.rewards import RewardScorer
-from engine.tasks import Sample
+from engine.tasks import Sample, Task
 from launch.config_loading import load_config
 from launch.etcd_server import LocalEtcd, free_loopback_ports
 from launch.train_config import TrainConfig
@@ -51,8 +51,9 @@ def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
     cfg = load_config(overrides)
     if cfg.resume is None:
         _check_machine(cfg)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        paths = RunPaths(Path(cfg.run.root) / f"{cfg.run.name}-{stamp}").make()
+        if cfg.model.path is not None:
+            _check_model_dir(Path(cfg.model.path))
+        paths = RunPaths(_new_run_dir(Path(cfg.run.root), cfg.run.name)).make()
         paths.config.write_text(json.dumps(cfg.to_dict(), indent=2))
         return cfg, paths, 0
     others = [o for o in overrides if not o.startswith("resume=")]
@@ -74,6 +75,38 @@ def _check_machine(cfg: TrainConfig) -> None:
     import torch
 
     cfg.check_machine(has_cuda=torch.cuda.is_available())
+
+
+def _new_run_dir(root: Path, name: str) -> Path:
+    """`root/<name>-<time>`, made here and by no other run: one started in the same second gets `-2`, `-3`..."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        path = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()  # atomic: of two runs racing for a name, one gets it
+        except FileExistsError:
+            continue
+        return path
+    raise ConfigError(f"run.root={root}: a thousand runs named {base} already; choose another run.name")
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """model.path is an HF model directory of a supported architecture with a tokenizer, before anything starts."""
+    where = f"model.path={model_dir}"
+    if not model_dir.is_dir():
+        raise ConfigError(f"{where}: no such directory; give an HF model directory, or null for the tiny model")
+    try:
+        ModelArch.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{where} is not a model timeshare can train: {e}") from None
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises many kinds, in several lines
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ConfigError(f"{where}: its tokenizer does not load ({why})") from None
 
 
 def _model_dir(cfg: TrainConfig, paths: RunPaths) -> Path:
@@ -136,18 +169,16 @@ def _cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, s
     return [[tokens.encode(s.prompt), tokens.encode((s.demonstration or s.answer) + stop)[1:]] for s in chosen]
 
 
-def _run_controller(controller: Controller, start: int, paths: RunPaths) -> int | None:
-    """The iterations from `start`; an exit status when they stop early, with one line saying why."""
-    resume = f"continue with `timeshare train resume={paths.root}`"
-    try:
-        controller.run(start)
-    except KeyboardInterrupt:
-        print(f"timeshare train: interrupted; {resume}", flush=True)
-        return 130
-    except JobFailedError as e:  # a node could not do its part: the cause in one line, the rest in the logs
-        print(f"timeshare train: {e}; logs in {paths.logs}; {resume}", flush=True)
-        return 1
-    return None
+def _check_exited(name: str, proc: ProcessGroup, log_path: Path) -> None:
+    """Raise `JobFailedError` when `proc` has exited: its status and the last error its log names."""
+    if proc.poll() is not None:
+        raise JobFailedError(f"the {name} exited with status {proc.returncode} ({last_error(log_path)})")
+
+
+def _how_to_continue(paths: RunPaths) -> str:
+    if paths.complete_checkpoints():
+        return f"continue with `timeshare train resume={paths.root}`"
+    return "no checkpoint was written, so start the run again"
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -199,19 +230,20 @@ def _ports(cfg: TrainConfig) -> dict[str, int]:
     }
 
 
-def train(overrides: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    cfg, paths, start = _prepare_run(overrides)
-    rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
-    model_dir, tokens = _prepare_model(cfg, paths, rollout)
-    task = cfg.task.make()
-    pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
-    heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)
-    if start == 0:
-        paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, rollout.stop)))
-    print(f"timeshare train: run directory {paths.root} (starting at iteration {start})", flush=True)
-
+def _run_job(
+    cfg: TrainConfig,
+    paths: RunPaths,
+    start: int,
+    *,
+    rollout: RolloutConfig,
+    model_dir: Path,
+    tokens: Tokens,
+    task: Task,
+    pool: list[Sample],
+    heldout: list[Sample],
+) -> list[dict[str, float]]:
+    """etcd, the engine and the trainer ranks started, the iterations from `start` run, everything stopped;
+    the run's metrics history. A process that exits early raises `JobFailedError` naming it."""
     ports = _ports(cfg)
     with ExitStack() as stack:
         if cfg.cluster.etcd is None:  # a fresh one: a resumed job's phase starts from its checkpoint
@@ -228,7 +260,9 @@ def train(overrides: list[str]) -> int:
         stack.callback(engine.stop, ENGINE_STOP_GRACE)
         client = EngineClient(f"http://127.0.0.1:{ports['engine']}")
         stack.callback(client.close)
-        client.wait_for_engine(timeout=120)
+        client.wait_for_engine(
+            timeout=120, before_poll=lambda: _check_exited("checkpoint engine", engine, paths.logs / "engine.log")
+        )
 
         rank_file = _rank_config(cfg, paths, model_dir, client.base_url, start=start).to_json_file(
             paths.root / "trainer.json"
@@ -241,9 +275,8 @@ def train(overrides: list[str]) -> int:
         stack.callback(trainer.stop, 30)
 
         def check_alive() -> None:
-            for name, proc in (("trainer", trainer), ("engine", engine)):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the {name} exited with status {proc.returncode}; see {paths.logs}/{name}.log")
+            _check_exited("trainer", trainer, paths.logs / "trainer.log")
+            _check_exited("checkpoint engine", engine, paths.logs / "engine.log")
 
         metrics = MetricsLogger(paths.root, echo=None)
         stack.callback(metrics.close)
@@ -267,11 +300,39 @@ def train(overrides: list[str]) -> int:
         )  # fmt: skip
         if start:
             controller.load_state(start)
-        stopped = _run_controller(controller, start, paths)
-        if stopped is not None:
-            return stopped
+        controller.run(start)
         trainer.wait(timeout=120)
-    print(summarize_phase_times(metrics.history()), flush=True)
+    return metrics.history()
+
+
+def train(overrides: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    cfg, paths, start = _prepare_run(overrides)
+    rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
+    try:
+        model_dir, tokens = _prepare_model(cfg, paths, rollout)
+        task = cfg.task.make()
+        pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
+        heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)
+        if start == 0:
+            paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, rollout.stop)))
+    except BaseException:
+        if start == 0:  # a new run that fails before anything started leaves no half-made directory
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise
+    print(f"timeshare train: run directory {paths.root} (starting at iteration {start})", flush=True)
+
+    try:
+        history = _run_job(cfg, paths, start, rollout=rollout, model_dir=model_dir, tokens=tokens, task=task,
+                           pool=pool, heldout=heldout)  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"timeshare train: interrupted; {_how_to_continue(paths)}", flush=True)
+        return 130
+    except JobFailedError as e:  # a process could not do its part: the cause in one line, the rest in the logs
+        print(f"timeshare train: {e}; logs in {paths.logs}; {_how_to_continue(paths)}", flush=True)
+        return 1
+    print(summarize_phase_times(history), flush=True)
     final = export_checkpoint(paths.root, paths.root / "hf")  # the trained model, loadable by transformers and vLLM
     print(f"timeshare train: done; metrics, TensorBoard logs and progress.png in {paths.root}, the model in {final}",
           flush=True)  # fmt: skip

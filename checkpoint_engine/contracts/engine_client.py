@@ -46,9 +46,13 @@ class EngineClient:
             raise error(detail if error is JobFailedError else f"{method} {path} -> {r.status_code}: {detail}")
         return r.json()
 
-    def wait_for_engine(self, timeout: float) -> None:
+    def wait_for_engine(self, timeout: float, before_poll: Callable[[], None] | None = None) -> None:
+        """Block until the engine answers; `before_poll` runs before each try (a caller checking that the
+        engine's process still lives, to fail at once with its cause rather than after `timeout`)."""
         deadline = time.monotonic() + timeout
         while True:
+            if before_poll is not None:
+                before_poll()
             try:
                 self._call("GET", "/health", timeout=2.0)
                 return

@@ -1,0 +1,84 @@
+"""A run starts in a directory of its own, or fails before it makes one, with one line naming the bad value."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from checkpoint_engine.contracts.config import ConfigError
+from checkpoint_engine.process_group import last_error
+from engine.tiny_model import TinyModelSpec, write_tiny_model
+from launch import cli, train
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261129-120000")
+    made = [train._new_run_dir(tmp_path, "scratchpad-kimi") for _ in range(3)]
+    assert [p.name for p in made] == [f"scratchpad-kimi-20261129-120000{s}" for s in ("", "-2", "-3")]
+    assert all(p.is_dir() for p in made)
+
+
+def _empty_dir(root: Path) -> Path:
+    root.mkdir()
+    return root
+
+
+def _without_tokenizer(root: Path) -> Path:
+    model = write_tiny_model(root, TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1))
+    for f in model.iterdir():
+        if "token" in f.name or f.suffix in (".model", ".txt"):
+            f.unlink()
+    return model
+
+
+def _with_arch(root: Path, arch: str) -> Path:
+    model = write_tiny_model(root, TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": [arch]}))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: d / "nonexistent", r"model\.path=.*nonexistent: no such directory"),
+        (_empty_dir, r"model\.path=.* is not a model timeshare can train: .* has no config\.json"),
+        (_without_tokenizer, r"model\.path=.*: its tokenizer does not load"),
+        (lambda d: _with_arch(d, "GPT2LMHeadModel"), r"model\.path=.*unsupported architecture \['GPT2LMHeadModel'\]"),
+    ],
+    ids=["missing", "not-a-model", "no-tokenizer", "unsupported"],
+)
+def test_a_bad_model_dir_fails_before_the_run_directory_exists(tmp_path: Path, make, message, capsys) -> None:
+    model = make(tmp_path / "given")
+    capsys.readouterr()  # what making the model printed
+    runs = tmp_path / "runs"
+    assert cli.main(["train", f"model.path={model}", f"run.root={runs}"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match=message):
+        train._check_model_dir(model)
+    assert not runs.exists() or not list(runs.iterdir())
+
+
+def test_a_sound_model_dir_passes(tmp_path: Path) -> None:
+    train._check_model_dir(write_tiny_model(tmp_path / "m", TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1)))
+
+
+def test_last_error_is_the_last_traceback_line(tmp_path: Path) -> None:
+    log = tmp_path / "engine.log"
+    log.write_text(
+        'INFO starting\nTraceback (most recent call last):\n  File "x.py", line 1\n'
+        "checkpoint_engine.contracts.config.ConfigError: cluster has 2 nodes; set transfer=mooncake\n"
+        "INFO shutting down\n"
+    )
+    assert (
+        last_error(log) == "checkpoint_engine.contracts.config.ConfigError: cluster has 2 nodes; set transfer=mooncake"
+    )
+    log.write_text("just a line\nthe end\n")
+    assert last_error(log) == "the end"
+    log.write_text("")
+    assert last_error(log).endswith("is empty")
+    assert last_error(tmp_path / "absent.log").startswith("no log")
