@@ -27,9 +27,12 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import psutil
+
+from checkpoint_engine.contracts.lifetime import die_with_parent
 
 KILL_WAIT = 10.0  # seconds a SIGKILLed process may take to exit (it may be in uninterruptible I/O)
 # Seconds to let init reap exited orphans, so that their pids are gone too when stop returns; some
@@ -65,16 +68,22 @@ class ProcessGroup:
         log_path: str | os.PathLike[str],
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        *,
+        parent_death: signal.Signals | None = None,
     ) -> ProcessGroup:
         """Start `argv` in a new session, stdout and stderr appended to `log_path`.
 
-        `env` is added to (not substituted for) this process's environment.
+        `env` is added to (not substituted for) this process's environment. `parent_death`: the signal the
+        child gets when this process exits, however it exits (spawn from the main thread only: the kernel
+        sends it when the spawning thread ends).
         """
+        arm = partial(die_with_parent, parent_death, os.getpid()) if parent_death is not None else None
         # Append, so that an earlier run's log on the same path survives; the child keeps its own descriptor.
         with Path(log_path).open("ab") as log:
             popen = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, **(env or {})}, cwd=cwd,
+                preexec_fn=arm,  # noqa: PLW1509 - takes no lock: a prctl and a getppid
             )  # fmt: skip
         return cls(popen.pid, popen)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ class LocalEtcd:
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         # etcd itself creates the data directory with mode 0700 (it warns on anything looser).
         command = etcd_command(binary, self.data_dir / "etcd-data", client_port, peer_port)
-        self._group = ProcessGroup.spawn(command, self.log_path)
+        self._group = ProcessGroup.spawn(command, self.log_path, parent_death=signal.SIGTERM)  # dies with its job
         self._endpoint = f"{LOOPBACK}:{client_port}"
         try:
             self._wait_ready(self._group, self._endpoint, log_start)

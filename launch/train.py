@@ -254,8 +254,12 @@ def _run_job(
         engine_file = _engine_config(cfg, paths, model_dir, endpoint, ports, rollout=rollout, start=start).to_json_file(
             paths.root / f"engine-{cfg.cluster.node}.json"
         )
+        # Every child dies with the launcher, even a launcher killed by SIGKILL: SIGTERM lets the engine
+        # stop vLLM and remove its regions, and torchrun stop the ranks.
         engine = ProcessGroup.spawn(
-            [sys.executable, "-m", "launch.cli", "engine", str(engine_file)], paths.logs / "engine.log"
+            [sys.executable, "-m", "launch.cli", "engine", str(engine_file)],
+            paths.logs / "engine.log",
+            parent_death=signal.SIGTERM,
         )
         stack.callback(engine.stop, ENGINE_STOP_GRACE)
         client = EngineClient(f"http://127.0.0.1:{ports['engine']}")
@@ -271,7 +275,7 @@ def _run_job(
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.parallel.trainer_ranks),
             "--master-addr", "127.0.0.1", "--master-port", str(ports["torchrun"]),
             "-m", "sidecars.megatron.rank_main", str(rank_file),
-        ], paths.logs / "trainer.log")  # fmt: skip
+        ], paths.logs / "trainer.log", parent_death=signal.SIGTERM)  # fmt: skip
         stack.callback(trainer.stop, 30)
 
         def check_alive() -> None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from checkpoint_engine.contracts.acks import AckPayload, ExportAck, MetricsAck, MoveAck
 from checkpoint_engine.contracts.engine_client import EngineClient
+from checkpoint_engine.contracts.lifetime import die_with_parent
 from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, owned_by
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.weight_region import RegionWriter
@@ -151,6 +152,7 @@ class Rank:
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
+    die_with_parent()  # torchrun's: a rank never outlives the agent that restarts and stops it
     cfg = RankConfig.from_json_file(args[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     init_distributed(ParallelConfig(tensor_parallel=cfg.tensor_parallel), seed=cfg.seed)

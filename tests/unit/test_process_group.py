@@ -170,3 +170,24 @@ def test_stop_twice_is_harmless(tmp_path: Path, groups) -> None:
     assert first.pids == (g.pid,)
     assert (second.pids, second.rss_freed_bytes, second.killed) == ((), 0, False)
     assert g.returncode == -signal.SIGTERM
+
+
+def test_a_child_spawned_with_parent_death_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    """The launcher's case: a parent killed by SIGKILL cannot stop its children; the kernel's signal does."""
+    pid_file = tmp_path / "child.pid"
+    program = (
+        "import os, pathlib, signal, sys, time; from checkpoint_engine.process_group import ProcessGroup; "
+        f"g = ProcessGroup.spawn([sys.executable, '-c', 'import time; time.sleep(60)'], {str(tmp_path / 'c.log')!r}, "
+        "parent_death=signal.SIGTERM); "
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(g.pid)); time.sleep(60)"
+    )
+    parent = ProcessGroup.spawn([sys.executable, "-c", program], tmp_path / "p.log", cwd=Path(__file__).parents[2])
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = psutil.Process(int(pid_file.read_text()))
+    assert child.is_running()
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(5)
+    child.wait(5)  # psutil.TimeoutExpired if it outlived its parent; init reaps it
+    assert not child.is_running()
