@@ -42,6 +42,10 @@ class UpdateBody(BaseModel):
     version: int
 
 
+class RestartBody(BaseModel):
+    version: int  # the version the ROLLOUT in progress serves
+
+
 class WaitBody(BaseModel):
     iteration: int
     phase: Phase
@@ -100,6 +104,10 @@ def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
     @app.post("/vllm/start")
     def vllm_start() -> dict[str, Any]:
         return guarded(engine.start_vllm).to_dict()
+
+    @app.post("/vllm/restart")
+    def vllm_restart(body: RestartBody) -> dict[str, Any]:
+        return guarded(engine.restart_vllm, body.version).to_dict()
 
     @app.post("/vllm/terminate")
     def vllm_terminate() -> dict[str, Any]:

@@ -30,6 +30,7 @@ from checkpoint_engine.contracts.acks import (
     AckPayload,
     ExportAck,
     ExportWaitAck,
+    RestartVllmAck,
     StartVllmAck,
     TerminateVllmAck,
     UpdateWeightsAck,
@@ -58,6 +59,7 @@ class EngineStatus:
     vllm_alive: bool  # a sidecar forked by START_VLLM lives
     vllm_zygote: bool  # the zygote lives: the next START_VLLM forks a sidecar with its imports done
     vllm_weight_version: int | None
+    vllm_restarts: int  # vLLMs started again after dying during ROLLOUT (POST /vllm/restart)
     weight_versions: list[int]
     last_timings: dict[str, float] = field(default_factory=dict)
     last_error: str | None = None
@@ -79,6 +81,7 @@ class CheckpointEngine:
         self._done: set[tuple[int, Phase]] = set()  # phases whose part this node did (recent ones)
         self._early_start: Future[float] | None = None  # vLLM start-up begun during EXPORT
         self._start_retries = 0  # failed vLLM starts before the last one that worked
+        self.restarts = 0  # vLLMs started again after dying during ROLLOUT
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vllm-start-{cfg.node}")
         self.timings: dict[str, float] = {}
         self.last_error: str | None = None
@@ -155,6 +158,30 @@ class CheckpointEngine:
 
         return self._timed("update_weights", op)
 
+    def restart_vllm(self, version: int) -> RestartVllmAck:
+        """vLLM died or stopped answering during ROLLOUT of `version`: what is left of it goes, a new one
+        starts (up to phase.vllm_start_attempts) and loads `version` again from this node's region."""
+        state, _ = self.coordinator.read_phase()
+        if state is None or state.phase is not Phase.ROLLOUT or state.weight_version != version:
+            raise ValueError(
+                f"vLLM is restarted only during ROLLOUT of version {version}; the job is {describe(state)}"
+            )
+
+        def op() -> RestartVllmAck:
+            self.vllm.terminate()
+            started = time.perf_counter()
+            _, retries = self.vllm.start_retrying(self.cfg.phase.vllm_start_timeout, self.cfg.phase.vllm_start_attempts)
+            loaded = time.perf_counter()
+            weights = self.vllm.client.update_weights(self.store.resolve(version).to_dict())
+            return RestartVllmAck(
+                pid=self.vllm.pid, start_seconds=loaded - started, load_seconds=time.perf_counter() - loaded,
+                weight_version=weights.weight_version, retries=retries,
+            )  # fmt: skip
+
+        log.warning("[%s] vLLM is gone during ROLLOUT of version %d; starting it again", self.cfg.node, version)
+        self.restarts += 1
+        return self._timed("restart_vllm", op)
+
     def complete_phase(self, iteration: int, phase: Phase, payload: AckPayload) -> None:
         """Another process on this node (trainer, controller) finished `phase` of `iteration`."""
         if phase in (Phase.EXPORT, Phase.FAILED) or spec(phase).owner is Owner.ENGINE:
@@ -196,7 +223,7 @@ class CheckpointEngine:
             node=self.cfg.node, leader=self.coordinator.leader(), alive_nodes=sorted(self.coordinator.alive_nodes()),
             phase=state.to_dict() if state else None,
             vllm_pid=self.vllm.pid, vllm_alive=self.vllm.alive(), vllm_zygote=self.vllm.zygote_alive(),
-            vllm_weight_version=version,
+            vllm_weight_version=version, vllm_restarts=self.restarts,
             weight_versions=self.store.versions(), last_timings=dict(self.timings), last_error=self.last_error,
         )  # fmt: skip
 

@@ -61,6 +61,9 @@ class RolloutConfig(Section):
     iteration_token_budget: int = Field(32, ge=1)
     staleness: Literal["exclude", "keep"] = "exclude"  # tokens of older versions: out of the loss (Kimi) | kept
     max_rounds: int = Field(4, ge=1)  # generation rounds per ROLLOUT while no group has finished
+    # A vLLM that dies during ROLLOUT is started again by the engine, with the same weights, and the
+    # requests it lost go again: at most this many times per ROLLOUT before the job stops.
+    vllm_restarts: int = Field(2, ge=0)
     eval_samples: int = Field(4, ge=1)  # k of pass@k on the held-out split
     # vLLM's KV cache, explicit: vLLM allocates it without measuring the memory left after loading the
     # model (on CPU it then also skips its warm-up pass), and a sidecar forked from the zygote, whose

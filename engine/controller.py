@@ -27,11 +27,11 @@ from checkpoint_engine.contracts.acks import (
     TerminateVllmAck,
     parse_ack,
 )
-from checkpoint_engine.contracts.engine_client import EngineClient
+from checkpoint_engine.contracts.engine_client import EngineClient, EngineError, JobFailedError
 from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState
 from checkpoint_engine.contracts.run_dir import RunPaths
-from checkpoint_engine.contracts.vllm_client import VllmClient
-from checkpoint_engine.contracts.vllm_protocol import GenerationRequest
+from checkpoint_engine.contracts.vllm_client import SidecarError, VllmClient
+from checkpoint_engine.contracts.vllm_protocol import GenerateResponse, GenerationRequest
 from engine.batch import collate, save_batch
 from engine.config import RolloutConfig, RunConfig
 from engine.evaluation import mean_cons_at_n, mean_pass_at_k, percentile
@@ -81,6 +81,8 @@ class Controller:
         self.log_metrics, self.check_alive = log_metrics, check_alive
         self._last_phase_end: float | None = None
         self._first_iteration = 0
+        self._serving = 0  # the weight version of the ROLLOUT in progress
+        self._restarts: list[float] = []  # seconds of each vLLM restart in that ROLLOUT
 
     # ---------------------------------------------------------------------------------- loop
     def run(self, start: int) -> None:
@@ -106,13 +108,44 @@ class Controller:
     def rollout_phase(self, state: PhaseState, evaluate: bool, last: bool) -> dict[str, float]:
         """Evaluate and roll out with the version the ROLLOUT phase names."""
         vllm = self.rollout_engine()
+        self._serving, self._restarts = state.weight_version, []
         try:
             metrics = self.evaluate(vllm) if evaluate else {}
             if not last:  # the last iteration's rollout would only feed a TRAIN that never comes
                 metrics.update(self.rollout(vllm, state.weight_version))
         finally:
             vllm.close()
+        metrics["vllm/restarts"] = float(len(self._restarts))
+        if self._restarts:
+            metrics["vllm/restart_seconds"] = sum(self._restarts)
         return metrics
+
+    def _generate(self, vllm: VllmClient, requests: list[GenerationRequest]) -> GenerateResponse:
+        """`vllm.generate`; when vLLM died meanwhile (no answer, or a server error), the engine starts it
+        again with the same weights and the same requests go again, seeds included, so the batch is the
+        one an uninterrupted rollout makes. At most rollout.vllm_restarts restarts per ROLLOUT."""
+        while True:
+            try:
+                return vllm.generate(requests)
+            except (OSError, SidecarError) as e:  # requests' errors are OSErrors: the connection broke
+                if isinstance(e, SidecarError) and e.status < 500:
+                    raise  # vLLM refused the request itself: a restart would not change that
+                lost = e
+            if len(self._restarts) >= self.rollout_cfg.vllm_restarts:
+                raise JobFailedError(
+                    f"vLLM died {len(self._restarts) + 1} times during ROLLOUT of version {self._serving} "
+                    f"(rollout.vllm_restarts={self.rollout_cfg.vllm_restarts}): {lost}"
+                ) from lost
+            log.warning("vLLM lost during ROLLOUT of version %d (%s); the engine starts it again", self._serving, lost)
+            began = time.perf_counter()
+            try:
+                ack = self.engine.restart_vllm(self._serving, timeout=self.phase_timeout)
+            except EngineError as e:
+                raise JobFailedError(f"vLLM died during ROLLOUT and could not be started again: {e}") from e
+            self._restarts.append(time.perf_counter() - began)
+            log.info(
+                "vLLM pid %s serves version %d again after %.1f s", ack.pid, ack.weight_version, self._restarts[-1]
+            )
 
     # ------------------------------------------------------------------------------- rollout
     def _requests(self, requests: Sequence[RolloutRequest], seed: int) -> list[GenerationRequest]:
@@ -149,7 +182,9 @@ class Controller:
             prompts = [PromptTokens(s.uid, tuple(self.tokens.encode(s.prompt))) for s in new]
             requests = self.buffer.plan_iteration(prompts, version)
             asked = time.perf_counter()
-            response = vllm.generate(self._requests(requests, seed=self.run_cfg.seed + 7919 * version + 131 * rounds))
+            response = self._generate(
+                vllm, self._requests(requests, seed=self.run_cfg.seed + 7919 * version + 131 * rounds)
+            )
             generating += time.perf_counter() - asked
             in_vllm += response.seconds
             results = response.results
@@ -208,11 +243,11 @@ class Controller:
         prompts = [self.tokens.encode(s.prompt) for s in self.heldout]
         stop, k = list(self.tokens.stop_ids), self.rollout_cfg.eval_samples
         common = {"max_tokens": self.rollout_cfg.max_response_tokens, "stop_token_ids": stop}
-        greedy = vllm.generate(
-            [GenerationRequest(prompt_ids=p, n=1, temperature=0.0, **common) for p in prompts]
+        greedy = self._generate(
+            vllm, [GenerationRequest(prompt_ids=p, n=1, temperature=0.0, **common) for p in prompts]
         ).results
         temperature = self.rollout_cfg.temperature
-        sampled = vllm.generate([
+        sampled = self._generate(vllm, [
             GenerationRequest(prompt_ids=p, n=k, temperature=temperature, seed=self.run_cfg.seed + j, **common)
             for j, p in enumerate(prompts)
         ]).results  # fmt: skip

@@ -65,6 +65,16 @@ class StartVllmAck(AckPayload):
     retries: int = 0  # starts that failed before this one (phase.vllm_start_attempts)
 
 
+class RestartVllmAck(AckPayload):
+    """Not a phase's ack: the engine's answer to POST /vllm/restart, when vLLM died during ROLLOUT."""
+
+    pid: int | None
+    start_seconds: float
+    load_seconds: float
+    weight_version: int  # loaded again from the node's verified region
+    retries: int = 0  # starts that failed before the one that worked
+
+
 class UpdateWeightsAck(AckPayload):
     weight_version: int
     load_seconds: float

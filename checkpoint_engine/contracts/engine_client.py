@@ -12,7 +12,7 @@ from typing import Any
 
 import requests
 
-from checkpoint_engine.contracts.acks import AckPayload, ExportAck, check_ack
+from checkpoint_engine.contracts.acks import AckPayload, ExportAck, RestartVllmAck, check_ack
 from checkpoint_engine.contracts.phases import Phase, PhaseState
 from checkpoint_engine.contracts.weight_region import Manifest
 
@@ -93,6 +93,10 @@ class EngineClient:
 
     def register_weights(self, manifest: Manifest, payload: ExportAck) -> None:
         self._call("POST", "/weights/register", {"manifest": manifest.to_dict(), "payload": payload.to_dict()})
+
+    def restart_vllm(self, version: int, timeout: float) -> RestartVllmAck:
+        """Have the engine start a vLLM that died during ROLLOUT again, with `version` loaded."""
+        return RestartVllmAck.model_validate(self._call("POST", "/vllm/restart", {"version": version}, timeout))
 
     def iteration_acks(self, iteration: int) -> dict[str, dict[str, dict[str, Any]]]:
         """Acks of `iteration` by phase and node: {"payload": ..., "acked_at": ...} (see `acks.parse_ack`)."""

@@ -15,7 +15,11 @@ from checkpoint_engine.contracts.vllm_protocol import (
 
 
 class SidecarError(RuntimeError):
-    pass
+    """The sidecar answered with an error; `status` is the HTTP status (500 and up: vLLM itself failed)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class VllmClient:
@@ -30,7 +34,7 @@ class VllmClient:
         )
         if r.status_code != 200:
             detail = r.json().get("detail", r.text) if r.headers.get("content-type") == "application/json" else r.text
-            raise SidecarError(f"POST {path} -> {r.status_code}: {detail}")
+            raise SidecarError(f"POST {path} -> {r.status_code}: {detail}", r.status_code)
         return r.json()
 
     def health(self, timeout: float = 2.0) -> Health:

@@ -9,17 +9,21 @@ import json
 from pathlib import Path
 
 import pytest
+import requests as requests_lib
 
 from checkpoint_engine.contracts.acks import (
     ExportAck,
     MetricsAck,
     MoveAck,
+    RestartVllmAck,
     StartVllmAck,
     TerminateVllmAck,
     UpdateWeightsAck,
 )
-from checkpoint_engine.contracts.phases import CYCLE, Phase
+from checkpoint_engine.contracts.engine_client import JobFailedError
+from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState
 from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.vllm_client import SidecarError
 from checkpoint_engine.contracts.vllm_protocol import Completion, GenerateResponse, GenerationRequest, GenerationResult
 from engine.batch import load_batch
 from engine.config import RepeatDetection, RolloutConfig, RunConfig
@@ -213,3 +217,63 @@ def test_phase_times_come_from_ack_times_and_the_first_export_is_split(tmp_path:
     assert metrics["time/start_vllm"] == pytest.approx(25.0)
     assert metrics["time/onload"] == pytest.approx(1.0)
     assert "time/train" not in metrics
+
+
+class DyingVllm(FakeVllm):
+    """Loses the connection on the calls numbered in `dies` (1-based), as a killed sidecar does."""
+
+    def __init__(self, version: int, dies: set[int], error: Exception | None = None) -> None:
+        super().__init__(version)
+        self.dies, self.error, self.asked = dies, error, []
+
+    def generate(self, requests: list[GenerationRequest]) -> GenerateResponse:
+        self.asked.append([(r.prompt_ids, r.seed) for r in requests])
+        if len(self.asked) in self.dies:
+            raise self.error or requests_lib.ConnectionError("Remote end closed connection without response")
+        return super().generate(requests)
+
+
+class RestartingEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.restarted: list[int] = []
+
+    def restart_vllm(self, version: int, timeout: float) -> RestartVllmAck:
+        self.restarted.append(version)
+        return RestartVllmAck(pid=4321, start_seconds=0.1, load_seconds=0.01, weight_version=version)
+
+
+def _rollout_state(version: int) -> PhaseState:
+    return PhaseState(iteration=version, phase=Phase.ROLLOUT, weight_version=version)
+
+
+def test_a_vllm_lost_mid_rollout_is_restarted_and_gets_the_same_requests(tmp_path: Path) -> None:
+    engine = RestartingEngine()
+    vllm = DyingVllm(version=1, dies={3})  # evaluation takes calls 1 and 2; the rollout's first round dies
+    controller = _controller(tmp_path, vllm, engine=engine)
+    metrics = controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)
+    assert engine.restarted == [1]
+    assert vllm.asked[3] == vllm.asked[2]  # the same prompts and seeds went again
+    assert metrics["vllm/restarts"] == 1
+    assert metrics["vllm/restart_seconds"] >= 0
+    assert load_batch(controller.paths.batch(1)).size == 8
+
+    clean = DyingVllm(version=1, dies=set())
+    reference = _controller(tmp_path / "clean", clean, engine=RestartingEngine())
+    assert reference.rollout_phase(_rollout_state(1), evaluate=True, last=False)["vllm/restarts"] == 0
+    assert clean.asked == [vllm.asked[i] for i in (0, 1, 3)]  # the batch an uninterrupted rollout makes
+
+
+def test_restarts_are_bounded_and_a_refused_request_is_not_retried(tmp_path: Path) -> None:
+    engine = RestartingEngine()
+    controller = _controller(tmp_path, DyingVllm(version=1, dies={1, 2, 3}), engine=engine)
+    with pytest.raises(
+        JobFailedError, match=r"vLLM died 3 times during ROLLOUT of version 1 \(rollout.vllm_restarts=2\)"
+    ):
+        controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)
+    assert engine.restarted == [1, 1]
+    refused = DyingVllm(version=1, dies={1}, error=SidecarError("POST /generate -> 422: bad request", 422))
+    controller = _controller(tmp_path / "refused", refused, engine=engine)
+    with pytest.raises(SidecarError, match="422"):
+        controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)
+    assert engine.restarted == [1, 1]
