@@ -15,12 +15,9 @@ once, serves every iteration's exported version.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,64 +26,36 @@ from checkpoint_engine.contracts.run_dir import RunPaths
 from engine.batch import load_batch
 from engine.sampling import UniformSampler
 from engine.tasks import make_task
-from tests.integration.faults import find_zygote, kill_next_sidecar
+from tests.integration.train_job import (
+    ITERATIONS,
+    OVERRIDES,
+    POOL,
+    PROMPTS,
+    REPO,
+    SEED,
+    await_exit,
+    launch,
+    rows,
+    wait_for,
+    whole_run,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
-ITERATIONS, PROMPTS, SEED, POOL = 3, 6, 0, 120
-# The short-answer task, and a budget equal to the cap: every trajectory finishes within its iteration,
-# so each batch holds the prompts sampled for it.
-OVERRIDES = [
-    "task=addition", "model.layers=2", "rollout.max_response_tokens=16", "rollout.iteration_token_budget=16",
-    f"run.iterations={ITERATIONS}", "run.eval_every=2", "run.progress=false", f"run.seed={SEED}",
-    f"task.pool_size={POOL}", "task.heldout_size=16", f"rollout.prompts_per_iteration={PROMPTS}",
-    "rollout.group_size=4", "rollout.eval_samples=2", "trainer.cold_start.epochs=2",
-]  # fmt: skip
-
-
 # The length reward from iteration 0 separates a group's samples even when no answer is right yet.
 LENGTH = ["reward=kimi", "reward.length.warmup_iterations=0", "reward.length.ramp_iterations=0"]
 KL = ["algo=grpo", "algo.kl_coef=0.05", *LENGTH]
-
-
-def _launch(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = open(log, "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *args], cwd=REPO, env=env, stdout=out,
-                            stderr=subprocess.STDOUT)  # fmt: skip
-
-
-def _wait_for(path_glob: Path, proc: subprocess.Popen, timeout: float) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = sorted(path_glob.parent.glob(path_glob.name)) if path_glob.parent.exists() else []
-        if found:
-            return found[0]
-        assert proc.poll() is None, f"timeshare train exited early with {proc.returncode}"
-        time.sleep(0.1)
-    raise AssertionError(f"{path_glob} did not appear within {timeout} s")
-
-
-def _await_success(proc: subprocess.Popen, log: Path) -> None:
-    """The launcher exits 0 within 10 minutes; killed otherwise."""
-    try:
-        assert proc.wait(600) == 0, log.read_text()[-6000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
     root = tmp_path_factory.mktemp("runs")
     log = root / "launcher.log"
-    first = _launch([*OVERRIDES, f"run.root={root}", *KL], log)
+    first = launch([*OVERRIDES, f"run.root={root}", *KL], log)
     try:
-        run_dir = _wait_for(root / "addition-grpo-*", first, 60)
+        run_dir = wait_for(root / "addition-grpo-*", first, 60)
         # Checkpoint 1 is complete: the stop lands in iteration 1 (EXPORT, START_VLLM or ROLLOUT),
         # a whole rollout before TRAIN of iteration 2 could write checkpoint 2.
-        _wait_for(RunPaths(run_dir).complete_marker(1), first, 420)
+        wait_for(RunPaths(run_dir).complete_marker(1), first, 420)
         first.send_signal(signal.SIGTERM)
         assert first.wait(120) == 130, log.read_text()[-4000:]
     finally:
@@ -95,7 +64,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
             first.wait()
     paths = RunPaths(run_dir)
     assert paths.latest_checkpoint() == 1, "the stop came before TRAIN of iteration 2 could checkpoint"
-    _await_success(_launch([f"resume={run_dir}"], log), log)
+    await_exit(launch([f"resume={run_dir}"], log), log)
     return paths
 
 
@@ -108,32 +77,21 @@ def test_the_resumed_trainer_keeps_the_reference_policy(run: RunPaths) -> None:
     first, last = reference(1), reference(ITERATIONS)  # taken before the stop; saved after the resume
     assert first.keys() == last.keys()
     assert all(torch.equal(first[k], last[k]) for k in first)
-    kl = [r["train/kl_to_reference"] for r in _rows(run) if "train/kl_to_reference" in r]
+    kl = [r["train/kl_to_reference"] for r in rows(run) if "train/kl_to_reference" in r]
     assert kl[0] == pytest.approx(0.0, abs=1e-6)
     assert abs(kl[-1]) > 1e-6
 
 
-def _rows(paths: RunPaths) -> list[dict[str, float]]:
-    return [json.loads(line) for line in (paths.root / "metrics.jsonl").read_text().splitlines()]
-
-
-def _two_iterations(root: Path, *overrides: str) -> RunPaths:
-    """A whole two-iteration run of the small configuration with `overrides`; its run directory."""
-    log = root / "launcher.log"
-    _await_success(_launch([*OVERRIDES, f"run.root={root}", "run.iterations=2", *overrides], log), log)
-    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
-    return RunPaths(run_dir)
-
-
 def test_each_rollout_used_the_exported_version_and_logprobs_agree(run: RunPaths) -> None:
-    rows = _rows(run)
-    history = {int(r["iteration"]): r for r in rows}  # the resumed run logs iteration 1 again: last wins
+    logged = rows(run)
+    history = {int(r["iteration"]): r for r in logged}
+    assert len(logged) == len(history), "the resumed run logged an iteration twice"
     assert sorted(history) == list(range(ITERATIONS + 1))
     for i in range(ITERATIONS):  # the last iteration only evaluates
         assert history[i]["rollout/weight_version"] == i
         assert history[i]["push/weight_version"] == i
     # TRAIN of iteration 1 ran before the stop; the resumed run logs its numbers from the checkpoint.
-    gaps = {int(r["iteration"]): r["logprob_gap/mean_abs"] for r in rows if "logprob_gap/mean_abs" in r}
+    gaps = {int(r["iteration"]): r["logprob_gap/mean_abs"] for r in logged if "logprob_gap/mean_abs" in r}
     assert sorted(gaps) == list(range(1, ITERATIONS + 1))
     assert max(gaps.values()) < 1e-3, gaps
     for i in range(2, ITERATIONS + 1):
@@ -201,45 +159,13 @@ def test_a_tensor_parallel_run_exports_one_merged_model(tmp_path: Path) -> None:
     """A run whose trainer shards the model over two ranks (parallel=tp2) exports checkpoint 1 as one
     HF model, which reproduces the logprobs vLLM sampled rollout 1 with."""
     (tmp_path / "runs").mkdir()
-    paths = _two_iterations(tmp_path / "runs", "parallel=tp2")
+    paths = whole_run(tmp_path / "runs", "parallel=tp2")
     _export_reproduces_rollout(paths, 1, tmp_path / "hf")
 
 
-def test_a_vllm_killed_during_its_start_is_started_again(tmp_path: Path) -> None:
-    """The first vLLM sidecar the job forks is SIGKILLed during its start-up: the engine starts it again,
-    the job finishes, and iteration 0 counts one retry."""
-    killer = threading.Thread(target=lambda: kill_next_sidecar(find_zygote(tmp_path)), daemon=True)
-    killer.start()
-    paths = _two_iterations(tmp_path, "run.iterations=1")
-    killer.join(timeout=1)
-    history = {int(r["iteration"]): r for r in _rows(paths)}
-    assert history[0]["vllm/start_retries"] == 1
-    assert history[0]["rollout/weight_version"] == 0
-
-
-def test_a_start_that_fails_every_attempt_fails_the_job_at_once_with_its_cause(tmp_path: Path) -> None:
-    """With one attempt (phase.vllm_start_attempts=1), a sidecar killed during its start-up fails
-    START_VLLM at once (the engine's error ack; phase.timeout is 900 s), and the launcher ends with
-    one line naming the node, the phase, the cause and how to resume."""
-    killer = threading.Thread(target=lambda: kill_next_sidecar(find_zygote(tmp_path)), daemon=True)
-    killer.start()
-    log = tmp_path / "launcher.log"
-    proc = _launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=1", "phase.vllm_start_attempts=1"], log)
-    try:
-        assert proc.wait(300) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    (line,) = [s for s in log.read_text().splitlines() if s.startswith("timeshare train: ")][-1:]
-    assert "node0 in START_VLLM: VllmStartError: vLLM (pid" in line
-    assert "exited during start-up" in line
-    assert "continue with `timeshare train resume=" in line
-
-
 def test_keep_alive_builds_vllm_once_and_serves_every_version(tmp_path: Path) -> None:
-    paths = _two_iterations(tmp_path, "rollout.lifecycle=keep_alive")
-    history = {int(r["iteration"]): r for r in _rows(paths)}
+    paths = whole_run(tmp_path, "rollout.lifecycle=keep_alive")
+    history = {int(r["iteration"]): r for r in rows(paths)}
     for i in range(2):
         assert history[i]["rollout/weight_version"] == i
     assert max(r["logprob_gap/mean_abs"] for r in history.values() if "logprob_gap/mean_abs" in r) < 1e-3
@@ -251,9 +177,9 @@ def test_the_reward_and_sampler_sections_reach_the_run(tmp_path: Path) -> None:
     """`sampler=prioritized reward=kimi` (length reward from iteration 0) through the real job: the
     metrics break each rollout's reward into its terms, which add up to it, and the controller's
     checkpoint holds the prioritized sampler's success counts of every scored group."""
-    paths = _two_iterations(tmp_path, "sampler=prioritized", "reward=kimi", "reward.length.warmup_iterations=0",
+    paths = whole_run(tmp_path, "sampler=prioritized", "reward=kimi", "reward.length.warmup_iterations=0",
                             "reward.length.ramp_iterations=0")  # fmt: skip
-    history = {int(r["iteration"]): r for r in _rows(paths)}
+    history = {int(r["iteration"]): r for r in rows(paths)}
     for i in range(2):  # the rollouts of iterations 0 and 1 (the last iteration only evaluates)
         terms = {k: v for k, v in history[i].items() if k.startswith("reward/term/")}
         assert {"reward/term/task", "reward/term/length"} <= set(terms), f"iteration {i}: {sorted(terms)}"
@@ -273,8 +199,8 @@ def test_long_answers_continue_from_the_buffer_in_the_next_iteration(tmp_path: P
     partial = ["task=scratchpad", "task.digits=2", "task.pool_size=400", "trainer.cold_start.epochs=40",
                "rollout.max_response_tokens=32", "rollout.iteration_token_budget=16"]  # fmt: skip
     keeping = ["algo=grpo", "rollout.staleness=keep"] if keep else []
-    paths = _two_iterations(tmp_path, *partial, *keeping)
-    history = {int(r["iteration"]): r for r in _rows(paths)}
+    paths = whole_run(tmp_path, *partial, *keeping)
+    history = {int(r["iteration"]): r for r in rows(paths)}
     assert history[1]["rollout/partial_share"] > 0
     assert history[1]["rollout/stale_token_share"] > 0
     assert history[1]["rollout/length_max"] > 16
@@ -295,14 +221,14 @@ def test_curriculum_starts_easy_and_a_repeating_trajectory_stops_with_its_penalt
     """sampler=curriculum on the scratchpad task: iteration 0 draws from the easiest fifth of the pool
     (by columns). Repeat detection at its most eager (any token twice in a row) stops trajectories in
     vLLM as "repeat", and the penalty is their reward's repeat term."""
-    paths = _two_iterations(tmp_path, "task=scratchpad", "task.pool_size=400", "sampler=curriculum",
+    paths = whole_run(tmp_path, "task=scratchpad", "task.pool_size=400", "sampler=curriculum",
                             "rollout.repeat.enabled=true", "rollout.repeat.max_ngram=1",
                             "rollout.repeat.min_repeats=2", "reward.repeat_penalty=0.5")  # fmt: skip
     pool = {s.uid: s.difficulty for s in make_task("scratchpad").samples("train", 400, SEED)}
     easiest = sorted(pool.values())[: 400 // 5][-1]
     assert max(pool.values()) > easiest
     assert max(pool[uid] for uid in load_batch(paths.batch(0)).prompt_uids) <= easiest
-    history = {int(r["iteration"]): r for r in _rows(paths)}
+    history = {int(r["iteration"]): r for r in rows(paths)}
     stopped = [i for i in range(2) if history[i]["rollout/repeat_share"] > 0]
     assert stopped, "no trajectory repeated a token twice in a row"
     for i in stopped:
@@ -321,7 +247,7 @@ def test_every_algorithm_trains_through_the_job(tmp_path: Path, algo: list[str])
     zero at the first update and not after it. ppo trains its critic, a value head, with the policy."""
     # After a 2-epoch cold start no answer is right yet: the length reward is what separates a group's
     # samples, so that the advantages and the first update are not zero.
-    trained = [r for r in _rows(_two_iterations(tmp_path, *LENGTH, *algo)) if "train/loss" in r]
+    trained = [r for r in rows(whole_run(tmp_path, *LENGTH, *algo)) if "train/loss" in r]
     assert [int(r["iteration"]) for r in trained] == [1, 2]
     assert all(abs(r["train/loss"]) < 1e3 and r["train/grad_norm"] > 0 for r in trained)
     if "algo=ppo" in algo:

@@ -21,7 +21,7 @@ from checkpoint_engine.vllm_process import VllmProcess
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch.etcd_server import free_loopback_ports
 from sidecars.megatron.model import read_hf_tensors
-from tests.integration.faults import kill_next_sidecar
+from tests.faults.injection import kill_next_sidecar
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

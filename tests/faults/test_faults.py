@@ -1,0 +1,136 @@
+"""The fault suite: each test kills processes of a real run (etcd, engine, torchrun ranks, vLLM) at chosen
+phases and checks that the run heals: every iteration completes, it trained on the prompts an uninterrupted
+run samples (none lost, none repeated), and no process or /dev/shm entry outlives it.
+
+Faults healed in the run itself: vLLM killed during its start-up, and during ROLLOUT. Faults that stop the
+job cleanly, resumed from the newest checkpoint: the launcher killed by SIGKILL, Ctrl-C to its process group,
+SIGINT to the launcher alone. `pytest tests/faults` ends with one summary line (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from checkpoint_engine.contracts.run_dir import RunPaths
+from tests.faults.conftest import Fault, FaultReport
+from tests.faults.injection import (
+    SHM,
+    find_zygote,
+    kill_next_sidecar,
+    kill_vllm,
+    leftovers,
+    prompts_against_uninterrupted,
+    wait_for_phase,
+)
+from tests.integration.train_job import ITERATIONS, OVERRIDES, POOL, PROMPTS, SEED, await_exit, launch, rows, whole_run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _in_background(fn: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def _account(fault: Fault, paths: RunPaths, rollouts: int, shm_before: set[Path]) -> None:
+    """The run ended whole: fill `fault`'s prompt and leak counts and assert they are zero."""
+    count = prompts_against_uninterrupted(paths, rollouts, POOL, PROMPTS, SEED)
+    left = leftovers(paths.root, shm_before)
+    fault.lost, fault.repeated, fault.leaks = count.lost, count.repeated, len(left)
+    fault.survived = True
+    assert (count.lost, count.repeated) == (0, 0)
+    assert not left, left
+    logged = [int(r["iteration"]) for r in rows(paths)]
+    assert logged == sorted(set(logged)) == list(range(rollouts + 1)), "an iteration missing or logged twice"
+
+
+def test_vllm_killed_during_its_start_is_started_again(tmp_path: Path, faults: FaultReport) -> None:
+    shm = set(SHM.iterdir())
+    fault = faults.injected("vLLM SIGKILLed in START_VLLM")
+    killer = _in_background(lambda: kill_next_sidecar(find_zygote(tmp_path)))
+    paths = whole_run(tmp_path, "run.iterations=1")
+    killer.join(timeout=1)
+    history = {int(r["iteration"]): r for r in rows(paths)}
+    assert history[0]["vllm/start_retries"] == 1
+    assert history[0]["rollout/weight_version"] == 0
+    fault.recovery_seconds = history[0]["time/start_vllm"]
+    _account(fault, paths, 1, shm)
+
+
+def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(tmp_path: Path, faults: FaultReport) -> None:
+    shm = set(SHM.iterdir())
+    fault = faults.injected("vLLM SIGKILLed in ROLLOUT")
+    killer = _in_background(lambda: kill_vllm(wait_for_phase(tmp_path, 1, "ROLLOUT")))
+    paths = whole_run(tmp_path, "run.iterations=2")
+    killer.join(timeout=1)
+    history = {int(r["iteration"]): r for r in rows(paths)}
+    assert [history[i]["vllm/restarts"] for i in range(3)] == [0, 1, 0]
+    assert [history[i]["rollout/weight_version"] for i in range(2)] == [0, 1]
+    assert max(r["logprob_gap/mean_abs"] for r in history.values() if "logprob_gap/mean_abs" in r) < 1e-3
+    fault.recovery_seconds = history[1]["vllm/restart_seconds"]
+    _account(fault, paths, 2, shm)
+
+
+def test_stopped_by_sigkill_and_ctrl_c_the_job_leaves_nothing_and_resumes(tmp_path: Path, faults: FaultReport) -> None:
+    """The launcher is SIGKILLed in iteration 1, the resumed run gets Ctrl-C (SIGINT to its process group)
+    in iteration 2, the next SIGINT to the launcher's pid alone in iteration 3; each stop leaves no process
+    and no /dev/shm entry, and the last resume finishes the run."""
+    shm = set(SHM.iterdir())
+    log = tmp_path / "launcher.log"
+
+    def stop_at(args: list[str], iteration: int, how: str) -> RunPaths:
+        fault = faults.injected(f"launcher {how} in ROLLOUT")
+        proc = launch(args, log, start_new_session=True)  # a terminal's job: its own process group
+        run_dir = wait_for_phase(tmp_path, iteration, "ROLLOUT")
+        stopped = time.monotonic()
+        if how == "SIGKILLed":
+            os.kill(proc.pid, signal.SIGKILL)
+        else:
+            (os.killpg if how == "Ctrl-C" else os.kill)(proc.pid, signal.SIGINT)
+        expected = -signal.SIGKILL if how == "SIGKILLed" else 130
+        await_exit(proc, log, status=expected, timeout=120)
+        left = leftovers(run_dir, shm)
+        fault.recovery_seconds, fault.leaks = time.monotonic() - stopped, len(left)
+        assert not left, f"left behind by a launcher {how}: {left}"
+        if how != "SIGKILLed":
+            line = log.read_text().splitlines()[-1]
+            assert line == f"timeshare train: interrupted; continue with `timeshare train resume={run_dir}`"
+        fault.survived = True  # counted once the resumed run below finishes
+        return RunPaths(run_dir)
+
+    paths = stop_at([*OVERRIDES, f"run.root={tmp_path}"], 1, "SIGKILLed")
+    assert paths.latest_checkpoint() == 1
+    stop_at([f"resume={paths.root}"], 2, "Ctrl-C")
+    assert paths.latest_checkpoint() == 2
+    stop_at([f"resume={paths.root}"], ITERATIONS, "SIGINT")
+    await_exit(launch([f"resume={paths.root}"], log), log)
+    count = prompts_against_uninterrupted(paths, ITERATIONS, POOL, PROMPTS, SEED)
+    last = faults.faults[-1]
+    last.lost, last.repeated = count.lost, count.repeated
+    assert (count.lost, count.repeated) == (0, 0)
+    logged = [int(r["iteration"]) for r in rows(paths)]
+    assert logged == list(range(ITERATIONS + 1)), "an iteration missing or logged twice"
+    assert not leftovers(paths.root, shm)
+
+
+def test_a_start_that_fails_every_attempt_fails_the_job_at_once_with_its_cause(tmp_path: Path) -> None:
+    """With one attempt (phase.vllm_start_attempts=1), a sidecar killed during its start-up fails
+    START_VLLM at once (the engine's error ack; phase.timeout is 900 s), and the launcher ends with
+    one line naming the node, the phase and the cause; no checkpoint exists yet, so it says to start again."""
+    killer = _in_background(lambda: kill_next_sidecar(find_zygote(tmp_path)))
+    log = tmp_path / "launcher.log"
+    proc = launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=1", "phase.vllm_start_attempts=1"], log)
+    await_exit(proc, log, status=1, timeout=300)
+    killer.join(timeout=1)
+    (line,) = [s for s in log.read_text().splitlines() if s.startswith("timeshare train: ")][-1:]
+    assert "node0 in START_VLLM: VllmStartError: vLLM (pid" in line
+    assert "exited during start-up" in line
+    assert line.endswith("no checkpoint was written, so start the run again")

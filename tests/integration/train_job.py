@@ -1,0 +1,65 @@
+"""`timeshare train` as a test starts it: the small configuration, the launcher in a subprocess, its rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from checkpoint_engine.contracts.run_dir import RunPaths
+
+REPO = Path(__file__).resolve().parents[2]
+ITERATIONS, PROMPTS, SEED, POOL = 3, 6, 0, 120
+# The short-answer task, and a budget equal to the cap: every trajectory finishes within its iteration,
+# so each batch holds the prompts sampled for it.
+OVERRIDES = [
+    "task=addition", "model.layers=2", "rollout.max_response_tokens=16", "rollout.iteration_token_budget=16",
+    f"run.iterations={ITERATIONS}", "run.eval_every=2", "run.progress=false", f"run.seed={SEED}",
+    f"task.pool_size={POOL}", "task.heldout_size=16", f"rollout.prompts_per_iteration={PROMPTS}",
+    "rollout.group_size=4", "rollout.eval_samples=2", "trainer.cold_start.epochs=2",
+]  # fmt: skip
+
+
+def launch(args: list[str], log: Path, **popen: object) -> subprocess.Popen:
+    """`timeshare train ARGS` with its output appended to `log`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = open(log, "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *args], cwd=REPO, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, **popen)  # fmt: skip
+
+
+def wait_for(path_glob: Path, proc: subprocess.Popen, timeout: float) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(path_glob.parent.glob(path_glob.name)) if path_glob.parent.exists() else []
+        if found:
+            return found[0]
+        assert proc.poll() is None, f"timeshare train exited early with {proc.returncode}"
+        time.sleep(0.1)
+    raise AssertionError(f"{path_glob} did not appear within {timeout} s")
+
+
+def await_exit(proc: subprocess.Popen, log: Path, status: int = 0, timeout: float = 600) -> None:
+    """The launcher exits with `status` within `timeout` s; killed otherwise."""
+    try:
+        assert proc.wait(timeout) == status, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def rows(paths: RunPaths) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (paths.root / "metrics.jsonl").read_text().splitlines()]
+
+
+def whole_run(root: Path, *overrides: str) -> RunPaths:
+    """A whole run of the small configuration with `overrides` (two iterations unless they say otherwise)
+    under `root`, which holds nothing else; its run directory."""
+    log = root / "launcher.log"
+    await_exit(launch([*OVERRIDES, f"run.root={root}", "run.iterations=2", *overrides], log), log)
+    (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
+    return RunPaths(run_dir)
