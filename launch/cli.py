@@ -46,6 +46,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from launch import status
+
+    return status.main(args.run_dir, args.etcd, args.job, args.watch)
+
+
 def _engine(args: argparse.Namespace) -> int:
     import logging
 
@@ -88,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the RL job (Hydra overrides, e.g. run.iterations=4 resume=<run dir>)")
     train.add_argument("overrides", nargs="*", help="Hydra overrides")
     train.set_defaults(func=_train)
+
+    status = sub.add_parser("status", help="a job's phase, leader, nodes, vLLMs and phase times, from etcd")
+    status.add_argument("run_dir", nargs="?", default=None, help="a run directory (names its etcd and job)")
+    status.add_argument("--etcd", default=None, help="HOST:PORT of the job's etcd; alone, lists its jobs")
+    status.add_argument("--job", default=None, help="the job's name (a run directory's name for `timeshare train`)")
+    status.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="redraw every SECONDS")
+    status.set_defaults(func=_status)
 
     export = sub.add_parser("export", help="write a checkpoint of a run as an HF model directory")
     export.add_argument("run_dir", help="the run directory")
