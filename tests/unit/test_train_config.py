@@ -137,7 +137,7 @@ RULES = [
     (["trainer.cold_start.fraction=0.2"], r"trainer\.cold_start\.fraction must be in \[0, 0\.1\]"),
     (["trainer.min_lr=1.0"], r"trainer\.min_lr must be in \[0, "),
     (["model.heads=8"], r"model\.hidden / model\.heads = 16 must be one of \[32, 64, 128\]"),
-    (["model.path=/models/qwen", "model.layers=4"], r"model\.layers.*cannot take effect"),
+    (["model.path=/models/qwen", "model.layers=3"], r"model\.layers.*cannot take effect"),
     (["algo.kl_coef=0.1"], r"algo\.kl_coef cannot take effect with algo\.name='kimi'"),
     (["algo=grpo", "algo.aggregation=mean"], r"algo\.aggregation must be one of"),
     (["algo=grpo", "algo.clip_high=1.5"], r"algo\.clip_high must be in \[0, 1\)"),
