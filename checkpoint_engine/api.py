@@ -97,6 +97,10 @@ def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok", "node": engine.cfg.node}
 
+    @app.get("/nodes")
+    def nodes() -> dict[str, dict[str, str]]:
+        return engine.nodes()
+
     @app.get("/status")
     def status() -> dict[str, Any]:
         return asdict(engine.status())

@@ -68,7 +68,8 @@ class EngineStatus:
 class CheckpointEngine:
     def __init__(self, cfg: EngineConfig, http_address: str = "") -> None:
         self.cfg = cfg
-        self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.phase.ttl, http_address=http_address)
+        self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.phase.ttl, http_address=http_address,
+                                       vllm_address=f"http://{cfg.vllm.host}:{cfg.vllm.port}")  # fmt: skip
         # Other nodes reach this one's weights through Mooncake at the engine's own address.
         mooncake = MooncakeConfig(protocol=cfg.transfer.protocol, hostname=cfg.host)
         self.store = WeightStore(
@@ -211,6 +212,13 @@ class CheckpointEngine:
             for p, by in acks.items()
         }
 
+    def nodes(self) -> dict[str, dict[str, str]]:
+        """The job's live nodes: their engine's and their vLLM's addresses (the controller rolls out on all)."""
+        return {
+            n: {"engine": s.http_address, "vllm": s.vllm_address}
+            for n, s in sorted(self.coordinator.alive_nodes().items())
+        }
+
     def status(self) -> EngineStatus:
         state, _ = self.coordinator.read_phase()
         version = None
@@ -232,6 +240,11 @@ class CheckpointEngine:
         if phase is Phase.EXPORT:
             return bool(self.cfg.weights_from)
         return phase is not Phase.FAILED and spec(phase).owner is Owner.ENGINE
+
+    def _ackers(self, phase: Phase) -> tuple[str, ...]:
+        """The nodes whose acks complete `phase`: every node, but only the head (the first node, which runs
+        the iteration controller) for the controller's phases."""
+        return self.cfg.nodes[:1] if spec(phase).owner is Owner.CONTROLLER else self.cfg.nodes
 
     def _do_own(self, state: PhaseState) -> AckPayload:
         if state.phase is Phase.EXPORT:
@@ -279,7 +292,7 @@ class CheckpointEngine:
             self._done = {k for k in self._done if k[0] >= state.iteration - 1} | {key}
         if leader and state.phase is not Phase.FAILED:
             try:
-                self._patiently(lambda t: self.coordinator.wait_acks(state, self.cfg.nodes, t))
+                self._patiently(lambda t: self.coordinator.wait_acks(state, self._ackers(state.phase), t))
                 self.coordinator.advance(state, next_state(state))
             except CoordinationError as e:
                 if not self._stop.is_set():

@@ -144,8 +144,9 @@ class NodeStatus:
     node: str
     pid: int
     host: str
-    http_address: str
+    http_address: str  # the engine's API
     started_at: float
+    vllm_address: str = ""  # the node's vLLM sidecar (http://HOST:PORT), which the controller spreads rollouts over
     schema: int = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class NodeStatus:
     def from_dict(cls, d: Mapping[str, Any]) -> NodeStatus:
         _check_schema("node status", d)
         return cls(node=d["node"], pid=d["pid"], host=d["host"], http_address=d["http_address"],
-                   started_at=d["started_at"])  # fmt: skip
+                   started_at=d["started_at"], vllm_address=d.get("vllm_address", ""))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from checkpoint_engine.contracts.acks import (
 from checkpoint_engine.contracts.engine_client import EngineClient, EngineError, JobFailedError
 from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState
 from checkpoint_engine.contracts.run_dir import RunPaths
-from checkpoint_engine.contracts.vllm_client import SidecarError, VllmClient
+from checkpoint_engine.contracts.vllm_client import SpreadVllmClient, VllmLostError
 from checkpoint_engine.contracts.vllm_protocol import GenerateResponse, GenerationRequest
 from engine.batch import collate, save_batch
 from engine.config import RolloutConfig, RunConfig
@@ -61,8 +61,9 @@ class Controller:
         paths: RunPaths,
         *,
         phase_timeout: float,
+        node: str,
         engine: EngineClient,
-        rollout_engine: Callable[[], VllmClient],
+        rollout_engine: Callable[[], SpreadVllmClient],
         task: Task,
         tokens: Tokens,
         sampler: PromptSampler,
@@ -75,6 +76,7 @@ class Controller:
     ) -> None:
         self.run_cfg, self.rollout_cfg, self.phase_timeout = run, rollout, phase_timeout
         self.paths, self.engine, self.rollout_engine = paths, engine, rollout_engine
+        self.node = node  # the head: its engine is `engine`, and its vLLM the one restarted in place
         self.task, self.tokens, self.sampler, self.buffer, self.scorer = task, tokens, sampler, buffer, scorer
         self.samples = {s.uid: s for s in pool}
         self.heldout = list(heldout)
@@ -115,28 +117,33 @@ class Controller:
                 metrics.update(self.rollout(vllm, state.weight_version))
         finally:
             vllm.close()
+        metrics.update({f"rollout/requests/{node}": float(n) for node, n in vllm.served.items()})
         metrics["vllm/restarts"] = float(len(self._restarts))
         if self._restarts:
             metrics["vllm/restart_seconds"] = sum(self._restarts)
         return metrics
 
-    def _generate(self, vllm: VllmClient, requests: list[GenerationRequest]) -> GenerateResponse:
-        """`vllm.generate`; when vLLM died meanwhile (no answer, or a server error), the engine starts it
+    def _generate(self, vllm: SpreadVllmClient, requests: list[GenerationRequest]) -> GenerateResponse:
+        """`vllm.generate`; when a vLLM died meanwhile (no answer, or a server error), the engine starts it
         again with the same weights and the same requests go again, seeds included, so the batch is the
-        one an uninterrupted rollout makes. At most rollout.vllm_restarts restarts per ROLLOUT."""
+        one an uninterrupted rollout makes. At most rollout.vllm_restarts restarts per ROLLOUT; only the
+        head's vLLM (its engine is the controller's) is restarted in place."""
         while True:
             try:
                 return vllm.generate(requests)
-            except (OSError, SidecarError) as e:  # requests' errors are OSErrors: the connection broke
-                if isinstance(e, SidecarError) and e.status < 500:
-                    raise  # vLLM refused the request itself: a restart would not change that
+            except VllmLostError as e:
                 lost = e
+            if lost.node != self.node:
+                raise JobFailedError(
+                    f"the vLLM of {lost.node} died during ROLLOUT of version {self._serving}; only the head's is "
+                    f"started again in place: {lost.cause}"
+                ) from lost
             if len(self._restarts) >= self.rollout_cfg.vllm_restarts:
                 raise JobFailedError(
                     f"vLLM died {len(self._restarts) + 1} times during ROLLOUT of version {self._serving} "
-                    f"(rollout.vllm_restarts={self.rollout_cfg.vllm_restarts}): {lost}"
+                    f"(rollout.vllm_restarts={self.rollout_cfg.vllm_restarts}): {lost.cause}"
                 ) from lost
-            log.warning("vLLM lost during ROLLOUT of version %d (%s); the engine starts it again", self._serving, lost)
+            log.warning("vLLM lost in ROLLOUT of version %d (%s); starting it again", self._serving, lost.cause)
             began = time.perf_counter()
             try:
                 ack = self.engine.restart_vllm(self._serving, timeout=self.phase_timeout)
@@ -165,7 +172,7 @@ class Controller:
             for k, r in enumerate(requests)
         ]
 
-    def rollout(self, vllm: VllmClient, version: int) -> dict[str, float]:
+    def rollout(self, vllm: SpreadVllmClient, version: int) -> dict[str, float]:
         """Continue buffered trajectories, start new prompts, score the finished groups, write the batch."""
         start, groups, rounds = time.perf_counter(), [], 0
         # Tokens out of vLLM, seconds of its generate requests, and of these the seconds inside vLLM.
@@ -238,7 +245,7 @@ class Controller:
         return rewards, correct, terms
 
     # ---------------------------------------------------------------------------- evaluation
-    def evaluate(self, vllm: VllmClient) -> dict[str, float]:
+    def evaluate(self, vllm: SpreadVllmClient) -> dict[str, float]:
         """Held-out accuracy: greedy (the headline number), and pass@1 / pass@k over k samples."""
         prompts = [self.tokens.encode(s.prompt) for s in self.heldout]
         stop, k = list(self.tokens.stop_ids), self.rollout_cfg.eval_samples

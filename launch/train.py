@@ -23,7 +23,7 @@ from checkpoint_engine.config import EngineConfig
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
 from checkpoint_engine.contracts.run_dir import RunPaths
-from checkpoint_engine.contracts.vllm_client import VllmClient
+from checkpoint_engine.contracts.vllm_client import SpreadVllmClient, VllmClient
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 from checkpoint_engine.process_group import ProcessGroup, last_error
 from engine.config import RolloutConfig
@@ -175,6 +175,11 @@ def _check_exited(name: str, proc: ProcessGroup, log_path: Path) -> None:
         raise JobFailedError(f"the {name} exited with status {proc.returncode} ({last_error(log_path)})")
 
 
+def _every_vllm(engine: EngineClient) -> SpreadVllmClient:
+    """The vLLMs of every live node of the job, as its engines registered them in etcd."""
+    return SpreadVllmClient({node: VllmClient(where["vllm"]) for node, where in engine.nodes().items()})
+
+
 def _how_to_continue(paths: RunPaths) -> str:
     if paths.complete_checkpoints():
         return f"continue with `timeshare train resume={paths.root}`"
@@ -296,8 +301,8 @@ def _run_job(
             metrics.plot()
 
         controller = Controller(
-            cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, engine=client, task=task, tokens=tokens,
-            rollout_engine=lambda: VllmClient(f"http://127.0.0.1:{ports['vllm']}"),
+            cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, node=cfg.cluster.node, engine=client,
+            task=task, tokens=tokens, rollout_engine=lambda: _every_vllm(client),
             sampler=cfg.sampler.make(pool, cfg.run.seed), buffer=PartialRolloutBuffer(rollout.buffer()),
             scorer=RewardScorer(cfg.reward, task), pool=pool, heldout=heldout, log_metrics=record,
             check_alive=check_alive,

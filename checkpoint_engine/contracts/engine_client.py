@@ -102,6 +102,10 @@ class EngineClient:
         """Acks of `iteration` by phase and node: {"payload": ..., "acked_at": ...} (see `acks.parse_ack`)."""
         return self._call("GET", f"/acks/{iteration}")
 
+    def nodes(self) -> dict[str, dict[str, str]]:
+        """The job's live nodes by id: {"engine": URL, "vllm": URL}."""
+        return self._call("GET", "/nodes")
+
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/status")
 

@@ -50,3 +50,53 @@ class VllmClient:
 
     def close(self) -> None:
         self._session.close()
+
+
+class VllmLostError(ConnectionError):
+    """A node's vLLM did not answer (refused, broke the connection, or failed inside): `node` names it."""
+
+    def __init__(self, node: str, cause: Exception) -> None:
+        super().__init__(f"vLLM of {node}: {cause}")
+        self.node, self.cause = node, cause
+
+
+class SpreadVllmClient:
+    """The vLLMs of every node as one: a generate call's requests go out in contiguous, near-equal shares,
+    one per node, all at once, and come back in request order. Each request carries its own seed, so the
+    results do not depend on how they were spread. `served` counts the requests each node answered."""
+
+    def __init__(self, clients: dict[str, VllmClient]) -> None:
+        if not clients:
+            raise ValueError("no vLLM to roll out on")
+        self.clients = dict(sorted(clients.items()))
+        self.served = dict.fromkeys(self.clients, 0)
+
+    def generate(self, requests_: list[GenerationRequest]) -> GenerateResponse:
+        from concurrent.futures import ThreadPoolExecutor
+
+        nodes = list(self.clients)
+        size, extra = divmod(len(requests_), len(nodes))
+        shares, start = {}, 0
+        for i, node in enumerate(nodes):
+            end = start + size + (i < extra)
+            if end > start:
+                shares[node] = requests_[start:end]
+            start = end
+        with ThreadPoolExecutor(len(shares)) as pool:
+            futures = {n: pool.submit(self.clients[n].generate, share) for n, share in shares.items()}
+            answers = {}
+            for node, future in futures.items():
+                try:
+                    answers[node] = future.result()
+                except (OSError, SidecarError) as e:
+                    if isinstance(e, SidecarError) and e.status < 500:
+                        raise  # the request was refused: the same on any node
+                    raise VllmLostError(node, e) from e
+        for node, share in shares.items():
+            self.served[node] += len(share)
+        results = [r for node in shares for r in answers[node].results]
+        return GenerateResponse(results=results, seconds=max(a.seconds for a in answers.values()))
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()

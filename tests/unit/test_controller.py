@@ -23,7 +23,7 @@ from checkpoint_engine.contracts.acks import (
 from checkpoint_engine.contracts.engine_client import JobFailedError
 from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState
 from checkpoint_engine.contracts.run_dir import RunPaths
-from checkpoint_engine.contracts.vllm_client import SidecarError
+from checkpoint_engine.contracts.vllm_client import SidecarError, SpreadVllmClient
 from checkpoint_engine.contracts.vllm_protocol import Completion, GenerateResponse, GenerationRequest, GenerationResult
 from engine.batch import load_batch
 from engine.config import RepeatDetection, RolloutConfig, RunConfig
@@ -95,8 +95,9 @@ def _controller(
         rollout,
         RunPaths(tmp_path).make(),
         phase_timeout=900.0,
+        node="node0",
         engine=engine or FakeEngine(),
-        rollout_engine=lambda: vllm,
+        rollout_engine=lambda: SpreadVllmClient({"node0": vllm}),
         task=task,
         tokens=TOKENS,
         sampler=UniformSampler(pool, 0),
@@ -255,6 +256,7 @@ def test_a_vllm_lost_mid_rollout_is_restarted_and_gets_the_same_requests(tmp_pat
     assert engine.restarted == [1]
     assert vllm.asked[3] == vllm.asked[2]  # the same prompts and seeds went again
     assert metrics["vllm/restarts"] == 1
+    assert metrics["rollout/requests/node0"] == 6 + 6 + 8  # greedy and sampled held-out requests, the rollout
     assert metrics["vllm/restart_seconds"] >= 0
     assert load_batch(controller.paths.batch(1)).size == 8
 
