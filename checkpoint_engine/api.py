@@ -154,4 +154,7 @@ def serve(cfg: EngineConfig) -> None:
 
     check_binding(cfg.host, cfg.token)
     engine = CheckpointEngine(cfg, http_address=f"http://{cfg.host}:{cfg.port}")
-    uvicorn.run(create_app(engine, cfg.token), host=cfg.host, port=cfg.port, log_level="warning")
+    # A stop does not wait out the long polls in flight (a trainer's /phase/wait lasts up to 30 s): after
+    # a second they are cancelled and the lifespan's shutdown stops vLLM and removes the regions.
+    uvicorn.run(create_app(engine, cfg.token), host=cfg.host, port=cfg.port, log_level="warning",
+                timeout_graceful_shutdown=1)  # fmt: skip

@@ -317,6 +317,8 @@ def _run_job(
 def train(overrides: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # A shell starts a background job with SIGINT ignored, and Python keeps it so: `kill -INT` would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg, paths, start = _prepare_run(overrides)
     rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
     try:
