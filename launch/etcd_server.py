@@ -59,15 +59,17 @@ def free_loopback_ports(count: int) -> list[int]:
         return ports
 
 
-def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int) -> list[str]:
-    """The argv of a one-member cluster bound to loopback (pure, so it is testable without etcd)."""
-    client_url = f"http://{LOOPBACK}:{client_port}"
+def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int, host: str = LOOPBACK) -> list[str]:
+    """The argv of a one-member cluster bound to loopback, and to `host` too where that is another address
+    (the head of a job with several nodes); pure, so it is testable without etcd."""
+    client_url = f"http://{host}:{client_port}"
+    listen = client_url if host == LOOPBACK else f"http://{LOOPBACK}:{client_port},{client_url}"
     peer_url = f"http://{LOOPBACK}:{peer_port}"
     return [
         binary,
         f"--name={MEMBER_NAME}",
         f"--data-dir={data_dir}",
-        f"--listen-client-urls={client_url}",
+        f"--listen-client-urls={listen}",
         f"--advertise-client-urls={client_url}",
         f"--listen-peer-urls={peer_url}",
         f"--initial-advertise-peer-urls={peer_url}",
@@ -104,8 +106,10 @@ class LocalEtcd:
         binary: str | None = None,
         start_timeout: float = 30.0,
         stop_grace: float = 10.0,
+        host: str = LOOPBACK,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.host = host  # where other nodes reach it, besides loopback
         self.binary = binary
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
@@ -119,7 +123,8 @@ class LocalEtcd:
 
     @property
     def endpoint(self) -> str:
-        """The running server's address, "127.0.0.1:PORT"; what every other process is given."""
+        """The running server's address, "HOST:PORT" (loopback unless a host was given); what every other
+        process is given."""
         if self._endpoint is None or not self.running:
             raise RuntimeError(f"{self!r} has no endpoint: it is not running")
         return self._endpoint
@@ -171,9 +176,9 @@ class LocalEtcd:
         # The log is appended to, so that an earlier server's on the same directory survives a restart.
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         # etcd itself creates the data directory with mode 0700 (it warns on anything looser).
-        command = etcd_command(binary, self.data_dir / "etcd-data", client_port, peer_port)
+        command = etcd_command(binary, self.data_dir / "etcd-data", client_port, peer_port, self.host)
         self._group = ProcessGroup.spawn(command, self.log_path, parent_death=signal.SIGTERM)  # dies with its job
-        self._endpoint = f"{LOOPBACK}:{client_port}"
+        self._endpoint = f"{self.host}:{client_port}"
         try:
             self._wait_ready(self._group, self._endpoint, log_start)
         except RuntimeError as exc:

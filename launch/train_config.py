@@ -130,12 +130,35 @@ class LongContextConfig(Section):
 
 
 class ClusterConfig(Section):
+    """The job's nodes. The first is the head: it keeps the run directory (on a filesystem every node
+    shares), starts etcd unless one is given, and runs the iteration controller; every node runs its
+    engine, its vLLM and its trainer ranks (`timeshare train` with the same overrides on each node)."""
+
     KEY = "cluster"
-    etcd: str | None = None  # HOST:PORT of the job's etcd; None: the launcher starts a local one
+    etcd: str | None = None  # HOST:PORT of the job's etcd; None: the head starts one (on etcd_port)
     nodes: tuple[str, ...] = Field(("node0",), strict=False)
     node: str = "node0"  # this process's node, one of nodes
+    # The job's name (its run directory under run.root), the same on every node; None: the head's
+    # `<run.name>-<time>`, which only nodes the head starts itself (local_nodes) can learn.
+    job: str | None = None
+    address: str = "127.0.0.1"  # where the other nodes reach this node's engine, vLLM and Mooncake
+    head_address: str = "127.0.0.1"  # where the other nodes reach the head's etcd and trainer rendezvous
+    etcd_port: int = Field(0, ge=0, le=65535)  # of the etcd the head starts; 0: a free one
+    trainer_port: int = Field(0, ge=0, le=65535)  # torchrun's rendezvous on the head; 0: a free one
+    interface: str | None = None  # the network interface trainer ranks talk on (GLOO_SOCKET_IFNAME)
+    # The head starts the other nodes on this machine, each in a network namespace of its own joined to
+    # the head's by a veth pair (root needed; plain loopback otherwise): cluster=local2.
+    local_nodes: bool = False
     engine_port: int = Field(0, ge=0, le=65535)  # checkpoint engine HTTP port; 0: pick a free one
     vllm_port: int = Field(0, ge=0, le=65535)  # 0: pick a free one
+
+    @property
+    def head(self) -> str:
+        return self.nodes[0]
+
+    @property
+    def is_head(self) -> bool:
+        return self.node == self.nodes[0]
 
     @model_validator(mode="after")
     def _nodes(self) -> ClusterConfig:
@@ -152,6 +175,20 @@ class ClusterConfig(Section):
             raise ConfigError(f"cluster.node must be one of cluster.nodes {list(self.nodes)}, got {self.node!r}")
         if self.engine_port and self.engine_port == self.vllm_port:
             raise ConfigError(f"cluster.engine_port and cluster.vllm_port must differ, both are {self.engine_port}")
+        if self.local_nodes and len(self.nodes) != 2:
+            raise ConfigError(
+                f"cluster.local_nodes starts one node beside the head (two in all); cluster.nodes is {list(self.nodes)}"
+            )
+        if len(self.nodes) > 1 and not self.local_nodes:  # each node is started by someone else: they must agree
+            missing = [k for k, v in (("job", self.job), ("trainer_port", self.trainer_port)) if not v]
+            if self.etcd is None and not self.etcd_port:
+                missing.append("etcd (or etcd_port)")
+            if missing:
+                raise ConfigError(
+                    f"a job of {len(self.nodes)} nodes started node by node needs cluster.{', cluster.'.join(missing)} "
+                    "set alike on every node (launch/slurm/timeshare.sbatch sets them), or cluster=local2 to start "
+                    "them all from here"
+                )
         return self
 
 
@@ -203,6 +240,11 @@ class TrainConfig(Section):
             raise ConfigError(
                 f"reward.repeat_penalty={self.reward.repeat_penalty} never applies without repeat detection: set "
                 "rollout.repeat.enabled=true, or the penalty to 0"
+            )
+        if len(self.cluster.nodes) > 1 and self.transfer.kind != "mooncake":
+            raise ConfigError(
+                f"a job of {len(self.cluster.nodes)} nodes moves weights between them with Mooncake: set "
+                "transfer=mooncake (cluster=local2 does)"
             )
         if self.task.pool_size < rollout.prompts_per_iteration:
             raise ConfigError(
