@@ -25,6 +25,7 @@ from checkpoint_engine.contracts.acks import (
     MoveAck,
     StartVllmAck,
     TerminateVllmAck,
+    UpdateWeightsAck,
     parse_ack,
 )
 from checkpoint_engine.contracts.engine_client import EngineClient, EngineError, JobFailedError
@@ -309,6 +310,11 @@ class Controller:
             self._last_phase_end = end
             payload = parse_ack(phase, next(iter(sorted(by_node.items())))[1]["payload"])
             metrics.update(_phase_payload(phase, payload))
+            if phase is Phase.UPDATE_WEIGHTS:  # every node's vLLM: the version it loaded
+                for node, ack in by_node.items():
+                    loaded = parse_ack(phase, ack["payload"])
+                    if isinstance(loaded, UpdateWeightsAck):
+                        metrics[f"vllm/weight_version/{node}"] = float(loaded.weight_version)
         saved = self.paths.train_metrics(iteration)
         if Phase.TRAIN.value not in acks and saved.exists():  # a resumed run: TRAIN ran before the restart
             metrics.update(_phase_payload(Phase.TRAIN, MetricsAck(metrics=json.loads(saved.read_text()))))

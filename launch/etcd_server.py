@@ -107,9 +107,11 @@ class LocalEtcd:
         start_timeout: float = 30.0,
         stop_grace: float = 10.0,
         host: str = LOOPBACK,
+        port: int = 0,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host  # where other nodes reach it, besides loopback
+        self.port = port  # its client port; 0: a free one
         self.binary = binary
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
@@ -173,6 +175,7 @@ class LocalEtcd:
 
     def _start_once(self, binary: str) -> None:
         client_port, peer_port = free_loopback_ports(2)
+        client_port = self.port or client_port
         # The log is appended to, so that an earlier server's on the same directory survives a restart.
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         # etcd itself creates the data directory with mode 0700 (it warns on anything looser).

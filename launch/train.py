@@ -19,13 +19,11 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from checkpoint_engine.config import EngineConfig
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import SpreadVllmClient, VllmClient
-from checkpoint_engine.contracts.vllm_protocol import VllmSettings
-from checkpoint_engine.process_group import ProcessGroup, last_error
+from checkpoint_engine.process_group import ProcessGroup
 from engine.config import RolloutConfig
 from engine.controller import Controller, Tokens
 from engine.metrics import MetricsLogger, format_line, summarize_phase_times
@@ -34,26 +32,26 @@ from engine.rewards import RewardScorer
 from engine.tasks import Sample, Task
 from launch.config_loading import load_config
 from launch.etcd_server import LocalEtcd, free_loopback_ports
+from launch.local_nodes import LocalNetwork, Placement
+from launch.node import ENGINE_STOP_GRACE, check_exited, run_worker, start_node
 from launch.train_config import TrainConfig
 from sidecars.megatron.arch import ModelArch
-from sidecars.megatron.config import RankConfig
 from sidecars.megatron.hf_export import export_checkpoint
 
 log = logging.getLogger("timeshare.train")
-# The engine's own shutdown (vLLM killed, weight regions removed, lease revoked) before it is killed.
-ENGINE_STOP_GRACE = 30.0
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # model.dtype -> bytes per element
 
 
-def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
+def _prepare_run(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
     """The config, run directory and first iteration: new run, or the newest checkpoint of `resume`."""
-    cfg = load_config(overrides)
     if cfg.resume is None:
         _check_machine(cfg)
         if cfg.model.path is not None:
             _check_model_dir(Path(cfg.model.path))
-        paths = RunPaths(_new_run_dir(Path(cfg.run.root), cfg.run.name)).make()
+        root = Path(cfg.run.root)
+        made = _new_run_dir(root, cfg.run.name) if cfg.cluster.job is None else _named_run_dir(root, cfg.cluster.job)
+        paths = RunPaths(made).make()
         paths.config.write_text(json.dumps(cfg.to_dict(), indent=2))
         return cfg, paths, 0
     others = [o for o in overrides if not o.startswith("resume=")]
@@ -67,6 +65,8 @@ def _prepare_run(overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
         damaged = " sound" if paths.complete_checkpoints() else " complete"
         raise ConfigError(f"resume={cfg.resume}: the run has no{damaged} checkpoint; start it again instead")
     saved = TrainConfig.from_dict(json.loads(paths.config.read_text()))
+    if len(saved.cluster.nodes) > 1:
+        raise ConfigError(f"resume={cfg.resume}: resuming a job of several nodes is not built yet; start it again")
     _check_machine(saved)
     return saved, paths.make(), start
 
@@ -89,6 +89,16 @@ def _new_run_dir(root: Path, name: str) -> Path:
             continue
         return path
     raise ConfigError(f"run.root={root}: a thousand runs named {base} already; choose another run.name")
+
+
+def _named_run_dir(root: Path, job: str) -> Path:
+    """`root/<cluster.job>`, made here: a job's name is its run directory's on every node."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        (root / job).mkdir()
+    except FileExistsError:
+        raise ConfigError(f"cluster.job={job}: {root / job} exists; resume= it, or choose another job name") from None
+    return root / job
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -169,12 +179,6 @@ def _cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, s
     return [[tokens.encode(s.prompt), tokens.encode((s.demonstration or s.answer) + stop)[1:]] for s in chosen]
 
 
-def _check_exited(name: str, proc: ProcessGroup, log_path: Path) -> None:
-    """Raise `JobFailedError` when `proc` has exited: its status and the last error its log names."""
-    if proc.poll() is not None:
-        raise JobFailedError(f"the {name} exited with status {proc.returncode} ({last_error(log_path)})")
-
-
 def _every_vllm(engine: EngineClient) -> SpreadVllmClient:
     """The vLLMs of every live node of the job, as its engines registered them in etcd."""
     return SpreadVllmClient({node: VllmClient(where["vllm"]) for node, where in engine.nodes().items()})
@@ -190,55 +194,11 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # unwinds the ExitStack: engine, trainer and etcd stop
 
 
-def _engine_config(
-    cfg: TrainConfig,
-    paths: RunPaths,
-    model_dir: Path,
-    endpoint: str,
-    ports: dict[str, int],
-    *,
-    rollout: RolloutConfig,
-    start: int,
-) -> EngineConfig:
-    """This node's engine, from the run's sections (the engine reads them as one JSON file);
-    `rollout` is the effective one (long-context preset applied)."""
-    return EngineConfig(
-        node=cfg.cluster.node, job=paths.root.name, etcd=endpoint, nodes=cfg.cluster.nodes, start_iteration=start,
-        log_dir=str(paths.logs), port=ports["engine"], lifecycle=rollout.lifecycle, phase=cfg.phase,
-        transfer=cfg.transfer,
-        vllm=VllmSettings(
-            model_dir=str(model_dir), port=ports["vllm"], tensor_parallel=cfg.parallel.vllm_tp,
-            gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_bytes=rollout.kv_cache_bytes(),
-            max_model_len=rollout.max_model_len, dtype=cfg.model.dtype, seed=cfg.run.seed,
-        ),
-    )  # fmt: skip
-
-
-def _rank_config(cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url: str, *, start: int) -> RankConfig:
-    """What every trainer rank runs from (`trainer.json`)."""
-    return RankConfig(
-        run_dir=str(paths.root), model_dir=str(model_dir), engine_url=engine_url, job=paths.root.name,
-        node=cfg.cluster.node, iterations=cfg.run.iterations, start_iteration=start,
-        checkpoint_every=cfg.run.checkpoint_every, tensor_parallel=cfg.parallel.trainer_tp,
-        phase_timeout=cfg.phase.timeout, seed=cfg.run.seed, temperature=cfg.rollout.temperature,
-        dtype=cfg.model.dtype, trainer=cfg.trainer, algo=cfg.algo,
-    )  # fmt: skip
-
-
-def _ports(cfg: TrainConfig) -> dict[str, int]:
-    """cluster.engine_port and cluster.vllm_port where set; free loopback ports for the rest."""
-    free = iter(free_loopback_ports(3))
-    return {
-        "engine": cfg.cluster.engine_port or next(free),
-        "vllm": cfg.cluster.vllm_port or next(free),
-        "torchrun": next(free),
-    }
-
-
 def _run_job(
     cfg: TrainConfig,
     paths: RunPaths,
     start: int,
+    overrides: list[str],
     *,
     rollout: RolloutConfig,
     model_dir: Path,
@@ -247,45 +207,35 @@ def _run_job(
     pool: list[Sample],
     heldout: list[Sample],
 ) -> list[dict[str, float]]:
-    """etcd, the engine and the trainer ranks started, the iterations from `start` run, everything stopped;
-    the run's metrics history. A process that exits early raises `JobFailedError` naming it."""
-    ports = _ports(cfg)
+    """The head's part: etcd, its own engine and trainer ranks, the other nodes where it starts them
+    (cluster=local2), the iterations from `start`, everything stopped; the run's metrics history. A process
+    that exits early raises `JobFailedError` naming it."""
     with ExitStack() as stack:
-        if cfg.cluster.etcd is None:  # a fresh one: a resumed job's phase starts from its checkpoint
+        others: dict[str, tuple[Placement, list[str]]] = {}
+        if cfg.cluster.local_nodes:
+            net = stack.enter_context(LocalNetwork())
+            place = {"address": net.head.address, "head_address": net.head.address, "interface": net.head.interface}
+            cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update=place)})
+            others = {cfg.cluster.nodes[1]: (net.node, overrides)}
+        here = cfg.cluster
+        if here.etcd is None:  # a fresh one: a resumed job's phase starts from its checkpoint
             shutil.rmtree(paths.root / "etcd-data", ignore_errors=True)
-            endpoint = stack.enter_context(LocalEtcd(paths.root / "etcd-data")).endpoint
+            local = LocalEtcd(paths.root / "etcd-data", host=here.head_address, port=here.etcd_port)
+            etcd = stack.enter_context(local).endpoint
         else:
-            endpoint = cfg.cluster.etcd
-        engine_file = _engine_config(cfg, paths, model_dir, endpoint, ports, rollout=rollout, start=start).to_json_file(
-            paths.root / f"engine-{cfg.cluster.node}.json"
-        )
-        # Every child dies with the launcher, even a launcher killed by SIGKILL: SIGTERM lets the engine
-        # stop vLLM and remove its regions, and torchrun stop the ranks.
-        engine = ProcessGroup.spawn(
-            [sys.executable, "-m", "launch.cli", "engine", str(engine_file)],
-            paths.logs / "engine.log",
-            parent_death=signal.SIGTERM,
-        )
-        stack.callback(engine.stop, ENGINE_STOP_GRACE)
-        client = EngineClient(f"http://127.0.0.1:{ports['engine']}")
-        stack.callback(client.close)
-        client.wait_for_engine(
-            timeout=120, before_poll=lambda: _check_exited("checkpoint engine", engine, paths.logs / "engine.log")
-        )
-
-        rank_file = _rank_config(cfg, paths, model_dir, client.base_url, start=start).to_json_file(
-            paths.root / "trainer.json"
-        )
-        trainer = ProcessGroup.spawn([
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.parallel.trainer_ranks),
-            "--master-addr", "127.0.0.1", "--master-port", str(ports["torchrun"]),
-            "-m", "sidecars.megatron.rank_main", str(rank_file),
-        ], paths.logs / "trainer.log", parent_death=signal.SIGTERM)  # fmt: skip
-        stack.callback(trainer.stop, 30)
+            etcd = here.etcd
+        trainer_port = here.trainer_port or free_loopback_ports(1)[0]
+        node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=rollout, start=start,
+                          trainer_port=trainer_port)  # fmt: skip
+        spawned = {}
+        for name, (placement, extra) in others.items():
+            spawned[name] = _start_local_node(stack, cfg, paths, name, placement=placement, overrides=extra,
+                                              etcd=etcd, trainer_port=trainer_port)  # fmt: skip
 
         def check_alive() -> None:
-            _check_exited("trainer", trainer, paths.logs / "trainer.log")
-            _check_exited("checkpoint engine", engine, paths.logs / "engine.log")
+            node.check_alive()
+            for name, proc in spawned.items():
+                check_exited(f"launcher of {name}", proc, paths.logs / f"launcher-{name}.log")
 
         metrics = MetricsLogger(paths.root, echo=None)
         stack.callback(metrics.close)
@@ -301,8 +251,8 @@ def _run_job(
             metrics.plot()
 
         controller = Controller(
-            cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, node=cfg.cluster.node, engine=client,
-            task=task, tokens=tokens, rollout_engine=lambda: _every_vllm(client),
+            cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, node=here.node, engine=node.client,
+            task=task, tokens=tokens, rollout_engine=lambda: _every_vllm(node.client),
             sampler=cfg.sampler.make(pool, cfg.run.seed), buffer=PartialRolloutBuffer(rollout.buffer()),
             scorer=RewardScorer(cfg.reward, task), pool=pool, heldout=heldout, log_metrics=record,
             check_alive=check_alive,
@@ -310,8 +260,35 @@ def _run_job(
         if start:
             controller.load_state(start)
         controller.run(start)
-        trainer.wait(timeout=120)
+        node.trainer.wait(timeout=120)
+        for proc in spawned.values():
+            proc.wait(timeout=120)
     return metrics.history()
+
+
+def _start_local_node(
+    stack: ExitStack,
+    cfg: TrainConfig,
+    paths: RunPaths,
+    name: str,
+    *,
+    placement: Placement,
+    overrides: list[str],
+    etcd: str,
+    trainer_port: int,
+) -> ProcessGroup:
+    """`timeshare train` for node `name` of this machine, in its network namespace, with the head's overrides
+    and what it needs to join: the job, the addresses, etcd and the trainer rendezvous."""
+    join = [
+        f"cluster.node={name}", f"cluster.job={paths.root.name}", f"run.root={paths.root.parent}",
+        f"cluster.address={placement.address}", f"cluster.head_address={cfg.cluster.head_address}",
+        f"cluster.etcd={etcd}", f"cluster.trainer_port={trainer_port}", f"cluster.interface={placement.interface}",
+        "cluster.local_nodes=false", "cluster.engine_port=0", "cluster.vllm_port=0",
+    ]  # fmt: skip
+    argv = [*placement.prefix, sys.executable, "-m", "launch.cli", "train", *overrides, *join]
+    proc = ProcessGroup.spawn(argv, paths.logs / f"launcher-{name}.log", parent_death=signal.SIGTERM)
+    stack.callback(proc.stop, ENGINE_STOP_GRACE + 30)  # its engine's stop and its trainer's
+    return proc
 
 
 def train(overrides: list[str]) -> int:
@@ -319,7 +296,10 @@ def train(overrides: list[str]) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     # A shell starts a background job with SIGINT ignored, and Python keeps it so: `kill -INT` would do nothing.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    cfg, paths, start = _prepare_run(overrides)
+    cfg = load_config(overrides)
+    if not cfg.cluster.is_head:
+        return run_worker(cfg)
+    cfg, paths, start = _prepare_run(cfg, overrides)
     rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
     try:
         model_dir, tokens = _prepare_model(cfg, paths, rollout)
@@ -335,8 +315,8 @@ def train(overrides: list[str]) -> int:
     print(f"timeshare train: run directory {paths.root} (starting at iteration {start})", flush=True)
 
     try:
-        history = _run_job(cfg, paths, start, rollout=rollout, model_dir=model_dir, tokens=tokens, task=task,
-                           pool=pool, heldout=heldout)  # fmt: skip
+        history = _run_job(cfg, paths, start, overrides, rollout=rollout, model_dir=model_dir, tokens=tokens,
+                           task=task, pool=pool, heldout=heldout)  # fmt: skip
     except KeyboardInterrupt:
         print(f"timeshare train: interrupted; {_how_to_continue(paths)}", flush=True)
         return 130

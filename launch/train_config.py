@@ -186,7 +186,7 @@ class ClusterConfig(Section):
             if missing:
                 raise ConfigError(
                     f"a job of {len(self.nodes)} nodes started node by node needs cluster.{', cluster.'.join(missing)} "
-                    "set alike on every node (launch/slurm/timeshare.sbatch sets them), or cluster=local2 to start "
+                    "set alike on every node, or cluster=local2 to start "
                     "them all from here"
                 )
         return self

@@ -1,6 +1,6 @@
 """The trainer's section of the run's config (`trainer.*`) and the document each rank runs from.
 
-`RankConfig` is what the launcher writes to `<run dir>/trainer.json` and every torchrun rank reads
+`RankConfig` is what the launcher writes to `<run dir>/trainer-<node>.json` and every torchrun rank reads
 (`python -m sidecars.megatron.rank_main <file>`): the trainer section as the user set it, the
 algorithm section, and the few facts of the run the ranks need.
 """
@@ -69,8 +69,11 @@ class RankConfig(Section):
     run_dir: str
     model_dir: str
     engine_url: str  # the node's checkpoint engine
+    engine_token: str | None = None  # its bearer token, when its API is not on loopback
     job: str
     node: str
+    # Only the head's trainer writes each version (global rank 0); the other nodes' engines pull it.
+    exports: bool = True
     iterations: int = Field(ge=1)  # RL iterations; the rank exits at TRAIN of iterations + 1
     start_iteration: int = Field(ge=0)  # > 0: resume from the checkpoint of this iteration
     checkpoint_every: int = Field(ge=1)

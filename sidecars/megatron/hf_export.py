@@ -1,8 +1,8 @@
 """A checkpoint of a run as an HF model directory: config, tokenizer and one safetensors file.
 
-Consumes a run directory (its `trainer.json` names the model directory the run started from and its
-`config.json` the trainer's tensor parallelism) and one complete checkpoint; produces a directory that
-transformers and vLLM load like the model the run started from. Runs offline, without
+Consumes a run directory (its `config.json` names the model the run started from, unless the run wrote
+its tiny model to `model-init/`, and the trainer's tensor parallelism) and one complete checkpoint;
+produces a directory that transformers and vLLM load like the model the run started from. Runs offline, without
 torch.distributed: each TP rank's shard of every parameter is read from its `trainer-rank<r>.pt`
 (ranks 0..tp-1 hold TP ranks 0..tp-1 of the first data-parallel replica) and merged as the live
 export merges them (`convert.tp_merge`, then `convert.megatron_to_hf`).
@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from checkpoint_engine.contracts.run_dir import RunPaths
 from sidecars.megatron.arch import ModelArch
-from sidecars.megatron.config import RankConfig
 from sidecars.megatron.convert import has_fused_norms, megatron_to_hf, megatron_weights, tp_merge
 
 
@@ -30,8 +29,8 @@ class ExportError(ValueError):
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int | None = None) -> Path:
     """Write checkpoint `iteration` (default: the newest complete one) of `run_dir` to `out_dir`."""
     paths = RunPaths(Path(run_dir))
-    if not (paths.root / "trainer.json").exists():
-        raise ExportError(f"{run_dir} is not a run directory (no trainer.json)")
+    if not paths.config.exists():
+        raise ExportError(f"{run_dir} is not a run directory (no {paths.config.name})")
     complete = paths.complete_checkpoints()
     if not complete:
         raise ExportError(f"{run_dir} has no complete checkpoint yet")
@@ -46,7 +45,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
     # The tiny model the run wrote, or the model.path it started from.
     started = paths.model_init
     if not (started / "config.json").exists():
-        started = Path(RankConfig.from_json_file(paths.root / "trainer.json").model_dir)
+        started = Path(json.loads(paths.config.read_text())["model"]["path"])
     tp = json.loads(paths.config.read_text())["parallel"]["trainer_tp"]
     shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(tp)]
     merged = {name: tp_merge(name, [s[name] for s in shards]) for name in shards[0]}

@@ -1,6 +1,6 @@
 """Entry point of one trainer rank under torchrun: follows the job's phase and does the trainer's part.
 
-    torchrun --nproc-per-node N -m sidecars.megatron.rank_main <run dir>/trainer.json
+    torchrun --nproc-per-node N -m sidecars.megatron.rank_main <run dir>/trainer-<node>.json
 
 Rank 0 waits for each phase through the node's checkpoint engine and tells the other ranks by a
 broadcast; every rank then does the work (TP collectives need all of them) and rank 0 reports it:
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,11 @@ class Rank:
         self.trainer = Trainer(cfg.model_dir, cfg.trainer, cfg.algo.to_algo(), iterations=cfg.iterations,
                                temperature=cfg.temperature, seed=cfg.seed, dtype=cfg.dtype)  # fmt: skip
         self.offloader = Offloader(self.trainer.model, self.trainer.optimizer)
-        self.client = EngineClient(cfg.engine_url) if self.rank == 0 else None
-        self.writer = RegionWriter(cfg.job, cfg.node) if self.rank == 0 else None
+        # Each node's first rank reports its node's trainer phases to the node's engine; the job's first rank
+        # (on the head) also waits for the phase for every rank and writes each version's weights.
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.client = EngineClient(cfg.engine_url, token=cfg.engine_token) if local_rank == 0 else None
+        self.writer = RegionWriter(cfg.job, cfg.node) if self.rank == 0 and cfg.exports else None
         self.cold_start_seconds = 0.0  # reported with the first EXPORT, whose phase time includes it
 
     def _log(self, msg: str, *args: Any) -> None:
@@ -56,7 +60,7 @@ class Rank:
         """Wait (rank 0 through the engine) until the job is at `phase` of `iteration`, and share the
         state with every rank; None: the job is elsewhere, stop."""
         found: list[PhaseState | None] = [None]
-        if self.client is not None:
+        if self.rank == 0 and self.client is not None:
             state = self.client.wait_phase(iteration, phase, self.cfg.phase_timeout)
             if (state.iteration, state.phase) == (iteration, phase):
                 found = [state]

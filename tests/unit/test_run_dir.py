@@ -59,9 +59,9 @@ def test_latest_checkpoint_falls_back_and_warns_naming_both(run: RunPaths, caplo
 def test_resume_starts_from_the_previous_sound_checkpoint(run: RunPaths) -> None:
     run.config.write_text(json.dumps(load_config([]).to_dict()))
     run.trainer_state(3, 0).write_bytes(b"")
-    _, paths, start = train._prepare_run([f"resume={run.root}"])
+    _, paths, start = train._prepare_run(load_config([f"resume={run.root}"]), [f"resume={run.root}"])
     assert (paths.root, start) == (run.root, 2)
     for iteration in (1, 2):
         run.controller_state(iteration).write_text("{}")
     with pytest.raises(ConfigError, match="no sound checkpoint"):
-        train._prepare_run([f"resume={run.root}"])
+        train._prepare_run(load_config([f"resume={run.root}"]), [f"resume={run.root}"])

@@ -62,7 +62,14 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
 
 
 def test_round_trip_through_json() -> None:
-    cfg = load_config(["algo=grpo", "task=sort", "parallel=tp2", "cluster.nodes=[a,b]", "cluster.node=b"])
+    cluster = [
+        "cluster.nodes=[a,b]",
+        "cluster.node=b",
+        "cluster.job=j",
+        "cluster.trainer_port=7",
+        "cluster.etcd_port=8",
+    ]
+    cfg = load_config(["algo=grpo", "task=sort", "parallel=tp2", "transfer=mooncake", *cluster])
     data = json.loads(json.dumps(cfg.to_dict()))
     assert TrainConfig.from_dict(data) == cfg
     assert cfg.cluster.nodes == ("a", "b")

@@ -1,0 +1,170 @@
+"""One node's processes, alike on the head and on every other node: its checkpoint engine and its trainer
+ranks (torchrun: `--nnodes` over the job's nodes, this node's `--node-rank`, the rendezvous on the head).
+
+`start_node` starts both under an ExitStack that stops them; `run_worker` is all a node after the head
+does: wait for the head's run directory, start its processes, wait for its trainer to finish. The head
+adds etcd, the controller and the run directory (`launch/train.py`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import signal
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpoint_engine.config import EngineConfig
+from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
+from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.vllm_protocol import VllmSettings
+from checkpoint_engine.process_group import ProcessGroup, last_error
+from engine.config import RolloutConfig
+from launch.etcd_server import free_loopback_ports
+from launch.train_config import TrainConfig
+from sidecars.megatron.config import RankConfig
+
+# The engine's own shutdown (vLLM killed, weight regions removed, lease revoked) before it is killed.
+ENGINE_STOP_GRACE = 30.0
+
+
+@dataclass
+class Node:
+    """A node's running engine (and a client of it) and trainer ranks."""
+
+    name: str
+    engine: ProcessGroup
+    client: EngineClient
+    trainer: ProcessGroup
+    logs: Path
+
+    def check_alive(self) -> None:
+        check_exited("trainer", self.trainer, self.logs / f"trainer-{self.name}.log")
+        check_exited("checkpoint engine", self.engine, self.logs / f"engine-{self.name}.log")
+
+
+def check_exited(name: str, proc: ProcessGroup, log_path: Path) -> None:
+    """Raise `JobFailedError` when `proc` has exited: its status and the last error its log names."""
+    if proc.poll() is not None:
+        raise JobFailedError(f"the {name} exited with status {proc.returncode} ({last_error(log_path)})")
+
+
+def start_node(
+    stack: ExitStack,
+    cfg: TrainConfig,
+    paths: RunPaths,
+    model_dir: Path,
+    *,
+    etcd: str,
+    rollout: RolloutConfig,
+    start: int,
+    trainer_port: int,
+) -> Node:
+    """This node's engine (answering) and trainer ranks, stopped when `stack` unwinds. Every child dies with
+    this process, even one killed by SIGKILL: SIGTERM lets the engine stop vLLM and remove its regions,
+    and torchrun stop the ranks."""
+    here, node = cfg.cluster, cfg.cluster.node
+    ports = free_loopback_ports(2)
+    engine_port, vllm_port = here.engine_port or ports[0], here.vllm_port or ports[1]
+    token = None if ipaddress.ip_address(here.address).is_loopback else secrets.token_urlsafe(16)
+    engine_cfg = _engine_config(cfg, paths, model_dir, etcd, rollout=rollout, start=start, token=token,
+                                ports=(engine_port, vllm_port))  # fmt: skip
+    engine_file = engine_cfg.to_json_file(paths.root / f"engine-{node}.json")
+    engine_log = paths.logs / f"engine-{node}.log"
+    engine = ProcessGroup.spawn([sys.executable, "-m", "launch.cli", "engine", str(engine_file)], engine_log,
+                                parent_death=signal.SIGTERM)  # fmt: skip
+    stack.callback(engine.stop, ENGINE_STOP_GRACE)
+    client = EngineClient(f"http://{here.address}:{engine_port}", token=token)
+    stack.callback(client.close)
+    client.wait_for_engine(timeout=120, before_poll=lambda: check_exited("checkpoint engine", engine, engine_log))
+
+    rank_file = _rank_config(cfg, paths, model_dir, client.base_url, token, start=start).to_json_file(
+        paths.root / f"trainer-{node}.json"
+    )
+    env = {"GLOO_SOCKET_IFNAME": here.interface} if here.interface else {}
+    trainer = ProcessGroup.spawn([
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(here.nodes)),
+        "--node-rank", str(here.nodes.index(node)), "--nproc-per-node", str(cfg.parallel.trainer_ranks),
+        "--master-addr", here.head_address, "--master-port", str(trainer_port),
+        "-m", "sidecars.megatron.rank_main", str(rank_file),
+    ], paths.logs / f"trainer-{node}.log", env=env, parent_death=signal.SIGTERM)  # fmt: skip
+    stack.callback(trainer.stop, 30)
+    return Node(name=node, engine=engine, client=client, trainer=trainer, logs=paths.logs)
+
+
+def _engine_config(
+    cfg: TrainConfig,
+    paths: RunPaths,
+    model_dir: Path,
+    etcd: str,
+    *,
+    rollout: RolloutConfig,
+    start: int,
+    token: str | None,
+    ports: tuple[int, int],
+) -> EngineConfig:
+    """This node's engine, from the run's sections (the engine reads them as one JSON file); `rollout` is
+    the effective one (long-context preset applied). A node after the head loads the head's exports."""
+    here = cfg.cluster
+    return EngineConfig(
+        node=here.node, job=paths.root.name, etcd=etcd, nodes=here.nodes, start_iteration=start,
+        weights_from=() if here.is_head else (here.head,), log_dir=str(paths.logs), host=here.address,
+        port=ports[0], token=token, lifecycle=rollout.lifecycle, phase=cfg.phase, transfer=cfg.transfer,
+        vllm=VllmSettings(
+            model_dir=str(model_dir), host=here.address, port=ports[1], tensor_parallel=cfg.parallel.vllm_tp,
+            gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_bytes=rollout.kv_cache_bytes(),
+            max_model_len=rollout.max_model_len, dtype=cfg.model.dtype, seed=cfg.run.seed,
+        ),
+    )  # fmt: skip
+
+
+def _rank_config(
+    cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url: str, token: str | None, *, start: int
+) -> RankConfig:
+    """What every trainer rank of this node runs from (`trainer-<node>.json`)."""
+    return RankConfig(
+        run_dir=str(paths.root), model_dir=str(model_dir), engine_url=engine_url, engine_token=token,
+        job=paths.root.name, node=cfg.cluster.node, exports=cfg.cluster.is_head, iterations=cfg.run.iterations,
+        start_iteration=start, checkpoint_every=cfg.run.checkpoint_every, tensor_parallel=cfg.parallel.trainer_tp,
+        phase_timeout=cfg.phase.timeout, seed=cfg.run.seed, temperature=cfg.rollout.temperature,
+        dtype=cfg.model.dtype, trainer=cfg.trainer, algo=cfg.algo,
+    )  # fmt: skip
+
+
+def run_worker(cfg: TrainConfig) -> int:
+    """A node after the head: its engine and trainer ranks in the head's run directory until its trainer ends."""
+    here = cfg.cluster
+    paths = RunPaths(Path(cfg.run.root) / str(here.job))
+    _await_head(paths, cfg.phase.timeout)
+    model_dir = paths.model_init if cfg.model.path is None else Path(cfg.model.path)
+    etcd = here.etcd or f"{here.head_address}:{here.etcd_port}"
+    print(f"timeshare train: {here.node} of job {here.job} in {paths.root}", flush=True)
+    try:
+        with ExitStack() as stack:
+            node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=cfg.effective_rollout(), start=0,
+                              trainer_port=here.trainer_port)  # fmt: skip
+            while node.trainer.poll() is None:
+                check_exited("checkpoint engine", node.engine, paths.logs / f"engine-{here.node}.log")
+                time.sleep(0.5)
+            if node.trainer.returncode != 0:
+                node.check_alive()
+    except KeyboardInterrupt:
+        print(f"timeshare train: {here.node} interrupted", flush=True)
+        return 130
+    except JobFailedError as e:
+        print(f"timeshare train: {here.node}: {e}; logs in {paths.logs}", flush=True)
+        return 1
+    print(f"timeshare train: {here.node} done", flush=True)
+    return 0
+
+
+def _await_head(paths: RunPaths, timeout: float) -> None:
+    """The head writes the cold start's examples last, before it starts its own processes."""
+    deadline = time.monotonic() + timeout
+    while not paths.cold_start.exists():
+        if time.monotonic() > deadline:
+            raise JobFailedError(f"the head did not prepare {paths.root} within {timeout:g} s (phase.timeout)")
+        time.sleep(0.5)
