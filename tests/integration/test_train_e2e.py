@@ -163,6 +163,16 @@ def test_a_tensor_parallel_run_exports_one_merged_model(tmp_path: Path) -> None:
     _export_reproduces_rollout(paths, 1, tmp_path / "hf")
 
 
+@pytest.mark.parametrize("trainer_tp", [1, 2])
+def test_a_vllm_of_two_tensor_parallel_workers_loads_the_trainers_weights(tmp_path: Path, trainer_tp: int) -> None:
+    """vLLM with tensor parallel 2 receives each version (whole HF tensors, each worker taking its shard)
+    from a trainer of tensor parallel 1 or 2: the trainer's logprobs of what it sampled agree."""
+    paths = whole_run(tmp_path, "run.iterations=1", "parallel.vllm_tp=2", f"parallel.trainer_tp={trainer_tp}")
+    history = {int(r["iteration"]): r for r in rows(paths)}
+    assert history[1]["vllm/weight_version/node0"] == 1
+    assert history[1]["logprob_gap/mean_abs"] < 1e-3
+
+
 def test_keep_alive_builds_vllm_once_and_serves_every_version(tmp_path: Path) -> None:
     paths = whole_run(tmp_path, "rollout.lifecycle=keep_alive")
     history = {int(r["iteration"]): r for r in rows(paths)}
