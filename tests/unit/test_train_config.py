@@ -152,6 +152,18 @@ RULES = [
     (["cluster.node=node1"], r"cluster\.node must be one of cluster\.nodes"),
     (["cluster.etcd=http://127.0.0.1:2379"], r"cluster\.etcd: bad etcd endpoint"),
     (["phase.ttl=1"], r"phase\.ttl must be >= 2"),
+    (
+        ["cluster.nodes=[a,b]", "cluster.node=a"],
+        r"needs cluster\.job, cluster\.trainer_port, cluster\.etcd \(or etcd_port\)",
+    ),
+    (
+        ["cluster.nodes=[a,b]", "cluster.node=a", "cluster.job=j", "cluster.trainer_port=7", "cluster.etcd_port=8"],
+        r"a job of 2 nodes moves weights between them with Mooncake: set transfer=mooncake",
+    ),
+    (
+        ["cluster=local2", "cluster.nodes=[a,b,c]", "cluster.node=a"],
+        r"cluster\.local_nodes starts one node beside the head",
+    ),
     (["task.pool_size=8"], r"task\.pool_size \(8\) must be >= rollout\.prompts_per_iteration"),
 ]
 
