@@ -1,10 +1,12 @@
-"""`timeshare train`: one node's whole RL job, from Hydra overrides to a trained run directory.
+"""`timeshare train`: an RL job, from Hydra overrides to a trained run directory.
 
-Starts (and always stops) a local etcd unless `cluster.etcd` names one, the node's checkpoint
-engine (`timeshare engine`), the trainer ranks (torchrun, `sidecars.megatron.rank_main`) and runs
-the iteration controller in this process. The trainer's first act is the supervised cold start;
-iteration 0 then exports it, evaluates it and rolls out; every later iteration trains on the last
-rollout. `resume=<run dir>` restarts a run from its newest complete checkpoint with its saved config.
+On the head (the first of cluster.nodes, the only node by default) it makes the run directory, starts
+(and always stops) an etcd unless `cluster.etcd` names one, the node's checkpoint engine and trainer
+ranks (`launch/node.py`), the other nodes where it starts them itself (cluster=local2), and runs the
+iteration controller in this process. On any other node it runs that node's part (`node.run_worker`).
+The trainer's first act is the supervised cold start; iteration 0 then exports it, evaluates it and
+rolls out; every later iteration trains on the last rollout. `resume=<run dir>` restarts a run from
+its newest complete checkpoint with its saved config.
 """
 
 from __future__ import annotations
