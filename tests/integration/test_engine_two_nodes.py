@@ -138,10 +138,9 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
             assert n0.post("/weights/update", {"version": 0})["weight_version"] == 0
             assert _greedy(n0, 8) == want
 
-            # The controller finishes ROLLOUT; vLLM is killed on both nodes; then ONLOAD, TRAIN...
-            for n in nodes:
-                rollout = MetricsAck(metrics={"reward/mean": 0.5}).to_dict()
-                n.post("/phase/complete", {"iteration": 0, "phase": "ROLLOUT", "payload": rollout})
+            # The controller (on the head, node0) finishes ROLLOUT; vLLM is killed on both nodes; then ONLOAD...
+            rollout = MetricsAck(metrics={"reward/mean": 0.5}).to_dict()
+            n0.post("/phase/complete", {"iteration": 0, "phase": "ROLLOUT", "payload": rollout})
             _wait("ONLOAD", lambda: n0.phase() == (0, "ONLOAD"), timeout=120)
             assert not any(n.get("/status")["vllm_alive"] for n in nodes)
             assert all(n.get("/status")["vllm_zygote"] for n in nodes)  # the next start forks, with imports done
