@@ -36,6 +36,7 @@ from checkpoint_engine.contracts.acks import (
     UpdateWeightsAck,
 )
 from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, fail, initial_state, next_state, order, spec
+from checkpoint_engine.contracts.vllm_protocol import UpdateWeightsResponse
 from checkpoint_engine.contracts.weight_region import Manifest
 from checkpoint_engine.coordination_errors import CoordinationError, CoordinationTimeout, PhaseFailedError
 from checkpoint_engine.coordinator import Coordinator
@@ -150,12 +151,17 @@ class CheckpointEngine:
             ack = payload.model_copy(update={"region": manifest.region, "bytes": manifest.size})
             self.coordinator.ack(state, ack.to_dict())
 
+    def _load(self, version: int) -> UpdateWeightsResponse:
+        """vLLM loads `version` from this node's region (pulled from another node if need be)."""
+        manifest = self.store.resolve(version)
+        loaded = self.vllm.client.update_weights(manifest.to_dict())  # every tensor checked against its checksum
+        log.info("[%s] vLLM serves weight version %d (checksums verified, digest %s)", self.cfg.node,
+                 loaded.weight_version, manifest.digest())  # fmt: skip
+        return loaded
+
     def update_weights(self, version: int) -> UpdateWeightsAck:
         def op() -> UpdateWeightsAck:
-            manifest = self.store.resolve(version)
-            loaded = self.vllm.client.update_weights(manifest.to_dict())  # every tensor checked against its checksum
-            log.info("[%s] vLLM serves weight version %d (checksums verified, digest %s)", self.cfg.node,
-                     loaded.weight_version, manifest.digest())  # fmt: skip
+            loaded = self._load(version)
             self.store.drop_older_than(version)
             return UpdateWeightsAck(weight_version=loaded.weight_version, load_seconds=round(loaded.seconds, 3))
 
@@ -172,13 +178,11 @@ class CheckpointEngine:
 
         def op() -> RestartVllmAck:
             self.vllm.terminate()
-            started = time.perf_counter()
-            _, retries = self.vllm.start_retrying(self.cfg.phase.vllm_start_timeout, self.cfg.phase.vllm_start_attempts)
-            loaded = time.perf_counter()
-            weights = self.vllm.client.update_weights(self.store.resolve(version).to_dict())
+            started = self._start_vllm_process()
+            loaded = self._load(version)
             return RestartVllmAck(
-                pid=self.vllm.pid, start_seconds=loaded - started, load_seconds=time.perf_counter() - loaded,
-                weight_version=weights.weight_version, retries=retries,
+                pid=self.vllm.pid, start_seconds=started, load_seconds=loaded.seconds,
+                weight_version=loaded.weight_version, retries=self._start_retries,
             )  # fmt: skip
 
         log.warning("[%s] vLLM is gone during ROLLOUT of version %d; starting it again", self.cfg.node, version)

@@ -41,9 +41,12 @@ class Node:
     trainer: ProcessGroup
     logs: Path
 
+    def check_engine(self) -> None:
+        check_exited("checkpoint engine", self.engine, self.logs / f"engine-{self.name}.log")
+
     def check_alive(self) -> None:
         check_exited("trainer", self.trainer, self.logs / f"trainer-{self.name}.log")
-        check_exited("checkpoint engine", self.engine, self.logs / f"engine-{self.name}.log")
+        self.check_engine()
 
 
 def check_exited(name: str, proc: ProcessGroup, log_path: Path) -> None:
@@ -147,7 +150,7 @@ def run_worker(cfg: TrainConfig) -> int:
             node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=cfg.effective_rollout(), start=0,
                               trainer_port=here.trainer_port)  # fmt: skip
             while node.trainer.poll() is None:
-                check_exited("checkpoint engine", node.engine, paths.logs / f"engine-{here.node}.log")
+                node.check_engine()
                 time.sleep(0.5)
             if node.trainer.returncode != 0:
                 node.check_alive()

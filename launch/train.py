@@ -213,12 +213,12 @@ def _run_job(
     (cluster=local2), the iterations from `start`, everything stopped; the run's metrics history. A process
     that exits early raises `JobFailedError` naming it."""
     with ExitStack() as stack:
-        others: dict[str, tuple[Placement, list[str]]] = {}
+        others: dict[str, Placement] = {}  # the nodes this head starts itself
         if cfg.cluster.local_nodes:
             net = stack.enter_context(LocalNetwork())
             place = {"address": net.head.address, "head_address": net.head.address, "interface": net.head.interface}
             cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update=place)})
-            others = {cfg.cluster.nodes[1]: (net.node, overrides)}
+            others = {cfg.cluster.nodes[1]: net.node}
         here = cfg.cluster
         if here.etcd is None:  # a fresh one: a resumed job's phase starts from its checkpoint
             shutil.rmtree(paths.root / "etcd-data", ignore_errors=True)
@@ -230,8 +230,8 @@ def _run_job(
         node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=rollout, start=start,
                           trainer_port=trainer_port)  # fmt: skip
         spawned = {}
-        for name, (placement, extra) in others.items():
-            spawned[name] = _start_local_node(stack, cfg, paths, name, placement=placement, overrides=extra,
+        for name, placement in others.items():
+            spawned[name] = _start_local_node(stack, cfg, paths, name, placement=placement, overrides=overrides,
                                               etcd=etcd, trainer_port=trainer_port)  # fmt: skip
 
         def check_alive() -> None:

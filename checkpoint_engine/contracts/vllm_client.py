@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import requests
 
 from checkpoint_engine.contracts.vllm_protocol import (
@@ -72,8 +74,6 @@ class SpreadVllmClient:
         self.served = dict.fromkeys(self.clients, 0)
 
     def generate(self, requests_: list[GenerationRequest]) -> GenerateResponse:
-        from concurrent.futures import ThreadPoolExecutor
-
         nodes = list(self.clients)
         size, extra = divmod(len(requests_), len(nodes))
         shares, start = {}, 0

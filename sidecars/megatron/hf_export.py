@@ -35,18 +35,19 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
     if not complete:
         raise ExportError(f"{run_dir} has no complete checkpoint yet")
     if iteration is None:
-        iteration = paths.latest_checkpoint()
+        iteration = paths.latest_checkpoint()  # the newest sound one
         if iteration is None:
             raise ExportError(f"{run_dir}: every complete checkpoint is damaged (see the warnings above)")
-    if iteration not in complete:
+    elif iteration not in complete:
         raise ExportError(f"{run_dir} has no complete checkpoint {iteration}; complete ones: {complete}")
-    if (damage := paths.checkpoint_damage(iteration)) is not None:
+    elif (damage := paths.checkpoint_damage(iteration)) is not None:
         raise ExportError(f"checkpoint {paths.checkpoint(iteration)} is damaged: {damage}")
+    config = json.loads(paths.config.read_text())
     # The tiny model the run wrote, or the model.path it started from.
     started = paths.model_init
     if not (started / "config.json").exists():
-        started = Path(json.loads(paths.config.read_text())["model"]["path"])
-    tp = json.loads(paths.config.read_text())["parallel"]["trainer_tp"]
+        started = Path(config["model"]["path"])
+    tp = config["parallel"]["trainer_tp"]
     shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(tp)]
     merged = {name: tp_merge(name, [s[name] for s in shards]) for name in shards[0]}
     tensors = megatron_to_hf(merged, ModelArch.from_pretrained(started), fused_norms=has_fused_norms(merged))

@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node N -m sidecars.megatron.rank_main <run dir>/trainer-<node>.json
 
-Rank 0 waits for each phase through the node's checkpoint engine and tells the other ranks by a
-broadcast; every rank then does the work (TP collectives need all of them) and rank 0 reports it:
+The job's rank 0 waits for each phase through its node's checkpoint engine and tells the other ranks
+by a broadcast; every rank then does the work (TP collectives need all of them) and each node's first
+rank reports it to its node's engine (only the head's rank 0 writes weights):
 TRAIN (RL updates on the last rollout's batch, checkpoint), OFFLOAD, EXPORT (HF tensors into the
 node's shared-memory region, registered with the engine), ONLOAD. A fresh run first does the
 supervised cold start; a resumed run loads its checkpoint and restarts at EXPORT of that iteration.
