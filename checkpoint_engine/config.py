@@ -25,6 +25,12 @@ class PhaseConfig(Section):
     vllm_start_timeout: float = Field(300.0, gt=0)  # until vLLM answers its health check; <= timeout
     vllm_start_attempts: int = Field(3, ge=1)  # a vLLM that dies or stays unhealthy is started again
     ttl: int = Field(10, ge=2)  # node lease in etcd: a node silent this long has failed
+    # An engine's etcd requests are tried again while etcd is out of reach for this long (the launcher starts
+    # the job's own etcd again on its data directory when it dies); 0: fail at once.
+    etcd_outage: float = Field(30.0, ge=0)
+    # A node whose lease ran out (crashed, or stalled past `ttl`) is waited for this long to register again and
+    # do its part before the phase fails naming it; 0: fail at once.
+    node_grace: float = Field(30.0, ge=0)
 
     @model_validator(mode="after")
     def _start_within_timeout(self) -> PhaseConfig:

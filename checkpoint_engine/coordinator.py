@@ -8,8 +8,9 @@ also prunes what finished iterations left behind, see `Coordinator.advance`), ac
 Waits on: etcd watches, all through `etcd_watch.watch_until`, for the phase, acks, shards, node
 registration and expiry and a vacant leader key; every wait takes a timeout and its error
 (`coordination_errors`) names who or what did not arrive. etcd out of reach surfaces as pyetcd's
-ConnectionFailedError (the heartbeat alone retries). etcd carries coordination only; bulk data goes
-through shm / Mooncake (see `contracts/weight_region.py`).
+ConnectionFailedError once `etcd_outage` seconds of trying again have passed (the heartbeat retries on
+its own). etcd carries coordination only; bulk data goes through shm / Mooncake (see
+`contracts/weight_region.py`).
 """
 
 from __future__ import annotations
@@ -92,12 +93,15 @@ class Coordinator:
         ttl: int = DEFAULT_TTL,
         http_address: str = "",
         vllm_address: str = "",
+        etcd_outage: float = 0.0,
+        node_grace: float = 0.0,
     ) -> None:
         self.keys = Keys(job)
+        self.node_grace = node_grace  # how long a barrier waits for a node without a live lease to return
         self.node = check_name(node, "node id")
         self.log = _NodeLog(logger, {"node": node})
         self._owns_client = isinstance(etcd, str)
-        self.client = connect(etcd) if isinstance(etcd, str) else etcd
+        self.client = connect(etcd, outage=etcd_outage) if isinstance(etcd, str) else etcd
         self._lock = threading.Lock()
         self._leader_revision: int | None = None  # mod revision of our leader key: the fencing token
         self._closed = False
@@ -439,20 +443,40 @@ class Coordinator:
     def _barrier(
         self, prefix: str, nodes: set[str], read: Callable[[], dict[str, T]], timeout: float, what: str
     ) -> dict[str, T]:
+        """Wait for a record from each of `nodes`. A silent node without a live lease (crashed, or stalled past its
+        TTL) is waited for `node_grace` s to register again; NodeLostError names it after that."""
+        lost_since: dict[str, float] = {}
+
         def check() -> dict[str, T] | None:
             found = read()
             silent = nodes - set(found)
             if not silent:
                 return {n: found[n] for n in nodes}
-            lost = sorted(silent & set(self.missing_nodes(silent)))
-            if lost:
+            now, missing = time.monotonic(), set(self.missing_nodes(silent))
+            for node in sorted(lost_since.keys() - missing):
+                self.log.warning("node %s has a live lease again after %.1f s", node, now - lost_since.pop(node))
+            for node in sorted(missing - lost_since.keys()):
+                lost_since[node] = now
+                if self.node_grace:
+                    self.log.warning("node %s has no live lease; waiting up to %g s (phase.node_grace) for it to "
+                                     "return and send %s", node, self.node_grace, what)  # fmt: skip
+            gone = sorted(n for n, since in lost_since.items() if now - since >= self.node_grace)
+            if gone:
+                waited = f"return within {self.node_grace:g} s (phase.node_grace) to " if self.node_grace else ""
                 raise NodeLostError(
-                    f"{self.node}: node(s) {names(lost)} have no live lease (crashed, hung or never registered) "
-                    f"and did not send {what}"
+                    f"{self.node}: node(s) {names(gone)} have no live lease (crashed, hung or never registered) "
+                    f"and did not {waited}send {what}"
                 )
             return None
 
-        done = self._wait_until([prefix, self.keys.nodes], check, timeout)
+        deadline = time.monotonic() + timeout
+        while True:  # wakes (no event may come) when a lost node's grace ends, and every half grace to see one
+            left = deadline - time.monotonic()
+            ends = [since + self.node_grace - time.monotonic() for since in lost_since.values()]
+            every = [self.node_grace / 2] if self.node_grace else []
+            done = self._wait_until([prefix, self.keys.nodes], check, max(0.05, min([left, *ends, *every])))
+            if done is not None or time.monotonic() >= deadline:
+                break
         if done is None:
             silent = nodes - set(read())
             raise CoordinationTimeout(

@@ -70,7 +70,8 @@ class CheckpointEngine:
     def __init__(self, cfg: EngineConfig, http_address: str = "") -> None:
         self.cfg = cfg
         self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.phase.ttl, http_address=http_address,
-                                       vllm_address=f"http://{cfg.vllm.host}:{cfg.vllm.port}")  # fmt: skip
+                                       vllm_address=f"http://{cfg.vllm.host}:{cfg.vllm.port}",
+                                       etcd_outage=cfg.phase.etcd_outage, node_grace=cfg.phase.node_grace)  # fmt: skip
         # Other nodes reach this one's weights through Mooncake at the engine's own address.
         mooncake = MooncakeConfig(protocol=cfg.transfer.protocol, hostname=cfg.host)
         self.store = WeightStore(

@@ -1,15 +1,29 @@
 """The etcd connection every coordinating process uses: endpoint parsing and a client that gives up in time.
 
 Consumes: an endpoint string "HOST:PORT" (from the config, or the launcher's local etcd).
-Produces: a `pyetcd` client. pyetcd is imported only when a client is made.
+Produces: a `pyetcd` client; with `outage` > 0, one whose requests ride out etcd being out of reach for up
+to that long (the launcher starts a job's etcd again on its data directory when it dies). pyetcd is
+imported only when a client is made.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pyetcd
+
+log = logging.getLogger(__name__)
+
+# The client's requests; anything else (`transactions`, `close`, ...) is passed through as it is.
+_REQUESTS = frozenset({
+    "get", "get_prefix", "get_response", "put", "delete", "delete_prefix", "transaction", "lease", "revoke_lease",
+    "add_watch_callback", "add_watch_prefix_callback",
+})  # fmt: skip
+_RETRY_PAUSE = 0.25  # seconds between tries while etcd is out of reach
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -23,8 +37,9 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def connect(endpoint: str, timeout: float = 5.0) -> pyetcd.MultiEndpointEtcd3Client:
-    """A pyetcd client whose every call gives up after `timeout` seconds.
+def connect(endpoint: str, timeout: float = 5.0, outage: float = 0.0) -> pyetcd.MultiEndpointEtcd3Client:
+    """A pyetcd client whose every call gives up after `timeout` seconds, tried again while etcd is out of
+    reach for up to `outage` seconds.
 
     pyetcd's `client()` marks its only endpoint failed for 300 s after one UNAVAILABLE answer and
     then raises "Trying to use a failed node" without trying; `time_retry=0` lets a coordinator
@@ -34,4 +49,53 @@ def connect(endpoint: str, timeout: float = 5.0) -> pyetcd.MultiEndpointEtcd3Cli
 
     host, port = parse_endpoint(endpoint)
     node = pyetcd.Endpoint(host, port, secure=False, time_retry=0.0)
-    return pyetcd.MultiEndpointEtcd3Client(endpoints=[node], timeout=timeout)
+    client = pyetcd.MultiEndpointEtcd3Client(endpoints=[node], timeout=timeout)
+    return _RidesOutOutages(client, endpoint, outage) if outage > 0 else client
+
+
+class _RidesOutOutages:
+    """A pyetcd client whose requests are tried again while etcd is out of reach, for up to `outage` seconds
+    from the first failure, then fail as before. A request that failed may still have been applied: the
+    callers' writes are idempotent puts and compare-and-swaps, which a repeat cannot apply twice."""
+
+    def __init__(self, client: pyetcd.MultiEndpointEtcd3Client, endpoint: str, outage: float) -> None:
+        self._client, self._endpoint, self._outage = client, endpoint, outage
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        return self._patient(name, value) if name in _REQUESTS else value
+
+    def __enter__(self) -> _RidesOutOutages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
+
+    def _patient(self, name: str, request: Callable[..., Any]) -> Callable[..., Any]:
+        import pyetcd.exceptions as errors
+
+        # WatchTimedOut: a watch asked for on a stream that broke gets no answer.
+        unreachable = (errors.ConnectionFailedError, errors.ConnectionTimeoutError, errors.NoServerAvailableError,
+                       errors.WatchTimedOut)  # fmt: skip
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            first_failure = None
+            while True:
+                try:
+                    result = request(*args, **kwargs)
+                except unreachable as e:
+                    now = time.monotonic()
+                    if first_failure is None:
+                        first_failure = now
+                        log.warning("etcd at %s is out of reach (%s: %s); trying again for up to %g s",
+                                    self._endpoint, name, type(e).__name__, self._outage)  # fmt: skip
+                    if now - first_failure >= self._outage:
+                        raise
+                    time.sleep(_RETRY_PAUSE)
+                    continue
+                if first_failure is not None:
+                    log.warning("etcd at %s answers again after %.1f s", self._endpoint,
+                                time.monotonic() - first_failure)  # fmt: skip
+                return result
+
+        return call

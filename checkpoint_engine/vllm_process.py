@@ -9,13 +9,16 @@ vLLM's engine-core and worker processes when TP > 1), the group is SIGKILLed, an
 the tree must have exited. The zygote lives until the engine stops; it and every sidecar exit when
 their parent does.
 vLLM's message queues live in /dev/shm segments that a killed tree never unlinks; the segments
-the tree has mapped are recorded once it is healthy and removed after it is gone.
+the tree has mapped are recorded while it starts and before it is killed, and removed after it is
+gone, with any multiprocessing segment made since its fork that no live process maps (a creator
+killed before its finalizer ran leaves such a name behind).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -29,6 +32,10 @@ from checkpoint_engine.contracts.vllm_protocol import StartupTimes, VllmSettings
 from checkpoint_engine.process_group import ProcessGroup, Stopped
 
 log = logging.getLogger(__name__)
+
+SHM = Path("/dev/shm")
+# Names multiprocessing gives its named semaphores and shared memory (vLLM's spawned workers use both).
+MULTIPROCESSING_SEGMENTS = ("sem.mp-", "psm_")
 
 
 class VllmStartError(RuntimeError):
@@ -55,6 +62,7 @@ class VllmProcess:
         self._zygote: ProcessGroup | None = None
         self._group: ProcessGroup | None = None  # the sidecar forked by the last start
         self._segments: set[str] = set()
+        self._shm_at_fork: set[str] = set()  # /dev/shm's names before the last sidecar was forked
         self._cancelled = threading.Event()
         self.client = VllmClient(f"http://{settings.host}:{settings.port}")
 
@@ -90,6 +98,7 @@ class VllmProcess:
         """Ask the zygote for a sidecar (waiting for its imports if they are not done) and adopt it."""
         self.prepare()
         self._pid_path.unlink(missing_ok=True)
+        self._shm_at_fork = set(os.listdir(SHM)) if SHM.is_dir() else set()
         self._fork_path.touch()
         while time.perf_counter() < deadline:
             self._check_start()
@@ -176,7 +185,7 @@ class VllmProcess:
         self._segments |= self._mapped_segments()
         stopped = self._group.stop(grace=0.0)
         self._group = None
-        for path in self._segments:
+        for path in self._segments | _unmapped_since(self._shm_at_fork):
             Path(path).unlink(missing_ok=True)
         self._segments = set()
         return replace(stopped, seconds=time.perf_counter() - start)  # the segments' removal included
@@ -189,3 +198,27 @@ class VllmProcess:
             self._zygote = None
         self._fork_path.unlink(missing_ok=True)
         self._pid_path.unlink(missing_ok=True)
+
+
+def _unmapped_since(before: set[str]) -> set[str]:
+    """Multiprocessing's /dev/shm entries made since `before`, over a second old, that no live process maps:
+    garbage whoever made them (a live process maps its own within microseconds, so another job's are safe)."""
+    if not SHM.is_dir():
+        return set()
+    names = {n for n in set(os.listdir(SHM)) - before if n.startswith(MULTIPROCESSING_SEGMENTS)}
+    new = set()
+    for name in names:
+        with contextlib.suppress(OSError):
+            if time.time() - (SHM / name).stat().st_mtime > 1.0:
+                new.add(SHM / name)
+    if not new:
+        return set()
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            mapped |= {line.rsplit(" ", 1)[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line}
+    stray = {str(p) for p in new} - mapped
+    if stray:
+        log.info("removing %d multiprocessing segments that vLLM's tree left and no process maps: %s", len(stray),
+                 sorted(stray))  # fmt: skip
+    return stray

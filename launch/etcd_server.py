@@ -6,15 +6,18 @@ Produces: a running server listening on 127.0.0.1 only, its endpoint "127.0.0.1:
 directory finds the keys again). Waits on: the server answering a read, up to `start_timeout`.
 
 The launcher starts one of these when no etcd endpoint is configured; every other process only
-ever sees the endpoint string and calls `connect`.
+ever sees the endpoint string and calls `connect`. `EtcdWatchdog` starts it again, on the same data
+directory and ports, when it dies while its job runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +25,8 @@ from typing import Self
 
 from checkpoint_engine.etcd_client import connect
 from checkpoint_engine.process_group import ProcessGroup
+
+log = logging.getLogger(__name__)
 
 DEBIAN_BINARY = "/usr/bin/etcd"
 LOOPBACK = "127.0.0.1"
@@ -118,6 +123,7 @@ class LocalEtcd:
         self.log_path = self.data_dir / "etcd.log"
         self._group: ProcessGroup | None = None
         self._endpoint: str | None = None
+        self._peer_port = 0  # kept with the client port once started, so that a restart serves the same endpoint
 
     def __repr__(self) -> str:
         state = f"running at {self._endpoint}, pid {self.pid}" if self.running else "stopped"
@@ -139,6 +145,11 @@ class LocalEtcd:
     @property
     def running(self) -> bool:
         return self._group is not None and self._group.alive()
+
+    @property
+    def exit_code(self) -> int | None:
+        """The last process's exit status, once it has exited."""
+        return None if self._group is None else self._group.poll()
 
     def __enter__(self) -> Self:
         self.start()
@@ -175,7 +186,7 @@ class LocalEtcd:
 
     def _start_once(self, binary: str) -> None:
         client_port, peer_port = free_loopback_ports(2)
-        client_port = self.port or client_port
+        client_port, peer_port = self.port or client_port, self._peer_port or peer_port
         # The log is appended to, so that an earlier server's on the same directory survives a restart.
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         # etcd itself creates the data directory with mode 0700 (it warns on anything looser).
@@ -189,6 +200,7 @@ class LocalEtcd:
             if _PORT_TAKEN in str(exc):
                 raise _PortTakenError(str(exc)) from exc
             raise
+        self.port, self._peer_port = client_port, peer_port
 
     def _wait_ready(self, proc: ProcessGroup, endpoint: str, log_start: int) -> None:
         """Poll until a linearizable read succeeds, i.e. the member has elected itself leader."""
@@ -218,6 +230,44 @@ class LocalEtcd:
         self._endpoint = None
         if self._group is not None:
             self._group.stop(self.stop_grace)
+
+
+class EtcdWatchdog:
+    """While its `with` block runs, starts `etcd` again on its data directory and ports each time it exits:
+    the keys it had come back, and the engines ride out the gap (`phase.etcd_outage`). `restarts` counts
+    them; `failure` is set, and the watch ends, when a start fails."""
+
+    def __init__(self, etcd: LocalEtcd, interval: float = 0.2) -> None:
+        self.etcd, self.interval = etcd, interval
+        self.restarts = 0
+        self.failure: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="etcd-watchdog", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.etcd.running:
+                continue
+            code = self.etcd.exit_code
+            log.warning("etcd (pid %s) exited with status %s; starting it again on %s", self.etcd.pid, code,
+                        self.etcd.data_dir)  # fmt: skip
+            try:
+                self.etcd.stop()  # reaps what is left of it
+                self.etcd.start()
+            except Exception as e:  # its cause is in the message, with the log's tail
+                self.failure = f"etcd exited with status {code} and did not start again: {e}"
+                log.error("%s", self.failure)
+                return
+            self.restarts += 1
+            log.warning("etcd answers again at %s (restart %d)", self.etcd.endpoint, self.restarts)
 
 
 class _PortTakenError(RuntimeError):

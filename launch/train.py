@@ -18,8 +18,11 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+
+import requests
 
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
@@ -33,7 +36,7 @@ from engine.replay_buffer import PartialRolloutBuffer
 from engine.rewards import RewardScorer
 from engine.tasks import Sample, Task
 from launch.config_loading import load_config
-from launch.etcd_server import LocalEtcd, free_loopback_ports
+from launch.etcd_server import EtcdWatchdog, LocalEtcd, free_loopback_ports
 from launch.local_nodes import LocalNetwork, Placement
 from launch.node import ENGINE_STOP_GRACE, check_exited, run_worker, start_node
 from launch.train_config import TrainConfig
@@ -192,6 +195,14 @@ def _how_to_continue(paths: RunPaths) -> str:
     return "no checkpoint was written, so start the run again"
 
 
+def _restart_point(cfg: TrainConfig, paths: RunPaths, restarts: int) -> int | None:
+    """The iteration a failed job restarts from (its newest sound checkpoint), or None: no restarts left, no
+    checkpoint yet, or a job of several nodes, whose other nodes this launcher does not restart."""
+    if restarts >= cfg.run.restarts or len(cfg.cluster.nodes) > 1:
+        return None
+    return paths.latest_checkpoint()
+
+
 def _raise_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")  # unwinds the ExitStack: engine, trainer and etcd stop
 
@@ -208,10 +219,12 @@ def _run_job(
     task: Task,
     pool: list[Sample],
     heldout: list[Sample],
+    restarts: int,
 ) -> list[dict[str, float]]:
     """The head's part: etcd, its own engine and trainer ranks, the other nodes where it starts them
     (cluster=local2), the iterations from `start`, everything stopped; the run's metrics history. A process
-    that exits early raises `JobFailedError` naming it."""
+    that exits early raises `JobFailedError` naming it; `restarts` (the job's restarts so far) goes into
+    every iteration's metrics as `job/restarts`."""
     with ExitStack() as stack:
         others: dict[str, Placement] = {}  # the nodes this head starts itself
         if cfg.cluster.local_nodes:
@@ -220,10 +233,12 @@ def _run_job(
             cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update=place)})
             others = {cfg.cluster.nodes[1]: net.node}
         here = cfg.cluster
+        watchdog = None
         if here.etcd is None:  # a fresh one: a resumed job's phase starts from its checkpoint
             shutil.rmtree(paths.root / "etcd-data", ignore_errors=True)
             local = LocalEtcd(paths.root / "etcd-data", host=here.head_address, port=here.etcd_port)
             etcd = stack.enter_context(local).endpoint
+            watchdog = stack.enter_context(EtcdWatchdog(local))  # a dead etcd starts again on its data
         else:
             etcd = here.etcd
         trainer_port = here.trainer_port or free_loopback_ports(1)[0]
@@ -235,6 +250,8 @@ def _run_job(
                                               etcd=etcd, trainer_port=trainer_port)  # fmt: skip
 
         def check_alive() -> None:
+            if watchdog is not None and watchdog.failure is not None:
+                raise JobFailedError(watchdog.failure)
             node.check_alive()
             for name, proc in spawned.items():
                 check_exited(f"launcher of {name}", proc, paths.logs / f"launcher-{name}.log")
@@ -247,7 +264,8 @@ def _run_job(
                                        disable=not cfg.run.progress, dynamic_ncols=True))  # fmt: skip
 
         def record(iteration: int, values: dict[str, float]) -> None:
-            metrics.log(iteration, values)
+            restarted = {"job/restarts": restarts} | ({"etcd/restarts": watchdog.restarts} if watchdog else {})
+            metrics.log(iteration, {**values, **restarted})
             bar.write(format_line(iteration, values))
             bar.update(1)
             metrics.plot()
@@ -261,11 +279,27 @@ def _run_job(
         )  # fmt: skip
         if start:
             controller.load_state(start)
-        controller.run(start)
+        try:
+            controller.run(start)
+        except requests.ConnectionError as e:  # the engine (most likely) died under a request: say which
+            raise _named_failure(check_alive, e) from e
         node.trainer.wait(timeout=120)
         for proc in spawned.values():
             proc.wait(timeout=120)
     return metrics.history()
+
+
+def _named_failure(check_alive: Callable[[], None], error: Exception, wait: float = 5.0) -> JobFailedError:
+    """The failure of the process whose death broke a connection, once it is seen to have exited (within
+    `wait` s); else one naming the broken connection."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            check_alive()
+        except JobFailedError as failed:
+            return failed
+        time.sleep(0.1)
+    return JobFailedError(f"the controller lost its connection to a process of the job ({error})")
 
 
 def _start_local_node(
@@ -304,10 +338,10 @@ def train(overrides: list[str]) -> int:
     cfg, paths, start = _prepare_run(cfg, overrides)
     rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
     try:
-        model_dir, tokens = _prepare_model(cfg, paths, rollout)
-        task = cfg.task.make()
+        task = cfg.task.make()  # a bad dataset record fails here, before the model is written
         pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
         heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)
+        model_dir, tokens = _prepare_model(cfg, paths, rollout)
         if start == 0:
             paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, rollout.stop)))
     except BaseException:
@@ -316,15 +350,23 @@ def train(overrides: list[str]) -> int:
         raise
     print(f"timeshare train: run directory {paths.root} (starting at iteration {start})", flush=True)
 
-    try:
-        history = _run_job(cfg, paths, start, overrides, rollout=rollout, model_dir=model_dir, tokens=tokens,
-                           task=task, pool=pool, heldout=heldout)  # fmt: skip
-    except KeyboardInterrupt:
-        print(f"timeshare train: interrupted; {_how_to_continue(paths)}", flush=True)
-        return 130
-    except JobFailedError as e:  # a process could not do its part: the cause in one line, the rest in the logs
-        print(f"timeshare train: {e}; logs in {paths.logs}; {_how_to_continue(paths)}", flush=True)
-        return 1
+    restarts = 0
+    while True:
+        try:
+            history = _run_job(cfg, paths, start, overrides, rollout=rollout, model_dir=model_dir, tokens=tokens,
+                               task=task, pool=pool, heldout=heldout, restarts=restarts)  # fmt: skip
+            break
+        except KeyboardInterrupt:
+            print(f"timeshare train: interrupted; {_how_to_continue(paths)}", flush=True)
+            return 130
+        except JobFailedError as e:  # a process could not do its part: the cause in one line, the rest in the logs
+            again = _restart_point(cfg, paths, restarts)
+            if again is None:
+                print(f"timeshare train: {e}; logs in {paths.logs}; {_how_to_continue(paths)}", flush=True)
+                return 1
+            restarts, start = restarts + 1, again
+            print(f"timeshare train: {e}; restarting from the checkpoint of iteration {start} (restart {restarts} "
+                  f"of run.restarts={cfg.run.restarts}); logs in {paths.logs}", flush=True)  # fmt: skip
     print(summarize_phase_times(history), flush=True)
     final = export_checkpoint(paths.root, paths.root / "hf")  # the trained model, loadable by transformers and vLLM
     print(f"timeshare train: done; metrics, TensorBoard logs and progress.png in {paths.root}, the model in {final}",

@@ -29,15 +29,31 @@ def etcd_client(etcd_server: LocalEtcd) -> Iterator[pyetcd.MultiEndpointEtcd3Cli
         yield client
 
 
+SHM = Path("/dev/shm")
+_first_seen: dict[Path, str] = {}  # /dev/shm entry -> the test after which it was first there
+
+
+def _shm_entries() -> set[Path]:
+    return set(SHM.iterdir()) if SHM.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def _note_new_shm_entries(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Remember after which test each /dev/shm entry appeared, so that a leak names its test."""
+    yield
+    for entry in _shm_entries() - _first_seen.keys():
+        _first_seen[entry] = request.node.nodeid
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
     """After the whole run: no /dev/shm segment and no process that the tests started is left."""
     import psutil
 
-    shm = Path("/dev/shm")
-    before = set(shm.iterdir()) if shm.is_dir() else set()
+    before = _shm_entries()
+    _first_seen.update(dict.fromkeys(before, "(before the tests)"))
     yield
-    leaked = sorted(str(p) for p in (set(shm.iterdir()) if shm.is_dir() else set()) - before)
+    leaked = sorted(f"{p} (first seen after {_first_seen.get(p, 'the last test')})" for p in _shm_entries() - before)
     # multiprocessing's resource tracker lives as long as the interpreter that started it: not a leak.
     children = [
         f"{p.pid} {' '.join(p.cmdline()[:4])}"

@@ -55,17 +55,29 @@ class JsonlTask:
                 missing = [k for k in (self.prompt_key, self.answer_key) if k not in record]
                 if missing:
                     raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; fields present: {sorted(record)}")
-                raw_answer = str(record[self.answer_key])
+                raw_prompt, raw_answer, difficulty = self._fields(record, f"{path}:{lineno}")
                 answer = extract_answer(raw_answer) if "####" in raw_answer or "\\boxed" in raw_answer else raw_answer
-                raw_prompt = str(record[self.prompt_key])
                 prompt = self.prompt_template.replace("{prompt}", raw_prompt)
                 uid = "jsonl:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
-                difficulty = float(record.get("difficulty", 0.0))  # optional field of the format
                 sample = Sample(uid=uid, prompt=prompt, answer=(answer or raw_answer).strip(), difficulty=difficulty)
                 samples.append((raw_prompt, sample))
         if not samples:
             raise ValueError(f"{path} holds no records")
         return samples
+
+    def _fields(self, record: dict, where: str) -> tuple[str, str, float]:
+        """The record's prompt (a non-empty string), answer (a non-empty string or a number) and difficulty
+        (a number, 0 when absent), or a ValueError naming the line, the field and the value."""
+        prompt, answer, difficulty = record[self.prompt_key], record[self.answer_key], record.get("difficulty", 0.0)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: field {self.prompt_key!r} must be a non-empty string, got {prompt!r}")
+        numeric = isinstance(answer, int | float) and not isinstance(answer, bool)
+        if not numeric and (not isinstance(answer, str) or not answer.strip()):
+            wanted = "a non-empty string or a number"
+            raise ValueError(f"{where}: field {self.answer_key!r} must be {wanted}, got {answer!r}")
+        if not isinstance(difficulty, int | float) or isinstance(difficulty, bool):
+            raise ValueError(f"{where}: field 'difficulty' must be a number when present, got {difficulty!r}")
+        return prompt, str(answer), float(difficulty)
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
         pool = self._records[check_split(split)]

@@ -55,19 +55,31 @@ def kill_next_sidecar(zygote: psutil.Process, timeout: float = 300.0) -> int:
     raise AssertionError(f"the zygote (pid {zygote.pid}) forked no sidecar within {timeout:g} s")
 
 
-def wait_for_phase(under: Path, iteration: int, phase: str, timeout: float = 600.0) -> Path:
+def wait_for_phase(under: Path, iteration: int, phase: str, timeout: float = 600.0, *, since: float = 0.0) -> Path:
     """Block until the run under `under` is at `phase` of `iteration` (its engine's /status, polled every
-    20 ms); returns the run directory."""
+    20 ms), asking only an engine started after `since` (a time.time()); returns the run directory."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for doc in under.glob("*/engine-node0.json"):
             with contextlib.suppress(OSError, ValueError, requests.RequestException):
+                if doc.stat().st_mtime <= since:
+                    continue
                 port = json.loads(doc.read_text())["port"]
                 state = requests.get(f"http://127.0.0.1:{port}/status", timeout=1).json()["phase"] or {}
                 if (state.get("iteration"), state.get("phase")) == (iteration, phase):
                     return doc.parent
         time.sleep(0.02)
     raise AssertionError(f"no run under {under} reached {phase} of iteration {iteration} within {timeout:g} s")
+
+
+def kill_process(run_dir: Path, *args: str) -> int:
+    """SIGKILL the run's one process whose command line holds `args` in order (and names the run); its pid."""
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if " ".join(args) in line and str(run_dir) in line:
+            os.kill(p.pid, signal.SIGKILL)
+            return p.pid
+    raise AssertionError(f"no process of {run_dir} runs {' '.join(args)}")
 
 
 def kill_vllm(run_dir: Path) -> int:

@@ -2,9 +2,11 @@
 phases and checks that the run heals: every iteration completes, it trained on the prompts an uninterrupted
 run samples (none lost, none repeated), and no process or /dev/shm entry outlives it.
 
-Faults healed in the run itself: vLLM killed during its start-up, and during ROLLOUT. Faults that stop the
-job cleanly, resumed from the newest checkpoint: the launcher killed by SIGKILL, Ctrl-C to its process group,
-SIGINT to the launcher alone. `pytest tests/faults` ends with one summary line (see conftest.py).
+Faults healed in the run itself: vLLM killed during its start-up, and during ROLLOUT; etcd killed (started
+again on its data directory). Faults healed by the launcher restarting the job's processes from the newest
+checkpoint: a trainer rank killed, the checkpoint engine killed. Faults that stop the job cleanly, resumed from
+the newest checkpoint: the launcher killed by SIGKILL, Ctrl-C to its process group, SIGINT to the launcher
+alone. `pytest tests/faults` ends with one summary line (see conftest.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tests.faults.injection import (
     SHM,
     find_zygote,
     kill_next_sidecar,
+    kill_process,
     kill_vllm,
     leftovers,
     prompts_against_uninterrupted,
@@ -76,6 +79,63 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(tmp_pat
     assert [history[i]["rollout/weight_version"] for i in range(2)] == [0, 1]
     assert max(r["logprob_gap/mean_abs"] for r in history.values() if "logprob_gap/mean_abs" in r) < 1e-3
     fault.recovery_seconds = history[1]["vllm/restart_seconds"]
+    _account(fault, paths, 2, shm)
+
+
+@pytest.mark.parametrize(
+    ("process", "args", "phase", "newest"),
+    [("trainer rank", ["-m", "sidecars.megatron.rank_main"], "TRAIN", 1),
+     ("checkpoint engine", ["launch.cli", "engine"], "START_VLLM", 2)],
+)  # fmt: skip
+def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
+    tmp_path: Path, faults: FaultReport, process: str, args: list[str], phase: str, newest: int
+) -> None:
+    """Killed in iteration 2, the process's death stops that attempt and the launcher starts the job's processes
+    again from the newest checkpoint (1 during TRAIN of iteration 2, which writes checkpoint 2): the run completes,
+    each iteration logged once, `job/restarts` 1 from the restart on, and nothing the dead processes left."""
+    shm = set(SHM.iterdir())
+    fault = faults.injected(f"{process} SIGKILLed in {phase}")
+    killed: list[float] = []
+
+    def kill() -> None:
+        run_dir = wait_for_phase(tmp_path, 2, phase)
+        killed.append(time.time())
+        kill_process(run_dir, *args)
+        wait_for_phase(tmp_path, 2, phase, since=killed[0])  # the restarted job is back where it was
+        fault.recovery_seconds = time.time() - killed[0]
+
+    killer = _in_background(kill)
+    paths = whole_run(tmp_path, "run.iterations=3")
+    killer.join(timeout=5)
+    assert killed, "the fault was never injected"
+    history = {int(r["iteration"]): r for r in rows(paths)}
+    assert [history[i]["job/restarts"] for i in range(4)] == [int(i >= newest) for i in range(4)]
+    line = f"restarting from the checkpoint of iteration {newest} (restart 1 of run.restarts=2)"
+    assert line in (tmp_path / "launcher.log").read_text()
+    _account(fault, paths, 3, shm)
+
+
+def test_etcd_killed_is_started_again_on_its_data_and_the_phase_goes_on(tmp_path: Path, faults: FaultReport) -> None:
+    """etcd SIGKILLed during START_VLLM of iteration 1: the launcher starts it again on its data directory and
+    port, the engines ride out the gap, and the job carries on without a restart of its own."""
+    shm = set(SHM.iterdir())
+    fault = faults.injected("etcd SIGKILLed in START_VLLM")
+    killed: list[float] = []
+
+    def kill() -> None:
+        run_dir = wait_for_phase(tmp_path, 1, "START_VLLM")
+        killed.append(time.monotonic())
+        kill_process(run_dir, "etcd", "--name=timeshare")
+        wait_for_phase(tmp_path, 1, "ROLLOUT")  # START_VLLM and UPDATE_WEIGHTS done
+        fault.recovery_seconds = time.monotonic() - killed[0]
+
+    killer = _in_background(kill)
+    paths = whole_run(tmp_path)
+    killer.join(timeout=5)
+    assert killed, "the fault was never injected"
+    history = {int(r["iteration"]): r for r in rows(paths)}
+    assert [history[i]["etcd/restarts"] for i in range(3)] == [0, 1, 1]
+    assert [history[i]["job/restarts"] for i in range(3)] == [0, 0, 0]
     _account(fault, paths, 2, shm)
 
 

@@ -237,6 +237,39 @@ def test_wait_acks_gives_up_as_soon_as_a_silent_node_expires(make) -> None:
     assert time.monotonic() - start < TTL + 1
 
 
+def test_a_node_that_returns_within_the_grace_is_waited_for(make) -> None:
+    """node1 stalls past its TTL (its heartbeat stopped), then comes back on a fresh lease and acks: a barrier
+    with `node_grace` waits for it; with the grace over first, the barrier fails naming node1 and the grace."""
+    c0, c1 = make("node0"), make("node1")
+    state = initial_state()
+    c0.ack(state)
+    c1.heartbeat.stop()
+
+    def come_back() -> None:
+        while "node1" in c0.alive_nodes():
+            time.sleep(0.1)
+        time.sleep(0.5)
+        c1.heartbeat.start()  # its first beat finds the lease gone and registers again
+        while "node1" not in c0.alive_nodes():
+            time.sleep(0.1)
+        c1.ack(state)
+
+    c0.node_grace = 20
+    returner = threading.Thread(target=come_back)
+    returner.start()
+    assert set(c0.wait_acks(state, NODES, timeout=30)) == set(NODES)
+    returner.join()
+
+    later = next_state(state)
+    c0.ack(later)
+    c1.heartbeat.stop()
+    c0.node_grace = 1
+    start = time.monotonic()
+    with pytest.raises(NodeLostError, match=r"node1 have no live lease .* did not return within 1 s \(phase"):
+        c0.wait_acks(later, NODES, timeout=30)
+    assert time.monotonic() - start < TTL + 3
+
+
 def test_a_node_whose_heartbeat_stops_is_gone_within_the_ttl(make) -> None:
     c0, c1 = make("node0"), make("node1")
     alive = c0.alive_nodes()

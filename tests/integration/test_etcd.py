@@ -19,7 +19,7 @@ from pyetcd.watch import WatchResponse
 
 from checkpoint_engine.etcd_client import connect, parse_endpoint
 from launch import etcd_server
-from launch.etcd_server import LocalEtcd, free_loopback_ports
+from launch.etcd_server import EtcdWatchdog, LocalEtcd, free_loopback_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 PREFIX = "/timeshare/test-job/"
@@ -158,6 +158,35 @@ def test_keys_survive_a_restart_on_the_same_directory(tmp_path: Path) -> None:
         client.put(PREFIX + "phase", "ROLLOUT")
     with LocalEtcd(tmp_path) as second, connect(second.endpoint) as client:
         assert client.get(PREFIX + "phase")[0] == b"ROLLOUT"
+
+
+def test_a_killed_etcd_is_started_again_and_a_patient_client_rides_out_the_gap(tmp_path: Path) -> None:
+    """The watchdog (looking once a second) starts a SIGKILLed etcd again on the same endpoint and data; a
+    client with `outage` asking in the gap gets its answer once etcd is back."""
+    with LocalEtcd(tmp_path) as server, EtcdWatchdog(server, interval=1.0) as watchdog:
+        endpoint, pid = server.endpoint, server.pid
+        with connect(endpoint, outage=30) as patient:
+            patient.put(PREFIX + "phase", "ROLLOUT")
+            os.kill(pid, 9)
+            while server.pid == pid and server.running:
+                time.sleep(0.01)
+            asked = time.monotonic()
+            assert patient.get(PREFIX + "phase")[0] == b"ROLLOUT"
+            assert time.monotonic() - asked > 0.2  # it did wait for the restart
+        assert (watchdog.restarts, watchdog.failure) == (1, None)
+        assert server.endpoint == endpoint
+        assert server.pid != pid
+
+
+def test_a_watchdog_that_cannot_start_etcd_again_says_why(tmp_path: Path) -> None:
+    with LocalEtcd(tmp_path) as server, EtcdWatchdog(server, interval=0.05) as watchdog:
+        server.binary = str(tmp_path / "no-such-etcd")
+        os.kill(server.pid, 9)
+        deadline = time.monotonic() + 10
+        while watchdog.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert watchdog.failure is not None
+    assert watchdog.failure.startswith("etcd exited with status -9 and did not start again: etcd binary")
 
 
 def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:

@@ -191,3 +191,29 @@ def test_a_child_spawned_with_parent_death_dies_with_a_killed_parent(tmp_path: P
     parent.wait(5)
     child.wait(5)  # psutil.TimeoutExpired if it outlived its parent; init reaps it
     assert not child.is_running()
+
+
+def test_unmapped_multiprocessing_segments_made_since_a_fork_are_found(tmp_path: Path) -> None:
+    """Of the entries made since the snapshot: an unmapped multiprocessing semaphore over a second old is stray;
+    one this process maps, a fresh one, another kind of name and one from before the snapshot are not."""
+    import mmap
+
+    from checkpoint_engine.vllm_process import SHM, _unmapped_since
+
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    older = SHM / f"sem.mp-old-{tag}"
+    older.write_bytes(b"\0" * 32)
+    before = set(os.listdir(SHM))
+    stray, held, fresh, other = (SHM / f"{kind}-{tag}" for kind in ("sem.mp-stray", "psm_held", "psm_fresh", "x"))
+    try:
+        for path in (stray, held, other):
+            path.write_bytes(b"\0" * 32)
+            os.utime(path, (time.time() - 5, time.time() - 5))
+        os.utime(older, (time.time() - 5, time.time() - 5))
+        fresh.write_bytes(b"\0" * 32)
+        with held.open("r+b") as f, mmap.mmap(f.fileno(), 32):
+            assert _unmapped_since(before) >= {str(stray)}
+            assert not _unmapped_since(before) & {str(held), str(fresh), str(other), str(older)}
+    finally:
+        for path in (older, stray, held, fresh, other):
+            path.unlink(missing_ok=True)

@@ -416,6 +416,10 @@ def test_jsonl_missing_file(tmp_path: Path) -> None:
             '{"prompt": "x", "solution": "3"}',
             r"missing field\(s\) \['answer'\]; fields present: \['prompt', 'solution'\]",
         ),
+        ('{"prompt": "", "answer": "3"}', "field 'prompt' must be a non-empty string, got ''"),
+        ('{"prompt": ["x"], "answer": "3"}', r"field 'prompt' must be a non-empty string, got \['x'\]"),
+        ('{"prompt": "x", "answer": null}', "field 'answer' must be a non-empty string or a number, got None"),
+        ('{"prompt": "x", "answer": 3, "difficulty": "hard"}', "field 'difficulty' must be a number when present"),
     ],
 )
 def test_jsonl_bad_line_names_path_and_line(tmp_path: Path, bad_line: str, message: str) -> None:

@@ -63,6 +63,17 @@ def test_a_bad_model_dir_fails_before_the_run_directory_exists(tmp_path: Path, m
     assert not runs.exists() or not list(runs.iterdir())
 
 
+def test_a_bad_dataset_record_fails_before_anything_starts_naming_its_line(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": ""}\n')
+    runs = tmp_path / "runs"
+    assert cli.main(["train", "task=jsonl", f"task.path={data}", f"run.root={runs}"]) == 2
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert f"{data}:2: field 'answer' must be a non-empty string or a number, got ''" in line
+    assert not runs.exists() or not list(runs.iterdir())
+
+
 def test_a_sound_model_dir_passes(tmp_path: Path) -> None:
     train._check_model_dir(write_tiny_model(tmp_path / "m", TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1)))
 
