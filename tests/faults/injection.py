@@ -64,20 +64,22 @@ def wait_for_phase(under: Path, iteration: int, phase: str, timeout: float = 600
             with contextlib.suppress(OSError, ValueError, requests.RequestException):
                 if doc.stat().st_mtime <= since:
                     continue
-                port = json.loads(doc.read_text())["port"]
-                state = requests.get(f"http://127.0.0.1:{port}/status", timeout=1).json()["phase"] or {}
+                where = json.loads(doc.read_text())  # off loopback, the engine asks for its token
+                auth = {"Authorization": f"Bearer {where['token']}"} if where.get("token") else {}
+                url = f"http://{where['host']}:{where['port']}/status"
+                state = requests.get(url, headers=auth, timeout=1).json()["phase"] or {}
                 if (state.get("iteration"), state.get("phase")) == (iteration, phase):
                     return doc.parent
         time.sleep(0.02)
     raise AssertionError(f"no run under {under} reached {phase} of iteration {iteration} within {timeout:g} s")
 
 
-def kill_process(run_dir: Path, *args: str) -> int:
-    """SIGKILL the run's one process whose command line holds `args` in order (and names the run); its pid."""
+def kill_process(run_dir: Path, *args: str, sig: int = signal.SIGKILL) -> int:
+    """Send `sig` to the run's one process whose command line holds `args` in order (and names the run); its pid."""
     for p in psutil.process_iter(["cmdline"]):
         line = " ".join(p.info["cmdline"] or [])
         if " ".join(args) in line and str(run_dir) in line:
-            os.kill(p.pid, signal.SIGKILL)
+            os.kill(p.pid, sig)
             return p.pid
     raise AssertionError(f"no process of {run_dir} runs {' '.join(args)}")
 

@@ -139,6 +139,35 @@ def test_etcd_killed_is_started_again_on_its_data_and_the_phase_goes_on(tmp_path
     _account(fault, paths, 2, shm)
 
 
+def test_a_node_that_stalls_past_its_lease_is_waited_for(tmp_path: Path, faults: FaultReport) -> None:
+    """cluster=local2 with 2 s leases: node1's engine is stopped (SIGSTOP) in ROLLOUT of iteration 1 for three
+    leases' time, so its lease runs out; once continued it registers again, and the head, which waits
+    phase.node_grace for it, carries on: every iteration completes on both nodes."""
+    shm = set(SHM.iterdir())
+    fault = faults.injected("node1's engine stalled past its lease in ROLLOUT")
+    stalled: list[float] = []
+
+    def stall() -> None:
+        run_dir = wait_for_phase(tmp_path, 1, "ROLLOUT")
+        pid = kill_process(run_dir, "launch.cli", "engine", f"{run_dir}/engine-node1.json", sig=signal.SIGSTOP)
+        stalled.append(time.monotonic())
+        time.sleep(6)
+        os.kill(pid, signal.SIGCONT)
+        wait_for_phase(tmp_path, 2, "TRAIN")
+        fault.recovery_seconds = time.monotonic() - stalled[0] - 6  # after it was continued
+
+    staller = _in_background(stall)
+    paths = whole_run(tmp_path, "cluster=local2", "phase.ttl=2")
+    staller.join(timeout=5)
+    assert stalled, "the fault was never injected"
+    assert "LEASE EXPIRED" in (paths.logs / "engine-node1.log").read_text()
+    assert "node node1 has a live lease again" in (paths.logs / "engine-node0.log").read_text()
+    history = {int(r["iteration"]): r for r in rows(paths)}
+    assert [history[i]["vllm/weight_version/node1"] for i in range(3)] == [0, 1, 2]
+    assert [history[i]["job/restarts"] for i in range(3)] == [0, 0, 0]
+    _account(fault, paths, 2, shm)
+
+
 def test_stopped_by_sigkill_and_ctrl_c_the_job_leaves_nothing_and_resumes(tmp_path: Path, faults: FaultReport) -> None:
     """The launcher is SIGKILLed in iteration 1, the resumed run gets Ctrl-C (SIGINT to its process group)
     in iteration 2, the next SIGINT to the launcher's pid alone in iteration 3; each stop leaves no process
