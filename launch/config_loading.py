@@ -104,3 +104,37 @@ def _check_key_path(dotted: str) -> None:
     except ConfigError as e:
         if str(e).startswith("unknown key"):
             raise
+
+
+def resumed_config(given: TrainConfig, overrides: list[str], saved_path: Path, job: str) -> TrainConfig:
+    """The config a resumed run (`resume=`, the run directory named `job`) runs with: its saved one. Only the
+    cluster section, where the job's processes run (a new slurm allocation, the joining arguments of a node
+    after the head), may be given anew, with as many nodes; any other override must agree with the saved value."""
+    import json
+
+    saved = TrainConfig.from_dict(json.loads(saved_path.read_text()))
+    new, old = given.to_dict(), saved.to_dict()
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    differ = [o for o, k in zip(overrides, keys, strict=True) if k.split(".")[0] not in ("resume", "cluster")
+              and _lookup(new, k) != _lookup(old, k)]  # fmt: skip
+    if differ:
+        raise ConfigError(
+            f"resume={given.resume} runs with the run's saved config and only cluster.* may change; "
+            f"{differ} differ from it: drop them"
+        )
+    if not any(k.split(".")[0] == "cluster" for k in keys):
+        return saved
+    if len(given.cluster.nodes) != len(saved.cluster.nodes):
+        raise ConfigError(
+            f"resume={given.resume}: the run has {len(saved.cluster.nodes)} nodes (data parallel over them), "
+            f"cluster.nodes gives {len(given.cluster.nodes)}; resume it on as many"
+        )
+    return saved.model_copy(update={"cluster": given.cluster.model_copy(update={"job": job})})
+
+
+def _lookup(data: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data

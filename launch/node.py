@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoint_engine.config import EngineConfig
+from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 from checkpoint_engine.process_group import ProcessGroup, last_error
 from engine.config import RolloutConfig
+from launch.config_loading import resumed_config
 from launch.etcd_server import free_loopback_ports
 from launch.train_config import TrainConfig
 from sidecars.megatron.config import RankConfig
@@ -137,17 +139,35 @@ def _rank_config(
     )  # fmt: skip
 
 
-def run_worker(cfg: TrainConfig) -> int:
-    """A node after the head: its engine and trainer ranks in the head's run directory until its trainer ends."""
+def resume_point(paths: RunPaths) -> int:
+    """The iteration a resumed run starts from: its newest sound checkpoint, the same on every node (they read
+    one run directory); a ConfigError when there is none."""
+    if not paths.config.exists():
+        raise ConfigError(f"resume={paths.root}: not a run directory (no {paths.config.name})")
+    start = paths.latest_checkpoint()  # warns about newer damaged ones
+    if start is None:
+        damaged = " sound" if paths.complete_checkpoints() else " complete"
+        raise ConfigError(f"resume={paths.root}: the run has no{damaged} checkpoint; start it again instead")
+    return start
+
+
+def run_worker(cfg: TrainConfig, overrides: list[str]) -> int:
+    """A node after the head: its engine and trainer ranks in the head's run directory until its trainer ends.
+    With `resume=`, the run's saved config with this node's cluster section, from the newest checkpoint."""
     here = cfg.cluster
-    paths = RunPaths(Path(cfg.run.root) / str(here.job))
-    _await_head(paths, cfg.phase.timeout)
+    if cfg.resume is None:
+        paths, start = RunPaths(Path(cfg.run.root) / str(here.job)), 0
+        _await_head(paths, cfg.phase.timeout)
+    else:
+        paths = RunPaths(Path(cfg.resume))
+        start = resume_point(paths)
+        cfg = resumed_config(cfg, overrides, paths.config, paths.root.name)
     model_dir = paths.model_init if cfg.model.path is None else Path(cfg.model.path)
     etcd = here.etcd or f"{here.head_address}:{here.etcd_port}"
-    print(f"timeshare train: {here.node} of job {here.job} in {paths.root}", flush=True)
+    print(f"timeshare train: {here.node} of job {paths.root.name} in {paths.root}, from iteration {start}", flush=True)
     try:
         with ExitStack() as stack:
-            node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=cfg.effective_rollout(), start=0,
+            node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=cfg.effective_rollout(), start=start,
                               trainer_port=here.trainer_port)  # fmt: skip
             while node.trainer.poll() is None:
                 node.check_engine()

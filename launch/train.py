@@ -35,10 +35,10 @@ from engine.metrics import MetricsLogger, format_line, summarize_phase_times
 from engine.replay_buffer import PartialRolloutBuffer
 from engine.rewards import RewardScorer
 from engine.tasks import Sample, Task
-from launch.config_loading import load_config
+from launch.config_loading import load_config, resumed_config
 from launch.etcd_server import EtcdWatchdog, LocalEtcd, free_loopback_ports
 from launch.local_nodes import LocalNetwork, Placement
-from launch.node import ENGINE_STOP_GRACE, check_exited, run_worker, start_node
+from launch.node import ENGINE_STOP_GRACE, check_exited, resume_point, run_worker, start_node
 from launch.train_config import TrainConfig
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.hf_export import export_checkpoint
@@ -59,19 +59,9 @@ def _prepare_run(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, R
         paths = RunPaths(made).make()
         paths.config.write_text(json.dumps(cfg.to_dict(), indent=2))
         return cfg, paths, 0
-    others = [o for o in overrides if not o.startswith("resume=")]
-    if others:
-        raise ConfigError(f"resume runs with the run's saved config; drop the other overrides {others}")
     paths = RunPaths(Path(cfg.resume))
-    if not paths.config.exists():
-        raise ConfigError(f"resume={cfg.resume}: not a run directory (no {paths.config.name})")
-    start = paths.latest_checkpoint()  # warns about newer damaged ones
-    if start is None:
-        damaged = " sound" if paths.complete_checkpoints() else " complete"
-        raise ConfigError(f"resume={cfg.resume}: the run has no{damaged} checkpoint; start it again instead")
-    saved = TrainConfig.from_dict(json.loads(paths.config.read_text()))
-    if len(saved.cluster.nodes) > 1:
-        raise ConfigError(f"resume={cfg.resume}: resuming a job of several nodes is not built yet; start it again")
+    start = resume_point(paths)
+    saved = resumed_config(cfg, overrides, paths.config, paths.root.name)
     _check_machine(saved)
     return saved, paths.make(), start
 
@@ -197,8 +187,8 @@ def _how_to_continue(paths: RunPaths) -> str:
 
 def _restart_point(cfg: TrainConfig, paths: RunPaths, restarts: int) -> int | None:
     """The iteration a failed job restarts from (its newest sound checkpoint), or None: no restarts left, no
-    checkpoint yet, or a job of several nodes, whose other nodes this launcher does not restart."""
-    if restarts >= cfg.run.restarts or len(cfg.cluster.nodes) > 1:
+    checkpoint yet, or a job with nodes this launcher does not start (and so cannot restart)."""
+    if restarts >= cfg.run.restarts or (len(cfg.cluster.nodes) > 1 and not cfg.cluster.local_nodes):
         return None
     return paths.latest_checkpoint()
 
@@ -247,7 +237,7 @@ def _run_job(
         spawned = {}
         for name, placement in others.items():
             spawned[name] = _start_local_node(stack, cfg, paths, name, placement=placement, overrides=overrides,
-                                              etcd=etcd, trainer_port=trainer_port)  # fmt: skip
+                                              etcd=etcd, trainer_port=trainer_port, start=start)  # fmt: skip
 
         def check_alive() -> None:
             if watchdog is not None and watchdog.failure is not None:
@@ -312,16 +302,25 @@ def _start_local_node(
     overrides: list[str],
     etcd: str,
     trainer_port: int,
+    start: int,
 ) -> ProcessGroup:
     """`timeshare train` for node `name` of this machine, in its network namespace, with the head's overrides
-    and what it needs to join: the job, the addresses, etcd and the trainer rendezvous."""
+    (from a checkpoint, `resume=` the run) and what it needs to join: the job, the addresses, etcd and the
+    trainer rendezvous."""
+    nodes = ",".join(cfg.cluster.nodes)
     join = [
-        f"cluster.node={name}", f"cluster.job={paths.root.name}", f"run.root={paths.root.parent}",
+        f"cluster.node={name}", f"cluster.nodes=[{nodes}]", f"cluster.job={paths.root.name}",
         f"cluster.address={placement.address}", f"cluster.head_address={cfg.cluster.head_address}",
         f"cluster.etcd={etcd}", f"cluster.trainer_port={trainer_port}", f"cluster.interface={placement.interface}",
         "cluster.local_nodes=false", "cluster.engine_port=0", "cluster.vllm_port=0",
     ]  # fmt: skip
-    argv = [*placement.prefix, sys.executable, "-m", "launch.cli", "train", *overrides, *join]
+    # Resumed, it checks its given config (transfer included, for several nodes) before taking the saved one.
+    job = (
+        [f"resume={paths.root}", f"transfer.kind={cfg.transfer.kind}"]
+        if start
+        else [*overrides, f"run.root={paths.root.parent}"]
+    )
+    argv = [*placement.prefix, sys.executable, "-m", "launch.cli", "train", *job, *join]
     proc = ProcessGroup.spawn(argv, paths.logs / f"launcher-{name}.log", parent_death=signal.SIGTERM)
     stack.callback(proc.stop, ENGINE_STOP_GRACE + 30)  # its engine's stop and its trainer's
     return proc
@@ -334,7 +333,7 @@ def train(overrides: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = load_config(overrides)
     if not cfg.cluster.is_head:
-        return run_worker(cfg)
+        return run_worker(cfg, overrides)
     cfg, paths, start = _prepare_run(cfg, overrides)
     rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
     try:

@@ -75,10 +75,10 @@ def wait_for_phase(under: Path, iteration: int, phase: str, timeout: float = 600
 
 
 def kill_process(run_dir: Path, *args: str, sig: int = signal.SIGKILL) -> int:
-    """Send `sig` to the run's one process whose command line holds `args` in order (and names the run); its pid."""
+    """Send `sig` to the run's first process whose command line holds each of `args` and names the run; its pid."""
     for p in psutil.process_iter(["cmdline"]):
         line = " ".join(p.info["cmdline"] or [])
-        if " ".join(args) in line and str(run_dir) in line:
+        if all(a in line for a in (*args, str(run_dir))):
             os.kill(p.pid, sig)
             return p.pid
     raise AssertionError(f"no process of {run_dir} runs {' '.join(args)}")

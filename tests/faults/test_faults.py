@@ -83,16 +83,18 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("process", "args", "phase", "newest"),
-    [("trainer rank", ["-m", "sidecars.megatron.rank_main"], "TRAIN", 1),
-     ("checkpoint engine", ["launch.cli", "engine"], "START_VLLM", 2)],
+    ("process", "args", "phase", "newest", "cluster"),
+    [("trainer rank", ["sidecars.megatron.rank_main"], "TRAIN", 1, "local"),
+     ("checkpoint engine", ["launch.cli engine"], "START_VLLM", 2, "local"),
+     ("node1's trainer rank", ["sidecars.megatron.rank_main", "trainer-node1.json"], "TRAIN", 1, "local2")],
 )  # fmt: skip
 def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
-    tmp_path: Path, faults: FaultReport, process: str, args: list[str], phase: str, newest: int
+    tmp_path: Path, faults: FaultReport, process: str, args: list[str], phase: str, newest: int, cluster: str
 ) -> None:
     """Killed in iteration 2, the process's death stops that attempt and the launcher starts the job's processes
-    again from the newest checkpoint (1 during TRAIN of iteration 2, which writes checkpoint 2): the run completes,
-    each iteration logged once, `job/restarts` 1 from the restart on, and nothing the dead processes left."""
+    again from the newest checkpoint (1 during TRAIN of iteration 2, which writes checkpoint 2), node1 too in
+    cluster=local2 (`resume=` the run): the run completes, each iteration logged once, `job/restarts` 1 from
+    the restart on, and nothing the dead processes left."""
     shm = set(SHM.iterdir())
     fault = faults.injected(f"{process} SIGKILLed in {phase}")
     killed: list[float] = []
@@ -105,11 +107,13 @@ def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
         fault.recovery_seconds = time.time() - killed[0]
 
     killer = _in_background(kill)
-    paths = whole_run(tmp_path, "run.iterations=3")
+    paths = whole_run(tmp_path, "run.iterations=3", f"cluster={cluster}")
     killer.join(timeout=5)
     assert killed, "the fault was never injected"
     history = {int(r["iteration"]): r for r in rows(paths)}
     assert [history[i]["job/restarts"] for i in range(4)] == [int(i >= newest) for i in range(4)]
+    if cluster == "local2":
+        assert [history[i]["vllm/weight_version/node1"] for i in range(4)] == [0, 1, 2, 3]
     line = f"restarting from the checkpoint of iteration {newest} (restart 1 of run.restarts=2)"
     assert line in (tmp_path / "launcher.log").read_text()
     _account(fault, paths, 3, shm)
@@ -125,7 +129,7 @@ def test_etcd_killed_is_started_again_on_its_data_and_the_phase_goes_on(tmp_path
     def kill() -> None:
         run_dir = wait_for_phase(tmp_path, 1, "START_VLLM")
         killed.append(time.monotonic())
-        kill_process(run_dir, "etcd", "--name=timeshare")
+        kill_process(run_dir, "etcd --name=timeshare")
         wait_for_phase(tmp_path, 1, "ROLLOUT")  # START_VLLM and UPDATE_WEIGHTS done
         fault.recovery_seconds = time.monotonic() - killed[0]
 
@@ -149,7 +153,7 @@ def test_a_node_that_stalls_past_its_lease_is_waited_for(tmp_path: Path, faults:
 
     def stall() -> None:
         run_dir = wait_for_phase(tmp_path, 1, "ROLLOUT")
-        pid = kill_process(run_dir, "launch.cli", "engine", f"{run_dir}/engine-node1.json", sig=signal.SIGSTOP)
+        pid = kill_process(run_dir, "launch.cli engine", "engine-node1.json", sig=signal.SIGSTOP)
         stalled.append(time.monotonic())
         time.sleep(6)
         os.kill(pid, signal.SIGCONT)

@@ -9,7 +9,7 @@ import pytest
 
 from checkpoint_engine.contracts.config import ConfigError, Section
 from engine.config import RolloutConfig
-from launch.config_loading import CONF_DIR, compose, load_config, to_config
+from launch.config_loading import CONF_DIR, compose, load_config, resumed_config, to_config
 from launch.train import _check_kv_cache
 from launch.train_config import TrainConfig
 
@@ -262,3 +262,31 @@ def test_a_repeat_penalty_needs_repeat_detection() -> None:
         load_config(["reward.repeat_penalty=1.0"])
     cfg = load_config(["reward.repeat_penalty=1.0", "rollout.repeat.enabled=true", "rollout.repeat.max_ngram=4"])
     assert (cfg.rollout.repeat.max_ngram, cfg.rollout.repeat.min_repeats) == (4, 10)
+
+
+def _resume(tmp_path: Path, saved: list[str], given: list[str]) -> TrainConfig:
+    run = tmp_path / "job-1"
+    run.mkdir(exist_ok=True)
+    (run / "config.json").write_text(json.dumps(load_config(saved).to_dict()))
+    overrides = [f"resume={run}", *given]
+    return resumed_config(load_config(overrides), overrides, run / "config.json", run.name)
+
+
+def test_a_resumed_run_takes_its_saved_config_and_refuses_other_values(tmp_path: Path) -> None:
+    saved = ["task=addition", "run.iterations=5"]
+    assert _resume(tmp_path, saved, []) == load_config(saved)
+    assert _resume(tmp_path, saved, ["run.iterations=5", "task=addition"]) == load_config(saved)  # the same values
+    with pytest.raises(ConfigError, match=r"only cluster\.\* may change; \['run.iterations=6'\] differ from it"):
+        _resume(tmp_path, saved, ["run.iterations=6"])
+
+
+def test_a_resumed_run_of_several_nodes_takes_a_new_placement_with_as_many_nodes(tmp_path: Path) -> None:
+    saved = ["cluster=local2"]
+    placed = ["transfer=mooncake", "cluster.nodes=[n3,n4]", "cluster.node=n4", "cluster.job=timeshare-9",
+              "cluster.etcd=10.0.0.3:2379", "cluster.trainer_port=4000"]  # fmt: skip
+    cfg = _resume(tmp_path, saved, placed)
+    assert (cfg.cluster.nodes, cfg.cluster.node, cfg.cluster.job) == (("n3", "n4"), "n4", "job-1")
+    assert cfg.transfer.kind == "mooncake"
+    assert cfg.model_copy(update={"cluster": load_config(saved).cluster}) == load_config(saved)
+    with pytest.raises(ConfigError, match=r"the run has 2 nodes .* cluster\.nodes gives 3"):
+        _resume(tmp_path, saved, [*placed, "cluster.nodes=[n3,n4,n5]"])
