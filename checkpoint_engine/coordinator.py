@@ -139,6 +139,12 @@ class Coordinator:
         if self._owns_client:
             self.client.close()
 
+    def stop_riding_out(self) -> None:
+        """Fail etcd requests at once, waiting ones included, if etcd is out of reach: this node is stopping."""
+        give_up = getattr(self.client, "give_up", None)  # a client made with `etcd_outage`
+        if give_up is not None:
+            give_up()
+
     @property
     def lease_id(self) -> int:
         return self._node.lease.id

@@ -326,6 +326,7 @@ class CheckpointEngine:
 
     def stop(self) -> None:
         log.info("[%s] stopping: vLLM, weight regions and the etcd lease go", self.cfg.node)
+        self.coordinator.stop_riding_out()  # a job being stopped may have lost its etcd for good
         self._stop.set()
         self.vllm.cancel()
         if self._thread:

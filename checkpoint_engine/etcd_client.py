@@ -9,6 +9,7 @@ imported only when a client is made.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,11 @@ class _RidesOutOutages:
 
     def __init__(self, client: pyetcd.MultiEndpointEtcd3Client, endpoint: str, outage: float) -> None:
         self._client, self._endpoint, self._outage = client, endpoint, outage
+        self._given_up = threading.Event()
+
+    def give_up(self) -> None:
+        """From now on (and in the requests waiting now) an unreachable etcd fails at once: its owner is stopping."""
+        self._given_up.set()
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._client, name)
@@ -89,9 +95,8 @@ class _RidesOutOutages:
                         first_failure = now
                         log.warning("etcd at %s is out of reach (%s: %s); trying again for up to %g s",
                                     self._endpoint, name, type(e).__name__, self._outage)  # fmt: skip
-                    if now - first_failure >= self._outage:
+                    if now - first_failure >= self._outage or self._given_up.wait(_RETRY_PAUSE):
                         raise
-                    time.sleep(_RETRY_PAUSE)
                     continue
                 if first_failure is not None:
                     log.warning("etcd at %s answers again after %.1f s", self._endpoint,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEBIAN_BINARY = "/usr/bin/etcd"
 LOOPBACK = "127.0.0.1"
+PORTS_FROM = 20000  # services' ports are picked from here to the start of the ephemeral range
 MEMBER_NAME = "timeshare"
 LOG_TAIL_LINES = 40
 # A second server racing us for a port found free is the only start failure worth retrying.
@@ -51,17 +53,34 @@ def find_etcd_binary() -> str:
 
 
 def free_loopback_ports(count: int) -> list[int]:
-    """Distinct ports the kernel just gave out on 127.0.0.1; another process may still take one first.
+    """Distinct ports free on 127.0.0.1 now, picked at random below the kernel's ephemeral range: a port from
+    that range can be taken, before its server binds it, as the local end of any outgoing connection (a vLLM
+    bound its port 20 s after the pick and found it so). Another process may still bind one first.
 
-    The sockets stay bound until all are picked, so the kernel cannot hand out the same port twice.
+    The sockets stay bound until all are picked, so no port is picked twice.
     """
+    low, _ = _ephemeral_range()
+    candidates = random.Random().sample(range(PORTS_FROM, low), low - PORTS_FROM) if low > PORTS_FROM + count else []
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        for port in [*candidates, *[0] * count]:  # the kernel's choice only if the range below is all taken
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((LOOPBACK, 0))
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
             ports.append(sock.getsockname()[1])
-        return ports
+            if len(ports) == count:
+                return ports
+        raise OSError(f"no {count} free ports on {LOOPBACK}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
 
 
 def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int, host: str = LOOPBACK) -> list[str]:

@@ -123,6 +123,14 @@ def test_parse_endpoint_rejects(endpoint: str) -> None:
     assert repr(endpoint) in str(info.value)
 
 
+def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    """Ports an outgoing connection cannot take as its local end before the server binds them."""
+    low, _ = etcd_server._ephemeral_range()
+    ports = free_loopback_ports(5)
+    assert len(set(ports)) == 5
+    assert all(etcd_server.PORTS_FROM <= p < low for p in ports)
+
+
 def test_client_retries_an_endpoint_that_failed() -> None:
     # pyetcd's default client answers the second call with "Trying to use a failed node" for 300 s.
     (closed_port,) = free_loopback_ports(1)
