@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,10 +75,16 @@ class ProcessGroup:
         """Start `argv` in a new session, stdout and stderr appended to `log_path`.
 
         `env` is added to (not substituted for) this process's environment. `parent_death`: the signal the
-        child gets when this process exits, however it exits (spawn from the main thread only: the kernel
-        sends it when the spawning thread ends).
+        child gets when this process exits, however it exits; the kernel sends it when the spawning thread
+        ends, so a thread other than the main one spawns only what must not outlive it. Such a thread arms
+        the signal through `setpriv` rather than Python code between fork and exec, which can hang a process
+        whose other threads hold locks (seen with gRPC's).
         """
-        arm = partial(die_with_parent, parent_death, os.getpid()) if parent_death is not None else None
+        arm = None
+        if parent_death is not None and threading.current_thread() is threading.main_thread():
+            arm = partial(die_with_parent, parent_death, os.getpid())
+        elif parent_death is not None:
+            argv = ["setpriv", f"--pdeathsig={parent_death.name}", "--", *argv]
         # Append, so that an earlier run's log on the same path survives; the child keeps its own descriptor.
         with Path(log_path).open("ab") as log:
             popen = subprocess.Popen(

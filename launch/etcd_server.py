@@ -143,6 +143,7 @@ class LocalEtcd:
         self._group: ProcessGroup | None = None
         self._endpoint: str | None = None
         self._peer_port = 0  # kept with the client port once started, so that a restart serves the same endpoint
+        self.restarts = 0  # by restart_if_exited
 
     def __repr__(self) -> str:
         state = f"running at {self._endpoint}, pid {self.pid}" if self.running else "stopped"
@@ -203,6 +204,23 @@ class LocalEtcd:
                 self.stop()
                 raise
 
+    def restart_if_exited(self) -> bool:
+        """Start etcd again on its data directory and ports if it has exited since it started; True if it did. The
+        keys come back and clients reconnect to the same endpoint; a failed start raises RuntimeError with the
+        cause. The new etcd dies with the thread that calls this (`ProcessGroup.spawn`)."""
+        if self._group is None or self.running:
+            return False
+        code = self.exit_code
+        log.warning("etcd (pid %s) exited with status %s; starting it again on %s", self.pid, code, self.data_dir)
+        self.stop()  # reaps what is left of it
+        try:
+            self.start()
+        except Exception as e:  # its cause is in the message, with the log's tail
+            raise RuntimeError(f"etcd exited with status {code} and did not start again: {e}") from None
+        self.restarts += 1
+        log.warning("etcd answers again at %s (restart %d)", self.endpoint, self.restarts)
+        return True
+
     def _start_once(self, binary: str) -> None:
         client_port, peer_port = free_loopback_ports(2)
         client_port, peer_port = self.port or client_port, self._peer_port or peer_port
@@ -252,13 +270,11 @@ class LocalEtcd:
 
 
 class EtcdWatchdog:
-    """While its `with` block runs, starts `etcd` again on its data directory and ports each time it exits:
-    the keys it had come back, and the engines ride out the gap (`phase.etcd_outage`). `restarts` counts
-    them; `failure` is set, and the watch ends, when a start fails."""
+    """While its `with` block runs, a thread starts `etcd` again (`restart_if_exited`) within `interval` s of its
+    exit, whatever the job's main thread is blocked on; `failure` says why, once a start failed."""
 
     def __init__(self, etcd: LocalEtcd, interval: float = 0.2) -> None:
         self.etcd, self.interval = etcd, interval
-        self.restarts = 0
         self.failure: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="etcd-watchdog", daemon=True)
@@ -273,20 +289,12 @@ class EtcdWatchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            if self.etcd.running:
-                continue
-            code = self.etcd.exit_code
-            log.warning("etcd (pid %s) exited with status %s; starting it again on %s", self.etcd.pid, code,
-                        self.etcd.data_dir)  # fmt: skip
             try:
-                self.etcd.stop()  # reaps what is left of it
-                self.etcd.start()
-            except Exception as e:  # its cause is in the message, with the log's tail
-                self.failure = f"etcd exited with status {code} and did not start again: {e}"
-                log.error("%s", self.failure)
+                self.etcd.restart_if_exited()
+            except RuntimeError as e:
+                self.failure = str(e)
+                log.error("%s", e)
                 return
-            self.restarts += 1
-            log.warning("etcd answers again at %s (restart %d)", self.etcd.endpoint, self.restarts)
 
 
 class _PortTakenError(RuntimeError):

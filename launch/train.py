@@ -223,12 +223,14 @@ def _run_job(
             cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update=place)})
             others = {cfg.cluster.nodes[1]: net.node}
         here = cfg.cluster
-        watchdog = None
+        local, watchdog = None, None
         if here.etcd is None:  # a fresh one: a resumed job's phase starts from its checkpoint
             shutil.rmtree(paths.root / "etcd-data", ignore_errors=True)
             local = LocalEtcd(paths.root / "etcd-data", host=here.head_address, port=here.etcd_port)
             etcd = stack.enter_context(local).endpoint
-            watchdog = stack.enter_context(EtcdWatchdog(local))  # a dead etcd starts again on its data
+            # A dead etcd starts again on its data at once, even while the controller waits on an engine that
+            # waits on etcd (phase.etcd_outage).
+            watchdog = stack.enter_context(EtcdWatchdog(local))
         else:
             etcd = here.etcd
         trainer_port = here.trainer_port or free_loopback_ports(1)[0]
@@ -254,7 +256,7 @@ def _run_job(
                                        disable=not cfg.run.progress, dynamic_ncols=True))  # fmt: skip
 
         def record(iteration: int, values: dict[str, float]) -> None:
-            restarted = {"job/restarts": restarts} | ({"etcd/restarts": watchdog.restarts} if watchdog else {})
+            restarted = {"job/restarts": restarts} | ({"etcd/restarts": local.restarts} if local else {})
             metrics.log(iteration, {**values, **restarted})
             bar.write(format_line(iteration, values))
             bar.update(1)

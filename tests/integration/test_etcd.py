@@ -181,7 +181,7 @@ def test_a_killed_etcd_is_started_again_and_a_patient_client_rides_out_the_gap(t
             asked = time.monotonic()
             assert patient.get(PREFIX + "phase")[0] == b"ROLLOUT"
             assert time.monotonic() - asked > 0.2  # it did wait for the restart
-        assert (watchdog.restarts, watchdog.failure) == (1, None)
+        assert (server.restarts, watchdog.failure) == (1, None)
         assert server.endpoint == endpoint
         assert server.pid != pid
 

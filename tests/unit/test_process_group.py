@@ -172,15 +172,25 @@ def test_stop_twice_is_harmless(tmp_path: Path, groups) -> None:
     assert g.returncode == -signal.SIGTERM
 
 
-def test_a_child_spawned_with_parent_death_dies_with_a_killed_parent(tmp_path: Path) -> None:
-    """The launcher's case: a parent killed by SIGKILL cannot stop its children; the kernel's signal does."""
+@pytest.mark.parametrize("spawner", ["main thread", "other thread"])
+def test_a_child_spawned_with_parent_death_dies_with_a_killed_parent(tmp_path: Path, spawner: str) -> None:
+    """The launcher's case: a parent killed by SIGKILL cannot stop its children; the kernel's signal does, armed
+    between fork and exec by the main thread, through setpriv by another (the etcd watchdog's)."""
     pid_file = tmp_path / "child.pid"
-    program = (
-        "import os, pathlib, signal, sys, time; from checkpoint_engine.process_group import ProcessGroup; "
-        f"g = ProcessGroup.spawn([sys.executable, '-c', 'import time; time.sleep(60)'], {str(tmp_path / 'c.log')!r}, "
-        "parent_death=signal.SIGTERM); "
-        f"pathlib.Path({str(pid_file)!r}).write_text(str(g.pid)); time.sleep(60)"
-    )
+    start = "threading.Thread(target=spawn).start()" if spawner == "other thread" else "spawn()"
+    program = f"""
+import pathlib, signal, sys, threading, time
+from checkpoint_engine.process_group import ProcessGroup
+
+def spawn():
+    g = ProcessGroup.spawn([sys.executable, "-c", "import time; time.sleep(60)"], {str(tmp_path / "c.log")!r},
+                           parent_death=signal.SIGTERM)
+    pathlib.Path({str(pid_file)!r}).write_text(str(g.pid))
+    time.sleep(60)  # a spawning thread that ends takes its children's parent-death signal with it
+
+{start}
+time.sleep(60)
+"""
     parent = ProcessGroup.spawn([sys.executable, "-c", program], tmp_path / "p.log", cwd=Path(__file__).parents[2])
     deadline = time.monotonic() + 20
     while not pid_file.exists() and time.monotonic() < deadline:
