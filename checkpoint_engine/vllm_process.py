@@ -29,11 +29,11 @@ import psutil
 
 from checkpoint_engine.contracts.vllm_client import VllmClient
 from checkpoint_engine.contracts.vllm_protocol import StartupTimes, VllmSettings
+from checkpoint_engine.contracts.weight_region import SHM_DIR as SHM
 from checkpoint_engine.process_group import ProcessGroup, Stopped
 
 log = logging.getLogger(__name__)
 
-SHM = Path("/dev/shm")
 # Names multiprocessing gives its named semaphores and shared memory (vLLM's spawned workers use both).
 MULTIPROCESSING_SEGMENTS = ("sem.mp-", "psm_")
 
@@ -205,20 +205,27 @@ def _unmapped_since(before: set[str]) -> set[str]:
     garbage whoever made them (a live process maps its own within microseconds, so another job's are safe)."""
     if not SHM.is_dir():
         return set()
-    names = {n for n in set(os.listdir(SHM)) - before if n.startswith(MULTIPROCESSING_SEGMENTS)}
-    new = set()
-    for name in names:
-        with contextlib.suppress(OSError):
-            if time.time() - (SHM / name).stat().st_mtime > 1.0:
-                new.add(SHM / name)
+    new = {
+        str(SHM / name)
+        for name in set(os.listdir(SHM)) - before
+        if name.startswith(MULTIPROCESSING_SEGMENTS) and _age(SHM / name) > 1.0
+    }
     if not new:
         return set()
     mapped: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         with contextlib.suppress(OSError):
             mapped |= {line.rsplit(" ", 1)[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line}
-    stray = {str(p) for p in new} - mapped
+    stray = new - mapped
     if stray:
         log.info("removing %d multiprocessing segments that vLLM's tree left and no process maps: %s", len(stray),
                  sorted(stray))  # fmt: skip
     return stray
+
+
+def _age(path: Path) -> float:
+    """Seconds since `path` was last modified; 0 for one gone meanwhile."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -18,8 +18,8 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import requests
@@ -271,19 +271,27 @@ def _run_job(
         )  # fmt: skip
         if start:
             controller.load_state(start)
-        try:
+        with _failures_named(check_alive):
             controller.run(start)
-        except requests.ConnectionError as e:  # the engine (most likely) died under a request: say which
-            raise _named_failure(check_alive, e) from e
         node.trainer.wait(timeout=120)
         for proc in spawned.values():
             proc.wait(timeout=120)
     return metrics.history()
 
 
-def _named_failure(check_alive: Callable[[], None], error: Exception, wait: float = 5.0) -> JobFailedError:
-    """The failure of the process whose death broke a connection, once it is seen to have exited (within
-    `wait` s); else one naming the broken connection."""
+@contextmanager
+def _failures_named(check_alive: Callable[[], None], wait: float = 5.0) -> Iterator[None]:
+    """A request of the controller's that fails (a broken connection, a read timed out: the engine most likely
+    died or stalled under it) becomes the job's one-line failure, which a restart handles."""
+    try:
+        yield
+    except requests.RequestException as e:
+        raise _named_failure(check_alive, e, wait) from e
+
+
+def _named_failure(check_alive: Callable[[], None], error: Exception, wait: float) -> JobFailedError:
+    """The failure of the process whose death broke a request, once it is seen to have exited (within `wait` s);
+    else one naming the failed request."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         try:
@@ -291,7 +299,7 @@ def _named_failure(check_alive: Callable[[], None], error: Exception, wait: floa
         except JobFailedError as failed:
             return failed
         time.sleep(0.1)
-    return JobFailedError(f"the controller lost its connection to a process of the job ({error})")
+    return JobFailedError(f"a request of the controller's to the job failed ({type(error).__name__}: {error})")
 
 
 def _start_local_node(

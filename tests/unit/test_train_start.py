@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.process_group import last_error
@@ -93,3 +94,18 @@ def test_last_error_is_the_last_traceback_line(tmp_path: Path) -> None:
     log.write_text("")
     assert last_error(log).endswith("is empty")
     assert last_error(tmp_path / "absent.log").startswith("no log")
+
+
+def test_a_failed_controller_request_names_the_process_that_died() -> None:
+    def dead_engine() -> None:
+        raise train.JobFailedError("the checkpoint engine exited with status -9 (no error in its log)")
+
+    failure = pytest.raises(train.JobFailedError, match="checkpoint engine exited with status -9")
+    with failure, train._failures_named(dead_engine, wait=1.0):
+        raise requests.ReadTimeout("read timed out")
+
+
+def test_a_failed_controller_request_with_every_process_alive_is_one_line_naming_the_request() -> None:
+    failure = pytest.raises(train.JobFailedError, match=r"failed \(ReadTimeout: read timed out\)")
+    with failure, train._failures_named(lambda: None, wait=0.2):
+        raise requests.ReadTimeout("read timed out")
