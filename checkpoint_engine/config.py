@@ -69,6 +69,9 @@ class EngineConfig(Section):
     weights_from: tuple[str, ...] = Field((), strict=False)  # nodes whose exports this node loads (no trainer)
     start_iteration: int = Field(0, ge=0)  # > 0: a resumed run restarts at EXPORT of this iteration
     log_dir: str  # vLLM's log goes here
+    # A directory where the node's vLLM container runs its zygote (`timeshare vllm-zygote DIR`); None: the
+    # engine spawns its own.
+    vllm_zygote: str | None = None
     host: str = "127.0.0.1"  # the engine's HTTP API
     port: int = Field(ge=1, le=65535)
     token: str | None = None  # bearer token; required when `host` is not loopback

@@ -77,7 +77,8 @@ class CheckpointEngine:
         self.store = WeightStore(
             self.coordinator, cfg.job, cfg.node, mooncake if cfg.transfer.kind == "mooncake" else None
         )
-        self.vllm = VllmProcess(cfg.vllm, log_path=Path(cfg.log_dir) / f"vllm-{cfg.node}.log")
+        self.vllm = VllmProcess(cfg.vllm, log_path=Path(cfg.log_dir) / f"vllm-{cfg.node}.log",
+                                zygote_dir=Path(cfg.vllm_zygote) if cfg.vllm_zygote else None)  # fmt: skip
         self._ops = threading.Lock()  # one vLLM / weight operation at a time (API and phase loop)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

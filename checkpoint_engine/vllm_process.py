@@ -3,7 +3,10 @@ with dummy weights, killed after the rollout.
 
 Start-up on CPU is mostly Python imports, so the engine spawns a zygote once (`prepare`, at engine
 start): it imports torch and vLLM while the trainer works and then forks a fresh sidecar for every
-START_VLLM (`start`), which pays for vLLM's build alone. Terminate means the sidecar's whole process
+START_VLLM (`start`), which pays for vLLM's build alone. With `zygote_dir`, the zygote is not the
+engine's: it runs in the node's vLLM container (`timeshare vllm-zygote DIR`, sharing the trainer
+container's PID namespace and /dev/shm), and the engine asks it for sidecars through DIR and adopts
+them alike. Terminate means the sidecar's whole process
 tree is gone, confirmed, at once: the sidecar is a session leader adopted as a `ProcessGroup` (with
 vLLM's engine-core and worker processes when TP > 1), the group is SIGKILLed, and every pid seen in
 the tree must have exited. The zygote lives until the engine stops; it and every sidecar exit when
@@ -28,7 +31,13 @@ from pathlib import Path
 import psutil
 
 from checkpoint_engine.contracts.vllm_client import VllmClient
-from checkpoint_engine.contracts.vllm_protocol import StartupTimes, VllmSettings
+from checkpoint_engine.contracts.vllm_protocol import (
+    ForkRequest,
+    StartupTimes,
+    VllmSettings,
+    ZygoteFiles,
+    write_atomically,
+)
 from checkpoint_engine.contracts.weight_region import SHM_DIR as SHM
 from checkpoint_engine.process_group import ProcessGroup, Stopped
 
@@ -36,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Names multiprocessing gives its named semaphores and shared memory (vLLM's spawned workers use both).
 MULTIPROCESSING_SEGMENTS = ("sem.mp-", "psm_")
+# How long a start waits for a zygote of its own to be there (its container may be starting or restarting).
+EXTERNAL_ZYGOTE_WAIT = 60.0
 
 
 class VllmStartError(RuntimeError):
@@ -50,14 +61,14 @@ def _tail(path: str, lines: int = 40) -> str:
 
 
 class VllmProcess:
-    def __init__(self, settings: VllmSettings, log_path: Path) -> None:
+    def __init__(self, settings: VllmSettings, log_path: Path, zygote_dir: Path | None = None) -> None:
         self.settings, self.log_path = settings, log_path
-        # The sidecar reads its settings from this file (`python -m sidecars.vllm.server <file>`).
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.settings_path = settings.to_json_file(log_path.with_suffix(".json"))
-        # The zygote forks a sidecar when this file appears, and writes the sidecar's pid to `.pid`.
-        self._fork_path = log_path.with_suffix(".fork")
-        self._pid_path = log_path.with_suffix(".pid")
+        self.external = zygote_dir is not None
+        self.files = ZygoteFiles(Path(zygote_dir) / "vllm" if zygote_dir else log_path.with_suffix(""))
+        self.files.prefix.parent.mkdir(parents=True, exist_ok=True)
+        # Every sidecar reads its settings from this file, once forked.
+        write_atomically(self.files.settings, settings.model_dump_json(indent=2))
         self.startup: StartupTimes | None = None  # the last start's breakdown, as the sidecar measured it
         self._zygote: ProcessGroup | None = None
         self._group: ProcessGroup | None = None  # the sidecar forked by the last start
@@ -67,7 +78,7 @@ class VllmProcess:
         self.client = VllmClient(f"http://{settings.host}:{settings.port}")
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "sidecars.vllm.server", str(self.settings_path), "--zygote", str(self._fork_path)]
+        return [sys.executable, "-m", "sidecars.vllm.server", "--zygote", str(self.files.prefix)]
 
     @property
     def pid(self) -> int | None:
@@ -79,36 +90,54 @@ class VllmProcess:
 
     @property
     def zygote_pid(self) -> int | None:
+        if self.external:
+            return ZygoteFiles.read_pid(self.files.zygote_pid)
         return self._zygote.pid if self._zygote else None
 
     def zygote_alive(self) -> bool:
-        return self._zygote is not None and self._zygote.alive()
+        if not self.external:
+            return self._zygote is not None and self._zygote.alive()
+        pid = self.zygote_pid
+        with contextlib.suppress(psutil.Error):
+            return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return False
 
     def prepare(self) -> None:
         """Spawn the zygote, which imports torch and vLLM now, touching no accelerator memory, and forks
-        a sidecar on each `start`. Does nothing if it is already up."""
-        if self._cancelled.is_set() or self.zygote_alive():
+        a sidecar on each `start`. Does nothing if it is already up, or is not the engine's to spawn."""
+        if self.external or self._cancelled.is_set() or self.zygote_alive():
             return
         if self._zygote is not None:  # it died: what it left goes first
             self._zygote.stop(grace=0.0)
-        self._fork_path.unlink(missing_ok=True)
+        self.files.request.unlink(missing_ok=True)
         self._zygote = ProcessGroup.spawn(self._command(), self.log_path, env={"PYTHONUNBUFFERED": "1"})
 
     def _fork(self, deadline: float) -> ProcessGroup:
         """Ask the zygote for a sidecar (waiting for its imports if they are not done) and adopt it."""
         self.prepare()
-        self._pid_path.unlink(missing_ok=True)
         self._shm_at_fork = set(os.listdir(SHM)) if SHM.is_dir() else set()
-        self._fork_path.touch()
+        self.files.ask(ForkRequest(engine_pid=os.getpid(), settings=str(self.files.settings), log=str(self.log_path)))
+        absent_since = None  # a zygote of its own may be (re)starting
         while time.perf_counter() < deadline:
             self._check_start()
-            if not self.zygote_alive():
+            if self.zygote_alive():
+                absent_since = None
+            elif not self.external:
                 raise VllmStartError(
                     f"vLLM's zygote exited with code {self._zygote.returncode} before forking; last lines of "
                     f"{self.log_path}:\n" + _tail(self.log_path)
                 )
-            if self._pid_path.exists():
-                return ProcessGroup.adopt(int(self._pid_path.read_text()))
+            elif absent_since is None:
+                absent_since = time.perf_counter()
+            elif time.perf_counter() - absent_since > EXTERNAL_ZYGOTE_WAIT:
+                raise VllmStartError(
+                    f"no vLLM zygote serves {self.files.prefix.parent} (none alive for {EXTERNAL_ZYGOTE_WAIT:g} s): "
+                    f"start `timeshare vllm-zygote {self.files.prefix.parent}` (the vLLM container's command) in this "
+                    "node's PID namespace, with its /dev/shm"
+                )
+            pid = ZygoteFiles.read_pid(self.files.sidecar_pid)
+            if pid is not None:
+                return ProcessGroup.adopt(pid)
             time.sleep(0.01)
         raise VllmStartError(f"vLLM's zygote did not fork a sidecar in time; log: {self.log_path}")
 
@@ -191,13 +220,15 @@ class VllmProcess:
         return replace(stopped, seconds=time.perf_counter() - start)  # the segments' removal included
 
     def close(self) -> None:
-        """Kill the sidecar and the zygote: the engine is stopping."""
+        """Kill the sidecar and the engine's own zygote (one of its own serves the next engine): the engine is
+        stopping."""
         self.terminate()
         if self._zygote is not None:
             self._zygote.stop(grace=0.0)
             self._zygote = None
-        self._fork_path.unlink(missing_ok=True)
-        self._pid_path.unlink(missing_ok=True)
+            self.files.zygote_pid.unlink(missing_ok=True)
+        self.files.request.unlink(missing_ok=True)
+        self.files.sidecar_pid.unlink(missing_ok=True)
 
 
 def _unmapped_since(before: set[str]) -> set[str]:

@@ -64,6 +64,16 @@ def _engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vllm_zygote(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sidecars.vllm import server
+
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    server.main(["--zygote", str(Path(args.dir) / "vllm"), "--external"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timeshare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     eng = sub.add_parser("engine", help="run this node's checkpoint engine (phase machine, vLLM, weight buffers)")
     eng.add_argument("config", help="the engine's JSON config (checkpoint_engine.config.EngineConfig)")
     eng.set_defaults(func=_engine)
+
+    zygote = sub.add_parser(
+        "vllm-zygote", help="a vLLM container's command: import vLLM once, then start a vLLM for each rollout the "
+        "node's checkpoint engine asks for (cluster.vllm_zygote=DIR), until stopped",
+    )  # fmt: skip
+    zygote.add_argument("dir", help="a directory the trainer's container sees at the same path")
+    zygote.set_defaults(func=_vllm_zygote)
 
     train = sub.add_parser("train", help="run the RL job (Hydra overrides, e.g. run.iterations=4 resume=<run dir>)")
     train.add_argument("overrides", nargs="*", help="Hydra overrides")

@@ -9,6 +9,7 @@ only the launcher reads live here. Each component receives its own section, neve
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -151,6 +152,9 @@ class ClusterConfig(Section):
     local_nodes: bool = False
     engine_port: int = Field(0, ge=0, le=65535)  # checkpoint engine HTTP port; 0: pick a free one
     vllm_port: int = Field(0, ge=0, le=65535)  # 0: pick a free one
+    # Containers per role: the directory (on a volume both containers mount at this path, like run.root) where
+    # this node's vLLM container runs `timeshare vllm-zygote DIR`; None: the engine spawns vLLM's zygote itself.
+    vllm_zygote: str | None = None
 
     @property
     def head(self) -> str:
@@ -175,6 +179,12 @@ class ClusterConfig(Section):
             raise ConfigError(f"cluster.node must be one of cluster.nodes {list(self.nodes)}, got {self.node!r}")
         if self.engine_port and self.engine_port == self.vllm_port:
             raise ConfigError(f"cluster.engine_port and cluster.vllm_port must differ, both are {self.engine_port}")
+        if self.vllm_zygote is not None and not Path(self.vllm_zygote).is_absolute():
+            raise ConfigError(
+                f"cluster.vllm_zygote must be an absolute path (both containers see it there), got {self.vllm_zygote!r}"
+            )
+        if self.vllm_zygote is not None and self.local_nodes:
+            raise ConfigError("cluster.vllm_zygote serves one node; cluster.local_nodes starts two from one config")
         if self.local_nodes and len(self.nodes) != 2:
             raise ConfigError(
                 f"cluster.local_nodes starts one node beside the head (two in all); cluster.nodes is {list(self.nodes)}"

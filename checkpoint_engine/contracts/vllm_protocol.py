@@ -5,6 +5,9 @@ Every message carries `schema`; a receiver refuses a schema it does not know.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
@@ -112,3 +115,64 @@ class Health(Message):
     weight_version: int
     model: str
     startup: StartupTimes
+
+
+class ForkRequest(Message):
+    """What an engine asks a vLLM zygote for: a sidecar that serves with these settings, writes to this log and
+    dies with this engine (a zygote in a container of its own outlives engines)."""
+
+    engine_pid: int = Field(ge=1)
+    settings: str  # a VllmSettings JSON file, read after the fork: a restarted engine's new ports apply
+    log: str  # the sidecar's stdout and stderr, appended
+
+
+@dataclass(frozen=True)
+class ZygoteFiles:
+    """The files through which an engine and its vLLM zygote talk, named after `prefix`, in a directory both
+    see: the engine's log directory when it spawns the zygote, a shared volume when the zygote runs in a
+    container of its own (`timeshare vllm-zygote DIR`). Both share the node's PID namespace and /dev/shm."""
+
+    prefix: Path
+
+    @property
+    def settings(self) -> Path:  # the engine writes it; a zygote of its own waits for it before its compiles
+        return self.prefix.with_suffix(".json")
+
+    @property
+    def request(self) -> Path:  # a ForkRequest, written whole by the engine, taken by the zygote
+        return self.prefix.with_suffix(".fork")
+
+    @property
+    def sidecar_pid(self) -> Path:  # the zygote writes the pid of the sidecar it forked for the last request
+        return self.prefix.with_suffix(".pid")
+
+    @property
+    def zygote_pid(self) -> Path:  # the zygote writes its own pid when it starts
+        return self.prefix.with_suffix(".zygote")
+
+    def ask(self, request: ForkRequest) -> None:
+        self.sidecar_pid.unlink(missing_ok=True)
+        write_atomically(self.request, request.model_dump_json())
+
+    def take(self) -> ForkRequest | None:
+        """The pending request, removed; None when there is none."""
+        try:
+            text = self.request.read_text()
+        except FileNotFoundError:
+            return None
+        self.request.unlink(missing_ok=True)
+        return ForkRequest.model_validate_json(text)
+
+    @staticmethod
+    def read_pid(path: Path) -> int | None:
+        try:
+            return int(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader polling for `path` sees all of `text` or nothing."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.rename(path)

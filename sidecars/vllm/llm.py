@@ -17,7 +17,7 @@ BATCHED_TOKENS = 4096  # prompt and decode tokens per engine step, raised to max
 
 
 def configure_vllm(settings: VllmSettings) -> None:
-    """vLLM's environment, set before it is imported."""
+    """vLLM's environment, set before it builds an engine (it reads it then, not when imported)."""
     # Keep vLLM's CPU worker to the cores it is given instead of pinning all of them.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     if settings.tensor_parallel == 1:

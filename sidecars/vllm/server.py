@@ -1,14 +1,17 @@
 """The vLLM sidecar process: one per node and rollout phase, started and killed by the checkpoint engine.
 
-`python -m sidecars.vllm.server <settings.json>` (a `VllmSettings` document the engine writes)
-imports torch and vLLM, compiles vLLM's sampler helpers (what the first rollout would otherwise
-pay), starts vLLM with dummy weights and serves, on loopback.
+`python -m sidecars.vllm.server --zygote PREFIX` is a zygote: it imports torch and vLLM and compiles
+vLLM's sampler helpers (most of a start-up on CPU, and what the first rollout would otherwise pay),
+then forks a sidecar for each request the engine writes (`ZygoteFiles(PREFIX)` in
+`contracts/vllm_protocol.py`). Each sidecar starts vLLM with dummy weights, serves, and is killed by
+the engine after its rollout. The imports are paid once per zygote instead of once per iteration,
+and a fork takes milliseconds. The zygote never touches an accelerator: each forked sidecar builds
+its own vLLM (and CUDA context) from scratch.
 
-With `--zygote FILE` it stops after the imports and compiles, most of a start-up on CPU, and forks a
-sidecar each time FILE appears: each builds vLLM and serves, and the engine kills it after its
-rollout. The imports are paid once per engine instead of once per iteration, and a fork takes
-milliseconds. The zygote runs niced (its imports overlap the trainer's work) and never touches an
-accelerator: each forked sidecar builds its own vLLM (and CUDA context) from scratch.
+The engine spawns its zygote, niced (its imports overlap the trainer's work), and it dies with the
+engine. With `--external` (`timeshare vllm-zygote DIR`, the command of a vLLM container beside the
+trainer's) it is started on its own, waits for an engine's settings before its compiles, serves
+one engine after another and stops on SIGTERM; every sidecar still dies with its engine.
   GET  /health          -> Health (pid, loaded weight version)
   POST /weights/update  -> load a pushed version from shared memory (checksums verified, stale
                            versions refused), reset the prefix cache
@@ -20,6 +23,7 @@ vLLM's `LLM` is synchronous and not thread-safe, so requests are served one at a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import signal
@@ -27,8 +31,11 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from checkpoint_engine.contracts.vllm_protocol import (
     Completion,
+    ForkRequest,
     GenerateBody,
     GenerateResponse,
     GenerationResult,
@@ -37,8 +44,10 @@ from checkpoint_engine.contracts.vllm_protocol import (
     UpdateWeightsBody,
     UpdateWeightsResponse,
     VllmSettings,
+    ZygoteFiles,
+    write_atomically,
 )
-from sidecars.vllm.llm import compile_sampler_ops, configure_vllm, start_llm
+from sidecars.vllm.llm import compile_sampler_ops, start_llm
 
 # vLLM's finish reasons in the project's vocabulary (contracts.vllm_protocol.FinishReason).
 _FINISH = {"stop": "stop", "length": "length", "abort": "aborted", "repetition": "repeat"}
@@ -115,13 +124,19 @@ def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
     return app
 
 
-def _exit_with_parent(poll: float = 0.5) -> None:
-    """Kill this sidecar's process group once the engine that spawned it is gone (reparented): a
+def _exit_with(engine_pid: int | None = None, poll: float = 0.5) -> None:
+    """Kill this process's group once its parent is gone (reparented) or, given, the engine it serves: a
     zygote lives across phases, and an engine killed by SIGKILL cannot stop it or its sidecars."""
     parent = os.getppid()
+    engine = psutil.Process(engine_pid) if engine_pid else None
+
+    def alive(p: psutil.Process | None) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return p is None or p.status() != psutil.STATUS_ZOMBIE  # raises for a pid gone or reused
+        return False
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and alive(engine):
             time.sleep(poll)
         os.killpg(0, signal.SIGKILL)  # its own session: vLLM's workers (TP > 1) go with it
 
@@ -146,13 +161,7 @@ def _restore_priority() -> None:
         print(f"vLLM keeps nice {ZYGOTE_NICE}: raising a priority needs CAP_SYS_NICE", flush=True)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
-def _reap_children() -> None:
+def _reap_children(sidecars: set[int]) -> None:
     """The zygote reaps its forked sidecars (the engine kills them; they are not its children)."""
 
     def reap() -> None:
@@ -162,69 +171,113 @@ def _reap_children() -> None:
             except ChildProcessError:  # none right now
                 time.sleep(0.2)
                 continue
+            sidecars.discard(pid)
             print(f"vLLM sidecar pid {pid} ended with status {os.waitstatus_to_exitcode(status)}", flush=True)
 
     threading.Thread(target=reap, name="reap", daemon=True).start()
 
 
-def fork_on_request(requests: Path, ready: StartupTimes, poll: float = 0.01) -> StartupTimes:
-    """The zygote's loop: fork a sidecar each time `requests` appears, and write its pid beside it
-    (`<requests>.pid`). Returns only in a forked child: its start-up so far (the first also reports
-    the zygote's imports and compiles, which its start may have waited for)."""
-    pid_path = requests.with_suffix(".pid")
-    _reap_children()
+def _stop_on_sigterm(files: ZygoteFiles, sidecars: set[int]) -> None:
+    """A zygote of its own stops when its container does: its sidecars' sessions first, then itself."""
+
+    def stop(signum: int, _frame: object) -> None:
+        for pid in list(sidecars):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        files.zygote_pid.unlink(missing_ok=True)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def _wait_for(path: Path, poll: float = 0.2) -> None:
+    if not path.exists():
+        print(f"vLLM zygote waiting for an engine's settings in {path}", flush=True)
+    while not path.exists():
+        time.sleep(poll)
+
+
+def fork_on_request(
+    files: ZygoteFiles, ready: StartupTimes, sidecars: set[int], poll: float = 0.01
+) -> tuple[ForkRequest, StartupTimes]:
+    """The zygote's loop: fork a sidecar for each request, and write its pid. Returns only in a forked child:
+    the request it serves (its output already goes to the request's log) and its start-up so far (the first
+    also reports the zygote's imports and compiles, which its start may have waited for)."""
     first = True
     while True:
-        if not requests.exists():
+        try:
+            request = files.take()
+        except ValueError as e:  # not a ForkRequest: nothing to serve, and the next one may be sound
+            print(f"vLLM zygote ignores a malformed request in {files.request}: {e}", flush=True)
+            continue
+        if request is None:
             time.sleep(poll)
             continue
         asked = time.perf_counter()
-        requests.unlink()
         pid = os.fork()
         if pid == 0:
             os.setsid()  # its own session and process group: the engine kills its tree without the zygote
-            _exit_with_parent()  # the zygote's, and with it the engine's
-            _restore_priority()
+            for signum in (signal.SIGTERM, signal.SIGINT):  # not the zygote's handlers
+                signal.signal(signum, signal.SIG_DFL)
+            _log_to(request.log)
+            _exit_with(request.engine_pid)  # the zygote's death or the engine's
+            if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+                _restore_priority()
             fork = time.perf_counter() - asked
-            return ready.model_copy(update={"fork": fork}) if first else StartupTimes(fork=fork)
-        _write_atomically(pid_path, str(pid))
+            return request, ready.model_copy(update={"fork": fork}) if first else StartupTimes(fork=fork)
+        sidecars.add(pid)
+        write_atomically(files.sidecar_pid, str(pid))
         first = False
 
 
-def main() -> None:
+def _log_to(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
-    _exit_with_parent()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("settings", help="JSON file of checkpoint_engine.contracts.vllm_protocol.VllmSettings")
-    ap.add_argument("--zygote", metavar="REQUESTS", default=None,
-                    help="import everything, then fork a sidecar each time this file appears")  # fmt: skip
-    args = ap.parse_args()
-    settings = VllmSettings.from_json_file(args.settings)
-    if args.zygote:  # it yields the CPU to the trainer: its imports only have to be done by START_VLLM
+    ap.add_argument("--zygote", metavar="PREFIX", required=True, type=Path,
+                    help="the zygote's files: PREFIX.json (settings), .fork (requests), .pid, .zygote")  # fmt: skip
+    ap.add_argument("--external", action="store_true",
+                    help="started on its own (a container's command): serve engines until SIGTERM")  # fmt: skip
+    args = ap.parse_args(argv)
+    files = ZygoteFiles(args.zygote)
+    sidecars: set[int] = set()
+    if args.external:
+        _stop_on_sigterm(files, sidecars)
+    else:  # it yields the CPU to the trainer: its imports only have to be done by START_VLLM
+        _exit_with()
         _set_priority(ZYGOTE_NICE)
-    configure_vllm(settings)  # before vLLM is imported: its environment is read then
+    write_atomically(files.zygote_pid, str(os.getpid()))
 
     import fastapi  # noqa: F401 - imported once, in the zygote
     import uvicorn
     from vllm import LLM, SamplingParams  # noqa: F401 - vLLM's top level is lazy: these import the engine
 
     imported = time.perf_counter()
-    compile_sampler_ops(settings)
-    times = StartupTimes(imports=imported - began, compile=time.perf_counter() - imported)
-    if args.zygote:
-        # What the zygote holds now is shared with every sidecar: out of the garbage collector's sight, the
-        # collections vLLM runs while it builds skip it (about 1 s on CPU) and leave its pages shared.
-        gc.freeze()
-        print(f"vLLM zygote ready: {times.model_dump_json()}", flush=True)
-        times = fork_on_request(Path(args.zygote), times)
+    _wait_for(files.settings)
+    waited = time.perf_counter()
+    compile_sampler_ops(VllmSettings.from_json_file(files.settings))
+    times = StartupTimes(imports=imported - began, compile=time.perf_counter() - waited)
+    # What the zygote holds now is shared with every sidecar: out of the garbage collector's sight, the
+    # collections vLLM runs while it builds skip it (about 1 s on CPU) and leave its pages shared.
+    gc.freeze()
+    print(f"vLLM zygote ready: {times.model_dump_json()}", flush=True)
+    _reap_children(sidecars)
+    request, times = fork_on_request(files, times, sidecars)
+    settings = VllmSettings.from_json_file(request.settings)
     began = time.perf_counter()
-    llm = start_llm(settings)
+    llm = start_llm(settings)  # vLLM's environment first: it reads it when it builds, not when imported
     times = times.model_copy(update={"build": time.perf_counter() - began})
     print(f"vLLM built: {times.model_dump_json()}", flush=True)
     app = create_app(llm, settings.model_dir, times)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
-    if args.zygote:
-        os._exit(0)  # a forked sidecar: nothing of the zygote's to clean up
+    os._exit(0)  # a forked sidecar: nothing of the zygote's to clean up
 
 
 if __name__ == "__main__":

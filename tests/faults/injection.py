@@ -19,6 +19,7 @@ import psutil
 import requests
 
 from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.vllm_protocol import ZygoteFiles
 from engine.batch import load_batch
 from engine.sampling import UniformSampler
 from engine.tasks import make_task
@@ -42,7 +43,7 @@ def kill_next_sidecar(zygote: psutil.Process, timeout: float = 300.0) -> int:
     """SIGKILL the next sidecar `zygote` forks (the pid it writes beside its request file) as soon as
     it is forked, during its start-up; returns its pid."""
     args = zygote.cmdline()
-    pid_file = Path(args[args.index("--zygote") + 1]).with_suffix(".pid")
+    pid_file = ZygoteFiles(Path(args[args.index("--zygote") + 1])).sidecar_pid
     stale = pid_file.read_text() if pid_file.exists() else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

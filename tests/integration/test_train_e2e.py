@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.process_group import ProcessGroup
 from engine.batch import load_batch
 from engine.sampling import UniformSampler
 from engine.tasks import make_task
@@ -269,3 +270,26 @@ def test_every_algorithm_trains_through_the_job(tmp_path: Path, algo: list[str])
         first, second = (r["train/kl_to_reference"] for r in trained)
         assert first == pytest.approx(0.0, abs=1e-6)
         assert abs(second) > 1e-6
+
+
+def test_a_vllm_zygote_of_its_own_serves_the_job(tmp_path: Path) -> None:
+    """Containers per role, on one machine: `timeshare vllm-zygote DIR` (the vLLM container's command) runs on
+    its own, the job's engine (`cluster.vllm_zygote=DIR`) asks it for every iteration's vLLM instead of spawning
+    a zygote, each rollout uses the exported version, and the zygote outlives the job for the next one."""
+    zygote_dir = tmp_path / "zygote"
+    zygote = ProcessGroup.spawn([sys.executable, "-m", "launch.cli", "vllm-zygote", str(zygote_dir)],
+                                tmp_path / "zygote.log", cwd=REPO)  # fmt: skip
+    try:
+        (tmp_path / "runs").mkdir()
+        paths = whole_run(tmp_path / "runs", f"cluster.vllm_zygote={zygote_dir}")
+        history = {int(r["iteration"]): r for r in rows(paths)}
+        for i in range(2):
+            assert history[i]["rollout/weight_version"] == i
+        vllm_log = (paths.logs / "vllm-node0.log").read_text()
+        assert "vLLM zygote ready" not in vllm_log  # the engine spawned no zygote of its own
+        served = (tmp_path / "zygote.log").read_text().count("vLLM sidecar pid")  # each forked, then killed
+        assert served == vllm_log.count("vLLM built:") >= 2
+        assert zygote.alive()
+    finally:
+        stopped = zygote.stop(grace=10)
+    assert not stopped.killed, "the zygote did not stop on SIGTERM"

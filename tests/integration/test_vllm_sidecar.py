@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,11 +19,13 @@ import torch
 from checkpoint_engine.contracts.vllm_client import SidecarError
 from checkpoint_engine.contracts.vllm_protocol import GenerationRequest, VllmSettings
 from checkpoint_engine.contracts.weight_region import remove_region, write_region
+from checkpoint_engine.process_group import ProcessGroup
 from checkpoint_engine.vllm_process import VllmProcess
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch.etcd_server import free_loopback_ports
 from sidecars.megatron.model import read_hf_tensors
 from tests.faults.injection import kill_next_sidecar
+from tests.integration.train_job import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -177,3 +181,71 @@ def _capture(errors: list[Exception], fn, *args) -> None:
         fn(*args)
     except Exception as e:
         errors.append(e)
+
+
+def test_a_zygote_of_its_own_serves_engine_after_engine(model_dir: Path, tmp_path: Path, regions) -> None:
+    """`timeshare vllm-zygote DIR` (a vLLM container's command) forks sidecars for one engine, then for the next
+    one with new ports, imports done once; a sidecar dies with the engine that asked for it even though the
+    zygote lives on, and the zygote stops on SIGTERM, taking a live sidecar with it."""
+    zygote_dir, shm_before = tmp_path / "zygote", set(os.listdir("/dev/shm"))
+    zygote = ProcessGroup.spawn([sys.executable, "-m", "launch.cli", "vllm-zygote", str(zygote_dir)],
+                                tmp_path / "zygote.log")  # fmt: skip
+    v1 = regions(1, read_hf_tensors(model_dir))
+
+    def engine(name: str) -> VllmProcess:
+        settings = VllmSettings(
+            model_dir=str(model_dir), port=free_loopback_ports(1)[0], tensor_parallel=1, gpu_memory_utilization=0.15,
+            max_model_len=512, dtype="float32", seed=0,
+        )  # fmt: skip
+        return VllmProcess(settings, tmp_path / f"vllm-{name}.log", zygote_dir=zygote_dir)
+
+    try:
+        first = engine("first")
+        first.prepare()  # not the engine's to spawn
+        assert first.start(timeout=180) > 0
+        assert psutil.Process(first.pid).ppid() == zygote.pid == first.zygote_pid
+        assert first.startup.imports > 0
+        assert first.client.update_weights(v1).weight_version == 1
+        assert "vLLM built:" in (tmp_path / "vllm-first.log").read_text()  # the sidecar writes to its engine's log
+        first.close()
+        assert zygote.alive()
+
+        second = engine("second")  # a restarted engine: new ports, the same zygote
+        assert second.settings.port != first.settings.port
+        second.start(timeout=180)
+        assert second.startup.imports == 0.0
+        assert second.client.health().weight_version == -1
+        second.close()
+
+        # An engine killed outright (SIGKILL) cannot kill its sidecar: the sidecar sees it gone and exits.
+        code = (
+            "import sys, time; from pathlib import Path; from checkpoint_engine.vllm_process import VllmProcess; "
+            "from checkpoint_engine.contracts.vllm_protocol import VllmSettings as S; "
+            f"v = VllmProcess(S.from_json_file({str(second.files.settings)!r}), Path({str(tmp_path / 'v3.log')!r}), "
+            f"zygote_dir=Path({str(zygote_dir)!r})); v.start(timeout=180); print(v.pid, flush=True); time.sleep(600)"
+        )
+        doomed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO)
+        sidecar = int(doomed.stdout.readline())
+        doomed.kill()
+        doomed.wait()
+        _wait_gone([sidecar], timeout=10)
+        assert zygote.alive()
+
+        last = engine("last")
+        last.start(timeout=180)
+        sidecar = last.pid
+        assert not zygote.stop(grace=10).killed  # SIGTERM, as a container stop sends, is enough
+        _wait_gone([sidecar], timeout=10)
+        assert not (zygote_dir / "vllm.zygote").exists()
+        last.close()
+    finally:
+        zygote.stop(grace=0.0)
+    left = {n for n in set(os.listdir("/dev/shm")) - shm_before if not n.startswith("timeshare-test-")}
+    assert not left, f"vLLM left shared-memory segments behind: {left}"
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, f"still running after {timeout:g} s: {pids}"
+        time.sleep(0.1)

@@ -165,6 +165,8 @@ RULES = [
         r"cluster\.local_nodes starts one node beside the head",
     ),
     (["task.pool_size=8"], r"task\.pool_size \(8\) must be >= rollout\.prompts_per_iteration"),
+    (["cluster.vllm_zygote=shared/vllm"], r"cluster\.vllm_zygote must be an absolute path.*'shared/vllm'"),
+    (["cluster=local2", "cluster.vllm_zygote=/shared/vllm"], r"cluster\.vllm_zygote serves one node"),
 ]
 
 
