@@ -17,6 +17,7 @@ test: setup lint
 lint: setup
 	@$(BIN)/ruff check .
 	@$(BIN)/ruff format --check --quiet .
+	@$(BIN)/hadolint docker/Dockerfile
 
 bench: setup
 	@$(BIN)/timeshare bench $(ARGS)

