@@ -9,8 +9,8 @@ container's PID namespace and /dev/shm), and the engine asks it for sidecars thr
 them alike. Terminate means the sidecar's whole process
 tree is gone, confirmed, at once: the sidecar is a session leader adopted as a `ProcessGroup` (with
 vLLM's engine-core and worker processes when TP > 1), the group is SIGKILLed, and every pid seen in
-the tree must have exited. The zygote lives until the engine stops; it and every sidecar exit when
-their parent does.
+the tree must have exited. The engine's own zygote lives until the engine stops and exits with it;
+every sidecar exits with its zygote or with the engine that asked for it.
 vLLM's message queues live in /dev/shm segments that a killed tree never unlinks; the segments
 the tree has mapped are recorded while it starts and before it is killed, and removed after it is
 gone, with any multiprocessing segment made since its fork that no live process maps (a creator

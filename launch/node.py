@@ -117,8 +117,8 @@ def _engine_config(
     return EngineConfig(
         node=here.node, job=paths.root.name, etcd=etcd, nodes=here.nodes, start_iteration=start,
         weights_from=() if here.is_head else (here.head,), log_dir=str(paths.logs), vllm_zygote=here.vllm_zygote,
-        host=here.address,
-        port=ports[0], token=token, lifecycle=rollout.lifecycle, phase=cfg.phase, transfer=cfg.transfer,
+        host=here.address, port=ports[0], token=token, lifecycle=rollout.lifecycle, phase=cfg.phase,
+        transfer=cfg.transfer,
         vllm=VllmSettings(
             model_dir=str(model_dir), host=here.address, port=ports[1], tensor_parallel=cfg.parallel.vllm_tp,
             gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_bytes=rollout.kv_cache_bytes(),

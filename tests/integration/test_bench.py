@@ -27,3 +27,19 @@ def test_bench_push_prints_json_lines_with_same_run_baselines() -> None:
     assert cases["shm_push"]["ratio_to_memcpy"] > 0
     assert cases["mooncake_tcp_pull"]["ratio_to_memcpy"] > 0
     assert not list(Path("/dev/shm").glob("timeshare-bench-*"))
+
+
+def test_bench_partial_measures_decode_time_per_step_and_token_up_to_a_rollouts_batch() -> None:
+    code = (
+        "from launch.bench_partial import decode_scaling; from launch.config_loading import load_config\n"
+        "if __name__ == '__main__':\n"
+        "    decode_scaling(load_config(['model.layers=2', 'rollout.prompts_per_iteration=9', "
+        "'rollout.group_size=2']), steps=4)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["batch"] for r in rows] == [1, 16, 18]  # up to the rollout's 9 x 2 trajectories
+    assert all(r["measure"] == "decode_scaling" and r["step_ms"] > 0 and r["token_us"] > 0 for r in rows)
+    assert rows[-1]["token_us"] == pytest.approx(1e3 * rows[-1]["step_ms"] / 18, rel=0.05)

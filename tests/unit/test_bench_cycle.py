@@ -49,7 +49,7 @@ def test_bench_partial_reports_time_and_accuracy_and_refuses_a_budget_at_the_cap
         {"iteration": 1, "rollout/partial_share": 0.5, **{f"time/{p}": 1.0 for p in PHASES}},
         {"iteration": 2, "eval/accuracy": 0.5, "rollout/partial_share": 0.3, **{f"time/{p}": 2.0 for p in PHASES}},
     ]
-    assert bench_partial.summarize("partial", rows) == pytest.approx(1.5 * len(PHASES))
+    assert bench_partial.summarize("partial", rows) == pytest.approx((1.5 * len(PHASES), 1.5))
     iteration, accuracy = (json.loads(line) for line in capsys.readouterr().out.splitlines())
     assert iteration["rollout_seconds"] == 1.5
     assert iteration["partial_share"] == pytest.approx(0.4)
