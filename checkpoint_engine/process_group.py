@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from checkpoint_engine.contracts.lifetime import die_with_parent
+from checkpoint_engine.contracts.lifetime import die_with_parent, running
 
 KILL_WAIT = 10.0  # seconds a SIGKILLed process may take to exit (it may be in uninterruptible I/O)
 # Seconds to let init reap exited orphans, so that their pids are gone too when stop returns; some
@@ -121,7 +121,7 @@ class ProcessGroup:
 
     def alive(self) -> bool:
         if self._popen is None:
-            return self._root is not None and _running(self._root)
+            return self._root is not None and running(self._root)
         return self._popen.poll() is None
 
     def tree(self) -> list[psutil.Process]:
@@ -143,7 +143,7 @@ class ProcessGroup:
     def known(self) -> list[psutil.Process]:
         """The current tree and every remembered process still running (psutil checks a pid was not reused)."""
         found = {p.pid: p for p in [*self._remembered.values(), *self.tree()]}
-        return [p for p in found.values() if _running(p)]
+        return [p for p in found.values() if running(p)]
 
     def stop(self, grace: float) -> Stopped:
         """SIGTERM the group, SIGKILL it after `grace` s; returns once every known process is gone. Idempotent."""
@@ -180,7 +180,7 @@ class ProcessGroup:
         deadline = time.monotonic() + timeout
         while True:
             # The root is polled through Popen, which reaps it and keeps its exit status.
-            left = [p for p in procs if (self.alive() if p.pid == self.pid else _running(p))]
+            left = [p for p in procs if (self.alive() if p.pid == self.pid else running(p))]
             if not left or time.monotonic() >= deadline:
                 return left
             time.sleep(_POLL)
@@ -204,14 +204,6 @@ def last_error(log_path: str | os.PathLike[str]) -> str:
         return f"{log_path} is empty"
     errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
     return (errors or lines)[-1][:300]
-
-
-def _running(p: psutil.Process) -> bool:
-    """Running and not a zombie: a zombie holds no memory and is gone once its parent (or init) reaps it."""
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _await_reaped(procs: list[psutil.Process], timeout: float) -> None:

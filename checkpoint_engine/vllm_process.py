@@ -98,9 +98,7 @@ class VllmProcess:
         if not self.external:
             return self._zygote is not None and self._zygote.alive()
         pid = self.zygote_pid
-        with contextlib.suppress(psutil.Error):
-            return pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        return False
+        return pid is not None and ProcessGroup.adopt(pid).alive()
 
     def prepare(self) -> None:
         """Spawn the zygote, which imports torch and vLLM now, touching no accelerator memory, and forks

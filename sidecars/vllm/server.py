@@ -33,6 +33,7 @@ from pathlib import Path
 
 import psutil
 
+from checkpoint_engine.contracts.lifetime import running
 from checkpoint_engine.contracts.vllm_protocol import (
     Completion,
     ForkRequest,
@@ -130,13 +131,8 @@ def _exit_with(engine_pid: int | None = None, poll: float = 0.5) -> None:
     parent = os.getppid()
     engine = psutil.Process(engine_pid) if engine_pid else None
 
-    def alive(p: psutil.Process | None) -> bool:
-        with contextlib.suppress(psutil.Error):
-            return p is None or p.status() != psutil.STATUS_ZOMBIE  # raises for a pid gone or reused
-        return False
-
     def watch() -> None:
-        while os.getppid() == parent and alive(engine):
+        while os.getppid() == parent and (engine is None or running(engine)):
             time.sleep(poll)
         os.killpg(0, signal.SIGKILL)  # its own session: vLLM's workers (TP > 1) go with it
 
