@@ -171,9 +171,9 @@ def test_keys_survive_a_restart_on_the_same_directory(tmp_path: Path) -> None:
 def test_a_killed_etcd_is_started_again_and_a_patient_client_rides_out_the_gap(tmp_path: Path) -> None:
     """The watchdog (looking once a second) starts a SIGKILLed etcd again on the same endpoint and data; a
     client with `outage` asking in the gap gets its answer once etcd is back."""
-    with LocalEtcd(tmp_path) as server, EtcdWatchdog(server, interval=1.0) as watchdog:
+    with LocalEtcd(tmp_path) as server:
         endpoint, pid = server.endpoint, server.pid
-        with connect(endpoint, outage=30) as patient:
+        with EtcdWatchdog(server, interval=1.0) as watchdog, connect(endpoint, outage=30) as patient:
             patient.put(PREFIX + "phase", "ROLLOUT")
             os.kill(pid, 9)
             while server.pid == pid and server.running:
@@ -181,6 +181,7 @@ def test_a_killed_etcd_is_started_again_and_a_patient_client_rides_out_the_gap(t
             asked = time.monotonic()
             assert patient.get(PREFIX + "phase")[0] == b"ROLLOUT"
             assert time.monotonic() - asked > 0.2  # it did wait for the restart
+        # The client can be answered before the watchdog's start returns; leaving its block waits for that.
         assert (server.restarts, watchdog.failure) == (1, None)
         assert server.endpoint == endpoint
         assert server.pid != pid
