@@ -77,7 +77,7 @@ class Controller:
     ) -> None:
         self.run_cfg, self.rollout_cfg, self.phase_timeout = run, rollout, phase_timeout
         self.paths, self.engine, self.rollout_engine = paths, engine, rollout_engine
-        self.node = node  # the head: its engine is `engine`, and its vLLM the one restarted in place
+        self.node = node  # the head, whose engine is `engine`; other nodes' engines are found through it
         self.task, self.tokens, self.sampler, self.buffer, self.scorer = task, tokens, sampler, buffer, scorer
         self.samples = {s.uid: s for s in pool}
         self.heldout = list(heldout)
@@ -125,35 +125,41 @@ class Controller:
         return metrics
 
     def _generate(self, vllm: SpreadVllmClient, requests: list[GenerationRequest]) -> GenerateResponse:
-        """`vllm.generate`; when a vLLM died meanwhile (no answer, or a server error), the engine starts it
-        again with the same weights and the same requests go again, seeds included, so the batch is the
-        one an uninterrupted rollout makes. At most rollout.vllm_restarts restarts per ROLLOUT; only the
-        head's vLLM (its engine is the controller's) is restarted in place."""
+        """`vllm.generate`; when a node's vLLM died meanwhile (no answer, or a server error), that node's engine
+        starts it again with the same weights and the same requests go again, seeds included, so the batch is
+        the one an uninterrupted rollout makes. At most rollout.vllm_restarts restarts per ROLLOUT."""
         while True:
             try:
                 return vllm.generate(requests)
             except VllmLostError as e:
                 lost = e
-            if lost.node != self.node:
-                raise JobFailedError(
-                    f"the vLLM of {lost.node} died during ROLLOUT of version {self._serving}; only the head's is "
-                    f"started again in place: {lost.cause}"
-                ) from lost
             if len(self._restarts) >= self.rollout_cfg.vllm_restarts:
                 raise JobFailedError(
                     f"vLLM died {len(self._restarts) + 1} times during ROLLOUT of version {self._serving} "
-                    f"(rollout.vllm_restarts={self.rollout_cfg.vllm_restarts}): {lost.cause}"
+                    f"(rollout.vllm_restarts={self.rollout_cfg.vllm_restarts}), the last time {lost.node}'s: "
+                    f"{lost.cause}"
                 ) from lost
-            log.warning("vLLM lost in ROLLOUT of version %d (%s); starting it again", self._serving, lost.cause)
+            log.warning("vLLM of %s lost in ROLLOUT of version %d (%s); starting it again", lost.node,
+                        self._serving, lost.cause)  # fmt: skip
             began = time.perf_counter()
             try:
-                ack = self.engine.restart_vllm(self._serving, timeout=self.phase_timeout)
-            except EngineError as e:
-                raise JobFailedError(f"vLLM died during ROLLOUT and could not be started again: {e}") from e
+                ack = self._engine_of(lost.node).restart_vllm(self._serving, timeout=self.phase_timeout)
+            except (EngineError, OSError) as e:  # OSError: requests' errors reaching the other node's engine
+                raise JobFailedError(
+                    f"vLLM of {lost.node} died during ROLLOUT and could not be started again: {e}"
+                ) from e
             self._restarts.append(time.perf_counter() - began)
-            log.info(
-                "vLLM pid %s serves version %d again after %.1f s", ack.pid, ack.weight_version, self._restarts[-1]
-            )
+            log.info("vLLM of %s (pid %s) serves version %d again after %.1f s", lost.node, ack.pid,
+                     ack.weight_version, self._restarts[-1])  # fmt: skip
+
+    def _engine_of(self, node: str) -> EngineClient:
+        """The engine of `node`: the controller's own for the head, else the one it registered in etcd."""
+        if node == self.node:
+            return self.engine
+        where = self.engine.nodes().get(node)
+        if where is None:
+            raise EngineError(f"{node} has no live lease, so its engine cannot be asked")
+        return EngineClient(where["engine"], token=where.get("token") or None)
 
     # ------------------------------------------------------------------------------- rollout
     def _requests(self, requests: Sequence[RolloutRequest], seed: int) -> list[GenerationRequest]:

@@ -186,11 +186,16 @@ def _how_to_continue(paths: RunPaths) -> str:
 
 
 def _restart_point(cfg: TrainConfig, paths: RunPaths, restarts: int) -> int | None:
-    """The iteration a failed job restarts from (its newest sound checkpoint), or None: no restarts left, no
-    checkpoint yet, or a job with nodes this launcher does not start (and so cannot restart)."""
+    """The iteration a failed job restarts from: its newest sound checkpoint, or 0 (the start) while it has
+    written none; None when no restarts are left, when every checkpoint is damaged (starting over would write
+    over them), or for a job with nodes this launcher does not start (and so cannot restart)."""
     if restarts >= cfg.run.restarts or (len(cfg.cluster.nodes) > 1 and not cfg.cluster.local_nodes):
         return None
-    return paths.latest_checkpoint()
+    return paths.latest_checkpoint() if paths.complete_checkpoints() else 0
+
+
+def _restarting_from(start: int) -> str:
+    return f"the checkpoint of iteration {start}" if start else "the start, as no checkpoint was written yet"
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
@@ -374,7 +379,7 @@ def train(overrides: list[str]) -> int:
                 print(f"timeshare train: {e}; logs in {paths.logs}; {_how_to_continue(paths)}", flush=True)
                 return 1
             restarts, start = restarts + 1, again
-            print(f"timeshare train: {e}; restarting from the checkpoint of iteration {start} (restart {restarts} "
+            print(f"timeshare train: {e}; restarting from {_restarting_from(start)} (restart {restarts} "
                   f"of run.restarts={cfg.run.restarts}); logs in {paths.logs}", flush=True)  # fmt: skip
     print(summarize_phase_times(history), flush=True)
     final = export_checkpoint(paths.root, paths.root / "hf")  # the trained model, loadable by transformers and vLLM

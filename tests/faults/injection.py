@@ -85,9 +85,9 @@ def kill_process(run_dir: Path, *args: str, sig: int = signal.SIGKILL) -> int:
     raise AssertionError(f"no process of {run_dir} runs {' '.join(args)}")
 
 
-def kill_vllm(run_dir: Path) -> int:
-    """SIGKILL the run's serving vLLM sidecar; its pid."""
-    pid = int((run_dir / "logs" / "vllm-node0.pid").read_text())
+def kill_vllm(run_dir: Path, node: str = "node0") -> int:
+    """SIGKILL the serving vLLM sidecar of the run's `node`; its pid."""
+    pid = int((run_dir / "logs" / f"vllm-{node}.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     return pid
 

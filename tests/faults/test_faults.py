@@ -68,14 +68,23 @@ def test_vllm_killed_during_its_start_is_started_again(tmp_path: Path, faults: F
     _account(fault, paths, 1, shm)
 
 
-def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(tmp_path: Path, faults: FaultReport) -> None:
+@pytest.mark.parametrize(("node", "cluster"), [("node0", "local"), ("node1", "local2")])
+def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(
+    tmp_path: Path, faults: FaultReport, node: str, cluster: str
+) -> None:
+    """A vLLM SIGKILLed in ROLLOUT of iteration 1 is started again by its node's engine, asked by the head's
+    controller (node1's through the engine it registered in etcd), and the rollout goes on without a restart
+    of the job."""
     shm = set(SHM.iterdir())
-    fault = faults.injected("vLLM SIGKILLed in ROLLOUT")
-    killer = _in_background(lambda: kill_vllm(wait_for_phase(tmp_path, 1, "ROLLOUT")))
-    paths = whole_run(tmp_path, "run.iterations=2")
+    whose = "" if node == "node0" else f"{node}'s "
+    fault = faults.injected(f"{whose}vLLM SIGKILLed in ROLLOUT")
+    killer = _in_background(lambda: kill_vllm(wait_for_phase(tmp_path, 1, "ROLLOUT"), node))
+    paths = whole_run(tmp_path, "run.iterations=2", f"cluster={cluster}")
     killer.join(timeout=1)
     history = {int(r["iteration"]): r for r in rows(paths)}
     assert [history[i]["vllm/restarts"] for i in range(3)] == [0, 1, 0]
+    assert [history[i]["job/restarts"] for i in range(3)] == [0, 0, 0]
+    assert f"vLLM of {node} lost in ROLLOUT of version 1" in (tmp_path / "launcher.log").read_text()
     assert [history[i]["rollout/weight_version"] for i in range(2)] == [0, 1]
     assert max(r["logprob_gap/mean_abs"] for r in history.values() if "logprob_gap/mean_abs" in r) < 1e-3
     fault.recovery_seconds = history[1]["vllm/restart_seconds"]
@@ -83,27 +92,35 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("process", "args", "phase", "newest", "cluster"),
-    [("trainer rank", ["sidecars.megatron.rank_main"], "TRAIN", 1, "local"),
-     ("checkpoint engine", ["launch.cli engine"], "START_VLLM", 2, "local"),
-     ("node1's trainer rank", ["sidecars.megatron.rank_main", "trainer-node1.json"], "TRAIN", 1, "local2")],
+    ("process", "args", "iteration", "phase", "newest", "cluster"),
+    [("trainer rank", ["sidecars.megatron.rank_main"], 2, "TRAIN", 1, "local"),
+     ("checkpoint engine", ["launch.cli engine"], 2, "START_VLLM", 2, "local"),
+     ("checkpoint engine", ["launch.cli engine"], 0, "ROLLOUT", 0, "local"),
+     ("node1's trainer rank", ["sidecars.megatron.rank_main", "trainer-node1.json"], 2, "TRAIN", 1, "local2")],
 )  # fmt: skip
 def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
-    tmp_path: Path, faults: FaultReport, process: str, args: list[str], phase: str, newest: int, cluster: str
+    tmp_path: Path,
+    faults: FaultReport,
+    process: str,
+    args: list[str],
+    iteration: int,
+    phase: str,
+    newest: int,
+    cluster: str,
 ) -> None:
-    """Killed in iteration 2, the process's death stops that attempt and the launcher starts the job's processes
-    again from the newest checkpoint (1 during TRAIN of iteration 2, which writes checkpoint 2), node1 too in
-    cluster=local2 (`resume=` the run): the run completes, each iteration logged once, `job/restarts` 1 from
-    the restart on, and nothing the dead processes left."""
+    """Killed in `iteration`, the process's death stops that attempt and the launcher starts the job's processes
+    again from the newest checkpoint (1 during TRAIN of iteration 2, which writes checkpoint 2; the start, 0,
+    before the first), node1 too in cluster=local2 (`resume=` the run): the run completes, each iteration
+    logged once, `job/restarts` 1 from the restart on, and nothing the dead processes left."""
     shm = set(SHM.iterdir())
-    fault = faults.injected(f"{process} SIGKILLed in {phase}")
+    fault = faults.injected(f"{process} SIGKILLed in {phase}" + ("" if iteration else " of iteration 0"))
     killed: list[float] = []
 
     def kill() -> None:
-        run_dir = wait_for_phase(tmp_path, 2, phase)
+        run_dir = wait_for_phase(tmp_path, iteration, phase)
         killed.append(time.time())
         kill_process(run_dir, *args)
-        wait_for_phase(tmp_path, 2, phase, since=killed[0])  # the restarted job is back where it was
+        wait_for_phase(tmp_path, iteration, phase, since=killed[0])  # the restarted job is back where it was
         fault.recovery_seconds = time.time() - killed[0]
 
     killer = _in_background(kill)
@@ -114,7 +131,8 @@ def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
     assert [history[i]["job/restarts"] for i in range(4)] == [int(i >= newest) for i in range(4)]
     if cluster == "local2":
         assert [history[i]["vllm/weight_version/node1"] for i in range(4)] == [0, 1, 2, 3]
-    line = f"restarting from the checkpoint of iteration {newest} (restart 1 of run.restarts=2)"
+    start = f"the checkpoint of iteration {newest}" if newest else "the start, as no checkpoint was written yet"
+    line = f"restarting from {start} (restart 1 of run.restarts=2)"
     assert line in (tmp_path / "launcher.log").read_text()
     _account(fault, paths, 3, shm)
 
@@ -217,10 +235,12 @@ def test_stopped_by_sigkill_and_ctrl_c_the_job_leaves_nothing_and_resumes(tmp_pa
 def test_a_start_that_fails_every_attempt_fails_the_job_at_once_with_its_cause(tmp_path: Path) -> None:
     """With one attempt (phase.vllm_start_attempts=1), a sidecar killed during its start-up fails
     START_VLLM at once (the engine's error ack; phase.timeout is 900 s), and the launcher ends with
-    one line naming the node, the phase and the cause; no checkpoint exists yet, so it says to start again."""
+    one line naming the node, the phase and the cause; no checkpoint exists yet and run.restarts=0 forbids
+    starting over, so it says to start again."""
     killer = _in_background(lambda: kill_next_sidecar(find_zygote(tmp_path)))
     log = tmp_path / "launcher.log"
-    proc = launch([*OVERRIDES, f"run.root={tmp_path}", "run.iterations=1", "phase.vllm_start_attempts=1"], log)
+    args = [*OVERRIDES, f"run.root={tmp_path}", "run.iterations=1", "phase.vllm_start_attempts=1", "run.restarts=0"]
+    proc = launch(args, log)
     await_exit(proc, log, status=1, timeout=300)
     killer.join(timeout=1)
     (line,) = [s for s in log.read_text().splitlines() if s.startswith("timeshare train: ")][-1:]

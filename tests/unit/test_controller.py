@@ -85,6 +85,7 @@ def _controller(
     engine: FakeEngine | None = None,
     reward: RewardConfig | None = None,
     repeat: RepeatDetection | None = None,
+    vllm_node: str = "node0",
 ) -> Controller:
     task = AdditionTask(max_digits=2)
     pool = task.samples("train", 40, 0)
@@ -97,7 +98,7 @@ def _controller(
         phase_timeout=900.0,
         node="node0",
         engine=engine or FakeEngine(),
-        rollout_engine=lambda: SpreadVllmClient({"node0": vllm}),
+        rollout_engine=lambda: SpreadVllmClient({vllm_node: vllm}),
         task=task,
         tokens=TOKENS,
         sampler=UniformSampler(pool, 0),
@@ -270,7 +271,8 @@ def test_restarts_are_bounded_and_a_refused_request_is_not_retried(tmp_path: Pat
     engine = RestartingEngine()
     controller = _controller(tmp_path, DyingVllm(version=1, dies={1, 2, 3}), engine=engine)
     with pytest.raises(
-        JobFailedError, match=r"vLLM died 3 times during ROLLOUT of version 1 \(rollout.vllm_restarts=2\)"
+        JobFailedError,
+        match=r"vLLM died 3 times during ROLLOUT of version 1 \(rollout.vllm_restarts=2\), the last time node0's",
     ):
         controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)
     assert engine.restarted == [1, 1]
@@ -279,3 +281,30 @@ def test_restarts_are_bounded_and_a_refused_request_is_not_retried(tmp_path: Pat
     with pytest.raises(SidecarError, match="422"):
         controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)
     assert engine.restarted == [1, 1]
+
+
+class NodesEngine(FakeEngine):
+    """The head's engine, knowing other nodes' engines only through `nodes()` (their etcd registrations)."""
+
+    def __init__(self, nodes: dict[str, dict[str, str]]) -> None:
+        super().__init__()
+        self.registered = nodes
+
+    def nodes(self) -> dict[str, dict[str, str]]:
+        return self.registered
+
+    def restart_vllm(self, version: int, timeout: float) -> RestartVllmAck:
+        raise AssertionError("the head's engine was asked to restart another node's vLLM")
+
+
+@pytest.mark.parametrize(
+    ("nodes", "why"),
+    [({}, "node1 has no live lease, so its engine cannot be asked"),
+     ({"node1": {"engine": "http://127.0.0.1:9", "vllm": "", "token": "t"}}, "Connection refused")],
+)  # fmt: skip
+def test_another_nodes_lost_vllm_is_restarted_by_that_nodes_engine(tmp_path: Path, nodes: dict, why: str) -> None:
+    """The restart goes to the engine node1 registered (here gone, or not answering), not to the head's."""
+    controller = _controller(tmp_path, DyingVllm(version=1, dies={1}), engine=NodesEngine(nodes), vllm_node="node1")
+    with pytest.raises(JobFailedError, match="vLLM of node1 died during ROLLOUT and could not be started again: .*"
+                       + why):  # fmt: skip
+        controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)

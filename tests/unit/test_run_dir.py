@@ -65,3 +65,18 @@ def test_resume_starts_from_the_previous_sound_checkpoint(run: RunPaths) -> None
         run.controller_state(iteration).write_text("{}")
     with pytest.raises(ConfigError, match="no sound checkpoint"):
         train._prepare_run(load_config([f"resume={run.root}"]), [f"resume={run.root}"])
+
+
+def test_a_failed_job_restarts_from_its_newest_sound_checkpoint_or_from_the_start_before_the_first(
+    tmp_path: Path,
+) -> None:
+    cfg = load_config(["run.restarts=1"])
+    fresh = RunPaths(tmp_path / "fresh").make()
+    assert train._restart_point(cfg, fresh, restarts=0) == 0
+    assert train._restart_point(cfg, fresh, restarts=1) is None  # none left
+    write_checkpoint(fresh, 1)
+    write_checkpoint(fresh, 2)
+    fresh.trainer_state(2, 0).write_bytes(b"")
+    assert train._restart_point(cfg, fresh, restarts=0) == 1
+    fresh.trainer_state(1, 0).write_bytes(b"")
+    assert train._restart_point(cfg, fresh, restarts=0) is None  # starting over would write over them
