@@ -31,6 +31,7 @@ from checkpoint_engine.contracts.vllm_client import SidecarError
 from checkpoint_engine.contracts.weight_region import Manifest
 from checkpoint_engine.coordination_errors import CoordinationTimeout, PhaseFailedError
 from checkpoint_engine.daemon import CheckpointEngine
+from checkpoint_engine.stall_watch import StallWatch
 
 
 class RegisterBody(BaseModel):
@@ -156,5 +157,7 @@ def serve(cfg: EngineConfig) -> None:
     engine = CheckpointEngine(cfg, http_address=f"http://{cfg.host}:{cfg.port}")
     # A stop does not wait out the long polls in flight (a trainer's /phase/wait lasts up to 30 s): after
     # a second they are cancelled and the lifespan's shutdown stops vLLM and removes the regions.
-    uvicorn.run(create_app(engine, cfg.token), host=cfg.host, port=cfg.port, log_level="warning",
-                timeout_graceful_shutdown=1)  # fmt: skip
+    # A stall of half a lease's time, which risks the lease, is logged with every thread's stack.
+    with StallWatch(after=cfg.phase.ttl / 2, period=cfg.phase.ttl / 10):
+        uvicorn.run(create_app(engine, cfg.token), host=cfg.host, port=cfg.port, log_level="warning",
+                    timeout_graceful_shutdown=1)  # fmt: skip

@@ -12,6 +12,7 @@ alone. `pytest tests/faults` ends with one summary line (see conftest.py).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -182,7 +183,10 @@ def test_a_node_that_stalls_past_its_lease_is_waited_for(tmp_path: Path, faults:
     paths = whole_run(tmp_path, "cluster=local2", "phase.ttl=2")
     staller.join(timeout=5)
     assert stalled, "the fault was never injected"
-    assert "LEASE EXPIRED" in (paths.logs / "engine-node1.log").read_text()
+    stalled_log = (paths.logs / "engine-node1.log").read_text()
+    assert "LEASE EXPIRED" in stalled_log
+    gaps = [float(s) for s in re.findall(r"no Python code of this process ran for ([\d.]+) s", stalled_log)]
+    assert max(gaps) > 5, "the stalled engine did not report its stall"
     assert "node node1 has a live lease again" in (paths.logs / "engine-node0.log").read_text()
     history = {int(r["iteration"]): r for r in rows(paths)}
     assert [history[i]["vllm/weight_version/node1"] for i in range(3)] == [0, 1, 2]

@@ -1,0 +1,56 @@
+"""A process whose threads cannot run says so, with where each thread was."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from checkpoint_engine.stall_watch import StallWatch
+
+CHILD = textwrap.dedent(
+    """
+    import logging, threading, time
+    from checkpoint_engine.stall_watch import StallWatch
+
+    def hog():  # one C call: no other thread gets the GIL until it returns
+        return sum(range(HOG))
+
+    logging.basicConfig(level=logging.INFO)
+    with StallWatch(after=AFTER, period=0.1) as watch:
+        time.sleep(0.3)
+        threading.Thread(target=hog, name="hog").start()
+        time.sleep(0.5)
+    print("stalls", len(watch.stalls), min(watch.stalls, default=0.0))
+    """
+)
+
+
+def _run(hog: int, after: float) -> tuple[str, str]:
+    child = CHILD.replace("HOG", str(hog)).replace("AFTER", str(after))
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout, done.stderr
+
+
+def test_a_thread_holding_the_gil_is_reported_with_every_threads_stack() -> None:
+    out, err = _run(300_000_000, after=0.5)  # seconds of holding the GIL
+    count, shortest = out.split()[1:]
+    assert int(count) >= 1, out
+    assert float(shortest) > 0.5, out
+    assert "Timeout (0:00:00.500000)!" in err  # faulthandler's dump, written while the GIL was held
+    assert " in hog\n" in err
+    assert "no Python code of this process ran for" in err
+
+
+def test_a_process_that_runs_reports_nothing() -> None:
+    out, err = _run(10, after=2.0)  # a margin for a busy machine's scheduling
+    assert out.split()[1] == "0"
+    assert "Timeout" not in err
+    assert "no Python code" not in err
+
+
+def test_the_period_must_be_shorter_than_the_stall() -> None:
+    with pytest.raises(ValueError, match=r"period=2\.0 after=1\.0"):
+        StallWatch(after=1.0, period=2.0)
