@@ -93,7 +93,6 @@ class Coordinator:
         ttl: int = DEFAULT_TTL,
         http_address: str = "",
         vllm_address: str = "",
-        token: str | None = None,
         etcd_outage: float = 0.0,
         node_grace: float = 0.0,
     ) -> None:
@@ -107,7 +106,7 @@ class Coordinator:
         self._leader_revision: int | None = None  # mod revision of our leader key: the fencing token
         self._closed = False
         status = NodeStatus(node=node, pid=os.getpid(), host=socket.gethostname(), http_address=http_address,
-                            started_at=time.time(), vllm_address=vllm_address, token=token or "")  # fmt: skip
+                            started_at=time.time(), vllm_address=vllm_address)  # fmt: skip
         try:
             self._node = NodeLease(
                 self.client, self.keys.node(node), status, ttl=ttl, log=self.log, on_expired=self._lost_lease

@@ -70,7 +70,7 @@ class CheckpointEngine:
     def __init__(self, cfg: EngineConfig, http_address: str = "") -> None:
         self.cfg = cfg
         self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.phase.ttl, http_address=http_address,
-                                       vllm_address=f"http://{cfg.vllm.host}:{cfg.vllm.port}", token=cfg.token,
+                                       vllm_address=f"http://{cfg.vllm.host}:{cfg.vllm.port}",
                                        etcd_outage=cfg.phase.etcd_outage, node_grace=cfg.phase.node_grace)  # fmt: skip
         # Other nodes reach this one's weights through Mooncake at the engine's own address.
         mooncake = MooncakeConfig(protocol=cfg.transfer.protocol, hostname=cfg.host)
@@ -221,10 +221,9 @@ class CheckpointEngine:
         }
 
     def nodes(self) -> dict[str, dict[str, str]]:
-        """The job's live nodes: their engine's and their vLLM's addresses (the controller rolls out on all) and
-        their engine's token ("" on loopback)."""
+        """The job's live nodes: their engine's and their vLLM's addresses (the controller rolls out on all)."""
         return {
-            n: {"engine": s.http_address, "vllm": s.vllm_address, "token": s.token}
+            n: {"engine": s.http_address, "vllm": s.vllm_address}
             for n, s in sorted(self.coordinator.alive_nodes().items())
         }
 

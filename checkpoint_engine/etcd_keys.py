@@ -147,9 +147,6 @@ class NodeStatus:
     http_address: str  # the engine's API
     started_at: float
     vllm_address: str = ""  # the node's vLLM sidecar (http://HOST:PORT), which the controller spreads rollouts over
-    # The engine API's bearer token, for the head's controller to restart this node's vLLM in place. Whoever
-    # reads the job's keys can already drive its phases, so etcd holds no more than it guards.
-    token: str = ""
     schema: int = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,8 +156,7 @@ class NodeStatus:
     def from_dict(cls, d: Mapping[str, Any]) -> NodeStatus:
         _check_schema("node status", d)
         return cls(node=d["node"], pid=d["pid"], host=d["host"], http_address=d["http_address"],
-                   started_at=d["started_at"], vllm_address=d.get("vllm_address", ""),
-                   token=d.get("token", ""))  # fmt: skip
+                   started_at=d["started_at"], vllm_address=d.get("vllm_address", ""))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ nothing in the log to say why. While a `StallWatch` runs, a thread wakes every `
 - a wake more than `after` s late means no Python code of the process ran for that long (a thread holding
   the GIL, the process stopped or not scheduled), and it logs how long;
 - each wake re-arms faulthandler's own thread, which needs no GIL: once `after` s pass without a wake, it
-  writes every Python thread's stack to `stream` (the process's log), so a stall that lasts shows its cause.
+  writes every Python thread's stack to `stream` (the process's log) once, so a stall that lasts shows its
+  cause.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class StallWatch:
         faulthandler.cancel_dump_traceback_later()
 
     def _arm(self) -> None:
-        faulthandler.dump_traceback_later(self.after, repeat=True, file=self.stream)
+        faulthandler.dump_traceback_later(self.after, file=self.stream)  # once per stall: a wake re-arms it
 
     def _watch(self) -> None:
         last = time.monotonic()

@@ -23,8 +23,9 @@ class RunConfig(Section):
     iterations: int = Field(24, ge=1)
     eval_every: int = Field(4, ge=1)  # held-out eval every N iterations, plus at the first and the last
     checkpoint_every: int = Field(1, ge=1)  # iterations between checkpoints (buffer, sampler and RNG included)
-    # A process of a one-node job that dies (trainer rank, engine) restarts the job from its newest checkpoint,
-    # at most this many times per run.
+    # A process that dies (trainer rank, engine) in a job whose every node this launcher starts (cluster=local,
+    # local2) restarts the job from its newest checkpoint, or from the start before the first, at most this many
+    # times per run.
     restarts: int = Field(2, ge=0)
     progress: bool = True  # a progress bar on the terminal
 

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
 from checkpoint_engine.contracts.acks import (
@@ -23,6 +24,7 @@ from checkpoint_engine.contracts.acks import (
     ExportAck,
     MetricsAck,
     MoveAck,
+    RestartVllmAck,
     StartVllmAck,
     TerminateVllmAck,
     UpdateWeightsAck,
@@ -143,8 +145,8 @@ class Controller:
                         self._serving, lost.cause)  # fmt: skip
             began = time.perf_counter()
             try:
-                ack = self._engine_of(lost.node).restart_vllm(self._serving, timeout=self.phase_timeout)
-            except (EngineError, OSError) as e:  # OSError: requests' errors reaching the other node's engine
+                ack = self._restart_vllm(lost.node)
+            except EngineError as e:
                 raise JobFailedError(
                     f"vLLM of {lost.node} died during ROLLOUT and could not be started again: {e}"
                 ) from e
@@ -152,14 +154,25 @@ class Controller:
             log.info("vLLM of %s (pid %s) serves version %d again after %.1f s", lost.node, ack.pid,
                      ack.weight_version, self._restarts[-1])  # fmt: skip
 
-    def _engine_of(self, node: str) -> EngineClient:
-        """The engine of `node`: the controller's own for the head, else the one it registered in etcd."""
+    def _restart_vllm(self, node: str) -> RestartVllmAck:
+        """Have `node`'s engine start its vLLM again with the version served: the controller's own engine for
+        the head; another node's at the address it registered in etcd, with the token of its engine config in
+        the run directory (which every node shares)."""
         if node == self.node:
-            return self.engine
+            return self.engine.restart_vllm(self._serving, timeout=self.phase_timeout)
         where = self.engine.nodes().get(node)
         if where is None:
             raise EngineError(f"{node} has no live lease, so its engine cannot be asked")
-        return EngineClient(where["engine"], token=where.get("token") or None)
+        doc = self.paths.engine_config(node)
+        try:
+            token = json.loads(doc.read_text()).get("token")
+        except OSError as e:
+            raise EngineError(f"{doc} cannot be read ({e.strerror}): every node must share the run directory") from e
+        with closing(EngineClient(where["engine"], token=token)) as other:
+            try:
+                return other.restart_vllm(self._serving, timeout=self.phase_timeout)
+            except OSError as e:  # requests' errors: the other engine did not answer
+                raise EngineError(f"{node}'s engine at {where['engine']} did not answer: {e}") from e
 
     # ------------------------------------------------------------------------------- rollout
     def _requests(self, requests: Sequence[RolloutRequest], seed: int) -> list[GenerationRequest]:

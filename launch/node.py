@@ -77,7 +77,7 @@ def start_node(
     token = None if ipaddress.ip_address(here.address).is_loopback else secrets.token_urlsafe(16)
     engine_cfg = _engine_config(cfg, paths, model_dir, etcd, rollout=rollout, start=start, token=token,
                                 ports=(engine_port, vllm_port))  # fmt: skip
-    engine_file = engine_cfg.to_json_file(paths.root / f"engine-{node}.json")
+    engine_file = engine_cfg.to_json_file(paths.engine_config(node))
     engine_log = paths.logs / f"engine-{node}.log"
     engine = ProcessGroup.spawn([sys.executable, "-m", "launch.cli", "engine", str(engine_file)], engine_log,
                                 parent_death=signal.SIGTERM)  # fmt: skip

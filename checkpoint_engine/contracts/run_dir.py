@@ -7,6 +7,7 @@
     <run>/checkpoints/iter_00004/   controller.json (sampler, buffer, RNG after ROLLOUT 3),
                                     trainer-rank{r}.pt (model, optimizer after TRAIN 4),
                                     train_metrics.json, COMPLETE (written last: the others' sha256)
+    <run>/engine-node1.json         node1's engine config: its API's host, port and bearer token
     <run>/metrics.jsonl, tensorboard/, progress.png, logs/
 A checkpoint of iteration i is the state at the end of TRAIN i; resuming restarts at EXPORT of i.
 """
@@ -30,6 +31,10 @@ class RunPaths:
     @property
     def config(self) -> Path:
         return self.root / "config.json"
+
+    def engine_config(self, node: str) -> Path:
+        """The node's EngineConfig as JSON; the head's controller reads another node's token from it."""
+        return self.root / f"engine-{node}.json"
 
     @property
     def model_init(self) -> Path:
@@ -70,7 +75,8 @@ class RunPaths:
         """Write checkpoint `iteration`'s COMPLETE, after every other file of it: their sha256, so that a
         resume can tell a checkpoint that a crash or a full disk damaged."""
         folder = self.checkpoint(iteration)
-        files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != "COMPLETE")
+        # Not the marker, nor a COMPLETE.partial that a crash left in a checkpoint now written again.
+        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("COMPLETE"))
         marker = self.complete_marker(iteration)
         partial = marker.with_name(marker.name + ".partial")
         partial.write_text(json.dumps({"iteration": iteration, "sha256": {f.name: _sha256(f) for f in files}}))

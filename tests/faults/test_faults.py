@@ -186,7 +186,7 @@ def test_a_node_that_stalls_past_its_lease_is_waited_for(tmp_path: Path, faults:
     stalled_log = (paths.logs / "engine-node1.log").read_text()
     assert "LEASE EXPIRED" in stalled_log
     gaps = [float(s) for s in re.findall(r"no Python code of this process ran for ([\d.]+) s", stalled_log)]
-    assert max(gaps) > 5, "the stalled engine did not report its stall"
+    assert max(gaps, default=0.0) > 5, "the stalled engine did not report its stall"
     assert "node node1 has a live lease again" in (paths.logs / "engine-node0.log").read_text()
     history = {int(r["iteration"]): r for r in rows(paths)}
     assert [history[i]["vllm/weight_version/node1"] for i in range(3)] == [0, 1, 2]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import requests as requests_lib
@@ -297,14 +298,51 @@ class NodesEngine(FakeEngine):
         raise AssertionError("the head's engine was asked to restart another node's vLLM")
 
 
+class OtherEngine:
+    """Stands in for node1's engine client: records where it was asked and with which token."""
+
+    asked: ClassVar[list[tuple[str, str | None, int]]] = []
+
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        self.base_url, self.token = base_url, token
+
+    def restart_vllm(self, version: int, timeout: float) -> RestartVllmAck:
+        OtherEngine.asked.append((self.base_url, self.token, version))
+        return RestartVllmAck(pid=99, start_seconds=0.1, load_seconds=0.01, weight_version=version)
+
+    def close(self) -> None:
+        pass
+
+
+NODE1 = {"node1": {"engine": "http://127.0.0.1:9", "vllm": "http://127.0.0.1:8"}}
+
+
+def test_another_nodes_lost_vllm_is_restarted_by_that_nodes_engine_with_its_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("engine.controller.EngineClient", OtherEngine)
+    monkeypatch.setattr(OtherEngine, "asked", [])
+    vllm = DyingVllm(version=1, dies={3})
+    controller = _controller(tmp_path, vllm, engine=NodesEngine(NODE1), vllm_node="node1")
+    controller.paths.engine_config("node1").write_text(json.dumps({"host": "127.0.0.1", "port": 9, "token": "t"}))
+    metrics = controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)
+    assert OtherEngine.asked == [("http://127.0.0.1:9", "t", 1)]
+    assert vllm.asked[3] == vllm.asked[2]  # the same prompts and seeds went again
+    assert metrics["vllm/restarts"] == 1
+
+
 @pytest.mark.parametrize(
-    ("nodes", "why"),
-    [({}, "node1 has no live lease, so its engine cannot be asked"),
-     ({"node1": {"engine": "http://127.0.0.1:9", "vllm": "", "token": "t"}}, "Connection refused")],
+    ("nodes", "token", "why"),
+    [({}, "t", "node1 has no live lease, so its engine cannot be asked"),
+     (NODE1, "t", r"node1's engine at http://127\.0\.0\.1:9 did not answer: .*Connection refused"),
+     (NODE1, None, r"/engine-node1\.json cannot be read .*: every node must share the run directory")],
 )  # fmt: skip
-def test_another_nodes_lost_vllm_is_restarted_by_that_nodes_engine(tmp_path: Path, nodes: dict, why: str) -> None:
-    """The restart goes to the engine node1 registered (here gone, or not answering), not to the head's."""
+def test_another_nodes_engine_that_cannot_restart_its_vllm_fails_the_job_saying_why(
+    tmp_path: Path, nodes: dict, token: str | None, why: str
+) -> None:
     controller = _controller(tmp_path, DyingVllm(version=1, dies={1}), engine=NodesEngine(nodes), vllm_node="node1")
+    if token:
+        controller.paths.engine_config("node1").write_text(json.dumps({"token": token}))
     with pytest.raises(JobFailedError, match="vLLM of node1 died during ROLLOUT and could not be started again: .*"
                        + why):  # fmt: skip
         controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)

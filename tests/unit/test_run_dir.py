@@ -80,3 +80,13 @@ def test_a_failed_job_restarts_from_its_newest_sound_checkpoint_or_from_the_star
     assert train._restart_point(cfg, fresh, restarts=0) == 1
     fresh.trainer_state(1, 0).write_bytes(b"")
     assert train._restart_point(cfg, fresh, restarts=0) is None  # starting over would write over them
+
+
+def test_a_checkpoint_written_again_over_a_crashed_marker_is_sound(tmp_path: Path) -> None:
+    paths = RunPaths(tmp_path / "run").make()
+    paths.checkpoint(1).mkdir(parents=True)
+    paths.complete_marker(1).with_name("COMPLETE.partial").write_text("{")  # a crash before the rename
+    paths.controller_state(1).write_text(json.dumps({"sampler": 1}))
+    paths.trainer_state(1, 0).write_bytes(b"state")
+    paths.mark_complete(1)
+    assert paths.checkpoint_damage(1) is None
