@@ -28,6 +28,8 @@ from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import SpreadVllmClient, VllmClient
+from checkpoint_engine.etcd_client import connect
+from checkpoint_engine.etcd_keys import Keys
 from checkpoint_engine.process_group import ProcessGroup
 from engine.config import RolloutConfig
 from engine.controller import Controller, Tokens
@@ -238,6 +240,8 @@ def _run_job(
             watchdog = stack.enter_context(EtcdWatchdog(local))
         else:
             etcd = here.etcd
+            if len(here.nodes) == 1 or here.local_nodes:  # no process of the job is running: none is this attempt's
+                _forget_job(etcd, paths.root.name)
         trainer_port = here.trainer_port or free_loopback_ports(1)[0]
         node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=rollout, start=start,
                           trainer_port=trainer_port)  # fmt: skip
@@ -282,6 +286,15 @@ def _run_job(
         for proc in spawned.values():
             proc.wait(timeout=120)
     return metrics.history()
+
+
+def _forget_job(endpoint: str, job: str) -> None:
+    """Remove what an earlier attempt of `job` (a restart, a resume) left in an etcd of the cluster's: its
+    phase, FAILED or mid-iteration, would be taken up again by this attempt's leader."""
+    with connect(endpoint) as client:
+        removed = client.delete_prefix(Keys(job).root).deleted
+    if removed:
+        log.info("removed %d keys an earlier attempt of job %s left in etcd at %s", removed, job, endpoint)
 
 
 @contextmanager

@@ -17,11 +17,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from checkpoint_engine.contracts.run_dir import RunPaths
+from launch.etcd_server import LocalEtcd
 from tests.faults.conftest import Fault, FaultReport
 from tests.faults.injection import (
     SHM,
@@ -93,11 +95,13 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(
 
 
 @pytest.mark.parametrize(
-    ("process", "args", "iteration", "phase", "newest", "cluster"),
-    [("trainer rank", ["sidecars.megatron.rank_main"], 2, "TRAIN", 1, "local"),
-     ("checkpoint engine", ["launch.cli engine"], 2, "START_VLLM", 2, "local"),
-     ("node1's checkpoint engine", ["launch.cli engine", "engine-node1.json"], 0, "ROLLOUT", 0, "local2"),
-     ("node1's trainer rank", ["sidecars.megatron.rank_main", "trainer-node1.json"], 2, "TRAIN", 1, "local2")],
+    ("process", "args", "iteration", "phase", "newest", "cluster", "etcd"),
+    [("trainer rank", ["sidecars.megatron.rank_main"], 2, "TRAIN", 1, "local", "the cluster's"),
+     ("checkpoint engine", ["launch.cli engine"], 2, "START_VLLM", 2, "local", "the launcher's"),
+     ("node1's checkpoint engine", ["launch.cli engine", "engine-node1.json"], 0, "ROLLOUT", 0, "local2",
+      "the launcher's"),
+     ("node1's trainer rank", ["sidecars.megatron.rank_main", "trainer-node1.json"], 2, "TRAIN", 1, "local2",
+      "the launcher's")],
 )  # fmt: skip
 def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
     tmp_path: Path,
@@ -108,13 +112,18 @@ def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
     phase: str,
     newest: int,
     cluster: str,
+    etcd: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Killed in `iteration`, the process's death stops that attempt and the launcher starts the job's processes
     again from the newest checkpoint (1 during TRAIN of iteration 2, which writes checkpoint 2; the start, 0,
     before the first), node1 too in cluster=local2 (`resume=` the run): the run completes, each iteration
-    logged once, `job/restarts` 1 from the restart on, and nothing the dead processes left."""
+    logged once, `job/restarts` 1 from the restart on, and nothing the dead processes left. On the cluster's
+    etcd (`cluster.etcd`, which outlives an attempt) the restart first removes the keys the failed one left."""
     shm = set(SHM.iterdir())
-    fault = faults.injected(f"{process} SIGKILLed in {phase}" + ("" if iteration else " of iteration 0"))
+    external = etcd == "the cluster's"
+    where = ("" if iteration else " of iteration 0") + (" on the cluster's etcd" if external else "")
+    fault = faults.injected(f"{process} SIGKILLed in {phase}{where}")
     killed: list[float] = []
 
     def kill() -> None:
@@ -125,11 +134,18 @@ def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
         fault.recovery_seconds = time.time() - killed[0]
 
     killer = _in_background(kill)
-    paths = whole_run(tmp_path, "run.iterations=3", f"cluster={cluster}")
+    with ExitStack() as stack:
+        overrides = [f"cluster={cluster}"]
+        if external:
+            server = stack.enter_context(LocalEtcd(tmp_path_factory.mktemp("etcd")))
+            overrides.append(f"cluster.etcd={server.endpoint}")
+        paths = whole_run(tmp_path, "run.iterations=3", *overrides)
     killer.join(timeout=5)
     assert killed, "the fault was never injected"
     history = {int(r["iteration"]): r for r in rows(paths)}
     assert [history[i]["job/restarts"] for i in range(4)] == [int(i >= newest) for i in range(4)]
+    if external:
+        assert f"an earlier attempt of job {paths.root.name} left in etcd" in (tmp_path / "launcher.log").read_text()
     if cluster == "local2":
         assert [history[i]["vllm/weight_version/node1"] for i in range(4)] == [0, 1, 2, 3]
     start = f"the checkpoint of iteration {newest}" if newest else "the start, as no checkpoint was written yet"
