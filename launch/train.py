@@ -30,6 +30,7 @@ from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import SpreadVllmClient, VllmClient
 from checkpoint_engine.etcd_client import connect
 from checkpoint_engine.etcd_keys import Keys
+from checkpoint_engine.etcd_watch import brief
 from checkpoint_engine.process_group import ProcessGroup
 from engine.config import RolloutConfig
 from engine.controller import Controller, Tokens
@@ -291,8 +292,11 @@ def _run_job(
 def _forget_job(endpoint: str, job: str) -> None:
     """Remove what an earlier attempt of `job` (a restart, a resume) left in an etcd of the cluster's: its
     phase, FAILED or mid-iteration, would be taken up again by this attempt's leader."""
-    with connect(endpoint) as client:
-        removed = client.delete_prefix(Keys(job).root).deleted
+    try:
+        with connect(endpoint) as client:
+            removed = client.delete_prefix(Keys(job).root).deleted
+    except Exception as e:  # pyetcd's and gRPC's errors
+        raise JobFailedError(f"etcd at {endpoint} (cluster.etcd) did not answer: {brief(e)}") from e
     if removed:
         log.info("removed %d keys an earlier attempt of job %s left in etcd at %s", removed, job, endpoint)
 
