@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -109,3 +110,14 @@ def test_a_failed_controller_request_with_every_process_alive_is_one_line_naming
     failure = pytest.raises(train.JobFailedError, match=r"failed \(ReadTimeout: read timed out\)")
     with failure, train._failures_named(lambda: None, wait=0.2):
         raise requests.ReadTimeout("read timed out")
+
+
+def test_nodes_on_one_machine_share_its_cores_unless_the_user_chose(monkeypatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    for environ, expected in (({}, "4"), ({"OMP_NUM_THREADS": "3"}, "3")):
+        monkeypatch.setattr(os, "environ", environ)
+        train._share_cores(2)
+        assert environ["OMP_NUM_THREADS"] == expected
+    monkeypatch.setattr(os, "environ", {})
+    train._share_cores(16)
+    assert os.environ["OMP_NUM_THREADS"] == "1"
