@@ -1,46 +1,55 @@
 """HTTP API of the checkpoint engine (FastAPI; OpenAPI docs at /docs), bound to loopback by default.
 
-  GET  /health             liveness
-  GET  /status             phase, iteration, weight version, vLLM pid and health, last timings
-  POST /vllm/start         start vLLM with dummy weights
-  POST /vllm/terminate     kill vLLM's whole process tree
-  POST /weights/register   a producer on this node wrote a weight region (body: its manifest)
-  POST /weights/update     load a version into the running vLLM (local, or pulled from another node)
-  POST /phase/complete     the trainer / controller finished its phase of an iteration
-  POST /phase/wait         long poll: the first phase at or past (iteration, phase); 504 on timeout
-  GET  /acks/{iteration}   every ack of an iteration (payloads and times), by phase and node
+The phase machine drives vLLM; the API only lets the node's other processes take their turns in it:
+  GET  /health                      liveness
+  GET  /status                      phase, leader, vLLM pid and health, loaded version, last timings
+  GET  /nodes                       the job's live nodes: their engine's and vLLM's addresses
+  POST /weights/register            a producer on this node wrote a weight region (EXPORT's ack)
+  POST /phase/complete              the trainer / controller finished its phase of an iteration
+  POST /phase/wait                  long poll: the first phase at or past (iteration, phase)
+  GET  /acks/{iteration}/{phase}    every node's ack of one phase (payloads and times)
+  POST /vllm/restart                during ROLLOUT only: a vLLM that died starts again with its version
 Binding to anything but loopback requires a token, then sent as `Authorization: Bearer <token>`.
+A refusal answers `{"detail": ..., "error": <engine_api.RefusalKind>}`: the project's own errors with
+their 4xx (504 for a wait that ran out), anything else 500 with its traceback in the engine's log.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
 
 from checkpoint_engine.config import EngineConfig
-from checkpoint_engine.contracts.acks import ExportAck, parse_ack
+from checkpoint_engine.contracts.acks import AckPayload, ExportAck, parse_ack
+from checkpoint_engine.contracts.config import ConfigError
+from checkpoint_engine.contracts.engine_api import (
+    BadRequest,
+    EngineRefusal,
+    EngineStatus,
+    NodeAddress,
+    PhaseAcks,
+    RefusalKind,
+)
 from checkpoint_engine.contracts.phases import Phase
-from checkpoint_engine.contracts.vllm_client import SidecarError
 from checkpoint_engine.contracts.weight_region import Manifest
 from checkpoint_engine.coordination_errors import CoordinationTimeout, PhaseFailedError
-from checkpoint_engine.daemon import CheckpointEngine
+from checkpoint_engine.node_engine import NodeEngine
 from checkpoint_engine.stall_watch import StallWatch
+
+log = logging.getLogger(__name__)
 
 
 class RegisterBody(BaseModel):
     manifest: dict[str, Any]
     payload: dict[str, Any]  # contracts.acks.ExportAck: the producer's numbers, the EXPORT ack
-
-
-class UpdateBody(BaseModel):
-    version: int
 
 
 class RestartBody(BaseModel):
@@ -59,13 +68,24 @@ class CompleteBody(BaseModel):
     payload: dict[str, Any]  # the phase's contracts.acks payload
 
 
+def _refused(status: int, kind: RefusalKind, detail: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail, "error": kind})
+
+
+def _payload(phase: Phase, payload: dict[str, Any]) -> AckPayload:
+    try:
+        return parse_ack(phase, payload)
+    except ValueError as e:
+        raise BadRequest(str(e)) from e
+
+
 def check_binding(host: str, token: str | None) -> None:
     loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     if not loopback and not token:
-        raise ValueError(f"binding the engine API to {host} (not loopback) requires --token")
+        raise ConfigError(f"engine.host={host} is not loopback: binding the engine API there requires engine.token")
 
 
-def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
+def create_app(engine: NodeEngine, token: str | None = None) -> FastAPI:
     """The API over `engine`; the app's lifespan runs the engine's phase loop and stops the engine
     (vLLM, weight regions, lease) on shutdown. uvicorn re-raises SIGTERM after its graceful
     shutdown, so cleanup must happen inside the lifespan, not after `uvicorn.run` returns."""
@@ -86,65 +106,60 @@ def create_app(engine: CheckpointEngine, token: str | None = None) -> FastAPI:
         title=f"timeshare checkpoint engine ({engine.cfg.node})", dependencies=[Depends(authorised)], lifespan=lifespan
     )
 
-    def guarded(fn, *args):
-        try:
-            return fn(*args)
-        except (ValueError, LookupError, SidecarError) as e:
-            raise HTTPException(status_code=409, detail=str(e)) from e
-        except RuntimeError as e:
-            raise HTTPException(status_code=500, detail=str(e)) from e
+    @app.exception_handler(EngineRefusal)
+    def refusal(_: Request, e: EngineRefusal) -> JSONResponse:
+        return _refused(e.status, e.kind, str(e))
+
+    @app.exception_handler(PhaseFailedError)
+    def job_failed(_: Request, e: PhaseFailedError) -> JSONResponse:
+        return _refused(409, "job_failed", str(e))
+
+    @app.exception_handler(CoordinationTimeout)
+    def wait_timeout(_: Request, e: CoordinationTimeout) -> JSONResponse:
+        return _refused(504, "wait_timeout", str(e))
+
+    @app.exception_handler(Exception)
+    def internal(_: Request, e: Exception) -> JSONResponse:  # a bug, or a dependency that failed: not the caller's
+        log.error("request failed", exc_info=e)
+        return _refused(500, "internal", f"{type(e).__name__}: {e}")
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok", "node": engine.cfg.node}
 
     @app.get("/nodes")
-    def nodes() -> dict[str, dict[str, str]]:
+    def nodes() -> dict[str, NodeAddress]:
         return engine.nodes()
 
     @app.get("/status")
-    def status() -> dict[str, Any]:
-        return asdict(engine.status())
-
-    @app.post("/vllm/start")
-    def vllm_start() -> dict[str, Any]:
-        return guarded(engine.start_vllm).to_dict()
+    def status() -> EngineStatus:
+        return engine.status()
 
     @app.post("/vllm/restart")
     def vllm_restart(body: RestartBody) -> dict[str, Any]:
-        return guarded(engine.restart_vllm, body.version).to_dict()
-
-    @app.post("/vllm/terminate")
-    def vllm_terminate() -> dict[str, Any]:
-        return guarded(engine.terminate_vllm).to_dict()
+        return engine.restart_vllm(body.version).to_dict()
 
     @app.post("/weights/register")
     def weights_register(body: RegisterBody) -> dict[str, Any]:
-        manifest = guarded(Manifest.from_dict, body.manifest)
-        guarded(engine.register_weights, manifest, guarded(ExportAck.model_validate, body.payload))
+        try:
+            manifest, payload = Manifest.from_dict(body.manifest), ExportAck.model_validate(body.payload)
+        except (ValidationError, ValueError, KeyError) as e:
+            raise BadRequest(f"not a weight region's registration: {e}") from e
+        engine.register_weights(manifest, payload)
         return {"registered": manifest.version}
-
-    @app.post("/weights/update")
-    def weights_update(body: UpdateBody) -> dict[str, Any]:
-        return guarded(engine.update_weights, body.version).to_dict()
 
     @app.post("/phase/complete")
     def phase_complete(body: CompleteBody) -> dict[str, Any]:
-        guarded(engine.complete_phase, body.iteration, body.phase, guarded(parse_ack, body.phase, body.payload))
+        engine.complete_phase(body.iteration, body.phase, _payload(body.phase, body.payload))
         return {"acked": f"{body.phase.value} of iteration {body.iteration}"}
 
     @app.post("/phase/wait")
     def phase_wait(body: WaitBody) -> dict[str, Any]:
-        try:
-            return engine.wait_phase(body.iteration, body.phase, body.timeout).to_dict()
-        except CoordinationTimeout as e:
-            raise HTTPException(status_code=504, detail=str(e)) from e
-        except PhaseFailedError as e:
-            raise HTTPException(status_code=409, detail=str(e)) from e
+        return engine.wait_phase(body.iteration, body.phase, body.timeout).to_dict()
 
-    @app.get("/acks/{iteration}")
-    def acks(iteration: int) -> dict[str, Any]:
-        return engine.iteration_acks(iteration)
+    @app.get("/acks/{iteration}/{phase}")
+    def acks(iteration: int, phase: Phase) -> PhaseAcks:
+        return engine.phase_acks(iteration, phase)
 
     return app
 
@@ -154,10 +169,10 @@ def serve(cfg: EngineConfig) -> None:
     import uvicorn
 
     check_binding(cfg.host, cfg.token)
-    engine = CheckpointEngine(cfg, http_address=f"http://{cfg.host}:{cfg.port}")
+    engine = NodeEngine(cfg, http_address=f"http://{cfg.host}:{cfg.port}")
     # A stop does not wait out the long polls in flight (a trainer's /phase/wait lasts up to 30 s): after
     # a second they are cancelled and the lifespan's shutdown stops vLLM and removes the regions.
     # A stall of half a lease's time, which risks the lease, is logged with every thread's stack.
     with StallWatch(after=cfg.phase.ttl / 2, period=cfg.phase.ttl / 10):
-        uvicorn.run(create_app(engine, cfg.token), host=cfg.host, port=cfg.port, log_level="warning",
-                    timeout_graceful_shutdown=1)  # fmt: skip
+        app = create_app(engine, cfg.token)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=1)

@@ -1,7 +1,7 @@
 """What the etcd coordination raises, apart from pyetcd's own errors (etcd out of reach).
 
 Consumes: phase states, only to name them in messages. Produces: the error types that the
-coordinator raises and that its callers (the daemon, the HTTP API) catch; no etcd, no client.
+coordinator raises and that its callers (the node engine, the HTTP API) catch; no etcd, no client.
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from checkpoint_engine.contracts.engine_api import BadRequest, NotNow
 from checkpoint_engine.contracts.weight_region import (
     REGION_PREFIX,
     Manifest,
     list_regions,
-    region_name,
     remove_region,
     retire_region,
     spare_region_name,
@@ -49,21 +49,17 @@ class WeightStore:
         for name in stale:
             remove_region(name)
         if stale:
-            log.warning("[%s] removed %d stale weight regions left by an earlier run: %s", node, len(stale), stale)
+            log.warning("removed %d stale weight regions left by an earlier run: %s", len(stale), stale)
         self._held: dict[int, _Held] = {}
         self._server = MooncakeServer(mooncake) if mooncake else None
         self._client = MooncakeClient(mooncake) if mooncake else None
 
-    def region_for(self, version: int) -> str:
-        """The region name a producer on this node writes version `version` into."""
-        return region_name(self.job, self.node, version)
-
     def register(self, manifest: Manifest) -> None:
         """Record a region a producer on this node wrote; publish it in the etcd shard registry."""
         if not manifest.region.startswith(self.prefix):
-            raise ValueError(f"region {manifest.region!r} does not belong to this node (expected {self.prefix}*)")
+            raise BadRequest(f"region {manifest.region!r} does not belong to this node (expected {self.prefix}*)")
         if manifest.version in self._held:
-            raise ValueError(f"weight version {manifest.version} is already registered on {self.node}")
+            raise NotNow(f"weight version {manifest.version} is already registered on {self.node}")
         transport = self._server.serve(manifest).to_dict() if self._server else {}
         self._held[manifest.version] = _Held(manifest, replica=False)
         self.coordinator.register_shards(manifest.version, manifest.to_dict(), transport)
@@ -85,7 +81,7 @@ class WeightStore:
         remote, theirs = RemoteRegion.from_dict(record.transport), Manifest.from_dict(record.manifest)
         manifest = self._client.pull(remote, theirs, f"{self.prefix}v{version}-pulled")
         self._held[version] = _Held(manifest, replica=True)
-        log.info("[%s] pulled weight version %d from %s", self.node, version, node)
+        log.info("pulled weight version %d from %s", version, node)
         return manifest
 
     def drop_older_than(self, version: int) -> list[int]:

@@ -39,9 +39,6 @@ class TrainBatch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
-    def response_lengths(self) -> torch.Tensor:
-        return (self.versions >= 0).sum(dim=1)
-
 
 def collate(
     groups: Sequence[Group],

@@ -1,12 +1,10 @@
-"""The iteration controller: owns ROLLOUT, evaluation, the replay buffer and the per-iteration record.
+"""The iteration controller: the job's iteration, phase by phase, on the head; owns ROLLOUT.
 
-Consumes the job's phase (through the node's checkpoint engine), a live vLLM sidecar during
-ROLLOUT, a task, a prompt sampler and the reward scorer. Produces, per iteration: the training
-batch the next TRAIN reads (`RunPaths.batch`), the controller half of each checkpoint (sampler,
-replay buffer), held-out evaluation, and one metrics record with the time of every phase.
-
-    for each iteration i:   wait for ROLLOUT i  ->  evaluate (every N)  ->  roll out, score, batch
-                            ->  ROLLOUT done  ->  wait for ONLOAD i to finish  ->  log iteration i
+Consumes the job's phase (through the node's checkpoint engine, the shim), the live vLLM sidecars of
+every node during ROLLOUT, a task, a prompt sampler and the reward scorer. Produces, per iteration:
+the training batch the next TRAIN reads (`RunPaths.batch`), the controller half of each checkpoint
+(sampler, replay buffer), held-out evaluation, and one metrics record with the time of every phase
+(`Controller.run` awaits each phase in `contracts.phases.TABLE` order and times it itself).
 """
 
 from __future__ import annotations
@@ -19,25 +17,16 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
-from checkpoint_engine.contracts.acks import (
-    AckPayload,
-    ExportAck,
-    MetricsAck,
-    MoveAck,
-    RestartVllmAck,
-    StartVllmAck,
-    TerminateVllmAck,
-    UpdateWeightsAck,
-    parse_ack,
-)
+from checkpoint_engine.contracts.acks import MetricsAck, RestartVllmAck
 from checkpoint_engine.contracts.engine_client import EngineClient, EngineError, JobFailedError
-from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState
+from checkpoint_engine.contracts.phases import Phase, PhaseState
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import SpreadVllmClient, VllmLostError
 from checkpoint_engine.contracts.vllm_protocol import GenerateResponse, GenerationRequest
 from engine.batch import collate, save_batch
 from engine.config import RolloutConfig, RunConfig
 from engine.evaluation import mean_cons_at_n, mean_pass_at_k, percentile
+from engine.iteration_record import IterationRecord, PhaseClock, train_metrics
 from engine.replay_buffer import Group, PartialRolloutBuffer, PromptTokens, RolloutRequest, RolloutResult
 from engine.rewards import RewardScorer
 from engine.sampling import PromptSampler
@@ -65,8 +54,8 @@ class Controller:
         *,
         phase_timeout: float,
         node: str,
-        engine: EngineClient,
-        rollout_engine: Callable[[], SpreadVllmClient],
+        shim: EngineClient,
+        vllms: Callable[[], SpreadVllmClient],
         task: Task,
         tokens: Tokens,
         sampler: PromptSampler,
@@ -76,43 +65,66 @@ class Controller:
         heldout: Sequence[Sample],
         log_metrics: Callable[[int, dict[str, float]], None],
         check_alive: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.run_cfg, self.rollout_cfg, self.phase_timeout = run, rollout, phase_timeout
-        self.paths, self.engine, self.rollout_engine = paths, engine, rollout_engine
-        self.node = node  # the head, whose engine is `engine`; other nodes' engines are found through it
+        self.paths, self.shim, self.vllms = paths, shim, vllms
+        self.node = node  # the head, whose engine is `shim`; other nodes' engines are found through it
         self.task, self.tokens, self.sampler, self.buffer, self.scorer = task, tokens, sampler, buffer, scorer
         self.samples = {s.uid: s for s in pool}
         self.heldout = list(heldout)
-        self.log_metrics, self.check_alive = log_metrics, check_alive
-        self._last_phase_end: float | None = None
-        self._first_iteration = 0
+        self.log_metrics, self.check_alive, self.clock = log_metrics, check_alive, clock
         self._serving = 0  # the weight version of the ROLLOUT in progress
         self._restarts: list[float] = []  # seconds of each vLLM restart in that ROLLOUT
 
-    # ---------------------------------------------------------------------------------- loop
+    # ------------------------------------------------------------------------- the iteration
     def run(self, start: int) -> None:
-        """Iterations `start`..`iterations`; the job's first phase (EXPORT of `start`) is already on."""
-        self._last_phase_end, self._first_iteration = time.time(), start
+        """Iterations `start`..`run.iterations`, every phase in table order. The job begins at EXPORT of
+        `start` (the cold start's checkpoint, or the resumed one); a phase lasts until its last ack."""
+        clock = PhaseClock(self.clock)
         for i in range(start, self.run_cfg.iterations + 1):
-            state = self._wait(i, Phase.ROLLOUT)
-            metrics = self.rollout_phase(state, evaluate=self._eval_due(i, start), last=i == self.run_cfg.iterations)
-            rewards = {k: v for k, v in metrics.items() if k.startswith("reward/")}
-            self.engine.complete(i, Phase.ROLLOUT, MetricsAck(metrics=rewards))
-            self._wait(i + 1, Phase.TRAIN)  # ONLOAD of i is done
-            metrics.update(self.phase_metrics(i))
-            self.log_metrics(i, metrics)
+            it = IterationRecord(i, clock, first=i == start)
+            if i == start:
+                it.metrics.update(self.trained_before(i))  # a resumed run's TRAIN i ran before the restart
+            else:
+                self.done(it, Phase.TRAIN)  # the trainer ranks learn from the last rollout and checkpoint
+                self.done(it, Phase.OFFLOAD)  # their state leaves the accelerator
+            self.done(it, Phase.EXPORT)  # HF tensors into each node's region; vLLM starts meanwhile
+            self.done(it, Phase.START_VLLM)  # every node's vLLM up, with dummy weights
+            self.done(it, Phase.UPDATE_WEIGHTS)  # ... and serving the new version, checked
+            self.roll_out(it)  # ROLLOUT, here: evaluate, generate, score, write the next batch
+            self.done(it, Phase.TERMINATE_VLLM)  # vLLM killed on every node, its memory back
+            self.done(it, Phase.ONLOAD)  # the trainer's state back on the accelerator
+            self.log_metrics(i, it.metrics)
 
-    def _wait(self, iteration: int, phase: Phase) -> PhaseState:
-        """Wait for the job to reach `phase`, checking every few seconds that the node's processes live
-        (a dead trainer would otherwise cost a whole phase timeout to notice)."""
-        return self.engine.wait_phase(iteration, phase, self.phase_timeout, poll=5.0, before_poll=self.check_alive)
+    def done(self, it: IterationRecord, phase: Phase) -> None:
+        """Wait until `phase` of the iteration is done, checking every few seconds that the node's processes
+        live (a dead trainer would otherwise cost a whole phase timeout to notice); record it."""
+        acks = self.shim.wait_done(it.iteration, phase, self.phase_timeout, poll=5.0, before_poll=self.check_alive)
+        it.done(phase, acks.payloads())
 
-    def _eval_due(self, i: int, start: int) -> bool:
-        return i == start or i % self.run_cfg.eval_every == 0 or i == self.run_cfg.iterations
+    def roll_out(self, it: IterationRecord) -> None:
+        state = self.shim.wait_phase(
+            it.iteration, Phase.ROLLOUT, self.phase_timeout, poll=5.0, before_poll=self.check_alive
+        )
+        last = it.iteration == self.run_cfg.iterations
+        metrics = self.rollout_phase(state, evaluate=it.first or self._eval_due(it.iteration), last=last)
+        rewards = {k: v for k, v in metrics.items() if k.startswith("reward/")}
+        self.shim.complete(it.iteration, Phase.ROLLOUT, MetricsAck(metrics=rewards))
+        it.done(Phase.ROLLOUT, {})
+        it.metrics.update(metrics)
+
+    def trained_before(self, iteration: int) -> dict[str, float]:
+        """TRAIN's report of `iteration`, kept with its checkpoint (none at the start of a new run)."""
+        saved = self.paths.train_metrics(iteration)
+        return train_metrics(MetricsAck(metrics=json.loads(saved.read_text()))) if saved.exists() else {}
+
+    def _eval_due(self, i: int) -> bool:
+        return i % self.run_cfg.eval_every == 0 or i == self.run_cfg.iterations
 
     def rollout_phase(self, state: PhaseState, evaluate: bool, last: bool) -> dict[str, float]:
         """Evaluate and roll out with the version the ROLLOUT phase names."""
-        vllm = self.rollout_engine()
+        vllm = self.vllms()
         self._serving, self._restarts = state.weight_version, []
         try:
             metrics = self.evaluate(vllm) if evaluate else {}
@@ -159,8 +171,8 @@ class Controller:
         the head; another node's at the address it registered in etcd, with the token of its engine config in
         the run directory (which every node shares)."""
         if node == self.node:
-            return self.engine.restart_vllm(self._serving, timeout=self.phase_timeout)
-        where = self.engine.nodes().get(node)
+            return self.shim.restart_vllm(self._serving, timeout=self.phase_timeout)
+        where = self.shim.nodes().get(node)
         if where is None:
             raise EngineError(f"{node} has no live lease, so its engine cannot be asked")
         doc = self.paths.engine_config(node)
@@ -168,11 +180,11 @@ class Controller:
             token = json.loads(doc.read_text()).get("token")
         except OSError as e:
             raise EngineError(f"{doc} cannot be read ({e.strerror}): every node must share the run directory") from e
-        with closing(EngineClient(where["engine"], token=token)) as other:
+        with closing(EngineClient(where.engine, token=token)) as other:
             try:
                 return other.restart_vllm(self._serving, timeout=self.phase_timeout)
             except OSError as e:  # requests' errors: the other engine did not answer
-                raise EngineError(f"{node}'s engine at {where['engine']} did not answer: {e}") from e
+                raise EngineError(f"{node}'s engine at {where.engine} did not answer: {e}") from e
 
     # ------------------------------------------------------------------------------- rollout
     def _requests(self, requests: Sequence[RolloutRequest], seed: int) -> list[GenerationRequest]:
@@ -315,37 +327,6 @@ class Controller:
         self.sampler.load_state_dict(state["sampler"])
         self.buffer.load_state_dict(state["buffer"])
 
-    def phase_metrics(self, iteration: int) -> dict[str, float]:
-        """Seconds per phase of `iteration` (from the nodes' ack times) and the trainer's reports."""
-        acks = self.engine.iteration_acks(iteration)
-        metrics: dict[str, float] = {}
-        for phase in CYCLE:
-            by_node = acks.get(phase.value)
-            if not by_node:
-                continue
-            end = max(a["acked_at"] for a in by_node.values())
-            if self._last_phase_end is not None:
-                metrics[f"time/{phase.value.lower()}"] = max(end - self._last_phase_end, 0.0)
-            self._last_phase_end = end
-            payload = parse_ack(phase, next(iter(sorted(by_node.items())))[1]["payload"])
-            metrics.update(_phase_payload(phase, payload))
-            if phase is Phase.UPDATE_WEIGHTS:  # every node's vLLM: the version it loaded
-                for node, ack in by_node.items():
-                    loaded = parse_ack(phase, ack["payload"])
-                    if isinstance(loaded, UpdateWeightsAck):
-                        metrics[f"vllm/weight_version/{node}"] = float(loaded.weight_version)
-        saved = self.paths.train_metrics(iteration)
-        if Phase.TRAIN.value not in acks and saved.exists():  # a resumed run: TRAIN ran before the restart
-            metrics.update(_phase_payload(Phase.TRAIN, MetricsAck(metrics=json.loads(saved.read_text()))))
-        export = [parse_ack(Phase.EXPORT, a["payload"]) for _, a in sorted(acks.get(Phase.EXPORT.value, {}).items())]
-        if export and isinstance(export[0], ExportAck) and iteration == self._first_iteration:
-            # The launch's first EXPORT also waited for the trainer to start (and to do the cold start):
-            # report that apart, so time/export means the same thing in every iteration.
-            work = export[0].convert_seconds + export[0].push_seconds
-            waited = metrics.get("time/export", work) - work - metrics.get("time/cold_start", 0.0)
-            metrics["time/startup"], metrics["time/export"] = max(waited, 0.0), work
-        return metrics
-
 
 def length_metrics(groups: Sequence[Group], version: int, correct: Sequence[bool]) -> dict[str, float]:
     """The batch's response lengths, of the right answers among them (the length reward's target; absent
@@ -364,26 +345,3 @@ def length_metrics(groups: Sequence[Group], version: int, correct: Sequence[bool
         "rollout/partial_share": sum(any(v != version for v in t.versions) for t in trajs) / len(trajs),
         "rollout/stale_token_share": sum(v != version for t in trajs for v in t.versions) / tokens,
     }
-
-
-def _phase_payload(phase: Phase, payload: AckPayload) -> dict[str, float]:
-    """The numbers worth logging from one node's ack of `phase`."""
-    if phase is Phase.TRAIN and isinstance(payload, MetricsAck):
-        return {k: v for k, v in payload.metrics.items() if k.startswith(("train/", "logprob_gap/"))}
-    if isinstance(payload, ExportAck):
-        cold = {"time/cold_start": payload.cold_start_seconds} if payload.cold_start_seconds else {}
-        return {
-            "push/gb_per_s": payload.push_gb_per_s,
-            "push/bytes": float(payload.bytes),
-            "push/weight_version": float(payload.weight_version),
-            **cold,
-        }
-    if phase is Phase.OFFLOAD and isinstance(payload, MoveAck):
-        return {"offload/bytes_moved": float(payload.bytes_moved)}
-    if isinstance(payload, StartVllmAck):  # the start-up's parts: the zygote's imports and compiles, fork, build
-        return {"vllm/import_seconds": payload.import_seconds, "vllm/compile_seconds": payload.compile_seconds,
-                "vllm/fork_seconds": payload.fork_seconds, "vllm/build_seconds": payload.build_seconds,
-                "vllm/start_seconds": payload.seconds, "vllm/start_retries": float(payload.retries)}  # fmt: skip
-    if isinstance(payload, TerminateVllmAck):
-        return {"vllm/kill_seconds": payload.seconds, "vllm/rss_freed_bytes": float(payload.rss_freed_bytes)}
-    return {}

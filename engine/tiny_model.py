@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from checkpoint_engine.contracts.config import ConfigError
+
 Arch = Literal["llama", "qwen2"]
 ARCHS: tuple[Arch, ...] = ("llama", "qwen2")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -37,18 +39,18 @@ class TinyModelSpec:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+            raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "vocab_multiple"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+            raise ConfigError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.head_dim not in VALID_HEAD_DIMS:
-            raise ValueError(
+            raise ConfigError(
                 f"head_dim = hidden/heads = {self.head_dim}; vLLM's CPU attention accepts {VALID_HEAD_DIMS}"
             )
         if self.heads % self.kv_heads:
-            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+            raise ConfigError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
 
     @property
     def head_dim(self) -> int:

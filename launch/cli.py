@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
+from checkpoint_engine.contracts.config import ConfigError
 from engine.tiny_model import ARCHS, TinyModelSpec
 
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # configuration errors: one clear line, no traceback
+    except ConfigError as e:  # the user's input cannot run as given: one clear line, no traceback (a bug keeps its)
         print(f"timeshare {args.command}: error: {e}", file=sys.stderr)
         return 2
 

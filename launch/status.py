@@ -11,20 +11,21 @@ import sys
 import time
 from pathlib import Path
 
+from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.etcd_client import connect
 from checkpoint_engine.job_status import NoSuchJob, format_status, job_names, read_status
 
 
 def locate(run_dir: str | None, etcd: str | None, job: str | None) -> tuple[str, str | None]:
-    """(etcd endpoint, job) from the arguments; a ValueError saying what is missing or wrong."""
+    """(etcd endpoint, job) from the arguments; a ConfigError saying what is missing or wrong."""
     if run_dir is not None:
         docs = sorted(Path(run_dir).glob("engine-*.json"))
         if not docs:
-            raise ValueError(f"{run_dir} has no engine-<node>.json: not a run directory (or its engine never started)")
+            raise ConfigError(f"{run_dir} has no engine-<node>.json: not a run directory (or its engine never started)")
         doc = json.loads(docs[0].read_text())
         return etcd or doc["etcd"], job or doc["job"]
     if etcd is None:
-        raise ValueError("name the job: a run directory, or --etcd HOST:PORT [--job NAME]")
+        raise ConfigError("name the job: a run directory, or --etcd HOST:PORT [--job NAME]")
     return etcd, job
 
 
@@ -47,9 +48,9 @@ def main(run_dir: str | None, etcd: str | None, job: str | None, watch: float | 
             time.sleep(watch)
     except pyetcd.exceptions.ConnectionFailedError:
         hint = " (a run's own etcd stops with the run)" if run_dir is not None else ""
-        raise ValueError(f"etcd at {endpoint} did not answer{hint}") from None
+        raise ConfigError(f"etcd at {endpoint} did not answer{hint}") from None
     except NoSuchJob as e:
-        raise ValueError(f"{e} (etcd at {endpoint})") from None
+        raise ConfigError(f"{e} (etcd at {endpoint})") from None
     except KeyboardInterrupt:
         return 130
     finally:

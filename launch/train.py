@@ -180,7 +180,7 @@ def _cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, s
 
 def _every_vllm(engine: EngineClient) -> SpreadVllmClient:
     """The vLLMs of every live node of the job, as its engines registered them in etcd."""
-    return SpreadVllmClient({node: VllmClient(where["vllm"]) for node, where in engine.nodes().items()})
+    return SpreadVllmClient({node: VllmClient(where.vllm) for node, where in engine.nodes().items()})
 
 
 def _how_to_continue(paths: RunPaths) -> str:
@@ -275,8 +275,8 @@ def _run_job(
             metrics.plot()
 
         controller = Controller(
-            cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, node=here.node, engine=node.client,
-            task=task, tokens=tokens, rollout_engine=lambda: _every_vllm(node.client),
+            cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, node=here.node, shim=node.client,
+            task=task, tokens=tokens, vllms=lambda: _every_vllm(node.client),
             sampler=cfg.sampler.make(pool, cfg.run.seed), buffer=PartialRolloutBuffer(rollout.buffer()),
             scorer=RewardScorer(cfg.reward, task), pool=pool, heldout=heldout, log_metrics=record,
             check_alive=check_alive,

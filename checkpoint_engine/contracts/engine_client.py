@@ -13,7 +13,8 @@ from typing import Any
 import requests
 
 from checkpoint_engine.contracts.acks import AckPayload, ExportAck, RestartVllmAck, check_ack
-from checkpoint_engine.contracts.phases import Phase, PhaseState
+from checkpoint_engine.contracts.engine_api import EngineStatus, NodeAddress, PhaseAcks, RefusalKind
+from checkpoint_engine.contracts.phases import Phase, PhaseState, successor
 from checkpoint_engine.contracts.weight_region import Manifest
 
 
@@ -29,6 +30,10 @@ class PhaseWaitTimeout(EngineError, TimeoutError):
     """The job did not reach the awaited phase in time."""
 
 
+# The error each kind of refusal (`engine_api.RefusalKind`) raises here.
+_ERRORS: dict[RefusalKind, type[EngineError]] = {"job_failed": JobFailedError, "wait_timeout": PhaseWaitTimeout}
+
+
 class EngineClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -40,9 +45,9 @@ class EngineClient:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         r = self._session.request(method, self.base_url + path, json=body, timeout=timeout or self.timeout)
         if r.status_code != 200:
-            detail = r.json().get("detail", r.text) if "json" in r.headers.get("content-type", "") else r.text
-            specific = {409: JobFailedError, 504: PhaseWaitTimeout} if path == "/phase/wait" else {}
-            error = specific.get(r.status_code, EngineError)
+            body = r.json() if "json" in r.headers.get("content-type", "") else {}
+            detail = body.get("detail", r.text) if isinstance(body, dict) else r.text
+            error = _ERRORS.get(body.get("error") if isinstance(body, dict) else None, EngineError)
             raise error(detail if error is JobFailedError else f"{method} {path} -> {r.status_code}: {detail}")
         return r.json()
 
@@ -86,6 +91,19 @@ class EngineClient:
                 if time.monotonic() >= deadline:
                     raise
 
+    def wait_done(
+        self,
+        iteration: int,
+        phase: Phase,
+        timeout: float,
+        *,
+        poll: float = 30.0,
+        before_poll: Callable[[], None] | None = None,
+    ) -> PhaseAcks:
+        """Block until `phase` of `iteration` is done (the job is at or past the phase after it); its acks."""
+        self.wait_phase(*successor(iteration, phase), timeout, poll=poll, before_poll=before_poll)
+        return self.phase_acks(iteration, phase)
+
     def complete(self, iteration: int, phase: Phase, payload: AckPayload) -> None:
         check_ack(phase, payload)
         body = {"iteration": iteration, "phase": phase.value, "payload": payload.to_dict()}
@@ -98,16 +116,16 @@ class EngineClient:
         """Have the engine start a vLLM that died during ROLLOUT again, with `version` loaded."""
         return RestartVllmAck.model_validate(self._call("POST", "/vllm/restart", {"version": version}, timeout))
 
-    def iteration_acks(self, iteration: int) -> dict[str, dict[str, dict[str, Any]]]:
-        """Acks of `iteration` by phase and node: {"payload": ..., "acked_at": ...} (see `acks.parse_ack`)."""
-        return self._call("GET", f"/acks/{iteration}")
+    def phase_acks(self, iteration: int, phase: Phase) -> PhaseAcks:
+        """Every node's ack of `phase` of `iteration` (payloads and times)."""
+        return PhaseAcks.model_validate(self._call("GET", f"/acks/{iteration}/{phase.value}"))
 
-    def nodes(self) -> dict[str, dict[str, str]]:
-        """The job's live nodes by id: {"engine": URL, "vllm": URL}."""
-        return self._call("GET", "/nodes")
+    def nodes(self) -> dict[str, NodeAddress]:
+        """The job's live nodes by id, as they registered in etcd."""
+        return {n: NodeAddress.model_validate(a) for n, a in self._call("GET", "/nodes").items()}
 
-    def status(self) -> dict[str, Any]:
-        return self._call("GET", "/status")
+    def status(self) -> EngineStatus:
+        return EngineStatus.model_validate(self._call("GET", "/status"))
 
     def close(self) -> None:
         self._session.close()

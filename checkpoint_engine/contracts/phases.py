@@ -2,9 +2,10 @@
 
 `TABLE` is the one place that says, for each phase in order, who completes it and which weight
 version it carries; the checkpoint engine, the trainer ranks, the controller and the metrics read
-it. Iteration 0 starts at EXPORT of the initial checkpoint. START_VLLM may overlap EXPORT; this
-machine records the order in which the phases complete. Any phase may go to FAILED, which has no
-successor: the job stops there.
+it. Iteration 0 starts at EXPORT of the initial checkpoint. A phase may begin its work before its
+turn (`PhaseSpec.begins_at`: vLLM starts with dummy weights while EXPORT runs); the machine itself
+records the order in which the phases complete. Any phase may go to FAILED, which has no successor:
+the job stops there.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class PhaseSpec:
     owner: Owner
     version: Version
     work: str
+    # The phase during which this one's work already begins (its owner starts it there and finishes it
+    # in its own turn); None: it begins in its turn.
+    begins_at: Phase | None = None
 
 
 TABLE: tuple[PhaseSpec, ...] = (
@@ -56,7 +60,8 @@ TABLE: tuple[PhaseSpec, ...] = (
     # Completed by registering the version's weight region with the node's engine; a node without a
     # trainer (EngineConfig.weights_from) has its engine ack once the producing nodes registered.
     PhaseSpec(Phase.EXPORT, Owner.TRAINER, Version.EXPORTED, "HF-named tensors into the node's weight region"),
-    PhaseSpec(Phase.START_VLLM, Owner.ENGINE, Version.EXPORTED, "vLLM started with dummy weights"),
+    # vLLM needs no weights to start (dummy load), and the trainer has offloaded by EXPORT.
+    PhaseSpec(Phase.START_VLLM, Owner.ENGINE, Version.EXPORTED, "vLLM started with dummy weights", Phase.EXPORT),
     PhaseSpec(Phase.UPDATE_WEIGHTS, Owner.ENGINE, Version.EXPORTED, "vLLM loads the verified version"),
     PhaseSpec(Phase.ROLLOUT, Owner.CONTROLLER, Version.EXPORTED, "generation, scoring, the next batch"),
     PhaseSpec(Phase.TERMINATE_VLLM, Owner.ENGINE, Version.EXPORTED, "vLLM's process tree killed, memory back"),
@@ -77,6 +82,18 @@ def owned_by(owner: Owner, *, first_iteration: bool = False) -> tuple[Phase, ...
     """`owner`'s phases in cycle order; in the run's first iteration only those from FIRST_PHASE on."""
     start = CYCLE.index(FIRST_PHASE) if first_iteration else 0
     return tuple(s.phase for s in TABLE[start:] if s.owner is owner)
+
+
+def begun_at(phase: Phase) -> tuple[Phase, ...]:
+    """The phases whose work begins when `phase` does (see `PhaseSpec.begins_at`)."""
+    return tuple(s.phase for s in TABLE if s.begins_at is phase)
+
+
+def successor(iteration: int, phase: Phase) -> tuple[int, Phase]:
+    """The phase after `phase` of `iteration`: the point at which `phase` is done."""
+    i = CYCLE.index(spec(phase).phase)
+    following = CYCLE[(i + 1) % len(CYCLE)]
+    return (iteration + 1 if following is Phase.TRAIN else iteration), following
 
 
 class IllegalTransition(ValueError):
@@ -100,8 +117,12 @@ class PhaseState:
     def from_dict(cls, d: dict[str, Any]) -> PhaseState:
         if d.get("schema") != 1:
             raise ValueError(f"phase record schema {d.get('schema')!r} is not understood (expected 1)")
-        return cls(iteration=d["iteration"], phase=Phase(d["phase"]), weight_version=d["weight_version"],
-                   started_at=d["started_at"])  # fmt: skip
+        return cls(
+            iteration=d["iteration"],
+            phase=Phase(d["phase"]),
+            weight_version=d["weight_version"],
+            started_at=d["started_at"],
+        )
 
 
 def initial_state(iteration: int = 0) -> PhaseState:
@@ -114,9 +135,7 @@ def next_state(state: PhaseState) -> PhaseState:
     produces the next weight version, so EXPORT of iteration i carries version i."""
     if state.phase is Phase.FAILED:
         raise IllegalTransition("FAILED has no successor")
-    i = CYCLE.index(state.phase)
-    phase = CYCLE[(i + 1) % len(CYCLE)]
-    iteration = state.iteration + 1 if phase is Phase.TRAIN else state.iteration
+    iteration, phase = successor(state.iteration, state.phase)
     version = iteration if spec(phase).version is Version.EXPORTED else state.weight_version
     return PhaseState(iteration=iteration, phase=phase, weight_version=version)
 

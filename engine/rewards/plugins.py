@@ -14,13 +14,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from checkpoint_engine.contracts.config import ConfigError
 from engine.tasks.base import Sample
 
 RewardFn = Callable[[str, Sample], float]
 _PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
-class RewardPluginError(ValueError):
+class RewardPluginError(ConfigError):
     """A user reward function could not be loaded, or returned something that is not a reward."""
 
 

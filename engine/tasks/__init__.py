@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from checkpoint_engine.contracts.config import ConfigError
 from engine.tasks.addition import AdditionTask
 from engine.tasks.base import Sample, Split, Task
 from engine.tasks.jsonl import JsonlTask
@@ -15,7 +16,7 @@ TASKS: dict[str, type] = {"addition": AdditionTask, "sort": SortTask, "jsonl": J
 
 def make_task(name: str, **options: Any) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        raise ConfigError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     return TASKS[name](**options)
 
 

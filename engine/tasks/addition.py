@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from checkpoint_engine.contracts.config import ConfigError
 from engine.tasks.base import (
     RewardKind,
     Sample,
@@ -33,7 +34,7 @@ class AdditionTask:
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_digits <= 9:
-            raise ValueError(f"{self.name}.max_digits must be in 1..9, got {self.max_digits}")
+            raise ConfigError(f"{self.name}.max_digits must be in 1..9, got {self.max_digits}")
         check_reward_kind(self.name, self.reward_kind)
         split_of("probe", self.heldout_fraction)  # validates the fraction
 

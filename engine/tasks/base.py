@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from checkpoint_engine.contracts.config import ConfigError
+
 Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, ...] = ("train", "heldout")
 
@@ -66,33 +68,33 @@ def distinct_samples(
         if sample.prompt not in seen and split_of(sample.prompt, heldout_fraction) == split:
             seen[sample.prompt] = sample
     if len(seen) < n:
-        raise ValueError(f"{task} cannot give {n} distinct {split} samples; ask for fewer")
+        raise ConfigError(f"{task} cannot give {n} distinct {split} samples; ask for fewer")
     return list(seen.values())
 
 
 def check_split(split: str) -> Split:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     return split  # type: ignore[return-value]
 
 
 def check_reward_kind(task: str, kind: str) -> RewardKind:
     if kind not in REWARD_KINDS:
-        raise ValueError(f"{task}.reward_kind must be one of {REWARD_KINDS}, got {kind!r}")
+        raise ConfigError(f"{task}.reward_kind must be one of {REWARD_KINDS}, got {kind!r}")
     return kind
 
 
 def check_count(n: int) -> int:
     # A negative n would never equal len(seen) in the generators' loops and return whatever they drew.
     if n < 0:
-        raise ValueError(f"number of samples must be >= 0, got {n}")
+        raise ConfigError(f"number of samples must be >= 0, got {n}")
     return n
 
 
 def split_of(key: str, heldout_fraction: float) -> Split:
     """Assign `key` to a split by hash, so the splits are disjoint whatever the seed or order."""
     if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+        raise ConfigError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     digest = hashlib.sha256(key.encode()).digest()
     bucket = int.from_bytes(digest[:8], "little") / 2**64
     return "heldout" if bucket < heldout_fraction else "train"

@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpoint_engine.contracts.config import ConfigError
 from engine.tasks.base import Sample, Split, check_count, check_split, split_of
 from engine.tasks.math_verify import extract_answer, math_reward
 
@@ -31,7 +32,7 @@ class JsonlTask:
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.prompt_template:
-            raise ValueError(f"jsonl.prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
+            raise ConfigError(f"jsonl.prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
         self._records = {"train": [], "heldout": []}
         for key, sample in self._load():
             self._records[split_of(key, self.heldout_fraction)].append(sample)
@@ -49,12 +50,12 @@ class JsonlTask:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
                 if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                    raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 missing = [k for k in (self.prompt_key, self.answer_key) if k not in record]
                 if missing:
-                    raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; fields present: {sorted(record)}")
+                    raise ConfigError(f"{path}:{lineno}: missing field(s) {missing}; fields present: {sorted(record)}")
                 raw_prompt, raw_answer, difficulty = self._fields(record, f"{path}:{lineno}")
                 answer = extract_answer(raw_answer) if "####" in raw_answer or "\\boxed" in raw_answer else raw_answer
                 prompt = self.prompt_template.replace("{prompt}", raw_prompt)
@@ -62,27 +63,27 @@ class JsonlTask:
                 sample = Sample(uid=uid, prompt=prompt, answer=(answer or raw_answer).strip(), difficulty=difficulty)
                 samples.append((raw_prompt, sample))
         if not samples:
-            raise ValueError(f"{path} holds no records")
+            raise ConfigError(f"{path} holds no records")
         return samples
 
     def _fields(self, record: dict, where: str) -> tuple[str, str, float]:
         """The record's prompt (a non-empty string), answer (a non-empty string or a number) and difficulty
-        (a number, 0 when absent), or a ValueError naming the line, the field and the value."""
+        (a number, 0 when absent), or a ConfigError naming the line, the field and the value."""
         prompt, answer, difficulty = record[self.prompt_key], record[self.answer_key], record.get("difficulty", 0.0)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: field {self.prompt_key!r} must be a non-empty string, got {prompt!r}")
+            raise ConfigError(f"{where}: field {self.prompt_key!r} must be a non-empty string, got {prompt!r}")
         numeric = isinstance(answer, int | float) and not isinstance(answer, bool)
         if not numeric and (not isinstance(answer, str) or not answer.strip()):
             wanted = "a non-empty string or a number"
-            raise ValueError(f"{where}: field {self.answer_key!r} must be {wanted}, got {answer!r}")
+            raise ConfigError(f"{where}: field {self.answer_key!r} must be {wanted}, got {answer!r}")
         if not isinstance(difficulty, int | float) or isinstance(difficulty, bool):
-            raise ValueError(f"{where}: field 'difficulty' must be a number when present, got {difficulty!r}")
+            raise ConfigError(f"{where}: field 'difficulty' must be a number when present, got {difficulty!r}")
         return prompt, str(answer), float(difficulty)
 
     def samples(self, split: Split, n: int, seed: int) -> list[Sample]:
         pool = self._records[check_split(split)]
         if check_count(n) > len(pool):
-            raise ValueError(f"{self.path} has {len(pool)} {split} records, {n} asked for")
+            raise ConfigError(f"{self.path} has {len(pool)} {split} records, {n} asked for")
         return random.Random(f"{self.name}:{split}:{seed}").sample(pool, n)
 
     def answer(self, response: str) -> str | None:

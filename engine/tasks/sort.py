@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from checkpoint_engine.contracts.config import ConfigError
 from engine.tasks.base import (
     RewardKind,
     Sample,
@@ -31,7 +32,7 @@ class SortTask:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_len <= self.max_len <= 32:
-            raise ValueError(f"sort needs 1 <= min_len <= max_len <= 32, got {self.min_len}..{self.max_len}")
+            raise ConfigError(f"sort needs 1 <= min_len <= max_len <= 32, got {self.min_len}..{self.max_len}")
         check_reward_kind("sort", self.reward_kind)
         split_of("probe", self.heldout_fraction)
 

@@ -18,12 +18,13 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from checkpoint_engine.contracts.config import ConfigError
 from sidecars.megatron.arch import ModelArch
 
 Tensors = dict[str, torch.Tensor]
 
 
-class ConversionError(ValueError):
+class ConversionError(ConfigError):
     pass
 
 

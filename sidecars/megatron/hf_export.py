@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.run_dir import RunPaths
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.convert import has_fused_norms, megatron_to_hf, megatron_weights, tp_merge
 
 
-class ExportError(ValueError):
-    pass
+class ExportError(ConfigError):
+    """The run directory has no checkpoint to export as asked."""
 
 
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int | None = None) -> Path:

@@ -18,8 +18,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -131,22 +132,23 @@ class Rank:
                 state = self._turn(iteration, phase)
                 if state is None:
                     raise SystemExit(f"the job left the expected phase order at {phase.value} of {iteration}")
-                self._do(state)
+                self.HANDLERS[phase](self, state)
             iteration, phases = iteration + 1, owned_by(Owner.TRAINER)
 
-    def _do(self, state: PhaseState) -> None:
-        phase = state.phase
-        if phase is Phase.TRAIN:
-            self.train(state)
-        elif phase is Phase.OFFLOAD:
-            self._report(state.iteration, phase, self.offloader.offload())
-        elif phase is Phase.EXPORT:
-            self.export(state)
-        elif phase is Phase.ONLOAD:
-            moved = self.offloader.onload() if self.offloader.offloaded else MoveAck(seconds=0.0)
-            self._report(state.iteration, phase, moved)
-        else:
-            raise ValueError(f"{phase.value} is not a trainer phase")
+    def offload(self, state: PhaseState) -> None:
+        self._report(state.iteration, state.phase, self.offloader.offload())
+
+    def onload(self, state: PhaseState) -> None:
+        moved = self.offloader.onload() if self.offloader.offloaded else MoveAck(seconds=0.0)
+        self._report(state.iteration, state.phase, moved)
+
+    # The trainer's phases (exactly `owned_by(Owner.TRAINER)`), each done by every rank.
+    HANDLERS: ClassVar[dict[Phase, Callable[[Rank, PhaseState], None]]] = {
+        Phase.TRAIN: train,
+        Phase.OFFLOAD: offload,
+        Phase.EXPORT: export,
+        Phase.ONLOAD: onload,
+    }
 
     def close(self) -> None:
         if self.writer is not None:

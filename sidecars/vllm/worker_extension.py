@@ -37,6 +37,3 @@ class WeightReceiverExtension:
         self.reload_weights(weights_iterator=iter(load_file(path).items()), is_checkpoint_format=True)
         self.loaded_version = version
         return version
-
-    def weight_version(self) -> int:
-        return self.loaded_version

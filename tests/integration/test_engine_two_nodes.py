@@ -130,12 +130,14 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
                 assert _greedy(n, 8) == want, n.name
             assert any(r.endswith("-v0-pulled") for r in list_regions(f"timeshare-{JOB}-node1-"))
 
-            # vLLM killed mid-rollout on node0: the engine reports it and restarts it on request.
+            # vLLM killed mid-rollout on node0: the engine reports it and restarts it on request, with the
+            # version the ROLLOUT serves (the only way in besides the phase machine).
             os.kill(n0.get("/status")["vllm_pid"], signal.SIGKILL)
             _wait("node0 to notice vLLM died", lambda: not n0.get("/status")["vllm_alive"], timeout=30)
-            n0.post("/vllm/terminate")  # reaps what is left of the tree
-            n0.post("/vllm/start")
-            assert n0.post("/weights/update", {"version": 0})["weight_version"] == 0
+            with pytest.raises(AssertionError, match=r"409.*restarted only during ROLLOUT of version 1"):
+                n0.post("/vllm/restart", {"version": 1})
+            assert n0.post("/vllm/restart", {"version": 0})["weight_version"] == 0
+            assert n0.get("/status")["vllm_restarts"] == 1
             assert _greedy(n0, 8) == want
 
             # The controller (on the head, node0) finishes ROLLOUT; vLLM is killed on both nodes; then ONLOAD...

@@ -44,7 +44,7 @@ def test_targets_masks_and_logprobs_line_up() -> None:
         assert targets[i][on].tolist() == traj.response_ids
         assert batch.rollout_logp[i][on].tolist() == pytest.approx(traj.logprobs)
         assert batch.versions[i][batch.versions[i] >= 0].tolist() == traj.versions
-    assert batch.response_lengths().tolist() == [2, 1, 4, 1]
+    assert (batch.versions >= 0).sum(dim=1).tolist() == [2, 1, 4, 1]
     assert batch.rewards.tolist() == [1.0, 0.0, 0.0, 1.0]
     assert batch.prompt_uids == ["a", "a", "b", "b"]
 

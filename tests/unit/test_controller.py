@@ -6,6 +6,7 @@ The real path (engine, vLLM, trainer ranks) is covered by tests/integration/test
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,6 +22,7 @@ from checkpoint_engine.contracts.acks import (
     TerminateVllmAck,
     UpdateWeightsAck,
 )
+from checkpoint_engine.contracts.engine_api import NodeAck, NodeAddress, PhaseAcks
 from checkpoint_engine.contracts.engine_client import JobFailedError
 from checkpoint_engine.contracts.phases import CYCLE, Phase, PhaseState
 from checkpoint_engine.contracts.run_dir import RunPaths
@@ -69,13 +71,29 @@ class FakeVllm:
 
 
 class FakeEngine:
-    def __init__(self, acks: dict | None = None) -> None:
-        self.acks, self.completed = acks or {}, []
+    """The head's engine as the controller sees it: each phase ends `seconds[phase]` after the one before it
+    (on `clock`), with `payloads[phase]` as node0's ack."""
 
-    def iteration_acks(self, iteration: int) -> dict:
-        return self.acks.get(iteration, {})
+    def __init__(self, payloads: dict | None = None, seconds: dict | None = None) -> None:
+        self.payloads, self.seconds = payloads or {}, seconds or {}
+        self.completed, self.awaited, self.time = [], [], 100.0
+
+    def clock(self) -> float:
+        return self.time
+
+    def wait_done(self, iteration: int, phase: Phase, timeout: float, **_: object) -> PhaseAcks:
+        self.awaited.append((iteration, phase))
+        self.time += self.seconds.get(phase, 0.0)
+        payload = self.payloads.get(phase)
+        acks = {} if payload is None else {"node0": NodeAck(node="node0", payload=payload.to_dict(), acked_at=0.0)}
+        return PhaseAcks(iteration=iteration, phase=phase, acks=acks)
+
+    def wait_phase(self, iteration: int, phase: Phase, timeout: float, **_: object) -> PhaseState:
+        return PhaseState(iteration=iteration, phase=phase, weight_version=iteration)
 
     def complete(self, iteration: int, phase: Phase, payload: dict) -> None:
+        self.awaited.append((iteration, phase))
+        self.time += self.seconds.get(phase, 0.0)
         self.completed.append((iteration, phase, payload))
 
 
@@ -87,7 +105,9 @@ def _controller(
     reward: RewardConfig | None = None,
     repeat: RepeatDetection | None = None,
     vllm_node: str = "node0",
+    log_metrics: Callable[[int, dict[str, float]], None] = lambda i, m: None,
 ) -> Controller:
+    engine = engine or FakeEngine()
     task = AdditionTask(max_digits=2)
     pool = task.samples("train", 40, 0)
     rollout = RolloutConfig(prompts_per_iteration=4, max_response_tokens=8, iteration_token_budget=budget, group_size=2,
@@ -98,8 +118,8 @@ def _controller(
         RunPaths(tmp_path).make(),
         phase_timeout=900.0,
         node="node0",
-        engine=engine or FakeEngine(),
-        rollout_engine=lambda: SpreadVllmClient({vllm_node: vllm}),
+        shim=engine,
+        vllms=lambda: SpreadVllmClient({vllm_node: vllm}),
         task=task,
         tokens=TOKENS,
         sampler=UniformSampler(pool, 0),
@@ -107,7 +127,8 @@ def _controller(
         scorer=RewardScorer(reward or RewardConfig(), task),
         pool=pool,
         heldout=task.samples("heldout", 6, 0),
-        log_metrics=lambda i, m: None,
+        log_metrics=log_metrics,
+        clock=engine.clock,
     )
 
 
@@ -175,7 +196,7 @@ def test_partial_rollouts_are_measured_in_the_batch_they_finish_in(tmp_path: Pat
     assert metrics["rollout/stale_token_share"] == pytest.approx(float((sampled == 0).float().mean()))
     partial = float((batch.versions == 0).any(dim=1).float().mean())
     assert 0 < metrics["rollout/partial_share"] == pytest.approx(partial)
-    lengths = sorted(batch.response_lengths().tolist())
+    lengths = sorted((batch.versions >= 0).sum(dim=1).tolist())
     assert metrics["rollout/length_max"] == lengths[-1]
     assert metrics["rollout/length_p50"] <= metrics["rollout/length_p90"] <= metrics["rollout/length_max"]
     assert metrics["rollout/mean_length"] == pytest.approx(sum(lengths) / len(lengths))
@@ -199,27 +220,39 @@ def test_evaluation_counts_greedy_and_sampled_answers(tmp_path: Path) -> None:
     assert metrics["eval/cons@4"] == pytest.approx(even)  # every sample states the same sum
 
 
-def test_phase_times_come_from_ack_times_and_the_first_export_is_split(tmp_path: Path) -> None:
-    times = dict(zip([p.value for p in CYCLE], [10.0, 11.0, 20.0, 45.0, 46.0, 50.0, 54.0, 55.0], strict=True))
+def test_the_iteration_awaits_every_phase_in_table_order_and_times_each_itself(tmp_path: Path) -> None:
+    seconds = dict(zip(CYCLE, [10.0, 1.0, 9.0, 25.0, 1.0, 4.0, 4.0, 1.0], strict=True))
     payloads = {
-        "EXPORT": ExportAck(convert_seconds=0.5, push_seconds=0.5, push_gb_per_s=1.0, bytes=8, weight_version=0,
-                            cold_start_seconds=3.0),
-        "START_VLLM": StartVllmAck(pid=1, seconds=25.0),
-        "UPDATE_WEIGHTS": UpdateWeightsAck(weight_version=0, load_seconds=0.5),
-        "ROLLOUT": MetricsAck(metrics={"reward/mean": 0.5}),
-        "TERMINATE_VLLM": TerminateVllmAck(pids=[2], rss_freed_bytes=10, killed=False),
-        "ONLOAD": MoveAck(seconds=1.0),
+        Phase.TRAIN: MetricsAck(metrics={"train/loss": 0.5, "other": 1.0}),
+        Phase.OFFLOAD: MoveAck(seconds=0.1, bytes_moved=64),
+        Phase.EXPORT: ExportAck(convert_seconds=0.5, push_seconds=0.5, push_gb_per_s=1.0, bytes=8, weight_version=0,
+                                cold_start_seconds=3.0),
+        Phase.START_VLLM: StartVllmAck(pid=1, seconds=25.0),
+        Phase.UPDATE_WEIGHTS: UpdateWeightsAck(weight_version=0, load_seconds=0.5),
+        Phase.TERMINATE_VLLM: TerminateVllmAck(pids=[2], rss_freed_bytes=10, killed=False),
+        Phase.ONLOAD: MoveAck(seconds=1.0),
     }  # fmt: skip
-    acks = {0: {p: {"node0": {"acked_at": times[p], "payload": ack.to_dict()}} for p, ack in payloads.items()}}
-    controller = _controller(tmp_path, FakeVllm(version=0), engine=FakeEngine(acks))
-    controller._last_phase_end, controller._first_iteration = 12.0, 0
-    metrics = controller.phase_metrics(0)
-    assert metrics["time/export"] == pytest.approx(1.0)
-    assert metrics["time/cold_start"] == pytest.approx(3.0)
-    assert metrics["time/startup"] == pytest.approx(20.0 - 12.0 - 1.0 - 3.0)
-    assert metrics["time/start_vllm"] == pytest.approx(25.0)
-    assert metrics["time/onload"] == pytest.approx(1.0)
-    assert "time/train" not in metrics
+    engine, logged = FakeEngine(payloads, seconds), {}
+    controller = _controller(tmp_path, FakeVllm(version=0), engine=engine, log_metrics=logged.__setitem__)
+    controller.run_cfg = RunConfig(iterations=1)
+    controller.run(0)
+    # Iteration 0 begins at EXPORT of the cold start's weights; ROLLOUT is the controller's own, between them.
+    assert engine.awaited == [(0, p) for p in CYCLE[2:]] + [(1, p) for p in CYCLE]
+    assert [(i, p) for i, p, _ in engine.completed] == [(0, Phase.ROLLOUT), (1, Phase.ROLLOUT)]
+    first, second = logged[0], logged[1]
+    assert first["time/export"] == pytest.approx(1.0)  # the export's own work: the first one is split
+    assert first["time/cold_start"] == pytest.approx(3.0)
+    assert first["time/startup"] == pytest.approx(9.0 - 1.0 - 3.0)
+    assert first["time/start_vllm"] == pytest.approx(25.0)
+    assert first["time/onload"] == pytest.approx(1.0)
+    assert first["vllm/weight_version/node0"] == 0
+    assert "time/train" not in first
+    assert second["time/train"] == pytest.approx(10.0)
+    assert second["train/loss"] == 0.5
+    assert "other" not in second
+    assert second["offload/bytes_moved"] == 64
+    assert second["time/export"] == pytest.approx(9.0)  # later exports are timed whole
+    assert "time/startup" not in second
 
 
 class DyingVllm(FakeVllm):
@@ -287,11 +320,11 @@ def test_restarts_are_bounded_and_a_refused_request_is_not_retried(tmp_path: Pat
 class NodesEngine(FakeEngine):
     """The head's engine, knowing other nodes' engines only through `nodes()` (their etcd registrations)."""
 
-    def __init__(self, nodes: dict[str, dict[str, str]]) -> None:
+    def __init__(self, nodes: dict[str, NodeAddress]) -> None:
         super().__init__()
         self.registered = nodes
 
-    def nodes(self) -> dict[str, dict[str, str]]:
+    def nodes(self) -> dict[str, NodeAddress]:
         return self.registered
 
     def restart_vllm(self, version: int, timeout: float) -> RestartVllmAck:
@@ -314,7 +347,7 @@ class OtherEngine:
         pass
 
 
-NODE1 = {"node1": {"engine": "http://127.0.0.1:9", "vllm": "http://127.0.0.1:8"}}
+NODE1 = {"node1": NodeAddress(engine="http://127.0.0.1:9", vllm="http://127.0.0.1:8")}
 
 
 def test_another_nodes_lost_vllm_is_restarted_by_that_nodes_engine_with_its_token(

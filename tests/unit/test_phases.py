@@ -6,17 +6,20 @@ import pytest
 
 from checkpoint_engine.contracts.phases import (
     CYCLE,
+    TABLE,
     IllegalTransition,
     Owner,
     Phase,
     PhaseState,
     Version,
+    begun_at,
     check_transition,
     fail,
     initial_state,
     next_state,
     owned_by,
     spec,
+    successor,
 )
 
 
@@ -85,3 +88,29 @@ def test_the_table_names_each_phase_owner_and_the_version_it_carries() -> None:
         s = next_state(s)
     with pytest.raises(ValueError, match="FAILED is not a phase of the cycle"):
         spec(Phase.FAILED)
+
+
+def test_each_process_handles_exactly_the_phases_it_owns() -> None:
+    """The handler maps of the trainer ranks and of the engine cover their owners' phases of the table, and the
+    engine begins early exactly the phases the table says begin early."""
+    from checkpoint_engine.node_engine import NodeEngine
+    from sidecars.megatron.rank_main import Rank
+
+    assert set(Rank.HANDLERS) == set(owned_by(Owner.TRAINER))
+    assert set(NodeEngine.HANDLERS) == set(owned_by(Owner.ENGINE))
+    assert set(NodeEngine.STAND_INS) <= set(owned_by(Owner.TRAINER))
+    assert set(NodeEngine.EARLY) == {s.phase for s in TABLE if s.begins_at is not None}
+    assert owned_by(Owner.CONTROLLER) == (Phase.ROLLOUT,)  # Controller.run does it inline
+
+
+def test_a_phase_begun_early_begins_before_its_turn() -> None:
+    for s in TABLE:
+        if s.begins_at is not None:
+            assert CYCLE.index(s.begins_at) < CYCLE.index(s.phase), s.phase
+            assert s.phase in begun_at(s.begins_at)
+    assert begun_at(Phase.EXPORT) == (Phase.START_VLLM,)
+
+
+def test_successor_wraps_into_the_next_iteration() -> None:
+    assert successor(3, Phase.ONLOAD) == (4, Phase.TRAIN)
+    assert successor(3, Phase.ROLLOUT) == (3, Phase.TERMINATE_VLLM)

@@ -5,12 +5,12 @@ node register (`WeightStore`), completion reports of the phases other processes 
 Produces: acks per iteration and phase (payload: timings, loaded version), vLLM started with dummy
 weights, updated, and killed. The leader additionally advances the phase once every node acked.
 
-Who finishes which phase:
-- START_VLLM, UPDATE_WEIGHTS, TERMINATE_VLLM: this daemon, by itself. vLLM starts with dummy
-  weights, so its start-up begins as soon as EXPORT does (the trainer has offloaded by then) and
-  START_VLLM only waits for what is left of it;
-- EXPORT: the producer, by registering the version's region (`register_weights`); a node
-  without a producer (`weights_from` set) acks once those nodes registered the version;
+Who finishes which phase (`contracts.phases.TABLE`):
+- the engine's own phases (START_VLLM, UPDATE_WEIGHTS, TERMINATE_VLLM): `HANDLERS`, each begun in
+  its turn or, where the table says so (`begins_at`), earlier: `EARLY` begins vLLM's start-up with
+  EXPORT and START_VLLM waits for what is left of it;
+- EXPORT: the producer, by registering the version's region (`register_weights`); a node without
+  a producer (`weights_from` set) acks in its stead (`STAND_INS`) once those nodes registered it;
 - TRAIN, OFFLOAD, ROLLOUT, ONLOAD: the trainer / controller, through `complete_phase`.
 """
 
@@ -21,9 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from checkpoint_engine.config import EngineConfig
 from checkpoint_engine.contracts.acks import (
@@ -35,7 +34,18 @@ from checkpoint_engine.contracts.acks import (
     TerminateVllmAck,
     UpdateWeightsAck,
 )
-from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, fail, initial_state, next_state, order, spec
+from checkpoint_engine.contracts.engine_api import EngineStatus, NodeAck, NodeAddress, NotNow, PhaseAcks
+from checkpoint_engine.contracts.phases import (
+    Owner,
+    Phase,
+    PhaseState,
+    begun_at,
+    fail,
+    initial_state,
+    next_state,
+    order,
+    spec,
+)
 from checkpoint_engine.contracts.vllm_protocol import UpdateWeightsResponse
 from checkpoint_engine.contracts.weight_region import Manifest
 from checkpoint_engine.coordination_errors import CoordinationError, CoordinationTimeout, PhaseFailedError
@@ -47,26 +57,11 @@ from checkpoint_engine.weight_store import WeightStore
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class EngineStatus:
-    """What GET /status shows."""
-
-    node: str
-    leader: str | None
-    alive_nodes: list[str]
-    phase: dict[str, Any] | None
-    vllm_pid: int | None
-    vllm_alive: bool  # a sidecar forked by START_VLLM lives
-    vllm_zygote: bool  # the zygote lives: the next START_VLLM forks a sidecar with its imports done
-    vllm_weight_version: int | None
-    vllm_restarts: int  # vLLMs started again after dying during ROLLOUT (POST /vllm/restart)
-    weight_versions: list[int]
-    last_timings: dict[str, float] = field(default_factory=dict)
-    last_error: str | None = None
+# What the engine does in a phase's turn: the ack's payload.
+Handler = Callable[["NodeEngine", PhaseState], AckPayload]
 
 
-class CheckpointEngine:
+class NodeEngine:
     def __init__(self, cfg: EngineConfig, http_address: str = "") -> None:
         self.cfg = cfg
         self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.phase.ttl, http_address=http_address,
@@ -96,10 +91,11 @@ class CheckpointEngine:
         with self._ops:
             result = fn()
         self.timings[name] = round(time.perf_counter() - start, 3)
-        log.info("[%s] %s took %.2f s", self.cfg.node, name, self.timings[name])
+        log.info("%s took %.2f s", name, self.timings[name])
         return result
 
-    def start_vllm(self) -> StartVllmAck:
+    def start_vllm(self, state: PhaseState) -> StartVllmAck:
+        """START_VLLM: vLLM healthy with dummy weights (its start-up began with EXPORT, see `EARLY`)."""
         early, self._early_start = self._early_start, None
         if early is None and self._keep_alive() and self.vllm.alive():
             return StartVllmAck(pid=self.vllm.pid, seconds=0.0, kept_alive=True)
@@ -117,8 +113,8 @@ class CheckpointEngine:
             retries=self._start_retries,
         )  # fmt: skip
 
-    def _start_vllm_early(self) -> None:
-        """Begin vLLM's start-up in the background while EXPORT runs (see the module docstring)."""
+    def begin_vllm_start(self, state: PhaseState) -> None:
+        """Begin vLLM's start-up in the background when EXPORT begins (START_VLLM's `begins_at`)."""
         if self._early_start is None and not self.vllm.alive():
             self._early_start = self._starter.submit(self._start_vllm_process)
 
@@ -130,15 +126,12 @@ class CheckpointEngine:
     def _keep_alive(self) -> bool:
         return self.cfg.lifecycle == "keep_alive"
 
-    def end_rollout(self) -> TerminateVllmAck:
-        """TERMINATE_VLLM: kill vLLM, or with keep_alive leave it serving for the next rollout (it
-        holds host memory on CPU; on GPU it would sleep here, which is not built)."""
+    def terminate_vllm(self, state: PhaseState) -> TerminateVllmAck:
+        """TERMINATE_VLLM: kill vLLM, or with keep_alive leave it serving for the next rollout (it holds host
+        memory on CPU; on GPU it would sleep here, which is not built). The zygote stays (respawned here if it
+        died) for the next iteration's fork."""
         if self._keep_alive() and self.vllm.alive():
             return TerminateVllmAck(pids=[], rss_freed_bytes=0, killed=False, kept_alive=True)
-        return self.terminate_vllm()
-
-    def terminate_vllm(self) -> TerminateVllmAck:
-        """Kill vLLM; the zygote stays (respawned here if it died) for the next iteration's fork."""
         t = self._timed("terminate_vllm", self.vllm.terminate)
         self.vllm.prepare()
         return TerminateVllmAck(
@@ -157,11 +150,13 @@ class CheckpointEngine:
         """vLLM loads `version` from this node's region (pulled from another node if need be)."""
         manifest = self.store.resolve(version)
         loaded = self.vllm.client.update_weights(manifest.to_dict())  # every tensor checked against its checksum
-        log.info("[%s] vLLM serves weight version %d (checksums verified, digest %s)", self.cfg.node,
-                 loaded.weight_version, manifest.digest())  # fmt: skip
+        log.info("vLLM serves weight version %d (checksums verified, digest %s)", version, manifest.digest())
         return loaded
 
-    def update_weights(self, version: int) -> UpdateWeightsAck:
+    def update_weights(self, state: PhaseState) -> UpdateWeightsAck:
+        """UPDATE_WEIGHTS: the running vLLM loads the version the phase names, checked."""
+        version = state.weight_version
+
         def op() -> UpdateWeightsAck:
             loaded = self._load(version)
             self.store.drop_older_than(version)
@@ -174,9 +169,7 @@ class CheckpointEngine:
         starts (up to phase.vllm_start_attempts) and loads `version` again from this node's region."""
         state, _ = self.coordinator.read_phase()
         if state is None or state.phase is not Phase.ROLLOUT or state.weight_version != version:
-            raise ValueError(
-                f"vLLM is restarted only during ROLLOUT of version {version}; the job is {describe(state)}"
-            )
+            raise NotNow(f"vLLM is restarted only during ROLLOUT of version {version}; the job is {describe(state)}")
 
         def op() -> RestartVllmAck:
             self.vllm.terminate()
@@ -187,17 +180,17 @@ class CheckpointEngine:
                 weight_version=loaded.weight_version, retries=self._start_retries,
             )  # fmt: skip
 
-        log.warning("[%s] vLLM is gone during ROLLOUT of version %d; starting it again", self.cfg.node, version)
+        log.warning("vLLM is gone during ROLLOUT of version %d; starting it again", version)
         self.restarts += 1
         return self._timed("restart_vllm", op)
 
     def complete_phase(self, iteration: int, phase: Phase, payload: AckPayload) -> None:
         """Another process on this node (trainer, controller) finished `phase` of `iteration`."""
         if phase in (Phase.EXPORT, Phase.FAILED) or spec(phase).owner is Owner.ENGINE:
-            raise ValueError(f"{phase.value} is completed by the engine itself or by registering weights")
+            raise NotNow(f"{phase.value} is completed by the engine itself or by registering weights")
         state, _ = self.coordinator.read_phase()
         if state is None or (state.iteration, state.phase) != (iteration, phase):
-            raise ValueError(f"cannot complete {phase.value} of iteration {iteration}: the job is {describe(state)}")
+            raise NotNow(f"cannot complete {phase.value} of iteration {iteration}: the job is {describe(state)}")
         self.coordinator.ack(state, payload.to_dict())
 
     def wait_phase(self, iteration: int, phase: Phase, timeout: float) -> PhaseState:
@@ -212,18 +205,19 @@ class CheckpointEngine:
             causes = self.coordinator.errors(e.state.iteration) or ([self.last_error] if self.last_error else [])
             raise PhaseFailedError(e.state, f"{phase.value} of iteration {iteration}", causes) from e
 
-    def iteration_acks(self, iteration: int) -> dict[str, dict[str, Any]]:
-        """Acks of `iteration` by phase and node: payload and time, for the controller's phase timings."""
-        acks = self.coordinator.iteration_acks(iteration)
-        return {
-            p.value: {n: {"payload": a.payload, "acked_at": a.acked_at} for n, a in by.items()}
-            for p, by in acks.items()
-        }
+    def phase_acks(self, iteration: int, phase: Phase) -> PhaseAcks:
+        """Every node's ack of `phase` of `iteration`, for the controller's record of the iteration."""
+        acks = self.coordinator.iteration_acks(iteration).get(phase, {})
+        return PhaseAcks(
+            iteration=iteration,
+            phase=phase,
+            acks={n: NodeAck(node=n, payload=a.payload, acked_at=a.acked_at, error=a.error) for n, a in acks.items()},
+        )
 
-    def nodes(self) -> dict[str, dict[str, str]]:
+    def nodes(self) -> dict[str, NodeAddress]:
         """The job's live nodes: their engine's and their vLLM's addresses (the controller rolls out on all)."""
         return {
-            n: {"engine": s.http_address, "vllm": s.vllm_address}
+            n: NodeAddress(engine=s.http_address, vllm=s.vllm_address)
             for n, s in sorted(self.coordinator.alive_nodes().items())
         }
 
@@ -244,27 +238,35 @@ class CheckpointEngine:
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------- the phase loop
-    def _own(self, phase: Phase) -> bool:
-        if phase is Phase.EXPORT:
-            return bool(self.cfg.weights_from)
-        return phase is not Phase.FAILED and spec(phase).owner is Owner.ENGINE
+    def await_exports(self, state: PhaseState) -> ExportWaitAck:
+        """EXPORT on a node without a trainer: done once the producing nodes registered the version."""
+        found = self._patiently(lambda t: self.coordinator.wait_shards(state.weight_version, self.cfg.weights_from, t))
+        return ExportWaitAck(registered_by=sorted(found))
+
+    # The engine's own phases (exactly `owned_by(Owner.ENGINE)`), what it does for a phase another owner
+    # completes on nodes where that owner is absent, and the work it begins before a phase's turn.
+    HANDLERS: ClassVar[dict[Phase, Handler]] = {
+        Phase.START_VLLM: start_vllm,
+        Phase.UPDATE_WEIGHTS: update_weights,
+        Phase.TERMINATE_VLLM: terminate_vllm,
+    }
+    STAND_INS: ClassVar[dict[Phase, Handler]] = {Phase.EXPORT: await_exports}
+    EARLY: ClassVar[dict[Phase, Callable[[NodeEngine, PhaseState], None]]] = {Phase.START_VLLM: begin_vllm_start}
+
+    def _handler(self, phase: Phase) -> Handler | None:
+        if phase in self.STAND_INS and self.cfg.weights_from:
+            return self.STAND_INS[phase]
+        return self.HANDLERS.get(phase)
+
+    def _begin(self, state: PhaseState) -> None:
+        """Begin the work of the phases that `state`'s phase starts early (`PhaseSpec.begins_at`)."""
+        for phase in begun_at(state.phase):
+            self.EARLY[phase](self, state)
 
     def _ackers(self, phase: Phase) -> tuple[str, ...]:
         """The nodes whose acks complete `phase`: every node, but only the head (the first node, which runs
         the iteration controller) for the controller's phases."""
         return self.cfg.nodes[:1] if spec(phase).owner is Owner.CONTROLLER else self.cfg.nodes
-
-    def _do_own(self, state: PhaseState) -> AckPayload:
-        if state.phase is Phase.EXPORT:
-            found = self._patiently(
-                lambda t: self.coordinator.wait_shards(state.weight_version, self.cfg.weights_from, t)
-            )
-            return ExportWaitAck(registered_by=sorted(found))
-        if state.phase is Phase.START_VLLM:
-            return self.start_vllm()
-        if state.phase is Phase.UPDATE_WEIGHTS:
-            return self.update_weights(state.weight_version)
-        return self.end_rollout()
 
     def _patiently(self, wait: Callable[[float], Any]) -> Any:
         """Run a barrier `wait(timeout)` in one-second slices up to `phase_timeout`, so that `stop()`
@@ -287,15 +289,16 @@ class CheckpointEngine:
 
         state = self.coordinator.wait_phase(needs_me, timeout, raise_on_failed=False)
         key = (state.iteration, state.phase)
-        if key not in self._done and state.phase is Phase.EXPORT:
-            self._start_vllm_early()
+        handler = None if state.phase is Phase.FAILED else self._handler(state.phase)
         if key not in self._done:
-            if self._own(state.phase):
+            if state.phase is not Phase.FAILED:
+                self._begin(state)
+            if handler is not None:
                 try:
-                    self.coordinator.ack(state, self._do_own(state).to_dict())
+                    self.coordinator.ack(state, handler(self, state).to_dict())
                 except Exception as e:  # an error ack: the leader fails the phase at once, with the cause
                     self.last_error = f"{state.phase.value} of iteration {state.iteration}: {e}"
-                    log.exception("[%s] %s", self.cfg.node, self.last_error)
+                    log.exception("%s", self.last_error)
                     self.coordinator.ack(state, error=f"{type(e).__name__}: {_first_line(e)}")
             self._done = {k for k in self._done if k[0] >= state.iteration - 1} | {key}
         if leader and state.phase is not Phase.FAILED:
@@ -326,7 +329,7 @@ class CheckpointEngine:
         self._thread.start()
 
     def stop(self) -> None:
-        log.info("[%s] stopping: vLLM, weight regions and the etcd lease go", self.cfg.node)
+        log.info("stopping: vLLM, weight regions and the etcd lease go")
         self.coordinator.stop_riding_out()  # a job being stopped may have lost its etcd for good
         self._stop.set()
         self.vllm.cancel()
