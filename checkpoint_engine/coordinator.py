@@ -1,4 +1,4 @@
-"""One node's view of the job in etcd: leader election, the phase, acks, the shard registry.
+"""One node's view of the job in etcd: leader election (`leadership`), the phase, acks, the shard registry.
 
 Consumes: an etcd endpoint (or a client from `etcd_client.connect`), the job name and this node's
 id; the key layout and records of `etcd_keys`, the phase rules of `contracts.phases`.
@@ -18,19 +18,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from checkpoint_engine.contracts.phases import Phase, PhaseState, check_transition
+from checkpoint_engine.contracts.polling import Deadline, poll_until
 from checkpoint_engine.coordination_errors import (
     CoordinationError,
     CoordinationTimeout,
     NodeFailedError,
     NodeLostError,
-    NotLeaderError,
     PhaseFailedError,
     StaleStateError,
 )
@@ -38,7 +37,6 @@ from checkpoint_engine.etcd_client import connect
 from checkpoint_engine.etcd_keys import (
     Ack,
     Keys,
-    LeaderRecord,
     NodeStatus,
     ShardRecord,
     check_name,
@@ -50,6 +48,7 @@ from checkpoint_engine.etcd_keys import (
     retained,
 )
 from checkpoint_engine.etcd_watch import Event, watch_until
+from checkpoint_engine.leadership import Leadership
 from checkpoint_engine.node_lease import NodeLease
 
 if TYPE_CHECKING:
@@ -102,14 +101,14 @@ class Coordinator:
         self.log = _NodeLog(logger, {"node": node})
         self._owns_client = isinstance(etcd, str)
         self.client = connect(etcd, outage=etcd_outage) if isinstance(etcd, str) else etcd
-        self._lock = threading.Lock()
-        self._leader_revision: int | None = None  # mod revision of our leader key: the fencing token
         self._closed = False
+        # the lease it takes the leader key on is the node's current one (a fresh one after an expiry)
+        self.leadership = Leadership(self.client, self.keys, node, lambda: self._node.lease, self.log)
         status = NodeStatus(node=node, pid=os.getpid(), host=socket.gethostname(), http_address=http_address,
                             started_at=time.time(), vllm_address=vllm_address)  # fmt: skip
         try:
             self._node = NodeLease(
-                self.client, self.keys.node(node), status, ttl=ttl, log=self.log, on_expired=self._lost_lease
+                self.client, self.keys.node(node), status, ttl=ttl, log=self.log, on_expired=self.leadership.lost
             )
         except BaseException:
             if self._owns_client:
@@ -133,8 +132,7 @@ class Coordinator:
         if self._closed:
             return
         self._closed = True
-        with self._lock:
-            self._leader_revision = None
+        self.leadership.lost()
         self._node.close()
         if self._owns_client:
             self.client.close()
@@ -149,12 +147,6 @@ class Coordinator:
     def lease_id(self) -> int:
         return self._node.lease.id
 
-    def _lost_lease(self) -> bool:
-        """The lease ran out and the node re-registered: the leader key went with the old lease."""
-        with self._lock:
-            was_leader, self._leader_revision = self._leader_revision is not None, None
-        return was_leader
-
     # --------------------------------------------------------------------------------- election
     def campaign(self, timeout: float = 0.0) -> bool:
         """Take the leader key if it is vacant; with a timeout, wait (watching the key) for a vacancy.
@@ -162,63 +154,23 @@ class Coordinator:
         True when this node holds the key (also when it already did). The key lives on this node's
         lease, so it goes when the node closes, crashes or hangs past its TTL.
         """
-        won = self._wait_until([self.keys.leader], self._try_lead, timeout)
+        won = self._wait_until([self.keys.leader], self.leadership.try_lead, timeout)
         if not won:
             self.log.info("not elected: %s leads", self.leader())
         return bool(won)
 
-    def _try_lead(self) -> bool | None:
-        txn, key = self.client.transactions, self.keys.leader
-        lease = self._node.lease
-        record = encode(LeaderRecord(node=self.node, elected_at=time.time()))
-        _, responses = self.client.transaction(
-            compare=[txn.create(key) == 0], success=[txn.put(key, record, lease=lease), txn.get(key)],
-            failure=[txn.get(key)],
-        )  # fmt: skip
-        kvs = responses[-1]
-        if not kvs:  # the key vanished between the compare and the read: try again on the next event
-            return None
-        value, meta = kvs[0]
-        # Our node id on another lease is an earlier run of this node: wait until that lease runs out.
-        if decode(LeaderRecord, value).node != self.node or meta.lease_id != lease.id:
-            return None
-        with self._lock:
-            # The node lease swaps its lease before `_lost_lease` takes this lock, so either the
-            # check below sees the new lease or `_lost_lease` clears what is set here.
-            if self._node.lease is not lease:  # re-registered meanwhile: the key went with the old lease
-                return None
-            newly, self._leader_revision = self._leader_revision != meta.mod_revision, meta.mod_revision
-        if newly:
-            self.log.info("elected leader of job %s (leader key revision %d)", self.keys.job, meta.mod_revision)
-        return True
-
     def leader(self) -> str | None:
         """The node holding the leader key, or None while the seat is vacant."""
-        value, _ = self.client.get(self.keys.leader)
-        return None if value is None else decode(LeaderRecord, value).node
+        return self.leadership.leader()
 
     def is_leader(self) -> bool:
-        """Read from etcd, not from memory: a lease that expired took the leadership with it."""
-        value, meta = self.client.get(self.keys.leader)
-        with self._lock:
-            return (
-                value is not None
-                and meta.mod_revision == self._leader_revision
-                and meta.lease_id == self._node.lease.id
-            )
+        return self.leadership.held()
 
     # ------------------------------------------------------------------------------------ phase
     def read_phase(self) -> tuple[PhaseState | None, int]:
         """The current phase and its mod revision; (None, 0) before the leader initialised it."""
         value, meta = self.client.get(self.keys.phase)
         return (None, 0) if value is None else (decode(PhaseState, value), meta.mod_revision)
-
-    def _fence(self) -> int:
-        with self._lock:
-            revision = self._leader_revision
-        if revision is None:
-            raise NotLeaderError(f"{self.node} may not write the phase: it is not the leader ({self.leader()} is)")
-        return revision
 
     def init_phase(self, state: PhaseState) -> tuple[PhaseState, int]:
         """Write `state` if the job has no phase yet (leader only); returns what etcd then holds.
@@ -227,13 +179,13 @@ class Coordinator:
         it: the existing state and its revision come back, and `state` is ignored.
         """
         txn, key = self.client.transactions, self.keys.phase
-        fence = self._fence()
+        fence = self.leadership.fence()
         created, responses = self.client.transaction(
             compare=[txn.create(key) == 0, txn.mod(self.keys.leader) == fence],
             success=[txn.put(key, encode(state)), txn.get(key)], failure=[txn.get(key), txn.get(self.keys.leader)],
         )  # fmt: skip
         if not created:
-            self._raise_if_not_leader(fence, responses[1])
+            self.leadership.check_fence(fence, responses[1])
         value, meta = responses[1 if created else 0][0]
         found = decode(PhaseState, value)
         self.log.info("%s phase %s at revision %d", "initialised" if created else "found", describe(found),
@@ -254,7 +206,7 @@ class Coordinator:
         (the version served and the one being exported or loaded). Being part of the fenced write, a
         deposed leader prunes nothing.
         """
-        fence = self._fence()
+        fence = self.leadership.fence()
         current, revision = self.read_phase()
         if current is None:
             raise CoordinationError(f"{self.node} cannot advance to {describe(new)}: the phase was never initialised")
@@ -273,7 +225,7 @@ class Coordinator:
             failure=[txn.get(key), txn.get(self.keys.leader)],
         )  # fmt: skip
         if not swapped:
-            self._raise_if_not_leader(fence, responses[1])
+            self.leadership.check_fence(fence, responses[1])
             value, meta = responses[0][0] if responses[0] else (None, None)
             found = None if value is None else decode(PhaseState, value)
             raise StaleStateError(expected_revision, 0 if meta is None else meta.mod_revision, found)
@@ -284,15 +236,6 @@ class Coordinator:
             self.log.info("pruned %d acks before iteration %d and %d shard records before version %d", acks,
                           keep.first_iteration, shards, keep.first_version)  # fmt: skip
         return new_revision
-
-    def _raise_if_not_leader(self, fence: int, leader_kvs: list) -> None:
-        if leader_kvs and leader_kvs[0][1].mod_revision == fence:
-            return
-        with self._lock:
-            if self._leader_revision == fence:
-                self._leader_revision = None
-        holder = decode(LeaderRecord, leader_kvs[0][0]).node if leader_kvs else "no node"
-        raise NotLeaderError(f"{self.node} lost the leadership (its lease expired); now {holder} leads")
 
     def wait_phase(
         self, until: PhaseState | Callable[[PhaseState], bool], timeout: float, *, raise_on_failed: bool = True
@@ -358,16 +301,6 @@ class Coordinator:
             )
         return found
 
-    def wait_node_gone(self, node: str, timeout: float) -> None:
-        """Return once `node`'s record is gone (its lease revoked or expired: at most its TTL after it died)."""
-        key = self.keys.node(node)
-
-        def gone() -> bool | None:
-            return True if self.client.get(key)[0] is None else None
-
-        if self._wait_until([key], gone, timeout) is None:
-            raise CoordinationTimeout(f"{self.node} waited {timeout:g} s for node {node} to go; it is still alive")
-
     # ------------------------------------------------------------------------------------- acks
     def ack(self, state: PhaseState, payload: Mapping[str, Any] | None = None, error: str = "") -> None:
         """Record that this node finished `state` (iteration and phase); `payload` is small JSON. With
@@ -416,11 +349,6 @@ class Coordinator:
         return [f"{a.node} in {p.value}: {a.error}" for p, by in self.iteration_acks(iteration).items()
                 for a in by.values() if a.error]  # fmt: skip
 
-    def prune(self, before_iteration: int) -> int:
-        """Delete the acks of every iteration before `before_iteration` now; returns how many went.
-        (`advance` prunes as it goes; this is for a job that stopped.)"""
-        return self._delete_range(*self.keys.acks_before(before_iteration), f"acks before iteration {before_iteration}")
-
     # ----------------------------------------------------------------------------------- shards
     def register_shards(self, version: int, manifest: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
         """Publish where this node's weights of `version` live (`manifest`: `Manifest.to_dict()`)."""
@@ -440,10 +368,6 @@ class Coordinator:
         """Barrier: every one of `nodes` registered `version`; errors as for `wait_acks`."""
         prefix = self.keys.shards(version)
         return self._barrier(prefix, set(nodes), lambda: self.shards(version), timeout, f"shards of version {version}")
-
-    def prune_shards(self, before_version: int) -> int:
-        """Delete the shard records of every version before `before_version` now; returns how many went."""
-        return self._delete_range(*self.keys.shards_before(before_version), f"shards before version {before_version}")
 
     # ------------------------------------------------------------------------------------ waits
     def _barrier(
@@ -475,14 +399,15 @@ class Coordinator:
                 )
             return None
 
-        deadline = time.monotonic() + timeout
-        while True:  # wakes (no event may come) when a lost node's grace ends, and every half grace to see one
-            left = deadline - time.monotonic()
+        deadline = Deadline(timeout)
+
+        def one_wait() -> dict[str, T] | None:
+            # wakes (no event may come) when a lost node's grace ends, and every half grace to see one
             ends = [since + self.node_grace - time.monotonic() for since in lost_since.values()]
             every = [self.node_grace / 2] if self.node_grace else []
-            done = self._wait_until([prefix, self.keys.nodes], check, max(0.05, min([left, *ends, *every])))
-            if done is not None or time.monotonic() >= deadline:
-                break
+            return self._wait_until([prefix, self.keys.nodes], check, max(0.05, min([deadline.left(), *ends, *every])))
+
+        done = poll_until(one_wait, timeout, every=0.0)
         if done is None:
             silent = nodes - set(read())
             raise CoordinationTimeout(
@@ -501,10 +426,3 @@ class Coordinator:
             return check(), revision
 
         return watch_until(self.client, keys, read, lambda _events: check(), timeout=timeout, log=self.log)
-
-    def _delete_range(self, start: str, end: str, what: str) -> int:
-        txn = self.client.transactions
-        _, responses = self.client.transaction(compare=[], success=[txn.delete(start, range_end=end)], failure=[])
-        deleted = responses[0].response_delete_range.deleted
-        self.log.info("pruned %d %s", deleted, what)
-        return deleted

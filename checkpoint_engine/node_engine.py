@@ -46,6 +46,7 @@ from checkpoint_engine.contracts.phases import (
     order,
     spec,
 )
+from checkpoint_engine.contracts.polling import Deadline
 from checkpoint_engine.contracts.vllm_protocol import UpdateWeightsResponse
 from checkpoint_engine.contracts.weight_region import Manifest
 from checkpoint_engine.coordination_errors import CoordinationError, CoordinationTimeout, PhaseFailedError
@@ -271,12 +272,12 @@ class NodeEngine:
     def _patiently(self, wait: Callable[[float], Any]) -> Any:
         """Run a barrier `wait(timeout)` in one-second slices up to `phase_timeout`, so that `stop()`
         is never stuck behind a long barrier; the last slice's CoordinationTimeout propagates."""
-        deadline = time.monotonic() + self.cfg.phase.timeout
+        deadline = Deadline(self.cfg.phase.timeout)
         while True:
             try:
-                return wait(min(1.0, max(deadline - time.monotonic(), 0.01)))
+                return wait(deadline.left(at_most=1.0, at_least=0.01))
             except CoordinationTimeout:
-                if self._stop.is_set() or time.monotonic() >= deadline:
+                if self._stop.is_set() or deadline.passed():
                     raise
 
     def step(self, timeout: float) -> PhaseState:

@@ -34,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from checkpoint_engine.contracts.lifetime import die_with_parent, running
+from checkpoint_engine.contracts.polling import poll_until
 
 KILL_WAIT = 10.0  # seconds a SIGKILLed process may take to exit (it may be in uninterruptible I/O)
 # Seconds to let init reap exited orphans, so that their pids are gone too when stop returns; some
@@ -177,13 +178,14 @@ class ProcessGroup:
 
     def _wait(self, procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
         """Those of `procs` still running after up to `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def running_ones() -> list[psutil.Process]:
             # The root is polled through Popen, which reaps it and keeps its exit status.
-            left = [p for p in procs if (self.alive() if p.pid == self.pid else running(p))]
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(_POLL)
+            return [p for p in procs if (self.alive() if p.pid == self.pid else running(p))]
+
+        if poll_until(lambda: None if running_ones() else True, timeout, every=_POLL):
+            return []
+        return running_ones()
 
 
 # A line a Python traceback ends with: `pkg.mod.SomeError: message` (or SystemExit's text).
@@ -208,9 +210,7 @@ def last_error(log_path: str | os.PathLike[str]) -> str:
 
 def _await_reaped(procs: list[psutil.Process], timeout: float) -> None:
     """Wait until the exited `procs` are reaped (their pids gone), up to `timeout` s; they are dead either way."""
-    deadline = time.monotonic() + timeout
-    while any(p.is_running() for p in procs) and time.monotonic() < deadline:
-        time.sleep(_POLL)
+    poll_until(lambda: None if any(p.is_running() for p in procs) else True, timeout, every=_POLL)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -19,11 +19,11 @@ import shutil
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from checkpoint_engine.contracts.polling import poll_until
 from checkpoint_engine.etcd_client import connect
 from checkpoint_engine.process_group import ProcessGroup
 
@@ -241,9 +241,9 @@ class LocalEtcd:
 
     def _wait_ready(self, proc: ProcessGroup, endpoint: str, log_start: int) -> None:
         """Poll until a linearizable read succeeds, i.e. the member has elected itself leader."""
-        deadline = time.monotonic() + self.start_timeout
         with connect(endpoint, timeout=1.0) as client:
-            while True:
+
+            def answers() -> bool | None:
                 code = proc.poll()
                 if code is not None:
                     raise RuntimeError(
@@ -252,15 +252,15 @@ class LocalEtcd:
                     )
                 try:
                     client.get("/")
-                    return
+                    return True
                 except Exception:  # pyetcd's own errors and grpc's while etcd is coming up
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"etcd (pid {proc.pid}) did not answer on {endpoint} within {self.start_timeout:g} s; "
-                        f"last lines of {self.log_path}:\n{_read_tail(self.log_path, log_start)}"
-                    )
-                time.sleep(0.05)
+                    return None
+
+            if poll_until(answers, self.start_timeout, every=0.05) is None:
+                raise RuntimeError(
+                    f"etcd (pid {proc.pid}) did not answer on {endpoint} within {self.start_timeout:g} s; "
+                    f"last lines of {self.log_path}:\n{_read_tail(self.log_path, log_start)}"
+                )
 
     def stop(self) -> None:
         """SIGTERM, wait `stop_grace` s, then SIGKILL; idempotent."""

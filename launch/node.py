@@ -20,6 +20,7 @@ from pathlib import Path
 from checkpoint_engine.config import EngineConfig
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
+from checkpoint_engine.contracts.polling import poll_until
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 from checkpoint_engine.process_group import ProcessGroup, last_error
@@ -187,8 +188,5 @@ def run_worker(cfg: TrainConfig, overrides: list[str]) -> int:
 
 def _await_head(paths: RunPaths, timeout: float) -> None:
     """The head writes the cold start's examples last, before it starts its own processes."""
-    deadline = time.monotonic() + timeout
-    while not paths.cold_start.exists():
-        if time.monotonic() > deadline:
-            raise JobFailedError(f"the head did not prepare {paths.root} within {timeout:g} s (phase.timeout)")
-        time.sleep(0.5)
+    if poll_until(lambda: paths.cold_start.exists() or None, timeout, every=0.5) is None:
+        raise JobFailedError(f"the head did not prepare {paths.root} within {timeout:g} s (phase.timeout)")

@@ -27,6 +27,7 @@ import requests
 
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
+from checkpoint_engine.contracts.polling import poll_until
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import SpreadVllmClient, VllmClient
 from checkpoint_engine.etcd_client import connect
@@ -324,14 +325,16 @@ def _failures_named(check_alive: Callable[[], None], wait: float = 5.0) -> Itera
 def _named_failure(check_alive: Callable[[], None], error: Exception, wait: float) -> JobFailedError:
     """The failure of the process whose death broke a request, once it is seen to have exited (within `wait` s);
     else one naming the failed request."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
+
+    def exited() -> JobFailedError | None:
         try:
             check_alive()
         except JobFailedError as failed:
             return failed
-        time.sleep(0.1)
-    return JobFailedError(f"a request of the controller's to the job failed ({type(error).__name__}: {error})")
+        return None
+
+    failed = f"a request of the controller's to the job failed ({type(error).__name__}: {error})"
+    return poll_until(exited, wait, every=0.1) or JobFailedError(failed)
 
 
 def _start_local_node(

@@ -6,7 +6,6 @@ weights through the engine of their node (see api.py for the endpoints).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import requests
 from checkpoint_engine.contracts.acks import AckPayload, ExportAck, RestartVllmAck, check_ack
 from checkpoint_engine.contracts.engine_api import EngineStatus, NodeAddress, PhaseAcks, RefusalKind
 from checkpoint_engine.contracts.phases import Phase, PhaseState, successor
+from checkpoint_engine.contracts.polling import Deadline, poll_until
 from checkpoint_engine.contracts.weight_region import Manifest
 
 
@@ -54,19 +54,18 @@ class EngineClient:
     def wait_for_engine(self, timeout: float, before_poll: Callable[[], None] | None = None) -> None:
         """Block until the engine answers; `before_poll` runs before each try (a caller checking that the
         engine's process still lives, to fail at once with its cause rather than after `timeout`)."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def answers() -> bool | None:
             if before_poll is not None:
                 before_poll()
             try:
                 self._call("GET", "/health", timeout=2.0)
-                return
+                return True
             except (requests.ConnectionError, EngineError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"no checkpoint engine answered at {self.base_url} within {timeout:g} s"
-                    ) from None
-                time.sleep(0.2)
+                return None
+
+        if poll_until(answers, timeout, every=0.2) is None:
+            raise TimeoutError(f"no checkpoint engine answered at {self.base_url} within {timeout:g} s")
 
     def wait_phase(
         self,
@@ -79,17 +78,22 @@ class EngineClient:
     ) -> PhaseState:
         """Block until the job is at or past `phase` of `iteration`, in long polls of at most `poll` s;
         `before_poll` runs before each (a caller checking that its own processes still live)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        deadline = Deadline(timeout)
+
+        def reached() -> PhaseState | None:
             if before_poll is not None:
                 before_poll()
-            wait = min(poll, max(deadline - time.monotonic(), 0.1))
+            wait = deadline.left(at_most=poll, at_least=0.1)
             try:
                 body = {"iteration": iteration, "phase": phase.value, "timeout": wait}
                 return PhaseState.from_dict(self._call("POST", "/phase/wait", body, timeout=wait + 10))
             except PhaseWaitTimeout:
-                if time.monotonic() >= deadline:
-                    raise
+                return None
+
+        state = poll_until(reached, timeout, every=0.0)
+        if state is None:
+            raise PhaseWaitTimeout(f"the job did not reach {phase.value} of iteration {iteration} within {timeout:g} s")
+        return state
 
     def wait_done(
         self,

@@ -23,6 +23,7 @@ from checkpoint_engine.contracts.phases import (
     initial_state,
     next_state,
 )
+from checkpoint_engine.contracts.polling import poll_until
 from checkpoint_engine.contracts.weight_region import Manifest, plan_layout, region_name
 from checkpoint_engine.coordination_errors import (
     CoordinationTimeout,
@@ -133,10 +134,6 @@ def test_a_full_cycle_with_acks_from_both_nodes(make, etcd_client) -> None:
     ack_keys = [meta.key.decode() for _, meta in etcd_client.get_prefix(Keys(JOB).all_acks)]
     assert len(ack_keys) == len(set(ack_keys)) == len(NODES) * len(CYCLE)
     assert {(s.iteration, s.phase) for s in walked} == {(a.iteration, a.phase) for a in _all_acks(c0, walked)}
-
-    iteration0 = sum(s.iteration == 0 for s in walked)
-    assert c0.prune(before_iteration=1) == len(NODES) * iteration0
-    assert len(list(etcd_client.get_prefix(Keys(JOB).all_acks))) == len(NODES) * (len(CYCLE) - iteration0)
     assert c0.acks(walked[-1]).keys() == set(NODES)
 
 
@@ -270,18 +267,22 @@ def test_a_node_that_returns_within_the_grace_is_waited_for(make) -> None:
     assert time.monotonic() - start < TTL + 3
 
 
+def _gone(c: Coordinator, node: str, timeout: float) -> bool:
+    """Whether `node`'s record went (its lease revoked or expired) within `timeout` s, as `c` sees it."""
+    return poll_until(lambda: None if node in c.alive_nodes() else True, timeout, every=0.05) is not None
+
+
 def test_a_node_whose_heartbeat_stops_is_gone_within_the_ttl(make) -> None:
     c0, c1 = make("node0"), make("node1")
     alive = c0.alive_nodes()
     assert set(alive) == set(NODES)
     assert (alive["node1"].pid, alive["node1"].http_address) == (os.getpid(), "127.0.0.1:801")
     # The heartbeat keeps the node past its TTL.
-    with pytest.raises(CoordinationTimeout, match="for node node1 to go; it is still alive"):
-        c0.wait_node_gone("node1", timeout=TTL + 0.5)
+    assert not _gone(c0, "node1", timeout=TTL + 0.5)
 
     c1.heartbeat.stop()
     start = time.monotonic()
-    c0.wait_node_gone("node1", timeout=TTL + 1)
+    assert _gone(c0, "node1", timeout=TTL + 1)
     assert time.monotonic() - start < TTL + 1
     assert set(c0.alive_nodes()) == {"node0"}
     assert c0.missing_nodes(NODES) == ["node1"]
@@ -292,7 +293,7 @@ def test_an_expired_heartbeat_re_registers_loudly_and_loses_the_leadership(make,
     c1, c0 = make("node1"), make("node0")
     assert c1.campaign()
     c1.heartbeat.stop()  # a process stalled for longer than its TTL
-    c0.wait_node_gone("node1", timeout=TTL + 1)
+    assert _gone(c0, "node1", timeout=TTL + 1)
     assert c0.campaign()
 
     c1.heartbeat.start()  # the stall ends
@@ -325,8 +326,6 @@ def test_shard_registry_round_trip_and_timeout(make) -> None:
         c0.wait_shards(2, NODES, timeout=0.3)
     with pytest.raises(ValueError, match="manifest of version 1 registered as version 3"):
         c0.register_shards(3, manifests["node0"].to_dict(), transport)
-    assert c0.prune_shards(before_version=2) == 2
-    assert c0.shards(1) == {}
     assert set(c0.shards(2)) == {"node0"}
 
 
