@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from checkpoint_engine.contracts.config import ConfigError, Section
-from engine.replay_buffer import PartialRolloutConfig
+from engine.replay_buffer import PartialRolloutConfig, StalenessMode
 
 
 class RunConfig(Section):
@@ -63,7 +63,8 @@ class RolloutConfig(Section):
     # continue from the replay buffer next iteration (partial rollouts): with the default task, about
     # a quarter of each batch's trajectories were begun by an older version.
     iteration_token_budget: int = Field(32, ge=1)
-    staleness: Literal["exclude", "keep"] = "exclude"  # tokens of older versions: out of the loss (Kimi) | kept
+    staleness: StalenessMode = "exclude"  # tokens of older versions: out of the loss (Kimi) | kept
+    max_staleness: int | None = Field(None, ge=0)  # staleness=keep: tokens more than N versions old leave the loss
     max_rounds: int = Field(4, ge=1)  # generation rounds per ROLLOUT while no group has finished
     # A vLLM that dies during ROLLOUT is started again by the engine, with the same weights, and the
     # requests it lost go again: at most this many times per ROLLOUT before the job stops.
@@ -81,6 +82,15 @@ class RolloutConfig(Section):
     max_model_len: int = Field(256, ge=1)  # vLLM's context: prompt + response
     stop: str = "\n"  # responses end at this string; "" for none
     repeat: RepeatDetection = RepeatDetection()
+
+    @model_validator(mode="after")
+    def _max_staleness_keeps(self) -> RolloutConfig:
+        if self.max_staleness is not None and self.staleness == "exclude":
+            raise ConfigError(
+                "rollout.max_staleness only applies to rollout.staleness=keep ('exclude' already masks every "
+                f"token older than the current version), got {self.max_staleness}; set it to null"
+            )
+        return self
 
     def check_lengths(self) -> None:
         """budget <= max_response_tokens < max_model_len."""
@@ -105,4 +115,5 @@ class RolloutConfig(Section):
             iteration_token_budget=self.iteration_token_budget,
             group_size=self.group_size,
             staleness=self.staleness,
+            max_staleness=self.max_staleness,
         )

@@ -237,7 +237,8 @@ class Controller:
             rounds += 1
         served = {t.versions[-1] for g in groups for t in g.trajectories if t.versions}
         rewards, correct, terms = self._score(groups, version)
-        batch = collate(groups, version, self.buffer.config.staleness, self.tokens.pad_id)
+        cfg = self.buffer.config
+        batch = collate(groups, version, cfg.staleness, self.tokens.pad_id, cfg.max_staleness)
         save_batch(batch, self.paths.batch(version))
         self._save_state(version + 1)
         n = len(rewards)

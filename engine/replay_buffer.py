@@ -15,7 +15,7 @@ each trajectory only gets what is left of its iteration budget (counted from its
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from checkpoint_engine.contracts.vllm_protocol import GENERATOR_FINISH_REASONS
@@ -30,34 +30,13 @@ Key = tuple[str, int]
 
 @dataclass(frozen=True)
 class PartialRolloutConfig:
-    max_response_tokens: int = 4096  # hard cap on a trajectory's total response length
-    iteration_token_budget: int = 1024  # max new tokens one trajectory may generate in one iteration
-    group_size: int = 8  # G samples per prompt; a group trains only when all G are finished
-    staleness: StalenessMode = "exclude"  # exclude: tokens from older versions leave the loss (Kimi)
-    max_staleness: int | None = None  # keep mode only: mask tokens more than N versions old
+    """The buffer's slice of the `rollout` section (`RolloutConfig.buffer()`, which checks it)."""
 
-    def __post_init__(self) -> None:
-        for name in ("max_response_tokens", "iteration_token_budget", "group_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"rollout.{name} must be an integer >= 1, got {value!r}")
-        if self.iteration_token_budget > self.max_response_tokens:
-            raise ValueError(
-                f"rollout.iteration_token_budget ({self.iteration_token_budget}) must be <= "
-                f"rollout.max_response_tokens ({self.max_response_tokens}); a larger budget can never be used"
-            )
-        if self.staleness not in STALENESS_MODES:
-            raise ValueError(f"rollout.staleness must be one of {STALENESS_MODES}, got {self.staleness!r}")
-        if self.max_staleness is not None:
-            if isinstance(self.max_staleness, bool) or not isinstance(self.max_staleness, int):
-                raise ValueError(f"rollout.max_staleness must be null or an integer >= 0, got {self.max_staleness!r}")
-            if self.max_staleness < 0:
-                raise ValueError(f"rollout.max_staleness must be null or an integer >= 0, got {self.max_staleness}")
-            if self.staleness == "exclude":
-                raise ValueError(
-                    "rollout.max_staleness only applies to rollout.staleness='keep' "
-                    "('exclude' already masks every token older than the current version); set it to null"
-                )
+    max_response_tokens: int  # hard cap on a trajectory's total response length
+    iteration_token_budget: int  # max new tokens one trajectory may generate in one iteration
+    group_size: int  # G samples per prompt; a group trains only when all G are finished
+    staleness: StalenessMode  # exclude: tokens from older versions leave the loss (Kimi)
+    max_staleness: int | None  # keep mode only: mask tokens more than N versions old
 
 
 class TokenizedPrompt(Protocol):
@@ -118,23 +97,6 @@ class Group:
     trajectories: tuple[Trajectory, ...]
 
 
-@dataclass
-class IterationStats:
-    """Counters of the current iteration (weight version), summed over its rounds; reset on a new version."""
-
-    version: int = -1
-    rounds: int = 0
-    new_prompts: int = 0
-    new_requests: int = 0
-    continued_requests: int = 0
-    requested_tokens: int = 0  # sum of max_tokens over the requests
-    generated_tokens: int = 0
-    generated_tokens_continued: int = 0  # of which by continued trajectories
-    finished: int = 0
-    finish_reasons: dict[str, int] = field(default_factory=dict)  # of every recorded result, after mapping
-    groups_taken: int = 0
-
-
 def loss_mask(
     trajectory: Trajectory, current_version: int, staleness: StalenessMode, max_staleness: int | None = None
 ) -> list[bool]:
@@ -166,7 +128,6 @@ class PartialRolloutBuffer:
         self._trajectories: dict[Key, Trajectory] = {}
         self._pending: dict[Key, RolloutRequest] = {}
         self._version: int | None = None  # last planned version
-        self.stats = IterationStats()
 
     # ---- queries -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -206,18 +167,6 @@ class PartialRolloutBuffer:
     def loss_mask(self, trajectory: Trajectory, current_version: int) -> list[bool]:
         return loss_mask(trajectory, current_version, self.config.staleness, self.config.max_staleness)
 
-    def metrics(self) -> dict[str, float]:
-        """Flat numbers for logging: this iteration's counters and the buffer's current sizes."""
-        s = self.stats
-        out: dict[str, float] = {k: float(v) for k, v in asdict(s).items() if k != "finish_reasons"}
-        out.update({f"finish_{reason}": float(n) for reason, n in sorted(s.finish_reasons.items())})
-        out["buffer_trajectories"] = float(len(self._trajectories))
-        out["buffer_unfinished"] = float(len(self.unfinished()))
-        out["buffer_prompts"] = float(len(self.in_flight_uids))
-        out["buffer_ready_groups"] = float(len(self.ready_groups()))
-        out["pending_requests"] = float(len(self._pending))
-        return out
-
     # ---- planning ------------------------------------------------------------------------------
     def plan_iteration(self, new_prompts: Sequence[TokenizedPrompt], version: int) -> list[RolloutRequest]:
         """Requests for one round: continuing trajectories first (admission order), then G per new prompt."""
@@ -229,8 +178,6 @@ class PartialRolloutBuffer:
         if self._version is not None and version < self._version:
             raise ValueError(f"weight version went backwards: planned {self._version} before, now {version}")
         self._check_new_prompts(new_prompts)
-        if version != self._version:
-            self.stats = IterationStats(version=version)
         self._version = version
 
         cfg = self.config
@@ -248,12 +195,6 @@ class PartialRolloutBuffer:
                 requests.append(self._request(traj, self._tokens_allowed(traj, version), version, continued=False))
 
         self._pending = {r.key: r for r in requests}
-        s = self.stats
-        s.rounds += 1
-        s.new_prompts += len(new_prompts)
-        s.new_requests += sum(not r.continued for r in requests)
-        s.continued_requests += sum(r.continued for r in requests)
-        s.requested_tokens += sum(r.max_tokens for r in requests)
         return requests
 
     def _check_new_prompts(self, new_prompts: Sequence[TokenizedPrompt]) -> None:
@@ -302,7 +243,6 @@ class PartialRolloutBuffer:
             traj = self._trajectories[res.key]
             reason = self._finish_reason(traj, res, request)
             traj.extend(list(res.token_ids), list(res.logprobs), res.version, reason)
-            self._count(res, request, reason)
 
     @staticmethod
     def _check_result(res: RolloutResult, request: RolloutRequest) -> None:
@@ -330,22 +270,12 @@ class PartialRolloutBuffer:
             return "length"
         return "length_budget"
 
-    def _count(self, res: RolloutResult, request: RolloutRequest, reason: FinishReason) -> None:
-        s = self.stats
-        s.generated_tokens += len(res.token_ids)
-        if request.continued:
-            s.generated_tokens_continued += len(res.token_ids)
-        s.finish_reasons[reason] = s.finish_reasons.get(reason, 0) + 1
-        if reason not in ("length_budget", "aborted"):
-            s.finished += 1
-
     def abort_pending(self) -> int:
         """Give up the requests not recorded (the generator was stopped): their trajectories stay, unchanged
         but marked `aborted`, and continue next round. Returns how many were pending."""
         for key in self._pending:
             self._trajectories[key].finish_reason = "aborted"
         n = len(self._pending)
-        self.stats.finish_reasons["aborted"] = self.stats.finish_reasons.get("aborted", 0) + n
         self._pending = {}
         return n
 
@@ -360,12 +290,12 @@ class PartialRolloutBuffer:
         for group in groups:
             for traj in group.trajectories:
                 del self._trajectories[traj.key]
-        self.stats.groups_taken += len(groups)
         return groups
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: every trajectory in flight, pending requests and the counters."""
+        """JSON-serialisable state: every trajectory in flight and the pending requests (a checkpoint's
+        older "stats" entry is ignored)."""
         return {
             "format": STATE_FORMAT,
             "group_size": self.config.group_size,
@@ -375,7 +305,6 @@ class PartialRolloutBuffer:
                 {"key": list(r.key), "max_tokens": r.max_tokens, "version": r.version, "continued": r.continued}
                 for r in self._pending.values()
             ],
-            "stats": asdict(self.stats),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -408,7 +337,6 @@ class PartialRolloutBuffer:
         self._trajectories = trajectories
         self._pending = pending
         self._version = state["version"]
-        self.stats = IterationStats(**state["stats"])
 
     def _check_complete_groups(self, trajectories: dict[Key, Trajectory]) -> None:
         indices: dict[str, list[int]] = {}

@@ -47,47 +47,32 @@ def by_key(requests: list[RolloutRequest]) -> dict[Key, RolloutRequest]:
     return {r.key: r for r in requests}
 
 
-# ---- config --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"max_response_tokens": 0}, "max_response_tokens"),
-        ({"iteration_token_budget": -1}, "iteration_token_budget"),
-        ({"group_size": 0}, "group_size"),
-        ({"group_size": 2.0}, "group_size"),
-        ({"max_response_tokens": 8, "iteration_token_budget": 16}, r"iteration_token_budget \(16\).*max_response"),
-        ({"staleness": "drop"}, r"staleness must be one of \('exclude', 'keep'\)"),
-        ({"staleness": "keep", "max_staleness": -1}, "max_staleness"),
-        ({"staleness": "exclude", "max_staleness": 2}, "max_staleness only applies"),
-    ],
-)
-def test_config_rejects_bad_values(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        PartialRolloutConfig(**kwargs)
-
-
-def test_config_accepts_keep_with_max_staleness() -> None:
-    assert PartialRolloutConfig(staleness="keep", max_staleness=0).max_staleness == 0
+def buffer_slice(
+    max_response_tokens: int = 64,
+    iteration_token_budget: int = 16,
+    group_size: int = 4,
+    staleness: str = "exclude",
+    max_staleness: int | None = None,
+) -> PartialRolloutConfig:
+    return PartialRolloutConfig(max_response_tokens, iteration_token_budget, group_size, staleness, max_staleness)
 
 
 # ---- one step at a time --------------------------------------------------------------------------
 
 
 def test_new_prompts_get_group_size_requests_capped_by_the_budget() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=40, iteration_token_budget=16, group_size=3))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=40, iteration_token_budget=16, group_size=3))
     reqs = buf.plan_iteration([prompt("a"), prompt("b", 5)], version=1)
     assert [r.key for r in reqs] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
     assert all(r.max_tokens == 16 and r.version == 1 and not r.continued for r in reqs)
     assert reqs[3].token_ids == (100, 101, 102, 103, 104)
     assert buf.in_flight_uids == {"a", "b"}
-    small = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=10, iteration_token_budget=10, group_size=1))
+    small = PartialRolloutBuffer(buffer_slice(max_response_tokens=10, iteration_token_budget=10, group_size=1))
     assert small.plan_iteration([prompt("a")], version=0)[0].max_tokens == 10
 
 
 def test_budget_hit_continues_first_and_total_is_capped_at_max_response() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=40, iteration_token_budget=16, group_size=1))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=40, iteration_token_budget=16, group_size=1))
     (req,) = buf.plan_iteration([prompt("a")], version=1)
     buf.record([result(req, 16, "length")])
     (traj,) = buf.trajectories()
@@ -114,14 +99,14 @@ def test_budget_hit_continues_first_and_total_is_capped_at_max_response() -> Non
 
 
 def test_ready_groups_keep_admission_order() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=8, iteration_token_budget=8, group_size=1))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=1))
     reqs = buf.plan_iteration([prompt("z"), prompt("a")], version=0)
     buf.record([result(r, 1, "stop") for r in reversed(reqs)])
     assert [g.prompt_uid for g in buf.take_ready_groups()] == ["z", "a"]
 
 
 def test_second_round_of_an_iteration_gets_only_the_budget_left() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=100, iteration_token_budget=16, group_size=1))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=100, iteration_token_budget=16, group_size=1))
     (req,) = buf.plan_iteration([prompt("a")], version=5)
     buf.record([result(req, 10, "aborted")])
     assert buf.trajectories()[0].finish_reason == "aborted"
@@ -136,7 +121,7 @@ def test_second_round_of_an_iteration_gets_only_the_budget_left() -> None:
 
 def test_engine_length_short_of_max_tokens_finishes_the_trajectory() -> None:
     # vLLM says "length" before max_tokens when the context (max_model_len) is full: continuing cannot help.
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=100, iteration_token_budget=16, group_size=1))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=100, iteration_token_budget=16, group_size=1))
     (req,) = buf.plan_iteration([prompt("a")], version=0)
     buf.record([result(req, 7, "length")])
     assert buf.trajectories()[0].finish_reason == "length"
@@ -144,14 +129,14 @@ def test_engine_length_short_of_max_tokens_finishes_the_trajectory() -> None:
 
 
 def test_repeat_finishes_and_abort_at_the_cap_is_length() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=8, iteration_token_budget=8, group_size=2))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=2))
     reqs = buf.plan_iteration([prompt("a")], version=0)
     buf.record([result(reqs[0], 3, "repeat"), result(reqs[1], 8, "aborted")])
     assert [t.finish_reason for t in buf.trajectories()] == ["repeat", "length"]
 
 
 def test_group_released_only_when_all_samples_finished_and_exactly_once() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=64, iteration_token_budget=8, group_size=3))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=64, iteration_token_budget=8, group_size=3))
     reqs = buf.plan_iteration([prompt("a")], version=0)
     buf.record([result(reqs[0], 2, "stop"), result(reqs[1], 8, "length"), result(reqs[2], 4, "stop")])
     assert buf.ready_groups() == []
@@ -170,16 +155,15 @@ def test_group_released_only_when_all_samples_finished_and_exactly_once() -> Non
 
 
 def test_take_ready_groups_limit_leaves_the_rest_ready() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=8, iteration_token_budget=8, group_size=1))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=1))
     reqs = buf.plan_iteration([prompt("a"), prompt("b"), prompt("c")], version=0)
     buf.record([result(r, 1, "stop") for r in reqs])
     assert [g.prompt_uid for g in buf.take_ready_groups(max_groups=2)] == ["a", "b"]
     assert [g.prompt_uid for g in buf.take_ready_groups(max_groups=2)] == ["c"]
-    assert buf.stats.groups_taken == 3
 
 
 def test_plan_rejects_in_flight_duplicate_and_backwards() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=8, iteration_token_budget=8, group_size=2))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=2))
     with pytest.raises(ValueError, match="appears twice"):
         buf.plan_iteration([prompt("a"), prompt("a")], version=3)
     assert len(buf) == 0  # nothing admitted by the failed call
@@ -206,7 +190,7 @@ def test_plan_rejects_in_flight_duplicate_and_backwards() -> None:
     ],
 )
 def test_record_rejects_bad_results_and_applies_none(make: Any, match: str) -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=4, iteration_token_budget=4, group_size=2))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=4, iteration_token_budget=4, group_size=2))
     reqs = buf.plan_iteration([prompt("a")], version=1)
     before = buf.state_dict()
     with pytest.raises(ValueError, match=match):
@@ -215,7 +199,7 @@ def test_record_rejects_bad_results_and_applies_none(make: Any, match: str) -> N
 
 
 def test_record_rejects_a_result_twice() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=4, iteration_token_budget=4, group_size=1))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=4, iteration_token_budget=4, group_size=1))
     (req,) = buf.plan_iteration([prompt("a")], version=1)
     with pytest.raises(ValueError, match="already recorded"):
         buf.record([result(req, 1, "stop"), result(req, 1, "stop")])
@@ -225,7 +209,7 @@ def test_record_rejects_a_result_twice() -> None:
 
 
 def test_abort_pending_keeps_the_trajectories_for_the_next_round() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=32, iteration_token_budget=8, group_size=2))
+    buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=32, iteration_token_budget=8, group_size=2))
     reqs = buf.plan_iteration([prompt("a")], version=0)
     buf.record([result(reqs[0], 8, "length")])
     assert buf.abort_pending() == 1
@@ -233,21 +217,6 @@ def test_abort_pending_keeps_the_trajectories_for_the_next_round() -> None:
     reqs = buf.plan_iteration([], version=1)
     assert [(r.key, r.continued, r.max_tokens) for r in reqs] == [(("a", 0), True, 8), (("a", 1), True, 8)]
     assert reqs[1].token_ids == (100, 101, 102)
-
-
-def test_stats_count_the_iteration() -> None:
-    buf = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=32, iteration_token_budget=8, group_size=2))
-    reqs = buf.plan_iteration([prompt("a")], version=0)
-    buf.record([result(reqs[0], 8, "length"), result(reqs[1], 3, "stop")])
-    reqs = buf.plan_iteration([prompt("b")], version=1)
-    buf.record([result(reqs[0], 5, "stop"), result(reqs[1], 8, "length"), result(reqs[2], 2, "stop")])
-    buf.take_ready_groups()
-    m = buf.metrics()
-    assert m["version"] == 1.0
-    assert (m["continued_requests"], m["new_requests"], m["new_prompts"]) == (1.0, 2.0, 1.0)
-    assert (m["generated_tokens"], m["generated_tokens_continued"], m["requested_tokens"]) == (15.0, 5.0, 24.0)
-    assert (m["finished"], m["finish_stop"], m["finish_length_budget"]) == (2.0, 2.0, 1.0)
-    assert (m["groups_taken"], m["buffer_trajectories"], m["buffer_unfinished"], m["buffer_prompts"]) == (1, 2, 1, 1)
 
 
 # ---- loss masks ----------------------------------------------------------------------------------
@@ -261,13 +230,13 @@ def test_loss_mask_by_staleness_mode() -> None:
     assert loss_mask(traj, 4, "exclude") == [False] * 5
     with pytest.raises(ValueError, match="version 3, newer than the current 2"):
         loss_mask(traj, 2, "keep")
-    buf = PartialRolloutBuffer(PartialRolloutConfig(staleness="keep", max_staleness=0))
+    buf = PartialRolloutBuffer(buffer_slice(staleness="keep", max_staleness=0))
     assert buf.loss_mask(traj, 3) == [False, False, False, False, True]
 
 
 # ---- many iterations of a long-tailed generator ---------------------------------------------------
 
-CFG = PartialRolloutConfig(max_response_tokens=64, iteration_token_budget=16, group_size=4)
+CFG = buffer_slice(max_response_tokens=64, iteration_token_budget=16, group_size=4)
 PROMPTS = [PromptTokens(f"p{i:03d}", tuple(range(1000 * i, 1000 * i + 2 + i % 5))) for i in range(60)]
 PROMPT_IDS = {p.uid: p.prompt_ids for p in PROMPTS}
 PROMPTS_PER_ITERATION = 6
@@ -415,7 +384,7 @@ def test_save_restore_mid_run_equals_an_uninterrupted_run(cut: int) -> None:
     second.load_state_dict(restored_state)
     assert second.state_dict() == restored_state
     assert second.in_flight_uids == first.in_flight_uids
-    assert second.metrics() == first.metrics()
+    assert second.unfinished() == first.unfinished()
     run_iterations(second, LongTailGenerator(seed=11), cut, ITERATIONS, resumed)
 
     assert resumed.requests == full.requests
@@ -443,7 +412,7 @@ def test_load_state_rejects_a_mismatched_or_broken_state() -> None:
     buf = PartialRolloutBuffer(CFG)
     run_iterations(buf, LongTailGenerator(seed=5), 0, 1, RunLog())
     state = json.loads(json.dumps(buf.state_dict()))
-    other = PartialRolloutBuffer(PartialRolloutConfig(max_response_tokens=64, iteration_token_budget=16, group_size=2))
+    other = PartialRolloutBuffer(buffer_slice(max_response_tokens=64, iteration_token_budget=16, group_size=2))
     with pytest.raises(ValueError, match="group_size 4, the config says 2"):
         other.load_state_dict(state)
     lost = dict(state, trajectories=state["trajectories"][1:])
@@ -453,6 +422,6 @@ def test_load_state_rejects_a_mismatched_or_broken_state() -> None:
     with pytest.raises(ValueError, match="twice"):
         PartialRolloutBuffer(CFG).load_state_dict(doubled)
     assert max(len(t["response_ids"]) for t in state["trajectories"]) > 8
-    short = PartialRolloutConfig(max_response_tokens=8, iteration_token_budget=8, group_size=4)
+    short = buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=4)
     with pytest.raises(ValueError, match=r"more than rollout\.max_response_tokens=8"):
         PartialRolloutBuffer(short).load_state_dict(state)

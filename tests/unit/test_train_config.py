@@ -224,6 +224,27 @@ def test_sections_built_directly_are_checked_too() -> None:
         RolloutConfig(group_size=1)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["rollout.max_response_tokens=0"], r"rollout\.max_response_tokens must be >= 1, got 0"),
+        (["rollout.iteration_token_budget=-1"], r"rollout\.iteration_token_budget must be >= 1, got -1"),
+        (["rollout.group_size=2.0"], r"rollout\.group_size"),
+        (["rollout.iteration_token_budget=100"], r"iteration_token_budget \(100\) must be in \[1, rollout\.max_resp"),
+        (["rollout.staleness=keep", "algo=grpo", "rollout.max_staleness=-1"], r"rollout\.max_staleness must be >= 0"),
+        (["rollout.max_staleness=2"], r"rollout\.max_staleness only applies to rollout\.staleness=keep"),
+    ],
+)
+def test_the_buffers_slice_of_rollout_is_checked_once_there(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides)
+
+
+def test_max_staleness_reaches_the_buffers_slice() -> None:
+    cfg = load_config(["rollout.staleness=keep", "algo=grpo", "rollout.max_staleness=1"])
+    assert (cfg.rollout.buffer().staleness, cfg.rollout.buffer().max_staleness) == ("keep", 1)
+
+
 def test_bfloat16_needs_a_cuda_device() -> None:
     cfg = load_config(["model.dtype=bfloat16"])
     with pytest.raises(ConfigError, match=r"model\.dtype='bfloat16' needs a CUDA device"):
