@@ -104,8 +104,8 @@ class Coordinator:
         self._closed = False
         # the lease it takes the leader key on is the node's current one (a fresh one after an expiry)
         self.leadership = Leadership(self.client, self.keys, node, lambda: self._node.lease, self.log)
-        status = NodeStatus(node=node, pid=os.getpid(), host=socket.gethostname(), http_address=http_address,
-                            started_at=time.time(), vllm_address=vllm_address)  # fmt: skip
+        addresses = {"http_address": http_address, "vllm_address": vllm_address}
+        status = NodeStatus(node=node, pid=os.getpid(), host=socket.gethostname(), started_at=time.time(), **addresses)
         try:
             self._node = NodeLease(
                 self.client, self.keys.node(node), status, ttl=ttl, log=self.log, on_expired=self.leadership.lost
@@ -182,14 +182,16 @@ class Coordinator:
         fence = self.leadership.fence()
         created, responses = self.client.transaction(
             compare=[txn.create(key) == 0, txn.mod(self.keys.leader) == fence],
-            success=[txn.put(key, encode(state)), txn.get(key)], failure=[txn.get(key), txn.get(self.keys.leader)],
-        )  # fmt: skip
+            success=[txn.put(key, encode(state)), txn.get(key)],
+            failure=[txn.get(key), txn.get(self.keys.leader)],
+        )
         if not created:
             self.leadership.check_fence(fence, responses[1])
         value, meta = responses[1 if created else 0][0]
         found = decode(PhaseState, value)
-        self.log.info("%s phase %s at revision %d", "initialised" if created else "found", describe(found),
-                      meta.mod_revision)  # fmt: skip
+        self.log.info(
+            "%s phase %s at revision %d", "initialised" if created else "found", describe(found), meta.mod_revision
+        )
         return found, meta.mod_revision
 
     def advance(self, expected: PhaseState | int, new: PhaseState) -> int:
@@ -220,10 +222,14 @@ class Coordinator:
         shards_start, shards_end = self.keys.shards_before(keep.first_version)
         swapped, responses = self.client.transaction(
             compare=[txn.mod(key) == expected_revision, txn.mod(self.keys.leader) == fence],
-            success=[txn.put(key, encode(new)), txn.get(key), txn.delete(acks_start, range_end=acks_end),
-                     txn.delete(shards_start, range_end=shards_end)],
+            success=[
+                txn.put(key, encode(new)),
+                txn.get(key),
+                txn.delete(acks_start, range_end=acks_end),
+                txn.delete(shards_start, range_end=shards_end),
+            ],
             failure=[txn.get(key), txn.get(self.keys.leader)],
-        )  # fmt: skip
+        )
         if not swapped:
             self.leadership.check_fence(fence, responses[1])
             value, meta = responses[0][0] if responses[0] else (None, None)
@@ -233,8 +239,13 @@ class Coordinator:
         self.log.info("phase %s -> %s (revision %d -> %d)", describe(current), describe(new), revision, new_revision)
         acks, shards = (r.response_delete_range.deleted for r in responses[2:])
         if acks or shards:
-            self.log.info("pruned %d acks before iteration %d and %d shard records before version %d", acks,
-                          keep.first_iteration, shards, keep.first_version)  # fmt: skip
+            self.log.info(
+                "pruned %d acks before iteration %d and %d shard records before version %d",
+                acks,
+                keep.first_iteration,
+                shards,
+                keep.first_version,
+            )
         return new_revision
 
     def wait_phase(
@@ -305,8 +316,8 @@ class Coordinator:
     def ack(self, state: PhaseState, payload: Mapping[str, Any] | None = None, error: str = "") -> None:
         """Record that this node finished `state` (iteration and phase); `payload` is small JSON. With
         an `error`, that it could not: the leader's barrier then fails the phase without waiting."""
-        record = Ack(node=self.node, iteration=state.iteration, phase=state.phase, payload=dict(payload or {}),
-                     acked_at=time.time(), error=error[:ERROR_CHARS])  # fmt: skip
+        done = {"iteration": state.iteration, "phase": state.phase, "payload": dict(payload or {})}
+        record = Ack(node=self.node, acked_at=time.time(), error=error[:ERROR_CHARS], **done)
         self.client.put(self.keys.ack(state.iteration, state.phase, self.node), encode(record))
         self.log.info("%s %s", f"could not do ({error})" if error else "acked", describe(state))
 
@@ -346,16 +357,16 @@ class Coordinator:
 
     def errors(self, iteration: int) -> list[str]:
         """What the nodes reported they could not do in `iteration` (error acks), as lines."""
-        return [f"{a.node} in {p.value}: {a.error}" for p, by in self.iteration_acks(iteration).items()
-                for a in by.values() if a.error]  # fmt: skip
+        acks = (a for by in self.iteration_acks(iteration).values() for a in by.values())
+        return [f"{a.node} in {a.phase.value}: {a.error}" for a in acks if a.error]
 
     # ----------------------------------------------------------------------------------- shards
     def register_shards(self, version: int, manifest: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
         """Publish where this node's weights of `version` live (`manifest`: `Manifest.to_dict()`)."""
         if "version" in manifest and manifest["version"] != version:
             raise ValueError(f"{self.node}: manifest of version {manifest['version']} registered as version {version}")
-        record = ShardRecord(node=self.node, version=version, manifest=dict(manifest), transport=dict(transport),
-                             registered_at=time.time())  # fmt: skip
+        where = {"manifest": dict(manifest), "transport": dict(transport)}
+        record = ShardRecord(node=self.node, version=version, registered_at=time.time(), **where)
         self.client.put(self.keys.shard(version, self.node), encode(record))
         self.log.info("registered the shards of weight version %d", version)
 
@@ -388,8 +399,12 @@ class Coordinator:
             for node in sorted(missing - lost_since.keys()):
                 lost_since[node] = now
                 if self.node_grace:
-                    self.log.warning("node %s has no live lease; waiting up to %g s (phase.node_grace) for it to "
-                                     "return and send %s", node, self.node_grace, what)  # fmt: skip
+                    self.log.warning(
+                        "node %s has no live lease; waiting up to %g s (phase.node_grace) for it to return and send %s",
+                        node,
+                        self.node_grace,
+                        what,
+                    )
             gone = sorted(n for n, since in lost_since.items() if now - since >= self.node_grace)
             if gone:
                 waited = f"return within {self.node_grace:g} s (phase.node_grace) to " if self.node_grace else ""

@@ -20,10 +20,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The client's requests; anything else (`transactions`, `close`, ...) is passed through as it is.
-_REQUESTS = frozenset({
-    "get", "get_prefix", "get_response", "put", "delete", "delete_prefix", "transaction", "lease", "revoke_lease",
-    "add_watch_callback", "add_watch_prefix_callback",
-})  # fmt: skip
+_REQUESTS = frozenset(
+    {
+        "get",
+        "get_prefix",
+        "get_response",
+        "put",
+        "delete",
+        "delete_prefix",
+        "transaction",
+        "lease",
+        "revoke_lease",
+        "add_watch_callback",
+        "add_watch_prefix_callback",
+    }
+)
 _RETRY_PAUSE = 0.25  # seconds between tries while etcd is out of reach
 
 
@@ -81,8 +92,12 @@ class _RidesOutOutages:
         import pyetcd.exceptions as errors
 
         # WatchTimedOut: a watch asked for on a stream that broke gets no answer.
-        unreachable = (errors.ConnectionFailedError, errors.ConnectionTimeoutError, errors.NoServerAvailableError,
-                       errors.WatchTimedOut)  # fmt: skip
+        unreachable = (
+            errors.ConnectionFailedError,
+            errors.ConnectionTimeoutError,
+            errors.NoServerAvailableError,
+            errors.WatchTimedOut,
+        )
 
         def call(*args: Any, **kwargs: Any) -> Any:
             first_failure = None
@@ -93,14 +108,20 @@ class _RidesOutOutages:
                     now = time.monotonic()
                     if first_failure is None:
                         first_failure = now
-                        log.warning("etcd at %s is out of reach (%s: %s); trying again for up to %g s",
-                                    self._endpoint, name, type(e).__name__, self._outage)  # fmt: skip
+                        log.warning(
+                            "etcd at %s is out of reach (%s: %s); trying again for up to %g s",
+                            self._endpoint,
+                            name,
+                            type(e).__name__,
+                            self._outage,
+                        )
                     if now - first_failure >= self._outage or self._given_up.wait(_RETRY_PAUSE):
                         raise
                     continue
                 if first_failure is not None:
-                    log.warning("etcd at %s answers again after %.1f s", self._endpoint,
-                                time.monotonic() - first_failure)  # fmt: skip
+                    log.warning(
+                        "etcd at %s answers again after %.1f s", self._endpoint, time.monotonic() - first_failure
+                    )
                 return result
 
         return call

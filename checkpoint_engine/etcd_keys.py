@@ -155,8 +155,14 @@ class NodeStatus:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> NodeStatus:
         _check_schema("node status", d)
-        return cls(node=d["node"], pid=d["pid"], host=d["host"], http_address=d["http_address"],
-                   started_at=d["started_at"], vllm_address=d.get("vllm_address", ""))  # fmt: skip
+        return cls(
+            node=d["node"],
+            pid=d["pid"],
+            host=d["host"],
+            http_address=d["http_address"],
+            started_at=d["started_at"],
+            vllm_address=d.get("vllm_address", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -195,8 +201,14 @@ class Ack:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Ack:
         _check_schema("ack", d)
-        return cls(node=d["node"], iteration=d["iteration"], phase=Phase(d["phase"]), payload=dict(d["payload"]),
-                   acked_at=d["acked_at"], error=d.get("error", ""))  # fmt: skip
+        return cls(
+            node=d["node"],
+            iteration=d["iteration"],
+            phase=Phase(d["phase"]),
+            payload=dict(d["payload"]),
+            acked_at=d["acked_at"],
+            error=d.get("error", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -217,8 +229,13 @@ class ShardRecord:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ShardRecord:
         _check_schema("shard", d)
-        return cls(node=d["node"], version=d["version"], manifest=dict(d["manifest"]), transport=dict(d["transport"]),
-                   registered_at=d["registered_at"])  # fmt: skip
+        return cls(
+            node=d["node"],
+            version=d["version"],
+            manifest=dict(d["manifest"]),
+            transport=dict(d["transport"]),
+            registered_at=d["registered_at"],
+        )
 
 
 def encode(record: Any) -> bytes:

@@ -67,9 +67,13 @@ def read_status(client: pyetcd.MultiEndpointEtcd3Client, job: str) -> JobStatus:
     views = [_node_view(n, leased.get(n), acks) for n in nodes]
     last = _last_whole_iteration(acks, phase)
     return JobStatus(
-        job=job, phase=phase, leader=decode(LeaderRecord, leader_value).node if leader_value is not None else None,
-        nodes=views, last_iteration=last, phase_seconds=_phase_seconds(acks, last) if last is not None else {},
-    )  # fmt: skip
+        job=job,
+        phase=phase,
+        leader=decode(LeaderRecord, leader_value).node if leader_value is not None else None,
+        nodes=views,
+        last_iteration=last,
+        phase_seconds=_phase_seconds(acks, last) if last is not None else {},
+    )
 
 
 def _node_view(node: str, lease: NodeStatus | None, acks: dict[int, dict[Phase, dict[str, Ack]]]) -> NodeView:
@@ -86,8 +90,15 @@ def _node_view(node: str, lease: NodeStatus | None, acks: dict[int, dict[Phase, 
                 vllm, version = "serving", int(ack.payload["weight_version"])
             elif phase is Phase.TERMINATE_VLLM:
                 vllm = "kept alive" if ack.payload.get("kept_alive") else "terminated"
-    return NodeView(node=node, lease=lease is not None, host=lease.host if lease else "?",
-                    pid=lease.pid if lease else None, vllm=vllm, weight_version=version, error=error)  # fmt: skip
+    return NodeView(
+        node=node,
+        lease=lease is not None,
+        host=lease.host if lease else "?",
+        pid=lease.pid if lease else None,
+        vllm=vllm,
+        weight_version=version,
+        error=error,
+    )
 
 
 def _last_whole_iteration(acks: dict[int, dict[Phase, dict[str, Ack]]], phase: PhaseState | None) -> int | None:
@@ -122,8 +133,10 @@ def format_status(s: JobStatus, now: float | None = None) -> str:
     if s.phase is None:
         head = f"job {s.job}: not started (no phase yet)"
     else:
-        head = (f"job {s.job}: {s.phase.phase.value} of iteration {s.phase.iteration} (weight version "
-                f"{s.phase.weight_version}) for {now - s.phase.started_at:.1f} s")  # fmt: skip
+        head = (
+            f"job {s.job}: {s.phase.phase.value} of iteration {s.phase.iteration} (weight version "
+            f"{s.phase.weight_version}) for {now - s.phase.started_at:.1f} s"
+        )
     lines = [f"{head}; leader {s.leader or 'none'}"]
     rows = [("node", "lease", "host", "pid", "vLLM", "version", "error")]
     for n in s.nodes:

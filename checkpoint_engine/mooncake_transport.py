@@ -178,8 +178,13 @@ class MooncakeServer:
             raise MooncakeError(f"registering region {manifest.region} ({manifest.size} bytes) failed with code {rc}")
         remote = RemoteRegion(self.session, manifest.region, manifest.version, addr, manifest.size)
         self._served[manifest.version] = _Served(buf, remote)
-        log.info("serving weight version %d: %s (%d bytes) at %s", manifest.version, manifest.region, manifest.size,
-                 self.session)  # fmt: skip
+        log.info(
+            "serving weight version %d: %s (%d bytes) at %s",
+            manifest.version,
+            manifest.region,
+            manifest.size,
+            self.session,
+        )
         return remote
 
     def unserve(self, version: int) -> None:
@@ -232,9 +237,15 @@ class MooncakeClient:
             raise
         buf.close()
         nbytes, seconds = sum(n for _, n in reads), time.perf_counter() - start
-        log.info("pulled %d tensors (%.1f MB) of weight version %d from %s in %.2f s (%.2f GB/s)",
-                 len(wanted.slots), nbytes / 1e6, manifest.version, remote.session, seconds,
-                 nbytes / max(seconds, 1e-9) / 1e9)  # fmt: skip
+        log.info(
+            "pulled %d tensors (%.1f MB) of weight version %d from %s in %.2f s (%.2f GB/s)",
+            len(wanted.slots),
+            nbytes / 1e6,
+            manifest.version,
+            remote.session,
+            seconds,
+            nbytes / max(seconds, 1e-9) / 1e9,
+        )
         return replace(wanted, region=local_region)
 
     def _read_into(self, buf: mmap.mmap, remote: RemoteRegion, reads: list[tuple[int, int]]) -> None:

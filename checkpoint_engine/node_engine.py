@@ -65,16 +65,26 @@ Handler = Callable[["NodeEngine", PhaseState], AckPayload]
 class NodeEngine:
     def __init__(self, cfg: EngineConfig, http_address: str = "") -> None:
         self.cfg = cfg
-        self.coordinator = Coordinator(cfg.etcd, cfg.job, cfg.node, ttl=cfg.phase.ttl, http_address=http_address,
-                                       vllm_address=f"http://{cfg.vllm.host}:{cfg.vllm.port}",
-                                       etcd_outage=cfg.phase.etcd_outage, node_grace=cfg.phase.node_grace)  # fmt: skip
+        self.coordinator = Coordinator(
+            cfg.etcd,
+            cfg.job,
+            cfg.node,
+            ttl=cfg.phase.ttl,
+            http_address=http_address,
+            vllm_address=f"http://{cfg.vllm.host}:{cfg.vllm.port}",
+            etcd_outage=cfg.phase.etcd_outage,
+            node_grace=cfg.phase.node_grace,
+        )
         # Other nodes reach this one's weights through Mooncake at the engine's own address.
         mooncake = MooncakeConfig(protocol=cfg.transfer.protocol, hostname=cfg.host)
         self.store = WeightStore(
             self.coordinator, cfg.job, cfg.node, mooncake if cfg.transfer.kind == "mooncake" else None
         )
-        self.vllm = VllmProcess(cfg.vllm, log_path=Path(cfg.log_dir) / f"vllm-{cfg.node}.log",
-                                zygote_dir=Path(cfg.vllm_zygote) if cfg.vllm_zygote else None)  # fmt: skip
+        self.vllm = VllmProcess(
+            cfg.vllm,
+            log_path=Path(cfg.log_dir) / f"vllm-{cfg.node}.log",
+            zygote_dir=Path(cfg.vllm_zygote) if cfg.vllm_zygote else None,
+        )
         self._ops = threading.Lock()  # one vLLM / weight operation at a time (API and phase loop)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,11 +118,15 @@ class NodeEngine:
             self.timings["start_vllm"] = round(seconds, 3)
         times = self.vllm.startup
         return StartVllmAck(
-            pid=self.vllm.pid, seconds=seconds, waited_seconds=time.perf_counter() - waited,
-            import_seconds=times.imports if times else 0.0, compile_seconds=times.compile if times else 0.0,
-            fork_seconds=times.fork if times else 0.0, build_seconds=times.build if times else 0.0,
+            pid=self.vllm.pid,
+            seconds=seconds,
+            waited_seconds=time.perf_counter() - waited,
+            import_seconds=times.imports if times else 0.0,
+            compile_seconds=times.compile if times else 0.0,
+            fork_seconds=times.fork if times else 0.0,
+            build_seconds=times.build if times else 0.0,
             retries=self._start_retries,
-        )  # fmt: skip
+        )
 
     def begin_vllm_start(self, state: PhaseState) -> None:
         """Begin vLLM's start-up in the background when EXPORT begins (START_VLLM's `begins_at`)."""
@@ -177,9 +191,12 @@ class NodeEngine:
             started = self._start_vllm_process()
             loaded = self._load(version)
             return RestartVllmAck(
-                pid=self.vllm.pid, start_seconds=started, load_seconds=loaded.seconds,
-                weight_version=loaded.weight_version, retries=self._start_retries,
-            )  # fmt: skip
+                pid=self.vllm.pid,
+                start_seconds=started,
+                load_seconds=loaded.seconds,
+                weight_version=loaded.weight_version,
+                retries=self._start_retries,
+            )
 
         log.warning("vLLM is gone during ROLLOUT of version %d; starting it again", version)
         self.restarts += 1
@@ -231,12 +248,19 @@ class NodeEngine:
             except OSError:
                 version = None
         return EngineStatus(
-            node=self.cfg.node, leader=self.coordinator.leader(), alive_nodes=sorted(self.coordinator.alive_nodes()),
+            node=self.cfg.node,
+            leader=self.coordinator.leader(),
+            alive_nodes=sorted(self.coordinator.alive_nodes()),
             phase=state.to_dict() if state else None,
-            vllm_pid=self.vllm.pid, vllm_alive=self.vllm.alive(), vllm_zygote=self.vllm.zygote_alive(),
-            vllm_weight_version=version, vllm_restarts=self.restarts,
-            weight_versions=self.store.versions(), last_timings=dict(self.timings), last_error=self.last_error,
-        )  # fmt: skip
+            vllm_pid=self.vllm.pid,
+            vllm_alive=self.vllm.alive(),
+            vllm_zygote=self.vllm.zygote_alive(),
+            vllm_weight_version=version,
+            vllm_restarts=self.restarts,
+            weight_versions=self.store.versions(),
+            last_timings=dict(self.timings),
+            last_error=self.last_error,
+        )
 
     # ---------------------------------------------------------------------------- the phase loop
     def await_exports(self, state: PhaseState) -> ExportWaitAck:

@@ -115,10 +115,14 @@ class NodeLease:
             self.log.warning(
                 "replaced a live record of %s (pid %d on %s, started %.0f s ago): a restart of this node, or two "
                 "daemons with one node id",
-                self.status.node, previous.pid, previous.host, time.time() - previous.started_at,
-            )  # fmt: skip
-        self.log.info("registered as %s (pid %d) on lease %x, ttl %d s", self.status.node, self.status.pid, lease.id,
-                      lease.ttl)  # fmt: skip
+                self.status.node,
+                previous.pid,
+                previous.host,
+                time.time() - previous.started_at,
+            )
+        self.log.info(
+            "registered as %s (pid %d) on lease %x, ttl %d s", self.status.node, self.status.pid, lease.id, lease.ttl
+        )
 
     def _beat(self) -> None:
         lease = self.lease
@@ -134,6 +138,9 @@ class NodeLease:
         self.log.error(
             "LEASE EXPIRED: lease %x ran out (no keep-alive reached etcd within %d s); the other nodes saw this node "
             "fail. Re-registering on lease %x%s",
-            lease.id, self.ttl, new_lease.id, "; LEADERSHIP IS LOST" if was_leader else "",
-        )  # fmt: skip
+            lease.id,
+            self.ttl,
+            new_lease.id,
+            "; LEADERSHIP IS LOST" if was_leader else "",
+        )
         self._register()

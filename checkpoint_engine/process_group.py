@@ -89,10 +89,15 @@ class ProcessGroup:
         # Append, so that an earlier run's log on the same path survives; the child keeps its own descriptor.
         with Path(log_path).open("ab") as log:
             popen = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **(env or {})}, cwd=cwd,
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
                 preexec_fn=arm,  # noqa: PLW1509 - takes no lock: a prctl and a getppid
-            )  # fmt: skip
+            )
         return cls(popen.pid, popen)
 
     @classmethod

@@ -50,7 +50,10 @@ class StallWatch:
             late = now - last - self.period
             if late > self.after:
                 self.stalls.append(late)
-                log.warning("no Python code of this process ran for %.1f s (a thread holding the GIL, or the "
-                            "process stopped or not scheduled); thread stacks above, if it lasted", late)  # fmt: skip
+                log.warning(
+                    "no Python code of this process ran for %.1f s (a thread holding the GIL, or the "
+                    "process stopped or not scheduled); thread stacks above, if it lasted",
+                    late,
+                )
             self._arm()
             last = now

@@ -247,8 +247,11 @@ def _unmapped_since(before: set[str]) -> set[str]:
             mapped |= {line.rsplit(" ", 1)[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line}
     stray = new - mapped
     if stray:
-        log.info("removing %d multiprocessing segments that vLLM's tree left and no process maps: %s", len(stray),
-                 sorted(stray))  # fmt: skip
+        log.info(
+            "removing %d multiprocessing segments that vLLM's tree left and no process maps: %s",
+            len(stray),
+            sorted(stray),
+        )
     return stray
 
 

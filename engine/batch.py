@@ -109,5 +109,8 @@ def save_batch(batch: TrainBatch, path: str | Path) -> None:
 
 def load_batch(path: str | Path) -> TrainBatch:
     state = torch.load(path, weights_only=True)
-    return TrainBatch(**{name: state[name] for name in _TENSOR_FIELDS}, group_size=state["group_size"],
-                      prompt_uids=state["prompt_uids"])  # fmt: skip
+    return TrainBatch(
+        **{name: state[name] for name in _TENSOR_FIELDS},
+        group_size=state["group_size"],
+        prompt_uids=state["prompt_uids"],
+    )

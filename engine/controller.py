@@ -153,8 +153,9 @@ class Controller:
                     f"(rollout.vllm_restarts={self.rollout_cfg.vllm_restarts}), the last time {lost.node}'s: "
                     f"{lost.cause}"
                 ) from lost
-            log.warning("vLLM of %s lost in ROLLOUT of version %d (%s); starting it again", lost.node,
-                        self._serving, lost.cause)  # fmt: skip
+            log.warning(
+                "vLLM of %s lost in ROLLOUT of version %d (%s); starting it again", lost.node, self._serving, lost.cause
+            )
             began = time.perf_counter()
             try:
                 ack = self._restart_vllm(lost.node)
@@ -163,8 +164,13 @@ class Controller:
                     f"vLLM of {lost.node} died during ROLLOUT and could not be started again: {e}"
                 ) from e
             self._restarts.append(time.perf_counter() - began)
-            log.info("vLLM of %s (pid %s) serves version %d again after %.1f s", lost.node, ack.pid,
-                     ack.weight_version, self._restarts[-1])  # fmt: skip
+            log.info(
+                "vLLM of %s (pid %s) serves version %d again after %.1f s",
+                lost.node,
+                ack.pid,
+                ack.weight_version,
+                self._restarts[-1],
+            )
 
     def _restart_vllm(self, node: str) -> RestartVllmAck:
         """Have `node`'s engine start its vLLM again with the version served: the controller's own engine for
@@ -229,10 +235,17 @@ class Controller:
             results = response.results
             generated += sum(len(s.token_ids) for res in results for s in res.samples)
             self.buffer.record(
-                RolloutResult(prompt_uid=r.prompt_uid, sample_index=r.sample_index, token_ids=tuple(s.token_ids),
-                              logprobs=tuple(s.logprobs), finish_reason=s.finish_reason, version=s.weight_version)
-                for r, res in zip(requests, results, strict=True) for s in res.samples
-            )  # fmt: skip
+                RolloutResult(
+                    prompt_uid=r.prompt_uid,
+                    sample_index=r.sample_index,
+                    token_ids=tuple(s.token_ids),
+                    logprobs=tuple(s.logprobs),
+                    finish_reason=s.finish_reason,
+                    version=s.weight_version,
+                )
+                for r, res in zip(requests, results, strict=True)
+                for s in res.samples
+            )
             groups = self.buffer.take_ready_groups()
             rounds += 1
         served = {t.versions[-1] for g in groups for t in g.trajectories if t.versions}
@@ -265,9 +278,12 @@ class Controller:
             sample = self.samples[group.prompt_uid]
             trajs = group.trajectories
             scores = self.scorer.score_group(
-                [self.tokens.decode(t.response_ids) for t in trajs], sample, [t.finish_reason for t in trajs],
-                [len(t.response_ids) for t in trajs], iteration,
-            )  # fmt: skip
+                [self.tokens.decode(t.response_ids) for t in trajs],
+                sample,
+                [t.finish_reason for t in trajs],
+                [len(t.response_ids) for t in trajs],
+                iteration,
+            )
             for t, total in zip(trajs, scores.totals, strict=True):
                 t.reward = total
             self.sampler.update(group.prompt_uid, successes=float(sum(scores.correct)), trials=float(len(trajs)))
@@ -287,10 +303,13 @@ class Controller:
             vllm, [GenerationRequest(prompt_ids=p, n=1, temperature=0.0, **common) for p in prompts]
         ).results
         temperature = self.rollout_cfg.temperature
-        sampled = self._generate(vllm, [
-            GenerationRequest(prompt_ids=p, n=k, temperature=temperature, seed=self.run_cfg.seed + j, **common)
-            for j, p in enumerate(prompts)
-        ]).results  # fmt: skip
+        sampled = self._generate(
+            vllm,
+            [
+                GenerationRequest(prompt_ids=p, n=k, temperature=temperature, seed=self.run_cfg.seed + j, **common)
+                for j, p in enumerate(prompts)
+            ],
+        ).results
 
         def right(sample: Sample, text: str) -> bool:
             return self.task.reward(text, sample) >= self.scorer.cfg.correct_threshold

@@ -164,7 +164,7 @@ def bench_vllm(layers: int, hidden: int, repeats: int) -> None:
                 dtype="float32",
                 seed=0,
             )
-        )  # fmt: skip  (in-process: the port is not opened)
+        )  # in-process: the port is not opened
         steady = _SteadyExport()
         naive_file = f"/dev/shm/timeshare-bench-{uuid.uuid4().hex[:8]}.safetensors"
 

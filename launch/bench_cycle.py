@@ -83,16 +83,30 @@ def compare_rollout_rate(lifecycle: str, later: list[dict[str, float]], run_dir:
     batches = [str(run_dir / "rollouts" / f"iter_{int(r['iteration']):05d}.pt") for r in rolled]
     (settings,) = (run_dir / "logs").glob("vllm-*.json")
     out = subprocess.run(
-        [sys.executable, "-m", "launch.bench_standalone", str(settings), *batches,
-         f"--temperature={config['temperature']}", f"--top-p={config['top_p']}"],
-        check=False, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "launch.bench_standalone",
+            str(settings),
+            *batches,
+            f"--temperature={config['temperature']}",
+            f"--top-p={config['top_p']}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise SystemExit(f"the standalone vLLM exited with {out.returncode}:\n{out.stderr[-3000:]}")
     standalone = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_second"]
-    _emit(lifecycle=lifecycle, measure="rollout_tokens_per_second", value=round(in_loop, 1),
-          standalone=round(standalone, 1), ratio=round(in_loop / standalone, 3),
-          serving_share=round(serving, 3))  # fmt: skip
+    _emit(
+        lifecycle=lifecycle,
+        measure="rollout_tokens_per_second",
+        value=round(in_loop, 1),
+        standalone=round(standalone, 1),
+        ratio=round(in_loop / standalone, 3),
+        serving_share=round(serving, 3),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,9 +36,15 @@ def summarize(name: str, rows: list[dict[str, float]]) -> tuple[float, float]:
     later = later_iterations(name, rows)
     means = {p: sum(r[f"time/{p}"] for r in later) / len(later) for p in PHASES}
     iteration = sum(means.values())
-    _emit(run=name, measure="iteration", seconds=round(iteration, 3), iterations=len(later),
-          rollout_seconds=round(means["rollout"], 3), train_seconds=round(means["train"], 3),
-          partial_share=round(sum(r.get("rollout/partial_share", 0.0) for r in later) / len(later), 3))  # fmt: skip
+    _emit(
+        run=name,
+        measure="iteration",
+        seconds=round(iteration, 3),
+        iterations=len(later),
+        rollout_seconds=round(means["rollout"], 3),
+        train_seconds=round(means["train"], 3),
+        partial_share=round(sum(r.get("rollout/partial_share", 0.0) for r in later) / len(later), 3),
+    )
     evaluated = [r for r in rows if "eval/accuracy" in r]
     _emit(run=name, measure="accuracy", first=evaluated[0]["eval/accuracy"], last=evaluated[-1]["eval/accuracy"])
     return iteration, means["rollout"]
@@ -58,10 +64,15 @@ def decode_scaling(cfg: TrainConfig, steps: int = 32) -> None:
     with tempfile.TemporaryDirectory(prefix="timeshare-bench-decode-") as tmp:
         model_dir = cfg.model.path or write_tiny_model(Path(tmp) / "model", cfg.model.tiny_spec(seed=cfg.run.seed))
         settings = VllmSettings(  # in this process: the port is not opened
-            model_dir=str(model_dir), port=1, tensor_parallel=1, gpu_memory_utilization=rollout.gpu_memory_utilization,
-            kv_cache_bytes=rollout.kv_cache_bytes(), max_model_len=rollout.max_model_len, dtype=cfg.model.dtype,
+            model_dir=str(model_dir),
+            port=1,
+            tensor_parallel=1,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            kv_cache_bytes=rollout.kv_cache_bytes(),
+            max_model_len=rollout.max_model_len,
+            dtype=cfg.model.dtype,
             seed=cfg.run.seed,
-        )  # fmt: skip
+        )
         llm = start_llm(settings)
         params = SamplingParams(max_tokens=steps, ignore_eos=True, seed=cfg.run.seed)
         prompts = [TokensPrompt(prompt_token_ids=[1 + k % 7, 2, 3]) for k in range(widest)]
@@ -70,8 +81,12 @@ def decode_scaling(cfg: TrainConfig, steps: int = 32) -> None:
             start = time.perf_counter()
             llm.generate(prompts[:batch], params, use_tqdm=False)
             seconds = time.perf_counter() - start
-            _emit(measure="decode_scaling", batch=batch, step_ms=round(1e3 * seconds / steps, 2),
-                  token_us=round(1e6 * seconds / (steps * batch), 1))  # fmt: skip
+            _emit(
+                measure="decode_scaling",
+                batch=batch,
+                step_ms=round(1e3 * seconds / steps, 2),
+                token_us=round(1e6 * seconds / (steps * batch), 1),
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             root.mkdir()
             seconds[name] = summarize(name, read_rows(run_job(name, [*overrides, *extra], root)))
     (iteration, rollout), (whole_iteration, whole_rollout) = seconds["partial"], seconds["whole"]
-    _emit(measure="partial_vs_whole", ratio=round(iteration / whole_iteration, 3),
-          rollout_ratio=round(rollout / whole_rollout, 3))  # fmt: skip
+    _emit(
+        measure="partial_vs_whole",
+        ratio=round(iteration / whole_iteration, 3),
+        rollout_ratio=round(rollout / whole_rollout, 3),
+    )
     decode_scaling(load_config(overrides))
     return 0

@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     def serve(requests: list[tuple[list[int], int]]) -> tuple[int, float]:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in requests]
         params = [
-            SamplingParams(n=1, max_tokens=n, ignore_eos=True, temperature=args.temperature, top_p=args.top_p,
-                           seed=k, logprobs=0)
+            SamplingParams(
+                n=1, max_tokens=n, ignore_eos=True, temperature=args.temperature, top_p=args.top_p, seed=k, logprobs=0
+            )
             for k, (_, n) in enumerate(requests)
-        ]  # fmt: skip
+        ]
         llm.reset_prefix_cache()  # as a fresh vLLM in the loop: no prompt of an earlier pass is cached
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)

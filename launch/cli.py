@@ -91,10 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks, one JSON line per result")
     bench.add_argument(
-        "which", choices=["push", "cycle", "partial"],
+        "which",
+        choices=["push", "cycle", "partial"],
         help="push: weight-push throughput against same-run baselines; cycle: an iteration's phases per lifecycle; "
         "partial: iteration time with and without partial rollouts",
-    )  # fmt: skip
+    )
     bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
     bench.set_defaults(func=_bench)
 
@@ -103,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.set_defaults(func=_engine)
 
     zygote = sub.add_parser(
-        "vllm-zygote", help="a vLLM container's command: import vLLM once, then start a vLLM for each rollout the "
+        "vllm-zygote",
+        help="a vLLM container's command: import vLLM once, then start a vLLM for each rollout the "
         "node's checkpoint engine asks for (cluster.vllm_zygote=DIR), until stopped",
-    )  # fmt: skip
+    )
     zygote.add_argument("dir", help="a directory the trainer's container sees at the same path")
     zygote.set_defaults(func=_vllm_zygote)
 

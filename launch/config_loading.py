@@ -115,8 +115,11 @@ def resumed_config(given: TrainConfig, overrides: list[str], saved_path: Path, j
     saved = TrainConfig.from_dict(json.loads(saved_path.read_text()))
     new, old = given.to_dict(), saved.to_dict()
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    differ = [o for o, k in zip(overrides, keys, strict=True) if k.split(".")[0] not in ("resume", "cluster")
-              and _lookup(new, k) != _lookup(old, k)]  # fmt: skip
+    differ = [
+        o
+        for o, k in zip(overrides, keys, strict=True)
+        if k.split(".")[0] not in ("resume", "cluster") and _lookup(new, k) != _lookup(old, k)
+    ]
     if differ:
         raise ConfigError(
             f"resume={given.resume} runs with the run's saved config and only cluster.* may change; "

@@ -72,8 +72,11 @@ class LocalNetwork:
         _ip("addr", "add", f"{subnet}.1/24", "dev", head_if)
         _ip("link", "set", head_if, "up")
         inside = ("ip", "netns", "exec", self.namespace)
-        for args in (("addr", "add", f"{subnet}.2/24", "dev", node_if), ("link", "set", node_if, "up"),
-                     ("link", "set", "lo", "up")):  # fmt: skip
+        for args in (
+            ("addr", "add", f"{subnet}.2/24", "dev", node_if),
+            ("link", "set", node_if, "up"),
+            ("link", "set", "lo", "up"),
+        ):
             _run([*inside, "ip", *args])
         self.head = Placement(address=f"{subnet}.1", interface=head_if)
         self.node = Placement(address=f"{subnet}.2", interface=node_if, prefix=inside)

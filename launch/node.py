@@ -76,12 +76,14 @@ def start_node(
     ports = free_loopback_ports(2)
     engine_port, vllm_port = here.engine_port or ports[0], here.vllm_port or ports[1]
     token = None if ipaddress.ip_address(here.address).is_loopback else secrets.token_urlsafe(16)
-    engine_cfg = _engine_config(cfg, paths, model_dir, etcd, rollout=rollout, start=start, token=token,
-                                ports=(engine_port, vllm_port))  # fmt: skip
+    engine_cfg = _engine_config(
+        cfg, paths, model_dir, etcd, rollout=rollout, start=start, token=token, ports=(engine_port, vllm_port)
+    )
     engine_file = engine_cfg.to_json_file(paths.engine_config(node))
     engine_log = paths.logs / f"engine-{node}.log"
-    engine = ProcessGroup.spawn([sys.executable, "-m", "launch.cli", "engine", str(engine_file)], engine_log,
-                                parent_death=signal.SIGTERM)  # fmt: skip
+    engine = ProcessGroup.spawn(
+        [sys.executable, "-m", "launch.cli", "engine", str(engine_file)], engine_log, parent_death=signal.SIGTERM
+    )
     stack.callback(engine.stop, ENGINE_STOP_GRACE)
     client = EngineClient(f"http://{here.address}:{engine_port}", token=token)
     stack.callback(client.close)
@@ -91,12 +93,29 @@ def start_node(
         paths.root / f"trainer-{node}.json"
     )
     env = {"GLOO_SOCKET_IFNAME": here.interface} if here.interface else {}
-    trainer = ProcessGroup.spawn([
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(here.nodes)),
-        "--node-rank", str(here.nodes.index(node)), "--nproc-per-node", str(cfg.parallel.trainer_ranks),
-        "--master-addr", here.head_address, "--master-port", str(trainer_port),
-        "-m", "sidecars.megatron.rank_main", str(rank_file),
-    ], paths.logs / f"trainer-{node}.log", env=env, parent_death=signal.SIGTERM)  # fmt: skip
+    trainer = ProcessGroup.spawn(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(len(here.nodes)),
+            "--node-rank",
+            str(here.nodes.index(node)),
+            "--nproc-per-node",
+            str(cfg.parallel.trainer_ranks),
+            "--master-addr",
+            here.head_address,
+            "--master-port",
+            str(trainer_port),
+            "-m",
+            "sidecars.megatron.rank_main",
+            str(rank_file),
+        ],
+        paths.logs / f"trainer-{node}.log",
+        env=env,
+        parent_death=signal.SIGTERM,
+    )
     stack.callback(trainer.stop, 30)
     return Node(name=node, engine=engine, client=client, trainer=trainer, logs=paths.logs)
 
@@ -116,16 +135,32 @@ def _engine_config(
     the effective one (long-context preset applied). A node after the head loads the head's exports."""
     here = cfg.cluster
     return EngineConfig(
-        node=here.node, job=paths.root.name, etcd=etcd, nodes=here.nodes, start_iteration=start,
-        weights_from=() if here.is_head else (here.head,), log_dir=str(paths.logs), vllm_zygote=here.vllm_zygote,
-        host=here.address, port=ports[0], token=token, lifecycle=rollout.lifecycle, phase=cfg.phase,
+        node=here.node,
+        job=paths.root.name,
+        etcd=etcd,
+        nodes=here.nodes,
+        start_iteration=start,
+        weights_from=() if here.is_head else (here.head,),
+        log_dir=str(paths.logs),
+        vllm_zygote=here.vllm_zygote,
+        host=here.address,
+        port=ports[0],
+        token=token,
+        lifecycle=rollout.lifecycle,
+        phase=cfg.phase,
         transfer=cfg.transfer,
         vllm=VllmSettings(
-            model_dir=str(model_dir), host=here.address, port=ports[1], tensor_parallel=cfg.parallel.vllm_tp,
-            gpu_memory_utilization=rollout.gpu_memory_utilization, kv_cache_bytes=rollout.kv_cache_bytes(),
-            max_model_len=rollout.max_model_len, dtype=cfg.model.dtype, seed=cfg.run.seed,
+            model_dir=str(model_dir),
+            host=here.address,
+            port=ports[1],
+            tensor_parallel=cfg.parallel.vllm_tp,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            kv_cache_bytes=rollout.kv_cache_bytes(),
+            max_model_len=rollout.max_model_len,
+            dtype=cfg.model.dtype,
+            seed=cfg.run.seed,
         ),
-    )  # fmt: skip
+    )
 
 
 def _rank_config(
@@ -133,12 +168,24 @@ def _rank_config(
 ) -> RankConfig:
     """What every trainer rank of this node runs from (`trainer-<node>.json`)."""
     return RankConfig(
-        run_dir=str(paths.root), model_dir=str(model_dir), engine_url=engine_url, engine_token=token,
-        job=paths.root.name, node=cfg.cluster.node, exports=cfg.cluster.is_head, iterations=cfg.run.iterations,
-        start_iteration=start, checkpoint_every=cfg.run.checkpoint_every, tensor_parallel=cfg.parallel.trainer_tp,
-        phase_timeout=cfg.phase.timeout, seed=cfg.run.seed, temperature=cfg.rollout.temperature,
-        dtype=cfg.model.dtype, trainer=cfg.trainer, algo=cfg.algo,
-    )  # fmt: skip
+        run_dir=str(paths.root),
+        model_dir=str(model_dir),
+        engine_url=engine_url,
+        engine_token=token,
+        job=paths.root.name,
+        node=cfg.cluster.node,
+        exports=cfg.cluster.is_head,
+        iterations=cfg.run.iterations,
+        start_iteration=start,
+        checkpoint_every=cfg.run.checkpoint_every,
+        tensor_parallel=cfg.parallel.trainer_tp,
+        phase_timeout=cfg.phase.timeout,
+        seed=cfg.run.seed,
+        temperature=cfg.rollout.temperature,
+        dtype=cfg.model.dtype,
+        trainer=cfg.trainer,
+        algo=cfg.algo,
+    )
 
 
 def resume_point(paths: RunPaths) -> int:
@@ -169,8 +216,16 @@ def run_worker(cfg: TrainConfig, overrides: list[str]) -> int:
     print(f"timeshare train: {here.node} of job {paths.root.name} in {paths.root}, from iteration {start}", flush=True)
     try:
         with ExitStack() as stack:
-            node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=cfg.effective_rollout(), start=start,
-                              trainer_port=here.trainer_port)  # fmt: skip
+            node = start_node(
+                stack,
+                cfg,
+                paths,
+                model_dir,
+                etcd=etcd,
+                rollout=cfg.effective_rollout(),
+                start=start,
+                trainer_port=here.trainer_port,
+            )
             while node.trainer.poll() is None:
                 node.check_engine()
                 time.sleep(0.5)

@@ -14,18 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import requests
 
-from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
 from checkpoint_engine.contracts.polling import poll_until
 from checkpoint_engine.contracts.run_dir import RunPaths
@@ -40,143 +37,15 @@ from engine.metrics import MetricsLogger, format_line, summarize_phase_times
 from engine.replay_buffer import PartialRolloutBuffer
 from engine.rewards import RewardScorer
 from engine.tasks import Sample, Task
-from launch.config_loading import load_config, resumed_config
+from launch.config_loading import load_config
 from launch.etcd_server import EtcdWatchdog, LocalEtcd, free_loopback_ports
 from launch.local_nodes import LocalNetwork, Placement
-from launch.node import ENGINE_STOP_GRACE, check_exited, resume_point, run_worker, start_node
+from launch.node import ENGINE_STOP_GRACE, check_exited, run_worker, start_node
+from launch.run_setup import cold_start_examples, prepare_model, prepare_run
 from launch.train_config import TrainConfig
-from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.hf_export import export_checkpoint
 
 log = logging.getLogger("timeshare.train")
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # model.dtype -> bytes per element
-
-
-def _prepare_run(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
-    """The config, run directory and first iteration: new run, or the newest checkpoint of `resume`."""
-    if cfg.resume is None:
-        _check_machine(cfg)
-        if cfg.model.path is not None:
-            _check_model_dir(Path(cfg.model.path))
-        root = Path(cfg.run.root)
-        made = _new_run_dir(root, cfg.run.name) if cfg.cluster.job is None else _named_run_dir(root, cfg.cluster.job)
-        paths = RunPaths(made).make()
-        paths.config.write_text(json.dumps(cfg.to_dict(), indent=2))
-        return cfg, paths, 0
-    paths = RunPaths(Path(cfg.resume))
-    start = resume_point(paths)
-    saved = resumed_config(cfg, overrides, paths.config, paths.root.name)
-    _check_machine(saved)
-    return saved, paths.make(), start
-
-
-def _check_machine(cfg: TrainConfig) -> None:
-    import torch
-
-    cfg.check_machine(has_cuda=torch.cuda.is_available())
-
-
-def _new_run_dir(root: Path, name: str) -> Path:
-    """`root/<name>-<time>`, made here and by no other run: one started in the same second gets `-2`, `-3`..."""
-    root.mkdir(parents=True, exist_ok=True)
-    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in range(1, 1000):
-        path = root / (base if n == 1 else f"{base}-{n}")
-        try:
-            path.mkdir()  # atomic: of two runs racing for a name, one gets it
-        except FileExistsError:
-            continue
-        return path
-    raise ConfigError(f"run.root={root}: a thousand runs named {base} already; choose another run.name")
-
-
-def _named_run_dir(root: Path, job: str) -> Path:
-    """`root/<cluster.job>`, made here: a job's name is its run directory's on every node."""
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        (root / job).mkdir()
-    except FileExistsError:
-        raise ConfigError(f"cluster.job={job}: {root / job} exists; resume= it, or choose another job name") from None
-    return root / job
-
-
-def _check_model_dir(model_dir: Path) -> None:
-    """model.path is an HF model directory of a supported architecture with a tokenizer, before anything starts."""
-    where = f"model.path={model_dir}"
-    if not model_dir.is_dir():
-        raise ConfigError(f"{where}: no such directory; give an HF model directory, or null for the tiny model")
-    try:
-        ModelArch.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{where} is not a model timeshare can train: {e}") from None
-    from transformers import AutoTokenizer
-
-    try:
-        AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # transformers raises many kinds, in several lines
-        why = " ".join(str(e).split())[:300] or type(e).__name__
-        raise ConfigError(f"{where}: its tokenizer does not load ({why})") from None
-
-
-def _model_dir(cfg: TrainConfig, paths: RunPaths) -> Path:
-    if cfg.model.path is not None:
-        return Path(cfg.model.path)
-    if not (paths.model_init / "config.json").exists():
-        from engine.tiny_model import write_tiny_model
-
-        write_tiny_model(paths.model_init, cfg.model.tiny_spec(seed=cfg.run.seed))
-    return paths.model_init
-
-
-def _prepare_model(cfg: TrainConfig, paths: RunPaths, rollout: RolloutConfig) -> tuple[Path, Tokens]:
-    """The model's directory (the tiny model written on first use), checked against the KV cache, and
-    its tokens."""
-    model_dir = _model_dir(cfg, paths)
-    _check_kv_cache(rollout, model_dir, cfg.model.dtype, cfg.parallel.vllm_tp)
-    return model_dir, _tokens(model_dir, rollout.stop)
-
-
-def _check_kv_cache(rollout: RolloutConfig, model_dir: Path, dtype: str, vllm_tp: int) -> None:
-    """An explicit KV cache must hold one whole sequence of max_model_len tokens (per vLLM worker)."""
-    if rollout.kv_cache_gib is None:
-        return
-    arch = ModelArch.from_pretrained(model_dir)
-    per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * DTYPE_BYTES[dtype]  # K and V of every layer
-    needed = per_token * rollout.max_model_len / max(1, vllm_tp) / 2**30
-    if rollout.kv_cache_gib < needed:
-        raise ConfigError(
-            f"rollout.kv_cache_gib={rollout.kv_cache_gib} cannot hold one sequence of max_model_len="
-            f"{rollout.max_model_len} tokens of {model_dir} ({needed:.3g} GiB per vLLM worker): raise it, or "
-            "set it to null to let vLLM size the cache from rollout.gpu_memory_utilization"
-        )
-
-
-def _tokens(model_dir: Path, stop: str) -> Tokens:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    stop_ids = [tok.eos_token_id]
-    if stop:
-        ids = tok(stop, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ConfigError(f"rollout.stop={stop!r} is {len(ids)} tokens for this tokenizer; it must be one")
-        stop_ids.insert(0, ids[0])
-    return Tokens(
-        encode=lambda text: tok(text)["input_ids"],
-        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
-        stop_ids=tuple(stop_ids),
-        pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    )
-
-
-def _cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, stop: str) -> list[list[list[int]]]:
-    """At most a tenth of the RL pool, answered (worked steps included where the task demonstrates
-    them): a random model earns no reward to learn from."""
-    n = int(cfg.trainer.cold_start.fraction * len(pool))
-    chosen = random.Random(cfg.run.seed).sample(pool, n)
-    # [1:]: the response without the tokenizer's BOS
-    return [[tokens.encode(s.prompt), tokens.encode((s.demonstration or s.answer) + stop)[1:]] for s in chosen]
 
 
 def _every_vllm(engine: EngineClient) -> SpreadVllmClient:
@@ -247,12 +116,22 @@ def _run_job(
             if len(here.nodes) == 1 or here.local_nodes:  # no process of the job is running: none is this attempt's
                 _forget_job(etcd, paths.root.name)
         trainer_port = here.trainer_port or free_loopback_ports(1)[0]
-        node = start_node(stack, cfg, paths, model_dir, etcd=etcd, rollout=rollout, start=start,
-                          trainer_port=trainer_port)  # fmt: skip
+        node = start_node(
+            stack, cfg, paths, model_dir, etcd=etcd, rollout=rollout, start=start, trainer_port=trainer_port
+        )
         spawned = {}
         for name, placement in others.items():
-            spawned[name] = _start_local_node(stack, cfg, paths, name, placement=placement, overrides=overrides,
-                                              etcd=etcd, trainer_port=trainer_port, start=start)  # fmt: skip
+            spawned[name] = _start_local_node(
+                stack,
+                cfg,
+                paths,
+                name,
+                placement=placement,
+                overrides=overrides,
+                etcd=etcd,
+                trainer_port=trainer_port,
+                start=start,
+            )
 
         def check_alive() -> None:
             if watchdog is not None and watchdog.failure is not None:
@@ -265,8 +144,15 @@ def _run_job(
         stack.callback(metrics.close)
         from tqdm import tqdm
 
-        bar = stack.enter_context(tqdm(total=cfg.run.iterations + 1, initial=start, desc="iterations",
-                                       disable=not cfg.run.progress, dynamic_ncols=True))  # fmt: skip
+        bar = stack.enter_context(
+            tqdm(
+                total=cfg.run.iterations + 1,
+                initial=start,
+                desc="iterations",
+                disable=not cfg.run.progress,
+                dynamic_ncols=True,
+            )
+        )
 
         def record(iteration: int, values: dict[str, float]) -> None:
             restarted = {"job/restarts": restarts} | ({"etcd/restarts": local.restarts} if local else {})
@@ -276,12 +162,23 @@ def _run_job(
             metrics.plot()
 
         controller = Controller(
-            cfg.run, rollout, paths, phase_timeout=cfg.phase.timeout, node=here.node, shim=node.client,
-            task=task, tokens=tokens, vllms=lambda: _every_vllm(node.client),
-            sampler=cfg.sampler.make(pool, cfg.run.seed), buffer=PartialRolloutBuffer(rollout.buffer()),
-            scorer=RewardScorer(cfg.reward, task), pool=pool, heldout=heldout, log_metrics=record,
+            cfg.run,
+            rollout,
+            paths,
+            phase_timeout=cfg.phase.timeout,
+            node=here.node,
+            shim=node.client,
+            task=task,
+            tokens=tokens,
+            vllms=lambda: _every_vllm(node.client),
+            sampler=cfg.sampler.make(pool, cfg.run.seed),
+            buffer=PartialRolloutBuffer(rollout.buffer()),
+            scorer=RewardScorer(cfg.reward, task),
+            pool=pool,
+            heldout=heldout,
+            log_metrics=record,
             check_alive=check_alive,
-        )  # fmt: skip
+        )
         if start:
             controller.load_state(start)
         with _failures_named(check_alive):
@@ -354,11 +251,18 @@ def _start_local_node(
     trainer rendezvous."""
     nodes = ",".join(cfg.cluster.nodes)
     join = [
-        f"cluster.node={name}", f"cluster.nodes=[{nodes}]", f"cluster.job={paths.root.name}",
-        f"cluster.address={placement.address}", f"cluster.head_address={cfg.cluster.head_address}",
-        f"cluster.etcd={etcd}", f"cluster.trainer_port={trainer_port}", f"cluster.interface={placement.interface}",
-        "cluster.local_nodes=false", "cluster.engine_port=0", "cluster.vllm_port=0",
-    ]  # fmt: skip
+        f"cluster.node={name}",
+        f"cluster.nodes=[{nodes}]",
+        f"cluster.job={paths.root.name}",
+        f"cluster.address={placement.address}",
+        f"cluster.head_address={cfg.cluster.head_address}",
+        f"cluster.etcd={etcd}",
+        f"cluster.trainer_port={trainer_port}",
+        f"cluster.interface={placement.interface}",
+        "cluster.local_nodes=false",
+        "cluster.engine_port=0",
+        "cluster.vllm_port=0",
+    ]
     # Resumed, it checks its given config (transfer included, for several nodes) before taking the saved one.
     job = (
         [f"resume={paths.root}", f"transfer.kind={cfg.transfer.kind}"]
@@ -379,15 +283,15 @@ def train(overrides: list[str]) -> int:
     cfg = load_config(overrides)
     if not cfg.cluster.is_head:
         return run_worker(cfg, overrides)
-    cfg, paths, start = _prepare_run(cfg, overrides)
+    cfg, paths, start = prepare_run(cfg, overrides)
     rollout = cfg.effective_rollout()  # the lengths that run, long-context preset applied
     try:
         task = cfg.task.make()  # a bad dataset record fails here, before the model is written
         pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
         heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)
-        model_dir, tokens = _prepare_model(cfg, paths, rollout)
+        model_dir, tokens = prepare_model(cfg, paths, rollout)
         if start == 0:
-            paths.cold_start.write_text(json.dumps(_cold_start_examples(cfg, pool, tokens, rollout.stop)))
+            paths.cold_start.write_text(json.dumps(cold_start_examples(cfg, pool, tokens, rollout.stop)))
     except BaseException:
         if start == 0:  # a new run that fails before anything started leaves no half-made directory
             shutil.rmtree(paths.root, ignore_errors=True)
@@ -397,8 +301,19 @@ def train(overrides: list[str]) -> int:
     restarts = 0
     while True:
         try:
-            history = _run_job(cfg, paths, start, overrides, rollout=rollout, model_dir=model_dir, tokens=tokens,
-                               task=task, pool=pool, heldout=heldout, restarts=restarts)  # fmt: skip
+            history = _run_job(
+                cfg,
+                paths,
+                start,
+                overrides,
+                rollout=rollout,
+                model_dir=model_dir,
+                tokens=tokens,
+                task=task,
+                pool=pool,
+                heldout=heldout,
+                restarts=restarts,
+            )
             break
         except KeyboardInterrupt:
             print(f"timeshare train: interrupted; {_how_to_continue(paths)}", flush=True)
@@ -409,10 +324,15 @@ def train(overrides: list[str]) -> int:
                 print(f"timeshare train: {e}; logs in {paths.logs}; {_how_to_continue(paths)}", flush=True)
                 return 1
             restarts, start = restarts + 1, again
-            print(f"timeshare train: {e}; restarting from {_restarting_from(start)} (restart {restarts} "
-                  f"of run.restarts={cfg.run.restarts}); logs in {paths.logs}", flush=True)  # fmt: skip
+            print(
+                f"timeshare train: {e}; restarting from {_restarting_from(start)} (restart {restarts} "
+                f"of run.restarts={cfg.run.restarts}); logs in {paths.logs}",
+                flush=True,
+            )
     print(summarize_phase_times(history), flush=True)
     final = export_checkpoint(paths.root, paths.root / "hf")  # the trained model, loadable by transformers and vLLM
-    print(f"timeshare train: done; metrics, TensorBoard logs and progress.png in {paths.root}, the model in {final}",
-          flush=True)  # fmt: skip
+    print(
+        f"timeshare train: done; metrics, TensorBoard logs and progress.png in {paths.root}, the model in {final}",
+        flush=True,
+    )
     return 0

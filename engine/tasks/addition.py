@@ -46,8 +46,14 @@ class AdditionTask:
             digits = max(len(str(a)), len(str(b)))
             return Sample(uid=f"add:{a}+{b}", prompt=f"{a}+{b}=", answer=str(a + b), difficulty=float(digits))
 
-        return distinct_samples(draw, split, n, seed=f"{self.name}:{seed}", heldout_fraction=self.heldout_fraction,
-                                task=f"addition(max_digits={self.max_digits}, {upper * upper} pairs)")  # fmt: skip
+        return distinct_samples(
+            draw,
+            split,
+            n,
+            seed=f"{self.name}:{seed}",
+            heldout_fraction=self.heldout_fraction,
+            task=f"addition(max_digits={self.max_digits}, {upper * upper} pairs)",
+        )
 
     def answer(self, response: str) -> str | None:
         return first_line(response) or None

@@ -60,11 +60,22 @@ class ScratchpadTask(AdditionTask):
         def draw(rng: random.Random) -> Sample:
             a, b = self._operand(rng), self._operand(rng)
             columns = max(len(str(a)), len(str(b)))
-            return Sample(uid=f"pad:{a}+{b}", prompt=f"{a}+{b}=", answer=str(a + b), difficulty=float(columns),
-                          demonstration=worked_sum(a, b))  # fmt: skip
+            return Sample(
+                uid=f"pad:{a}+{b}",
+                prompt=f"{a}+{b}=",
+                answer=str(a + b),
+                difficulty=float(columns),
+                demonstration=worked_sum(a, b),
+            )
 
-        return distinct_samples(draw, split, n, seed=f"{self.name}:{seed}", heldout_fraction=self.heldout_fraction,
-                                task=f"scratchpad(max_digits={self.max_digits})")  # fmt: skip
+        return distinct_samples(
+            draw,
+            split,
+            n,
+            seed=f"{self.name}:{seed}",
+            heldout_fraction=self.heldout_fraction,
+            task=f"scratchpad(max_digits={self.max_digits})",
+        )
 
     def answer(self, response: str) -> str | None:
         return stated_answer(response) or None

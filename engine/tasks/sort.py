@@ -42,8 +42,14 @@ class SortTask:
             key, answer = ",".join(map(str, digits)), "".join(map(str, sorted(digits)))
             return Sample(uid=f"sort:{key}", prompt=f"sort:{key}=", answer=answer, difficulty=float(len(digits)))
 
-        return distinct_samples(draw, split, n, seed=f"{self.name}:{seed}", heldout_fraction=self.heldout_fraction,
-                                task=f"sort(min_len={self.min_len}, max_len={self.max_len})")  # fmt: skip
+        return distinct_samples(
+            draw,
+            split,
+            n,
+            seed=f"{self.name}:{seed}",
+            heldout_fraction=self.heldout_fraction,
+            task=f"sort(min_len={self.min_len}, max_len={self.max_len})",
+        )
 
     def answer(self, response: str) -> str | None:
         return first_line(response) or None

@@ -45,8 +45,15 @@ class Rank:
     def __init__(self, cfg: RankConfig) -> None:
         self.cfg, self.paths = cfg, RunPaths(Path(cfg.run_dir))
         self.rank = dist.get_rank()
-        self.trainer = Trainer(cfg.model_dir, cfg.trainer, cfg.algo.to_algo(), iterations=cfg.iterations,
-                               temperature=cfg.temperature, seed=cfg.seed, dtype=cfg.dtype)  # fmt: skip
+        self.trainer = Trainer(
+            cfg.model_dir,
+            cfg.trainer,
+            cfg.algo.to_algo(),
+            iterations=cfg.iterations,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            dtype=cfg.dtype,
+        )
         self.offloader = Offloader(self.trainer.model, self.trainer.optimizer)
         # Each node's first rank reports its node's trainer phases to the node's engine; the job's first rank
         # (on the head) also waits for the phase for every rank and writes each version's weights.
@@ -81,8 +88,13 @@ class Rank:
         start = time.perf_counter()
         losses = self.trainer.supervised([tuple(e) for e in examples], c.epochs, c.lr, c.batch_size, c.target_loss)
         self.cold_start_seconds = time.perf_counter() - start
-        self._log("cold start: %d examples, %d epochs, loss %s, %.1f s", len(examples), len(losses),
-                  " -> ".join(f"{x:.3f}" for x in losses), time.perf_counter() - start)  # fmt: skip
+        self._log(
+            "cold start: %d examples, %d epochs, loss %s, %.1f s",
+            len(examples),
+            len(losses),
+            " -> ".join(f"{x:.3f}" for x in losses),
+            time.perf_counter() - start,
+        )
 
     def train(self, state: PhaseState) -> None:
         """TRAIN learns from the rollout of the version the phase names (`Version.SERVED`)."""
@@ -109,11 +121,16 @@ class Rank:
         if self.writer is not None and self.client is not None:
             manifest = self.writer.write(state.weight_version, tensors)
             pushed = time.perf_counter()
-            self.client.register_weights(manifest, ExportAck(
-                convert_seconds=converted - start, push_seconds=pushed - converted,
-                push_gb_per_s=manifest.size / max(pushed - converted, 1e-9) / 1e9,
-                cold_start_seconds=self.cold_start_seconds, weight_version=state.weight_version,
-            ))  # fmt: skip
+            self.client.register_weights(
+                manifest,
+                ExportAck(
+                    convert_seconds=converted - start,
+                    push_seconds=pushed - converted,
+                    push_gb_per_s=manifest.size / max(pushed - converted, 1e-9) / 1e9,
+                    cold_start_seconds=self.cold_start_seconds,
+                    weight_version=state.weight_version,
+                ),
+            )
             self.cold_start_seconds = 0.0
         dist.barrier()
 

@@ -116,9 +116,12 @@ class Trainer:
         logits = self.model(tokens, positions.to(dev), mask.to(dev))[:, :-1]
         vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
         logp = vocab_parallel_token_logprobs(
-            logits, tokens[:, 1:], vocab_start, group=ps.get_tensor_model_parallel_group(),
+            logits,
+            tokens[:, 1:],
+            vocab_start,
+            group=ps.get_tensor_model_parallel_group(),
             temperature=self.temperature,
-        )  # fmt: skip
+        )
         values = None
         if self.value_head is not None:
             values = self.value_head(self._hidden).squeeze(-1).transpose(0, 1)[:, :-1].float()
@@ -132,8 +135,10 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`_forward` without gradients, `chunk` rows at a time: logprobs, and the values under ppo."""
         self.model.eval()
-        parts = [self._forward(input_ids[i : i + chunk], None if lengths is None else lengths[i : i + chunk])
-                 for i in range(0, len(input_ids), chunk)]  # fmt: skip
+        parts = [
+            self._forward(input_ids[i : i + chunk], None if lengths is None else lengths[i : i + chunk])
+            for i in range(0, len(input_ids), chunk)
+        ]
         logp = torch.cat([p[0].cpu() for p in parts])
         return logp, None if self.value_head is None else torch.cat([p[1].cpu() for p in parts])
 
@@ -240,14 +245,24 @@ class Trainer:
             logp, values = self._forward(batch.input_ids[rows], None if lengths is None else [lengths[r] for r in rows])
             dev = logp.device
             loss = policy_loss(
-                self.algo, logp, batch.old_logp[rows].to(dev), batch.advantages[rows].to(dev),
-                batch.loss_mask[rows].to(dev), rewards=batch.rewards[rows].to(dev), group_size=g,
+                self.algo,
+                logp,
+                batch.old_logp[rows].to(dev),
+                batch.advantages[rows].to(dev),
+                batch.loss_mask[rows].to(dev),
+                rewards=batch.rewards[rows].to(dev),
+                group_size=g,
                 ref_logp=None if batch.ref_logp is None else batch.ref_logp[rows].to(dev),
                 token_weights=None if batch.token_weights is None else batch.token_weights[rows].to(dev),
-            )  # fmt: skip
+            )
             if values is not None:
-                critic = value_loss(values, batch.old_values[rows].to(dev), batch.returns[rows].to(dev),
-                                    batch.loss_mask[rows].to(dev), clip=self.algo.value_clip)  # fmt: skip
+                critic = value_loss(
+                    values,
+                    batch.old_values[rows].to(dev),
+                    batch.returns[rows].to(dev),
+                    batch.loss_mask[rows].to(dev),
+                    clip=self.algo.value_clip,
+                )
                 loss = loss + self.algo.vf_coef * critic
                 critic_loss += critic.item() * len(groups) / n_groups
             with torch.no_grad():  # tokens whose ratio to pi_old left the clip range (kimi does not clip)

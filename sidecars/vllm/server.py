@@ -237,10 +237,18 @@ def _log_to(path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--zygote", metavar="PREFIX", required=True, type=Path,
-                    help="the zygote's files: PREFIX.json (settings), .fork (requests), .pid, .zygote")  # fmt: skip
-    ap.add_argument("--external", action="store_true",
-                    help="started on its own (a container's command): serve engines until SIGTERM")  # fmt: skip
+    ap.add_argument(
+        "--zygote",
+        metavar="PREFIX",
+        required=True,
+        type=Path,
+        help="the zygote's files: PREFIX.json (settings), .fork (requests), .pid, .zygote",
+    )
+    ap.add_argument(
+        "--external",
+        action="store_true",
+        help="started on its own (a container's command): serve engines until SIGTERM",
+    )
     args = ap.parse_args(argv)
     files = ZygoteFiles(args.zygote)
     sidecars: set[int] = set()

@@ -97,8 +97,11 @@ def leftovers(run_dir: Path, shm_before: set[Path], timeout: float = 30.0) -> li
     before the run, once `timeout` s have not made them go (a killed job's children stop in a few)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [f"pid {p.pid}: {' '.join(p.info['cmdline'][:6])}" for p in psutil.process_iter(["cmdline"])
-                 if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"])]  # fmt: skip
+        found = [
+            f"pid {p.pid}: {' '.join(p.info['cmdline'][:6])}"
+            for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and str(run_dir) in " ".join(p.info["cmdline"])
+        ]
         found += [str(p) for p in set(SHM.iterdir()) - shm_before]
         if not found or time.monotonic() >= deadline:
             return found

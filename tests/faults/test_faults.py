@@ -96,13 +96,29 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(
 
 @pytest.mark.parametrize(
     ("process", "args", "iteration", "phase", "newest", "cluster", "etcd"),
-    [("trainer rank", ["sidecars.megatron.rank_main"], 2, "TRAIN", 1, "local", "the cluster's"),
-     ("checkpoint engine", ["launch.cli engine"], 2, "START_VLLM", 2, "local", "the launcher's"),
-     ("node1's checkpoint engine", ["launch.cli engine", "engine-node1.json"], 0, "ROLLOUT", 0, "local2",
-      "the launcher's"),
-     ("node1's trainer rank", ["sidecars.megatron.rank_main", "trainer-node1.json"], 2, "TRAIN", 1, "local2",
-      "the launcher's")],
-)  # fmt: skip
+    [
+        ("trainer rank", ["sidecars.megatron.rank_main"], 2, "TRAIN", 1, "local", "the cluster's"),
+        ("checkpoint engine", ["launch.cli engine"], 2, "START_VLLM", 2, "local", "the launcher's"),
+        (
+            "node1's checkpoint engine",
+            ["launch.cli engine", "engine-node1.json"],
+            0,
+            "ROLLOUT",
+            0,
+            "local2",
+            "the launcher's",
+        ),
+        (
+            "node1's trainer rank",
+            ["sidecars.megatron.rank_main", "trainer-node1.json"],
+            2,
+            "TRAIN",
+            1,
+            "local2",
+            "the launcher's",
+        ),
+    ],
+)
 def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
     tmp_path: Path,
     faults: FaultReport,

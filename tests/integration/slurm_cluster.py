@@ -79,8 +79,9 @@ def slurm_cluster(root: Path) -> Iterator[dict[str, str]]:
         ctld = ProcessGroup.spawn(["slurmctld", "-D", "-i", "-f", str(conf)], root / "slurmctld.out", env=env)
         stack.callback(ctld.stop, 10)
         for node in NODES:
-            slurmd = ProcessGroup.spawn(["slurmd", "-D", "-N", node, "-f", str(conf)], root / f"slurmd-{node}.out",
-                                        env=env)  # fmt: skip
+            slurmd = ProcessGroup.spawn(
+                ["slurmd", "-D", "-N", node, "-f", str(conf)], root / f"slurmd-{node}.out", env=env
+            )
             stack.callback(slurmd.stop, 10)
         _await_idle(env, root)
         yield env

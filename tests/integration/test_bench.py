@@ -36,8 +36,9 @@ def test_bench_partial_measures_decode_time_per_step_and_token_up_to_a_rollouts_
         "    decode_scaling(load_config(['model.layers=2', 'rollout.prompts_per_iteration=9', "
         "'rollout.group_size=2']), steps=4)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["batch"] for r in rows] == [1, 16, 18]  # up to the rollout's 9 x 2 trajectories

@@ -59,17 +59,21 @@ def test_a_node_in_two_containers_runs_a_job(tmp_path: Path) -> None:
         for role, extra in (("trainer", small), ("vllm", [])):  # compose's order: vllm depends on trainer
             command = _podman_run(services[role], names[role], prefix, shared) + extra
             subprocess.run([*command[:2], "-d", *command[2:]], check=True, capture_output=True)
-        status = subprocess.run(["podman", "wait", names["trainer"]], capture_output=True, text=True, timeout=900,
-                                check=True).stdout.strip()  # fmt: skip
-        logs = {r: subprocess.run(["podman", "logs", n], capture_output=True, text=True, check=True)
-                for r, n in names.items()}  # fmt: skip
+        status = subprocess.run(
+            ["podman", "wait", names["trainer"]], capture_output=True, text=True, timeout=900, check=True
+        ).stdout.strip()
+        logs = {
+            r: subprocess.run(["podman", "logs", n], capture_output=True, text=True, check=True)
+            for r, n in names.items()
+        }
         assert status == "0", logs["trainer"].stdout[-4000:] + logs["trainer"].stderr[-4000:]
         subprocess.run(["podman", "wait", names["vllm"]], capture_output=True, timeout=30, check=True)
     finally:
         for name in reversed(names.values()):  # the vLLM container first: it holds the trainer's namespaces
             subprocess.run(["podman", "rm", "-f", "-t", "5", name], check=False, capture_output=True)
-    left = subprocess.run(["podman", "ps", "-a", "-q", "--filter", f"name={prefix}"], capture_output=True, text=True,
-                          check=True).stdout.split()  # fmt: skip
+    left = subprocess.run(
+        ["podman", "ps", "-a", "-q", "--filter", f"name={prefix}"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert not left, f"containers left behind: {left}"
     (run_dir,) = (shared / "runs").iterdir()
     history = {int(r["iteration"]): r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}

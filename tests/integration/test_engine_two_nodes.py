@@ -38,12 +38,26 @@ def _engine(
     node: str, etcd: str, model: Path, run: Path, ports: tuple[int, int], weights_from: tuple[str, ...]
 ) -> subprocess.Popen:
     cfg = EngineConfig(
-        node=node, job=JOB, etcd=etcd, nodes=("node0", "node1"), weights_from=weights_from, log_dir=str(run),
-        port=ports[0], lifecycle="terminate", phase=PhaseConfig(timeout=300.0, ttl=TTL),
+        node=node,
+        job=JOB,
+        etcd=etcd,
+        nodes=("node0", "node1"),
+        weights_from=weights_from,
+        log_dir=str(run),
+        port=ports[0],
+        lifecycle="terminate",
+        phase=PhaseConfig(timeout=300.0, ttl=TTL),
         transfer=TransferConfig(kind="mooncake"),
-        vllm=VllmSettings(model_dir=str(model), port=ports[1], tensor_parallel=1, gpu_memory_utilization=0.15,
-                          max_model_len=512, dtype="float32", seed=0),
-    )  # fmt: skip
+        vllm=VllmSettings(
+            model_dir=str(model),
+            port=ports[1],
+            tensor_parallel=1,
+            gpu_memory_utilization=0.15,
+            max_model_len=512,
+            dtype="float32",
+            seed=0,
+        ),
+    )
     cmd = [sys.executable, "-m", "launch.cli", "engine", str(cfg.to_json_file(run / f"engine-{node}.json"))]
     log = open(run / f"engine-{node}.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
@@ -173,7 +187,8 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
     assert not list_regions(f"timeshare-{JOB}-")
     # This test's sidecars and zygotes: their settings files are under tmp_path (other jobs may run).
     ours = [
-        p for p in psutil.process_iter(["cmdline"])
+        p
+        for p in psutil.process_iter(["cmdline"])
         if "sidecars.vllm.server" in " ".join(p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])
-    ]  # fmt: skip
+    ]
     assert not ours, "a vLLM sidecar survived its engine"

@@ -68,8 +68,14 @@ def test_status_shows_phase_leader_leases_vllms_and_phase_times(etcd_server: Loc
 
 def test_the_cli_names_what_is_missing(etcd_server: LocalEtcd, tmp_path: Path) -> None:
     def status(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launch.cli", "status", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=60, check=False)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "launch.cli", "status", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     with Coordinator(etcd_server.endpoint, JOB, "node0", ttl=2) as node0:
         assert node0.campaign()

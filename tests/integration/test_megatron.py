@@ -32,10 +32,20 @@ def _randomised_model(path: Path, spec: TinyModelSpec) -> Path:
 def _run_megatron(model_dir: Path, out: Path, tp: int, nproc: int, extra: list[str] = ()) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
         str(REPO / "tests/integration/megatron_driver.py"),
-        "--model", str(model_dir), "--out", str(out), "--tp", str(tp), *extra,
-    ]  # fmt: skip
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--tp",
+        str(tp),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 

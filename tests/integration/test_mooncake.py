@@ -71,9 +71,14 @@ class ServingNode:
         self._log = log_path.open("w")
         code = "from tests.integration.test_mooncake import _serve_main; _serve_main()"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-        )  # fmt: skip
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
         self._replies: queue.Queue[list[Any]] = queue.Queue()
         threading.Thread(target=self._read_replies, daemon=True).start()
 

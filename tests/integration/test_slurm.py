@@ -26,10 +26,22 @@ def test_the_sbatch_script_runs_a_job_on_two_slurm_nodes(tmp_path: Path) -> None
         def sbatch(*overrides: str) -> tuple[str, str]:
             """Submit and wait: the job id and its output."""
             submit = subprocess.run(
-                ["sbatch", "-N", "2", "--wait", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}",
-                 str(REPO / "launch/slurm/timeshare.sbatch"), *overrides],
-                env=env, capture_output=True, text=True, timeout=900, check=False,
-            )  # fmt: skip
+                [
+                    "sbatch",
+                    "-N",
+                    "2",
+                    "--wait",
+                    f"--output={tmp_path}/slurm-%j.out",
+                    f"--chdir={REPO}",
+                    str(REPO / "launch/slurm/timeshare.sbatch"),
+                    *overrides,
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                check=False,
+            )
             job = submit.stdout.split()[-1] if submit.stdout else "?"  # "Submitted batch job N"
             out = tmp_path / f"slurm-{job}.out"
             assert submit.returncode == 0, submit.stderr + (out.read_text()[-5000:] if out.exists() else "")

@@ -128,8 +128,13 @@ def test_an_exported_checkpoint_reproduces_vllms_logprobs_in_transformers(run: R
     final = AutoModelForCausalLM.from_pretrained(run.root / "hf")
     assert final.config.vocab_size == model.config.vocab_size
     out = tmp_path / "hf"
-    bad = subprocess.run([sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", "9"],
-                         cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", "9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2
     assert "no complete checkpoint 9; complete ones: [1, 2, 3]" in bad.stderr
 
@@ -142,8 +147,11 @@ def _export_reproduces_rollout(run: RunPaths, version: int, out: Path):  # -> th
 
     proc = subprocess.run(
         [sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", str(version)],
-        cwd=REPO, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     batch = load_batch(run.batch(version))
@@ -188,8 +196,13 @@ def test_the_reward_and_sampler_sections_reach_the_run(tmp_path: Path) -> None:
     """`sampler=prioritized reward=kimi` (length reward from iteration 0) through the real job: the
     metrics break each rollout's reward into its terms, which add up to it, and the controller's
     checkpoint holds the prioritized sampler's success counts of every scored group."""
-    paths = whole_run(tmp_path, "sampler=prioritized", "reward=kimi", "reward.length.warmup_iterations=0",
-                            "reward.length.ramp_iterations=0")  # fmt: skip
+    paths = whole_run(
+        tmp_path,
+        "sampler=prioritized",
+        "reward=kimi",
+        "reward.length.warmup_iterations=0",
+        "reward.length.ramp_iterations=0",
+    )
     history = {int(r["iteration"]): r for r in rows(paths)}
     for i in range(2):  # the rollouts of iterations 0 and 1 (the last iteration only evaluates)
         terms = {k: v for k, v in history[i].items() if k.startswith("reward/term/")}
@@ -207,8 +220,14 @@ def test_long_answers_continue_from_the_buffer_in_the_next_iteration(tmp_path: P
     continue in the next iteration from the replay buffer. Their older tokens serve as context only
     (staleness=exclude, Kimi), or train with their importance ratio to the rollout (keep, with grpo)."""
     # A cold start long enough for the worked format: short answers then stop within the first budget.
-    partial = ["task=scratchpad", "task.digits=2", "task.pool_size=400", "trainer.cold_start.epochs=40",
-               "rollout.max_response_tokens=32", "rollout.iteration_token_budget=16"]  # fmt: skip
+    partial = [
+        "task=scratchpad",
+        "task.digits=2",
+        "task.pool_size=400",
+        "trainer.cold_start.epochs=40",
+        "rollout.max_response_tokens=32",
+        "rollout.iteration_token_budget=16",
+    ]
     keeping = ["algo=grpo", "rollout.staleness=keep"] if keep else []
     paths = whole_run(tmp_path, *partial, *keeping)
     history = {int(r["iteration"]): r for r in rows(paths)}
@@ -232,9 +251,16 @@ def test_curriculum_starts_easy_and_a_repeating_trajectory_stops_with_its_penalt
     """sampler=curriculum on the scratchpad task: iteration 0 draws from the easiest fifth of the pool
     (by columns). Repeat detection at its most eager (any token twice in a row) stops trajectories in
     vLLM as "repeat", and the penalty is their reward's repeat term."""
-    paths = whole_run(tmp_path, "task=scratchpad", "task.pool_size=400", "sampler=curriculum",
-                            "rollout.repeat.enabled=true", "rollout.repeat.max_ngram=1",
-                            "rollout.repeat.min_repeats=2", "reward.repeat_penalty=0.5")  # fmt: skip
+    paths = whole_run(
+        tmp_path,
+        "task=scratchpad",
+        "task.pool_size=400",
+        "sampler=curriculum",
+        "rollout.repeat.enabled=true",
+        "rollout.repeat.max_ngram=1",
+        "rollout.repeat.min_repeats=2",
+        "reward.repeat_penalty=0.5",
+    )
     pool = {s.uid: s.difficulty for s in make_task("scratchpad").samples("train", 400, SEED)}
     easiest = sorted(pool.values())[: 400 // 5][-1]
     assert max(pool.values()) > easiest
@@ -277,8 +303,9 @@ def test_a_vllm_zygote_of_its_own_serves_the_job(tmp_path: Path) -> None:
     its own, the job's engine (`cluster.vllm_zygote=DIR`) asks it for every iteration's vLLM instead of spawning
     a zygote, each rollout uses the exported version, and the zygote outlives the job for the next one."""
     zygote_dir = tmp_path / "zygote"
-    zygote = ProcessGroup.spawn([sys.executable, "-m", "launch.cli", "vllm-zygote", str(zygote_dir)],
-                                tmp_path / "zygote.log", cwd=REPO)  # fmt: skip
+    zygote = ProcessGroup.spawn(
+        [sys.executable, "-m", "launch.cli", "vllm-zygote", str(zygote_dir)], tmp_path / "zygote.log", cwd=REPO
+    )
     try:
         (tmp_path / "runs").mkdir()
         paths = whole_run(tmp_path / "runs", f"cluster.vllm_zygote={zygote_dir}")

@@ -28,9 +28,19 @@ def _run(model: Path, out: Path, tp: int) -> dict:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
-        str(REPO / "tests/integration/trainer_driver.py"), "--model", str(model), "--out", str(out), "--tp", str(tp),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={tp}",
+        str(REPO / "tests/integration/trainer_driver.py"),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--tp",
+        str(tp),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads((out / "results.json").read_text())

@@ -25,10 +25,19 @@ MAX_TOKENS = 12
 
 def _run_vllm_driver(model_dir: Path, manifest: Path, prompts: list[list[int]], out: Path) -> dict:
     cmd = [
-        sys.executable, str(REPO / "tests/integration/vllm_push_driver.py"), "--model", str(model_dir),
-        "--manifest", str(manifest), "--prompts", json.dumps(prompts), "--max-tokens", str(MAX_TOKENS),
-        "--out", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "tests/integration/vllm_push_driver.py"),
+        "--model",
+        str(model_dir),
+        "--manifest",
+        str(manifest),
+        "--prompts",
+        json.dumps(prompts),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]

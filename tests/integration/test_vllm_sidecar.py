@@ -64,9 +64,14 @@ def test_sidecar_lifecycle(model_dir: Path, tmp_path: Path, regions) -> None:
     v1 = regions(1, weights)
     shm_before = set(os.listdir("/dev/shm"))
     settings = VllmSettings(
-        model_dir=str(model_dir), port=free_loopback_ports(1)[0], tensor_parallel=1, gpu_memory_utilization=0.15,
-        max_model_len=512, dtype="float32", seed=0,
-    )  # fmt: skip
+        model_dir=str(model_dir),
+        port=free_loopback_ports(1)[0],
+        tensor_parallel=1,
+        gpu_memory_utilization=0.15,
+        max_model_len=512,
+        dtype="float32",
+        seed=0,
+    )
     vllm = VllmProcess(settings, tmp_path / "vllm.log")
     try:
         vllm.prepare()  # the zygote: imports, then waits for a fork request without serving anything
@@ -188,15 +193,21 @@ def test_a_zygote_of_its_own_serves_engine_after_engine(model_dir: Path, tmp_pat
     one with new ports, imports done once; a sidecar dies with the engine that asked for it even though the
     zygote lives on, and the zygote stops on SIGTERM, taking a live sidecar with it."""
     zygote_dir, shm_before = tmp_path / "zygote", set(os.listdir("/dev/shm"))
-    zygote = ProcessGroup.spawn([sys.executable, "-m", "launch.cli", "vllm-zygote", str(zygote_dir)],
-                                tmp_path / "zygote.log")  # fmt: skip
+    zygote = ProcessGroup.spawn(
+        [sys.executable, "-m", "launch.cli", "vllm-zygote", str(zygote_dir)], tmp_path / "zygote.log"
+    )
     v1 = regions(1, read_hf_tensors(model_dir))
 
     def engine(name: str) -> VllmProcess:
         settings = VllmSettings(
-            model_dir=str(model_dir), port=free_loopback_ports(1)[0], tensor_parallel=1, gpu_memory_utilization=0.15,
-            max_model_len=512, dtype="float32", seed=0,
-        )  # fmt: skip
+            model_dir=str(model_dir),
+            port=free_loopback_ports(1)[0],
+            tensor_parallel=1,
+            gpu_memory_utilization=0.15,
+            max_model_len=512,
+            dtype="float32",
+            seed=0,
+        )
         return VllmProcess(settings, tmp_path / f"vllm-{name}.log", zygote_dir=zygote_dir)
 
     try:

@@ -16,19 +16,35 @@ ITERATIONS, PROMPTS, SEED, POOL = 3, 6, 0, 120
 # The short-answer task, and a budget equal to the cap: every trajectory finishes within its iteration,
 # so each batch holds the prompts sampled for it.
 OVERRIDES = [
-    "task=addition", "model.layers=2", "rollout.max_response_tokens=16", "rollout.iteration_token_budget=16",
-    f"run.iterations={ITERATIONS}", "run.eval_every=2", "run.progress=false", f"run.seed={SEED}",
-    f"task.pool_size={POOL}", "task.heldout_size=16", f"rollout.prompts_per_iteration={PROMPTS}",
-    "rollout.group_size=4", "rollout.eval_samples=2", "trainer.cold_start.epochs=2",
-]  # fmt: skip
+    "task=addition",
+    "model.layers=2",
+    "rollout.max_response_tokens=16",
+    "rollout.iteration_token_budget=16",
+    f"run.iterations={ITERATIONS}",
+    "run.eval_every=2",
+    "run.progress=false",
+    f"run.seed={SEED}",
+    f"task.pool_size={POOL}",
+    "task.heldout_size=16",
+    f"rollout.prompts_per_iteration={PROMPTS}",
+    "rollout.group_size=4",
+    "rollout.eval_samples=2",
+    "trainer.cold_start.epochs=2",
+]
 
 
 def launch(args: list[str], log: Path, **popen: object) -> subprocess.Popen:
     """`timeshare train ARGS` with its output appended to `log`."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = open(log, "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", *args], cwd=REPO, env=env, stdout=out,
-                            stderr=subprocess.STDOUT, **popen)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
 
 
 def wait_for(path_glob: Path, proc: subprocess.Popen, timeout: float) -> Path:

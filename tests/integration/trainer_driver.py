@@ -74,8 +74,9 @@ def main() -> None:
     examples = [([1, 5 + i % 7, 9, 12], [20 + i % 5, 2]) for i in range(32)]
     out["sft_losses"] = trainer.supervised(examples, epochs=4, lr=3e-3, batch_size=8)
     again = Trainer(args.model, cfg, AlgoConfig(name="kimi"), iterations=1, temperature=1.0, seed=0, dtype="float32")
-    out["sft_to_target"] = again.supervised(examples, epochs=40, lr=3e-3, batch_size=8,
-                                            target_loss=out["sft_losses"][1])  # fmt: skip
+    out["sft_to_target"] = again.supervised(
+        examples, epochs=40, lr=3e-3, batch_size=8, target_loss=out["sft_losses"][1]
+    )
     out["packing"] = packing_differences(trainer)
     batch = synthetic_batch(trainer, groups=3, g=4, seed=1)
     out["train"] = trainer.train_on(batch, rollout_version=0)

@@ -39,7 +39,7 @@ def main() -> None:
             dtype="float32",
             seed=0,
         )
-    )  # fmt: skip  (in-process: the port is not opened)
+    )  # in-process: the port is not opened
     before = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     versions = llm.collective_rpc("load_from_shm", args=(manifest.to_dict(),))
     llm.reset_prefix_cache()

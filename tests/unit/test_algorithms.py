@@ -42,8 +42,13 @@ def test_gae_by_hand() -> None:
     a, _ = adv.gae(rewards, values, mask, gamma=1.0, lam=0.5)
     assert a.flatten().tolist() == pytest.approx([0.225, 0.25, 0.3])
     # Padding after the sequence changes nothing and gets no advantage.
-    a_pad, _ = adv.gae(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.6, 0.7, 9.0]]),
-                       torch.tensor([[1.0, 1.0, 1.0, 0.0]]), gamma=1.0, lam=0.5)  # fmt: skip
+    a_pad, _ = adv.gae(
+        torch.tensor([[0.0, 0.0, 1.0, 0.0]]),
+        torch.tensor([[0.5, 0.6, 0.7, 9.0]]),
+        torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+        gamma=1.0,
+        lam=0.5,
+    )
     assert a_pad.flatten().tolist() == pytest.approx([0.225, 0.25, 0.3, 0.0])
 
 
@@ -96,8 +101,14 @@ def test_stale_tokens_weigh_their_truncated_importance_ratio() -> None:
     assert torch.allclose(weights, torch.tensor([[math.exp(0.5), 2.0, 1.0, 1.0]]))  # exp(1.5) is capped at 2
     # The weights scale each token's gradient (ratio 1: inside the clip range).
     logp = old.clone().requires_grad_(True)
-    clipped_policy_loss(logp, old, torch.tensor([1.0]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
-                        aggregation="token_mean", token_weights=weights).backward()  # fmt: skip
+    clipped_policy_loss(
+        logp,
+        old,
+        torch.tensor([1.0]),
+        torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+        aggregation="token_mean",
+        token_weights=weights,
+    ).backward()
     assert torch.allclose(logp.grad, -weights * torch.tensor([[1.0, 1.0, 1.0, 0.0]]) / 3)
 
 

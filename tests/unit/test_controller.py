@@ -110,8 +110,13 @@ def _controller(
     engine = engine or FakeEngine()
     task = AdditionTask(max_digits=2)
     pool = task.samples("train", 40, 0)
-    rollout = RolloutConfig(prompts_per_iteration=4, max_response_tokens=8, iteration_token_budget=budget, group_size=2,
-                            repeat=repeat or RepeatDetection())  # fmt: skip
+    rollout = RolloutConfig(
+        prompts_per_iteration=4,
+        max_response_tokens=8,
+        iteration_token_budget=budget,
+        group_size=2,
+        repeat=repeat or RepeatDetection(),
+    )
     return Controller(
         RunConfig(iterations=3),
         rollout,
@@ -166,8 +171,12 @@ class RepeatingVllm(FakeVllm):
 
 def test_repeat_detection_reaches_vllm_and_the_penalty_the_reward(tmp_path: Path) -> None:
     vllm = RepeatingVllm(version=0)
-    controller = _controller(tmp_path, vllm, reward=RewardConfig(repeat_penalty=2.0),
-                             repeat=RepeatDetection(enabled=True, max_ngram=3, min_repeats=4))  # fmt: skip
+    controller = _controller(
+        tmp_path,
+        vllm,
+        reward=RewardConfig(repeat_penalty=2.0),
+        repeat=RepeatDetection(enabled=True, max_ngram=3, min_repeats=4),
+    )
     metrics = controller.rollout(vllm, version=0)
     assert {(r.repeat_max_ngram, r.repeat_min_repeats) for r in vllm.requests} == {(3, 4)}
     batch = load_batch(controller.paths.batch(0))
@@ -225,13 +234,14 @@ def test_the_iteration_awaits_every_phase_in_table_order_and_times_each_itself(t
     payloads = {
         Phase.TRAIN: MetricsAck(metrics={"train/loss": 0.5, "other": 1.0}),
         Phase.OFFLOAD: MoveAck(seconds=0.1, bytes_moved=64),
-        Phase.EXPORT: ExportAck(convert_seconds=0.5, push_seconds=0.5, push_gb_per_s=1.0, bytes=8, weight_version=0,
-                                cold_start_seconds=3.0),
+        Phase.EXPORT: ExportAck(
+            convert_seconds=0.5, push_seconds=0.5, push_gb_per_s=1.0, bytes=8, weight_version=0, cold_start_seconds=3.0
+        ),
         Phase.START_VLLM: StartVllmAck(pid=1, seconds=25.0),
         Phase.UPDATE_WEIGHTS: UpdateWeightsAck(weight_version=0, load_seconds=0.5),
         Phase.TERMINATE_VLLM: TerminateVllmAck(pids=[2], rss_freed_bytes=10, killed=False),
         Phase.ONLOAD: MoveAck(seconds=1.0),
-    }  # fmt: skip
+    }
     engine, logged = FakeEngine(payloads, seconds), {}
     controller = _controller(tmp_path, FakeVllm(version=0), engine=engine, log_metrics=logged.__setitem__)
     controller.run_cfg = RunConfig(iterations=1)
@@ -366,16 +376,19 @@ def test_another_nodes_lost_vllm_is_restarted_by_that_nodes_engine_with_its_toke
 
 @pytest.mark.parametrize(
     ("nodes", "token", "why"),
-    [({}, "t", "node1 has no live lease, so its engine cannot be asked"),
-     (NODE1, "t", r"node1's engine at http://127\.0\.0\.1:9 did not answer: .*Connection refused"),
-     (NODE1, None, r"/engine-node1\.json cannot be read .*: every node must share the run directory")],
-)  # fmt: skip
+    [
+        ({}, "t", "node1 has no live lease, so its engine cannot be asked"),
+        (NODE1, "t", r"node1's engine at http://127\.0\.0\.1:9 did not answer: .*Connection refused"),
+        (NODE1, None, r"/engine-node1\.json cannot be read .*: every node must share the run directory"),
+    ],
+)
 def test_another_nodes_engine_that_cannot_restart_its_vllm_fails_the_job_saying_why(
     tmp_path: Path, nodes: dict, token: str | None, why: str
 ) -> None:
     controller = _controller(tmp_path, DyingVllm(version=1, dies={1}), engine=NodesEngine(nodes), vllm_node="node1")
     if token:
         controller.paths.engine_config("node1").write_text(json.dumps({"token": token}))
-    with pytest.raises(JobFailedError, match="vLLM of node1 died during ROLLOUT and could not be started again: .*"
-                       + why):  # fmt: skip
+    with pytest.raises(
+        JobFailedError, match="vLLM of node1 died during ROLLOUT and could not be started again: .*" + why
+    ):
         controller.rollout_phase(_rollout_state(1), evaluate=True, last=False)

@@ -229,8 +229,9 @@ def test_composition_weights_sum_to_the_total() -> None:
         "5 5 5 5 5",  # 9 chars: wrong, stopped for repetition
     ]
     lengths = [10, 20, 30]
-    scores = score_group(responses, SAMPLE, ["stop", "length", "repeat"], lengths, iteration=5,
-                         cfg=cfg, task=ContainsAnswerTask())  # fmt: skip
+    scores = score_group(
+        responses, SAMPLE, ["stop", "length", "repeat"], lengths, iteration=5, cfg=cfg, task=ContainsAnswerTask()
+    )
     expected_terms = {
         "task": [1.0, 1.0, 0.0],
         "format": [0.5, 0.0, 0.0],
@@ -253,8 +254,9 @@ def test_composition_weights_sum_to_the_total() -> None:
 
 
 def test_default_config_is_the_task_reward_alone() -> None:
-    scores = score_group(["4", "5"], SAMPLE, ["stop", "stop"], [1, 1], iteration=0, cfg=RewardConfig(),
-                         task=ExactTask())  # fmt: skip
+    scores = score_group(
+        ["4", "5"], SAMPLE, ["stop", "stop"], [1, 1], iteration=0, cfg=RewardConfig(), task=ExactTask()
+    )
     assert scores == GroupScores(totals=[1.0, 0.0], terms={"task": [1.0, 0.0]}, correct=[True, False])
 
 

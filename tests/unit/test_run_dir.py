@@ -10,7 +10,7 @@ import pytest
 
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.run_dir import RunPaths
-from launch import train
+from launch import run_setup, train
 from launch.config_loading import load_config
 
 
@@ -59,12 +59,12 @@ def test_latest_checkpoint_falls_back_and_warns_naming_both(run: RunPaths, caplo
 def test_resume_starts_from_the_previous_sound_checkpoint(run: RunPaths) -> None:
     run.config.write_text(json.dumps(load_config([]).to_dict()))
     run.trainer_state(3, 0).write_bytes(b"")
-    _, paths, start = train._prepare_run(load_config([f"resume={run.root}"]), [f"resume={run.root}"])
+    _, paths, start = run_setup.prepare_run(load_config([f"resume={run.root}"]), [f"resume={run.root}"])
     assert (paths.root, start) == (run.root, 2)
     for iteration in (1, 2):
         run.controller_state(iteration).write_text("{}")
     with pytest.raises(ConfigError, match="no sound checkpoint"):
-        train._prepare_run(load_config([f"resume={run.root}"]), [f"resume={run.root}"])
+        run_setup.prepare_run(load_config([f"resume={run.root}"]), [f"resume={run.root}"])
 
 
 def test_a_failed_job_restarts_from_its_newest_sound_checkpoint_or_from_the_start_before_the_first(

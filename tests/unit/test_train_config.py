@@ -10,7 +10,7 @@ import pytest
 from checkpoint_engine.contracts.config import ConfigError, Section
 from engine.config import RolloutConfig
 from launch.config_loading import CONF_DIR, compose, load_config, resumed_config, to_config
-from launch.train import _check_kv_cache
+from launch.run_setup import check_kv_cache
 from launch.train_config import TrainConfig
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -31,9 +31,18 @@ def _error(overrides: list[str]) -> str:
 
 def test_groups_are_the_documented_ones() -> None:
     assert GROUPS == [
-        "algo", "cluster", "long_context", "model", "parallel", "phase",
-        "reward", "rollout", "sampler", "task", "transfer",
-    ]  # fmt: skip
+        "algo",
+        "cluster",
+        "long_context",
+        "model",
+        "parallel",
+        "phase",
+        "reward",
+        "rollout",
+        "sampler",
+        "task",
+        "transfer",
+    ]
 
 
 def test_defaults_compose_to_the_sections_defaults() -> None:
@@ -263,15 +272,22 @@ def test_a_component_document_round_trips_through_its_file(tmp_path: Path) -> No
 
 def test_an_explicit_kv_cache_must_hold_one_whole_sequence(tmp_path: Path) -> None:
     # 2 layers x (K, V) x 2 heads x 32 dims x 4 bytes = 1 KiB per token, 1 GiB for 2**20 tokens.
-    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "intermediate_size": 256,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128}  # fmt: skip
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 128,
+    }
     (tmp_path / "config.json").write_text(json.dumps(hf))
     long = {"max_model_len": 2**20 + 1, "max_response_tokens": 16, "iteration_token_budget": 16}
     with pytest.raises(ConfigError, match=r"rollout.kv_cache_gib=1.0 cannot hold .* \(1 GiB per vLLM worker\)"):
-        _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "float32", vllm_tp=1)
-    _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "bfloat16", vllm_tp=1)  # half the bytes
-    _check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "float32", vllm_tp=2)  # half the heads
-    _check_kv_cache(RolloutConfig(kv_cache_gib=None, **long), tmp_path, "float32", vllm_tp=1)  # vLLM sizes it
+        check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "float32", vllm_tp=1)
+    check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "bfloat16", vllm_tp=1)  # half the bytes
+    check_kv_cache(RolloutConfig(kv_cache_gib=1.0, **long), tmp_path, "float32", vllm_tp=2)  # half the heads
+    check_kv_cache(RolloutConfig(kv_cache_gib=None, **long), tmp_path, "float32", vllm_tp=1)  # vLLM sizes it
 
 
 def test_kept_stale_tokens_need_a_per_token_loss() -> None:
@@ -305,8 +321,14 @@ def test_a_resumed_run_takes_its_saved_config_and_refuses_other_values(tmp_path:
 
 def test_a_resumed_run_of_several_nodes_takes_a_new_placement_with_as_many_nodes(tmp_path: Path) -> None:
     saved = ["cluster=local2"]
-    placed = ["transfer=mooncake", "cluster.nodes=[n3,n4]", "cluster.node=n4", "cluster.job=timeshare-9",
-              "cluster.etcd=10.0.0.3:2379", "cluster.trainer_port=4000"]  # fmt: skip
+    placed = [
+        "transfer=mooncake",
+        "cluster.nodes=[n3,n4]",
+        "cluster.node=n4",
+        "cluster.job=timeshare-9",
+        "cluster.etcd=10.0.0.3:2379",
+        "cluster.trainer_port=4000",
+    ]
     cfg = _resume(tmp_path, saved, placed)
     assert (cfg.cluster.nodes, cfg.cluster.node, cfg.cluster.job) == (("n3", "n4"), "n4", "job-1")
     assert cfg.transfer.kind == "mooncake"

@@ -13,12 +13,12 @@ import requests
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.process_group import last_error
 from engine.tiny_model import TinyModelSpec, write_tiny_model
-from launch import cli, train
+from launch import cli, run_setup, train
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(time, "strftime", lambda fmt: "20261129-120000")
-    made = [train._new_run_dir(tmp_path, "scratchpad-kimi") for _ in range(3)]
+    made = [run_setup.new_run_dir(tmp_path, "scratchpad-kimi") for _ in range(3)]
     assert [p.name for p in made] == [f"scratchpad-kimi-20261129-120000{s}" for s in ("", "-2", "-3")]
     assert all(p.is_dir() for p in made)
 
@@ -61,7 +61,7 @@ def test_a_bad_model_dir_fails_before_the_run_directory_exists(tmp_path: Path, m
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match=message):
-        train._check_model_dir(model)
+        run_setup.check_model_dir(model)
     assert not runs.exists() or not list(runs.iterdir())
 
 
@@ -77,7 +77,7 @@ def test_a_bad_dataset_record_fails_before_anything_starts_naming_its_line(tmp_p
 
 
 def test_a_sound_model_dir_passes(tmp_path: Path) -> None:
-    train._check_model_dir(write_tiny_model(tmp_path / "m", TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1)))
+    run_setup.check_model_dir(write_tiny_model(tmp_path / "m", TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1)))
 
 
 def test_last_error_is_the_last_traceback_line(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ from checkpoint_engine import vllm_process
 from checkpoint_engine.contracts.vllm_protocol import ForkRequest, VllmSettings, ZygoteFiles
 from checkpoint_engine.vllm_process import VllmProcess, VllmStartError
 
-SETTINGS = VllmSettings(model_dir="/m", port=8001, tensor_parallel=1, gpu_memory_utilization=0.1, max_model_len=64,
-                        dtype="float32", seed=0)  # fmt: skip
+SETTINGS = VllmSettings(
+    model_dir="/m", port=8001, tensor_parallel=1, gpu_memory_utilization=0.1, max_model_len=64, dtype="float32", seed=0
+)
 
 
 def test_a_request_is_taken_once_and_whole(tmp_path: Path) -> None:

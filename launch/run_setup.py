@@ -1,0 +1,149 @@
+"""The head's preparation of a run, before any process starts: the run directory (new, named or resumed), the
+model (given, or the tiny one made from the spec) with its tokenizer and the KV cache it needs, and the cold
+start's examples. Every check that can fail on the user's input fails here, before anything is started.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from checkpoint_engine.contracts.config import ConfigError
+from checkpoint_engine.contracts.run_dir import RunPaths
+from engine.config import RolloutConfig
+from engine.controller import Tokens
+from engine.tasks import Sample
+from launch.config_loading import resumed_config
+from launch.node import resume_point
+from launch.train_config import TrainConfig
+from sidecars.megatron.arch import ModelArch
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # model.dtype -> bytes per element
+
+
+def prepare_run(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, RunPaths, int]:
+    """The config, run directory and first iteration: new run, or the newest checkpoint of `resume`."""
+    if cfg.resume is None:
+        _check_machine(cfg)
+        if cfg.model.path is not None:
+            check_model_dir(Path(cfg.model.path))
+        root = Path(cfg.run.root)
+        made = new_run_dir(root, cfg.run.name) if cfg.cluster.job is None else _named_run_dir(root, cfg.cluster.job)
+        paths = RunPaths(made).make()
+        paths.config.write_text(json.dumps(cfg.to_dict(), indent=2))
+        return cfg, paths, 0
+    paths = RunPaths(Path(cfg.resume))
+    start = resume_point(paths)
+    saved = resumed_config(cfg, overrides, paths.config, paths.root.name)
+    _check_machine(saved)
+    return saved, paths.make(), start
+
+
+def _check_machine(cfg: TrainConfig) -> None:
+    import torch
+
+    cfg.check_machine(has_cuda=torch.cuda.is_available())
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """`root/<name>-<time>`, made here and by no other run: one started in the same second gets `-2`, `-3`..."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        path = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()  # atomic: of two runs racing for a name, one gets it
+        except FileExistsError:
+            continue
+        return path
+    raise ConfigError(f"run.root={root}: a thousand runs named {base} already; choose another run.name")
+
+
+def _named_run_dir(root: Path, job: str) -> Path:
+    """`root/<cluster.job>`, made here: a job's name is its run directory's on every node."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        (root / job).mkdir()
+    except FileExistsError:
+        raise ConfigError(f"cluster.job={job}: {root / job} exists; resume= it, or choose another job name") from None
+    return root / job
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """model.path is an HF model directory of a supported architecture with a tokenizer, before anything starts."""
+    where = f"model.path={model_dir}"
+    if not model_dir.is_dir():
+        raise ConfigError(f"{where}: no such directory; give an HF model directory, or null for the tiny model")
+    try:
+        ModelArch.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{where} is not a model timeshare can train: {e}") from None
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises many kinds, in several lines
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ConfigError(f"{where}: its tokenizer does not load ({why})") from None
+
+
+def _model_dir(cfg: TrainConfig, paths: RunPaths) -> Path:
+    if cfg.model.path is not None:
+        return Path(cfg.model.path)
+    if not (paths.model_init / "config.json").exists():
+        from engine.tiny_model import write_tiny_model
+
+        write_tiny_model(paths.model_init, cfg.model.tiny_spec(seed=cfg.run.seed))
+    return paths.model_init
+
+
+def prepare_model(cfg: TrainConfig, paths: RunPaths, rollout: RolloutConfig) -> tuple[Path, Tokens]:
+    """The model's directory (the tiny model written on first use), checked against the KV cache, and
+    its tokens."""
+    model_dir = _model_dir(cfg, paths)
+    check_kv_cache(rollout, model_dir, cfg.model.dtype, cfg.parallel.vllm_tp)
+    return model_dir, _tokens(model_dir, rollout.stop)
+
+
+def check_kv_cache(rollout: RolloutConfig, model_dir: Path, dtype: str, vllm_tp: int) -> None:
+    """An explicit KV cache must hold one whole sequence of max_model_len tokens (per vLLM worker)."""
+    if rollout.kv_cache_gib is None:
+        return
+    arch = ModelArch.from_pretrained(model_dir)
+    per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * DTYPE_BYTES[dtype]  # K and V of every layer
+    needed = per_token * rollout.max_model_len / max(1, vllm_tp) / 2**30
+    if rollout.kv_cache_gib < needed:
+        raise ConfigError(
+            f"rollout.kv_cache_gib={rollout.kv_cache_gib} cannot hold one sequence of max_model_len="
+            f"{rollout.max_model_len} tokens of {model_dir} ({needed:.3g} GiB per vLLM worker): raise it, or "
+            "set it to null to let vLLM size the cache from rollout.gpu_memory_utilization"
+        )
+
+
+def _tokens(model_dir: Path, stop: str) -> Tokens:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    stop_ids = [tok.eos_token_id]
+    if stop:
+        ids = tok(stop, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ConfigError(f"rollout.stop={stop!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        stop_ids.insert(0, ids[0])
+    return Tokens(
+        encode=lambda text: tok(text)["input_ids"],
+        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
+        stop_ids=tuple(stop_ids),
+        pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+
+
+def cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, stop: str) -> list[list[list[int]]]:
+    """At most a tenth of the RL pool, answered (worked steps included where the task demonstrates
+    them): a random model earns no reward to learn from."""
+    n = int(cfg.trainer.cold_start.fraction * len(pool))
+    chosen = random.Random(cfg.run.seed).sample(pool, n)
+    # [1:]: the response without the tokenizer's BOS
+    return [[tokens.encode(s.prompt), tokens.encode((s.demonstration or s.answer) + stop)[1:]] for s in chosen]
