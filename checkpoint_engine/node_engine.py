@@ -165,7 +165,8 @@ class NodeEngine:
         """vLLM loads `version` from this node's region (pulled from another node if need be)."""
         manifest = self.store.resolve(version)
         loaded = self.vllm.client.update_weights(manifest.to_dict())  # every tensor checked against its checksum
-        log.info("vLLM serves weight version %d (checksums verified, digest %s)", version, manifest.digest())
+        digest = manifest.digest()
+        log.info("vLLM serves weight version %d (checksums verified, digest %s)", loaded.weight_version, digest)
         return loaded
 
     def update_weights(self, state: PhaseState) -> UpdateWeightsAck:

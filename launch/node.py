@@ -93,25 +93,13 @@ def start_node(
         paths.root / f"trainer-{node}.json"
     )
     env = {"GLOO_SOCKET_IFNAME": here.interface} if here.interface else {}
+    # torchrun: this node's place among the job's nodes, its ranks, and the rendezvous on the head
+    place = ["--nnodes", str(len(here.nodes)), "--node-rank", str(here.nodes.index(node))]
+    ranks = ["--nproc-per-node", str(cfg.parallel.trainer_ranks)]
+    rendezvous = ["--master-addr", here.head_address, "--master-port", str(trainer_port)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *place, *ranks, *rendezvous]
     trainer = ProcessGroup.spawn(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            str(len(here.nodes)),
-            "--node-rank",
-            str(here.nodes.index(node)),
-            "--nproc-per-node",
-            str(cfg.parallel.trainer_ranks),
-            "--master-addr",
-            here.head_address,
-            "--master-port",
-            str(trainer_port),
-            "-m",
-            "sidecars.megatron.rank_main",
-            str(rank_file),
-        ],
+        [*torchrun, "-m", "sidecars.megatron.rank_main", str(rank_file)],
         paths.logs / f"trainer-{node}.log",
         env=env,
         parent_death=signal.SIGTERM,

@@ -34,9 +34,6 @@ class PhaseAcks(Message):
         """The typed payloads of the acks that carry one (an error ack carries none), by node, sorted."""
         return {n: parse_ack(self.phase, a.payload) for n, a in sorted(self.acks.items()) if not a.error}
 
-    def last_at(self) -> float | None:
-        return max((a.acked_at for a in self.acks.values()), default=None)
-
 
 class NodeAddress(Message):
     """Where a live node's engine and vLLM answer (GET /nodes), as it registered them in etcd."""

@@ -79,6 +79,7 @@ class EngineClient:
         """Block until the job is at or past `phase` of `iteration`, in long polls of at most `poll` s;
         `before_poll` runs before each (a caller checking that its own processes still live)."""
         deadline = Deadline(timeout)
+        timeouts: list[PhaseWaitTimeout] = []
 
         def reached() -> PhaseState | None:
             if before_poll is not None:
@@ -87,12 +88,13 @@ class EngineClient:
             try:
                 body = {"iteration": iteration, "phase": phase.value, "timeout": wait}
                 return PhaseState.from_dict(self._call("POST", "/phase/wait", body, timeout=wait + 10))
-            except PhaseWaitTimeout:
+            except PhaseWaitTimeout as e:  # the engine's, naming the phase it saw last
+                timeouts.append(e)
                 return None
 
         state = poll_until(reached, timeout, every=0.0)
         if state is None:
-            raise PhaseWaitTimeout(f"the job did not reach {phase.value} of iteration {iteration} within {timeout:g} s")
+            raise timeouts[-1]
         return state
 
     def wait_done(
