@@ -141,23 +141,28 @@ def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
     where = ("" if iteration else " of iteration 0") + (" on the cluster's etcd" if external else "")
     fault = faults.injected(f"{process} SIGKILLed in {phase}{where}")
     killed: list[float] = []
+    late: list[bool] = []  # whether the iteration's checkpoint was already written when the kill landed
 
     def kill() -> None:
         run_dir = wait_for_phase(tmp_path, iteration, phase)
         killed.append(time.time())
         kill_process(run_dir, *args)
+        late.append(RunPaths(run_dir).complete_marker(iteration).exists())
         wait_for_phase(tmp_path, iteration, phase, since=killed[0])  # the restarted job is back where it was
         fault.recovery_seconds = time.time() - killed[0]
 
     killer = _in_background(kill)
     with ExitStack() as stack:
         overrides = [f"cluster={cluster}"]
+        if phase == "TRAIN":  # its 2 steps take 0.4 s, a window a loaded machine misses; 100 take seconds
+            overrides.append("trainer.updates_per_batch=100")
         if external:
             server = stack.enter_context(LocalEtcd(tmp_path_factory.mktemp("etcd")))
             overrides.append(f"cluster.etcd={server.endpoint}")
         paths = whole_run(tmp_path, "run.iterations=3", *overrides)
     killer.join(timeout=5)
     assert killed, "the fault was never injected"
+    assert late == [False], f"the kill landed after {phase} of iteration {iteration} wrote its checkpoint"
     history = {int(r["iteration"]): r for r in rows(paths)}
     assert [history[i]["job/restarts"] for i in range(4)] == [int(i >= newest) for i in range(4)]
     if external:
