@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from checkpoint_engine.contracts.config import ConfigError, Section
+from checkpoint_engine.contracts.config import ConfigError, Lifecycle, Section
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 from checkpoint_engine.etcd_client import parse_endpoint
 
@@ -75,7 +75,7 @@ class EngineConfig(Section):
     host: str = "127.0.0.1"  # the engine's HTTP API
     port: int = Field(ge=1, le=65535)
     token: str | None = None  # bearer token; required when `host` is not loopback
-    lifecycle: Literal["terminate", "keep_alive"]  # rollout.lifecycle: kill vLLM after each rollout, or not
+    lifecycle: Lifecycle  # rollout.lifecycle: kill vLLM after each rollout, or not
     phase: PhaseConfig
     transfer: TransferConfig
     vllm: VllmSettings

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from checkpoint_engine.contracts.config import ConfigError, Section
+from checkpoint_engine.contracts.config import ConfigError, Lifecycle, Section
 from engine.replay_buffer import PartialRolloutConfig, StalenessMode
 
 
@@ -28,11 +28,24 @@ class RunConfig(Section):
     # times per run.
     restarts: int = Field(2, ge=0)
     progress: bool = True  # a progress bar on the terminal
+    # What each iteration does, every phase run in turn either way. rl: roll out, then learn from it.
+    # rollout_only: the trainer's TRAIN leaves the weights as they are, so vLLM serves the starting model each
+    # iteration (a check of rollouts, rewards and the push; its batches can feed a train_only run).
+    # train_only: ROLLOUT takes each version's batch from the run `batches_from` instead of generating
+    # (vLLM still loads each version and serves the held-out evaluation).
+    mode: Literal["rl", "rollout_only", "train_only"] = "rl"
+    batches_from: str | None = None  # train_only: the run directory whose rollouts/ are trained on
 
     @model_validator(mode="after")
     def _plain_name(self) -> RunConfig:
         if not self.name or "/" in self.name:
             raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        if self.mode == "train_only" and self.batches_from is None:
+            raise ConfigError(
+                "run.mode=train_only needs run.batches_from, the run directory whose batches it trains on"
+            )
+        if self.mode != "train_only" and self.batches_from is not None:
+            raise ConfigError(f"run.batches_from applies to run.mode=train_only only; got run.mode={self.mode!r}")
         return self
 
 
@@ -53,7 +66,7 @@ class RolloutConfig(Section):
     KEY = "rollout"
     # terminate (the design's default): vLLM is started for each rollout and killed after it.
     # keep_alive: vLLM stays up across iterations (on CPU it stays resident) and only loads each version.
-    lifecycle: Literal["terminate", "keep_alive"] = "terminate"
+    lifecycle: Lifecycle = "terminate"
     group_size: int = Field(8, ge=2)  # samples per prompt: advantages are relative to the group
     prompts_per_iteration: int = Field(256, ge=1)  # complete groups per training batch
     temperature: float = Field(1.0, gt=0)

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 
 from checkpoint_engine.contracts.acks import MetricsAck, RestartVllmAck
 from checkpoint_engine.contracts.engine_client import EngineClient, EngineError, JobFailedError
@@ -23,7 +24,7 @@ from checkpoint_engine.contracts.phases import Phase, PhaseState
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.vllm_client import SpreadVllmClient, VllmLostError
 from checkpoint_engine.contracts.vllm_protocol import GenerateResponse, GenerationRequest
-from engine.batch import collate, save_batch
+from engine.batch import collate, load_batch, save_batch
 from engine.config import RolloutConfig, RunConfig
 from engine.evaluation import mean_cons_at_n, mean_pass_at_k, percentile
 from engine.iteration_record import IterationRecord, PhaseClock, train_metrics
@@ -128,7 +129,10 @@ class Controller:
         self._serving, self._restarts = state.weight_version, []
         try:
             metrics = self.evaluate(vllm) if evaluate else {}
-            if not last:  # the last iteration's rollout would only feed a TRAIN that never comes
+            # The last iteration's rollout would only feed a TRAIN that never comes.
+            if not last and self.run_cfg.mode == "train_only":
+                metrics.update(self.saved_rollout(state.weight_version))
+            elif not last:
                 metrics.update(self.rollout(vllm, state.weight_version))
         finally:
             vllm.close()
@@ -270,6 +274,13 @@ class Controller:
             "rollout/serving_share": 1.0 - in_vllm / max(generating, 1e-9),  # of those requests, outside vLLM
             "rollout/weight_version": float(max(served)),  # what vLLM reported (the buffer refuses a mismatch)
         }
+
+    def saved_rollout(self, version: int) -> dict[str, float]:
+        """run.mode=train_only: the batch run.batches_from rolled out with `version` becomes this run's."""
+        batch = load_batch(RunPaths(Path(self.run_cfg.batches_from or "")).batch(version))
+        save_batch(batch, self.paths.batch(version))
+        self._save_state(version + 1)
+        return {"reward/mean": float(batch.rewards.mean()), "rollout/groups": float(batch.size // batch.group_size)}
 
     def _score(self, groups: Sequence[Group], iteration: int) -> tuple[list[float], list[bool], dict[str, list[float]]]:
         """Each trajectory's total reward and correctness, and each reward term's contributions."""

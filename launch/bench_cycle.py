@@ -23,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import get_args
 
+from checkpoint_engine.contracts.config import Lifecycle
 from checkpoint_engine.contracts.phases import CYCLE
 
 SWITCH = ("offload", "export", "start_vllm", "update_weights", "terminate_vllm", "onload")
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="timeshare bench cycle", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--iterations", type=int, default=4)
-    ap.add_argument("--lifecycles", nargs="+", default=["terminate", "keep_alive"], choices=["terminate", "keep_alive"])
+    lifecycles = list(get_args(Lifecycle))
+    ap.add_argument("--lifecycles", nargs="+", default=lifecycles, choices=lifecycles)
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides for both runs")
     args = ap.parse_args(argv)
     overrides = [f"run.iterations={args.iterations}", "run.eval_every=1000", *args.overrides]

@@ -89,7 +89,7 @@ def start_node(
     stack.callback(client.close)
     client.wait_for_engine(timeout=120, before_poll=lambda: check_exited("checkpoint engine", engine, engine_log))
 
-    rank_file = _rank_config(cfg, paths, model_dir, client.base_url, token, start=start).to_json_file(
+    rank_file = _rank_config(cfg, paths, model_dir, client.base_url, token, rollout=rollout, start=start).to_json_file(
         paths.root / f"trainer-{node}.json"
     )
     env = {"GLOO_SOCKET_IFNAME": here.interface} if here.interface else {}
@@ -152,9 +152,16 @@ def _engine_config(
 
 
 def _rank_config(
-    cfg: TrainConfig, paths: RunPaths, model_dir: Path, engine_url: str, token: str | None, *, start: int
+    cfg: TrainConfig,
+    paths: RunPaths,
+    model_dir: Path,
+    engine_url: str,
+    token: str | None,
+    *,
+    rollout: RolloutConfig,
+    start: int,
 ) -> RankConfig:
-    """What every trainer rank of this node runs from (`trainer-<node>.json`)."""
+    """What every trainer rank of this node runs from (`trainer-<node>.json`); `rollout` is the effective one."""
     return RankConfig(
         run_dir=str(paths.root),
         model_dir=str(model_dir),
@@ -163,14 +170,12 @@ def _rank_config(
         job=paths.root.name,
         node=cfg.cluster.node,
         exports=cfg.cluster.is_head,
-        iterations=cfg.run.iterations,
         start_iteration=start,
-        checkpoint_every=cfg.run.checkpoint_every,
         tensor_parallel=cfg.parallel.trainer_tp,
-        phase_timeout=cfg.phase.timeout,
-        seed=cfg.run.seed,
-        temperature=cfg.rollout.temperature,
         dtype=cfg.model.dtype,
+        phase_timeout=cfg.phase.timeout,
+        run=cfg.run,
+        rollout=rollout,
         trainer=cfg.trainer,
         algo=cfg.algo,
     )

@@ -31,6 +31,7 @@ def prepare_run(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, Ru
             check_model_dir(Path(cfg.model.path))
         root = Path(cfg.run.root)
         made = new_run_dir(root, cfg.run.name) if cfg.cluster.job is None else _named_run_dir(root, cfg.cluster.job)
+        check_batches_from(cfg, 0)
         paths = RunPaths(made).make()
         paths.config.write_text(json.dumps(cfg.to_dict(), indent=2))
         return cfg, paths, 0
@@ -38,7 +39,28 @@ def prepare_run(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, Ru
     start = resume_point(paths)
     saved = resumed_config(cfg, overrides, paths.config, paths.root.name)
     _check_machine(saved)
+    check_batches_from(saved, start)
     return saved, paths.make(), start
+
+
+def check_batches_from(cfg: TrainConfig, start: int) -> None:
+    """run.mode=train_only: `run.batches_from` is a run of the same model holding a batch for every version the
+    iterations from `start` roll out (all but the last)."""
+    if cfg.run.batches_from is None:
+        return
+    source = RunPaths(Path(cfg.run.batches_from))
+    where = f"run.batches_from={source.root}"
+    if not source.config.is_file():
+        raise ConfigError(f"{where}: not a run directory (no {source.config.name})")
+    theirs = json.loads(source.config.read_text()).get("model")
+    if theirs != cfg.model.to_dict():
+        raise ConfigError(f"{where}: its model {theirs} is not this run's {cfg.model.to_dict()}")
+    missing = [v for v in range(start, cfg.run.iterations) if not source.batch(v).is_file()]
+    if missing:
+        held = sorted(int(p.stem.removeprefix("iter_")) for p in source.batch(0).parent.glob("iter_*.pt"))
+        raise ConfigError(
+            f"{where}: no batch of versions {missing} (it holds {held}); lower run.iterations to {len(held)} or less"
+        )
 
 
 def _check_machine(cfg: TrainConfig) -> None:

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from checkpoint_engine.config import PhaseConfig, TransferConfig
-from checkpoint_engine.contracts.config import ConfigError, Section
+from checkpoint_engine.contracts.config import ConfigError, Dtype, Section
 from checkpoint_engine.etcd_client import parse_endpoint
 from engine.algorithms.config import AlgoSection
 from engine.config import RolloutConfig, RunConfig
@@ -44,7 +44,7 @@ class ModelConfig(Section):
     intermediate: int = Field(256, ge=1)
     max_positions: int = Field(256, ge=1)  # the model's context; >= rollout.max_model_len
     tie_embeddings: bool = False
-    dtype: Literal["float32", "bfloat16"] = "float32"  # of the trainer's parameters and of vLLM
+    dtype: Dtype = "float32"  # of the trainer's parameters and of vLLM
 
     @model_validator(mode="after")
     def _tiny_shape(self) -> ModelConfig:

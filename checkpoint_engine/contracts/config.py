@@ -19,6 +19,10 @@ from typing import Any, ClassVar, Literal, Self, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+# Values several sections share, each defined once here.
+Dtype = Literal["float32", "bfloat16"]  # of the trainer's parameters and of vLLM (model.dtype)
+Lifecycle = Literal["terminate", "keep_alive"]  # vLLM after each rollout: killed, or kept (rollout.lifecycle)
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run as written; the message names the full key and what is allowed."""

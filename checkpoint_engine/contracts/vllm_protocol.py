@@ -12,7 +12,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, model_validator
 
-from checkpoint_engine.contracts.config import Section
+from checkpoint_engine.contracts.config import Dtype, Section
 from checkpoint_engine.contracts.message import Message
 
 # Why a trajectory stopped, in one vocabulary for the sidecar, the replay buffer and the rewards.
@@ -36,7 +36,7 @@ class VllmSettings(Section):
     gpu_memory_utilization: float = Field(gt=0, le=0.95)  # host memory on CPU; unused with kv_cache_bytes
     kv_cache_bytes: int | None = Field(default=None, gt=0)  # explicit KV cache: vLLM skips its sizing
     max_model_len: int = Field(ge=1)
-    dtype: Literal["float32", "bfloat16"]
+    dtype: Dtype
     seed: int = Field(ge=0)
     host: str = "127.0.0.1"
     load_format: Literal["dummy", "auto", "safetensors"] = "dummy"  # dummy: the weights come by push

@@ -7,12 +7,11 @@ algorithm section, and the few facts of the run the ranks need.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
-from checkpoint_engine.contracts.config import ConfigError, Section
+from checkpoint_engine.contracts.config import ConfigError, Dtype, Section
 from engine.algorithms.config import AlgoSection
+from engine.config import RolloutConfig, RunConfig
 
 
 class ColdStartConfig(Section):
@@ -74,13 +73,12 @@ class RankConfig(Section):
     node: str
     # Only the head's trainer writes each version (global rank 0); the other nodes' engines pull it.
     exports: bool = True
-    iterations: int = Field(ge=1)  # RL iterations; the rank exits at TRAIN of iterations + 1
     start_iteration: int = Field(ge=0)  # > 0: resume from the checkpoint of this iteration
-    checkpoint_every: int = Field(ge=1)
+    # From the launcher's sections (model, parallel, phase), which the ranks' layer does not import.
     tensor_parallel: int = Field(ge=1)
+    dtype: Dtype
     phase_timeout: float = Field(gt=0)
-    seed: int = Field(ge=0)
-    temperature: float = Field(gt=0)  # vLLM's sampling temperature: its logprobs are of logits / temperature
-    dtype: Literal["float32", "bfloat16"]
+    run: RunConfig  # iterations (the rank exits at TRAIN of iterations + 1), checkpoint_every, seed, mode
+    rollout: RolloutConfig  # the one that runs: temperature (vLLM's logprobs are of logits / temperature)
     trainer: TrainerConfig
     algo: AlgoSection

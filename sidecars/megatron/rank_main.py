@@ -49,9 +49,9 @@ class Rank:
             cfg.model_dir,
             cfg.trainer,
             cfg.algo.to_algo(),
-            iterations=cfg.iterations,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
+            iterations=cfg.run.iterations,
+            temperature=cfg.rollout.temperature,
+            seed=cfg.run.seed,
             dtype=cfg.dtype,
         )
         self.offloader = Offloader(self.trainer.model, self.trainer.optimizer)
@@ -97,13 +97,16 @@ class Rank:
         )
 
     def train(self, state: PhaseState) -> None:
-        """TRAIN learns from the rollout of the version the phase names (`Version.SERVED`)."""
+        """TRAIN learns from the rollout of the version the phase names (`Version.SERVED`); with
+        run.mode=rollout_only it learns nothing and checkpoints the weights as they are."""
         iteration = state.iteration
-        batch = load_batch(self.paths.batch(state.weight_version))
         start = time.perf_counter()
-        metrics = self.trainer.train_on(batch, rollout_version=state.weight_version)  # refuses an empty batch
+        metrics: dict[str, float] = {}
+        if self.cfg.run.mode != "rollout_only":
+            batch = load_batch(self.paths.batch(state.weight_version))
+            metrics = self.trainer.train_on(batch, rollout_version=state.weight_version)  # refuses an empty batch
         metrics["train/seconds"] = time.perf_counter() - start
-        if iteration % self.cfg.checkpoint_every == 0:
+        if iteration % self.cfg.run.checkpoint_every == 0:
             self.paths.checkpoint(iteration).mkdir(parents=True, exist_ok=True)
             torch.save(self.trainer.state_dict(), self.paths.trainer_state(iteration, self.rank))
             dist.barrier()
@@ -143,8 +146,8 @@ class Rank:
         iteration, phases = first, owned_by(Owner.TRAINER, first_iteration=True)
         while True:
             for phase in phases:
-                if phase is Phase.TRAIN and iteration > self.cfg.iterations:
-                    self._log("all %d iterations trained; exiting", self.cfg.iterations)
+                if phase is Phase.TRAIN and iteration > self.cfg.run.iterations:
+                    self._log("all %d iterations trained; exiting", self.cfg.run.iterations)
                     return
                 state = self._turn(iteration, phase)
                 if state is None:
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()  # torchrun's: a rank never outlives the agent that restarts and stops it
     cfg = RankConfig.from_json_file(args[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    init_distributed(ParallelConfig(tensor_parallel=cfg.tensor_parallel), seed=cfg.seed)
+    init_distributed(ParallelConfig(tensor_parallel=cfg.tensor_parallel), seed=cfg.run.seed)
     rank = Rank(cfg)
     try:
         rank.run()

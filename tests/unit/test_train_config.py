@@ -176,6 +176,9 @@ RULES = [
     (["task.pool_size=8"], r"task\.pool_size \(8\) must be >= rollout\.prompts_per_iteration"),
     (["cluster.vllm_zygote=shared/vllm"], r"cluster\.vllm_zygote must be an absolute path.*'shared/vllm'"),
     (["cluster=local2", "cluster.vllm_zygote=/shared/vllm"], r"cluster\.vllm_zygote serves one node"),
+    (["run.mode=train_only"], r"run\.mode=train_only needs run\.batches_from"),
+    (["run.batches_from=runs/x"], r"run\.batches_from applies to run\.mode=train_only only; got run\.mode='rl'"),
+    (["run.mode=train"], r"run\.mode must be one of \['rl', 'rollout_only', 'train_only'\], got 'train'"),
 ]
 
 

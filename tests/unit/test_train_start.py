@@ -14,6 +14,7 @@ from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.process_group import last_error
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch import cli, run_setup, train
+from launch.config_loading import load_config
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path, monkeypatch) -> None:
@@ -121,3 +122,22 @@ def test_nodes_on_one_machine_share_its_cores_unless_the_user_chose(monkeypatch)
     monkeypatch.setattr(os, "environ", {})
     train._share_cores(16)
     assert os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_train_only_run_needs_a_run_of_its_model_with_a_batch_per_version(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    (source / "rollouts").mkdir(parents=True)
+    for version in (0, 1):
+        (source / "rollouts" / f"iter_{version:05d}.pt").write_bytes(b"")
+    (source / "config.json").write_text(json.dumps(load_config([]).to_dict()))
+    train_only = ["run.mode=train_only", f"run.batches_from={source}"]
+    run_setup.check_batches_from(load_config([*train_only, "run.iterations=2"]), 0)
+    with pytest.raises(
+        ConfigError, match=r"no batch of versions \[2\] \(it holds \[0, 1\]\); lower run.iterations to 2"
+    ):
+        run_setup.check_batches_from(load_config([*train_only, "run.iterations=3"]), 0)
+    run_setup.check_batches_from(load_config([*train_only, "run.iterations=2"]), 2)  # resumed past them all
+    with pytest.raises(ConfigError, match=r"run.batches_from=.*: its model .* is not this run's"):
+        run_setup.check_batches_from(load_config([*train_only, "run.iterations=2", "model.layers=2"]), 0)
+    with pytest.raises(ConfigError, match=r"run.batches_from=.*: not a run directory \(no config.json\)"):
+        run_setup.check_batches_from(load_config(["run.mode=train_only", f"run.batches_from={tmp_path}"]), 0)
