@@ -185,11 +185,13 @@ class Controller:
         where = self.shim.nodes().get(node)
         if where is None:
             raise EngineError(f"{node} has no live lease, so its engine cannot be asked")
-        doc = self.paths.engine_config(node)
         try:
-            token = json.loads(doc.read_text()).get("token")
+            token = self.paths.engine_token(node)
         except OSError as e:
-            raise EngineError(f"{doc} cannot be read ({e.strerror}): every node must share the run directory") from e
+            raise EngineError(
+                f"{self.paths.engine_config(node)} cannot be read ({e.strerror}): every node must share the run "
+                "directory"
+            ) from e
         with closing(EngineClient(where.engine, token=token)) as other:
             try:
                 return other.restart_vllm(self._serving, timeout=self.phase_timeout)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from checkpoint_engine.contracts.config import ConfigError
-from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.run_dir import RunManifest, RunPaths
 from engine.config import RolloutConfig
 from engine.controller import Tokens
 from engine.tasks import Sample
@@ -126,6 +126,7 @@ def prepare_model(cfg: TrainConfig, paths: RunPaths, rollout: RolloutConfig) -> 
     its tokens."""
     model_dir = _model_dir(cfg, paths)
     check_kv_cache(rollout, model_dir, cfg.model.dtype, cfg.parallel.vllm_tp)
+    RunManifest(model_dir=str(model_dir), trainer_tp=cfg.parallel.trainer_tp).to_json_file(paths.manifest)
     return model_dir, _tokens(model_dir, rollout.stop)
 
 

@@ -1,6 +1,7 @@
 """Where a run keeps its files: one place, so the launcher, the controller and the trainer ranks agree.
 
-    <run>/config.json               the resolved TrainConfig
+    <run>/config.json               the resolved TrainConfig (the launcher's; no other layer parses it)
+    <run>/manifest.json             RunManifest: what the tools reading the run need of it
     <run>/model-init/               the initial HF model (written when model.path is null)
     <run>/cold_start.json           (prompt ids, answer ids) pairs for the supervised cold start
     <run>/rollouts/iter_00003.pt    the batch ROLLOUT of iteration 3 built; TRAIN of iteration 4 reads it
@@ -21,7 +22,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+
+from checkpoint_engine.contracts.config import Section
+
 log = logging.getLogger(__name__)
+
+
+class RunManifest(Section):
+    """What the head settled for the run that the tools reading its directory need (`timeshare export`),
+    written once the model is ready, at the start and at each resume."""
+
+    KEY = "manifest"
+    model_dir: str  # the model the run started from: its model-init/ (the tiny one) or model.path
+    trainer_tp: int = Field(ge=1)  # the tensor-parallel shards of each trainer checkpoint
 
 
 @dataclass(frozen=True)
@@ -32,9 +46,18 @@ class RunPaths:
     def config(self) -> Path:
         return self.root / "config.json"
 
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
     def engine_config(self, node: str) -> Path:
         """The node's EngineConfig as JSON; the head's controller reads another node's token from it."""
         return self.root / f"engine-{node}.json"
+
+    def engine_token(self, node: str) -> str | None:
+        """The bearer token of `node`'s engine API (None on loopback), from its EngineConfig; an OSError when
+        the document cannot be read."""
+        return json.loads(self.engine_config(node).read_text()).get("token")
 
     @property
     def model_init(self) -> Path:

@@ -1,7 +1,7 @@
 """A checkpoint of a run as an HF model directory: config, tokenizer and one safetensors file.
 
-Consumes a run directory (its `config.json` names the model the run started from, unless the run wrote
-its tiny model to `model-init/`, and the trainer's tensor parallelism) and one complete checkpoint;
+Consumes a run directory (its `manifest.json` names the model the run started from and the trainer's
+tensor parallelism) and one complete checkpoint;
 produces a directory that transformers and vLLM load like the model the run started from. Runs offline, without
 torch.distributed: each TP rank's shard of every parameter is read from its `trainer-rank<r>.pt`
 (ranks 0..tp-1 hold TP ranks 0..tp-1 of the first data-parallel replica) and merged as the live
@@ -10,7 +10,6 @@ export merges them (`convert.tp_merge`, then `convert.megatron_to_hf`).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint_engine.contracts.config import ConfigError
-from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.run_dir import RunManifest, RunPaths
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.convert import has_fused_norms, megatron_to_hf, megatron_weights, tp_merge
 
@@ -43,13 +42,11 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
         raise ExportError(f"{run_dir} has no complete checkpoint {iteration}; complete ones: {complete}")
     elif (damage := paths.checkpoint_damage(iteration)) is not None:
         raise ExportError(f"checkpoint {paths.checkpoint(iteration)} is damaged: {damage}")
-    config = json.loads(paths.config.read_text())
-    # The tiny model the run wrote, or the model.path it started from.
-    started = paths.model_init
-    if not (started / "config.json").exists():
-        started = Path(config["model"]["path"])
-    tp = config["parallel"]["trainer_tp"]
-    shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(tp)]
+    if not paths.manifest.is_file():
+        raise ExportError(f"{run_dir} has no {paths.manifest.name}, which every run writes as it starts")
+    manifest = RunManifest.from_json_file(paths.manifest)
+    started = Path(manifest.model_dir)
+    shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(manifest.trainer_tp)]
     merged = {name: tp_merge(name, [s[name] for s in shards]) for name in shards[0]}
     tensors = megatron_to_hf(merged, ModelArch.from_pretrained(started), fused_norms=has_fused_norms(merged))
 

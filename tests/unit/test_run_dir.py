@@ -7,11 +7,13 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from checkpoint_engine.contracts.config import ConfigError
-from checkpoint_engine.contracts.run_dir import RunPaths
+from checkpoint_engine.contracts.run_dir import RunManifest, RunPaths
 from launch import run_setup, train
 from launch.config_loading import load_config
+from sidecars.megatron.hf_export import ExportError, export_checkpoint
 
 
 def write_checkpoint(paths: RunPaths, iteration: int) -> None:
@@ -90,3 +92,22 @@ def test_a_checkpoint_written_again_over_a_crashed_marker_is_sound(tmp_path: Pat
     paths.trainer_state(1, 0).write_bytes(b"state")
     paths.mark_complete(1)
     assert paths.checkpoint_damage(1) is None
+
+
+def test_export_reads_the_model_and_its_shards_from_the_runs_manifest(run: RunPaths) -> None:
+    run.config.write_text("{}")
+    with pytest.raises(ExportError, match=r"has no manifest\.json, which every run writes as it starts"):
+        export_checkpoint(run.root, run.root / "hf")
+    torch.save({"model": {}}, run.trainer_state(3, 0))
+    run.mark_complete(3)
+    RunManifest(model_dir=str(run.root / "elsewhere"), trainer_tp=2).to_json_file(run.manifest)
+    with pytest.raises(FileNotFoundError, match=r"trainer-rank1\.pt"):  # the manifest's two shards are read
+        export_checkpoint(run.root, run.root / "hf")
+
+
+def test_another_nodes_engine_token_is_read_from_its_document(run: RunPaths) -> None:
+    run.engine_config("node1").write_text(json.dumps({"token": "t0k", "port": 9}))
+    run.engine_config("node2").write_text(json.dumps({"port": 9}))
+    assert (run.engine_token("node1"), run.engine_token("node2")) == ("t0k", None)
+    with pytest.raises(FileNotFoundError, match=r"engine-node3\.json"):
+        run.engine_token("node3")
