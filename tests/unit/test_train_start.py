@@ -13,7 +13,7 @@ import requests
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.process_group import last_error
 from engine.tiny_model import TinyModelSpec, write_tiny_model
-from launch import cli, run_setup, train
+from launch import cli, job, run_setup, train
 from launch.config_loading import load_config
 
 
@@ -117,10 +117,10 @@ def test_nodes_on_one_machine_share_its_cores_unless_the_user_chose(monkeypatch)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     for environ, expected in (({}, "4"), ({"OMP_NUM_THREADS": "3"}, "3")):
         monkeypatch.setattr(os, "environ", environ)
-        train._share_cores(2)
+        job._share_cores(2)
         assert environ["OMP_NUM_THREADS"] == expected
     monkeypatch.setattr(os, "environ", {})
-    train._share_cores(16)
+    job._share_cores(16)
     assert os.environ["OMP_NUM_THREADS"] == "1"
 
 
