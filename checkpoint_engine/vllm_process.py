@@ -78,7 +78,7 @@ class VllmProcess:
         self.client = VllmClient(f"http://{settings.host}:{settings.port}")
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "sidecars.vllm.server", "--zygote", str(self.files.prefix)]
+        return [sys.executable, "-m", "sidecars.vllm.zygote", "--zygote", str(self.files.prefix)]
 
     @property
     def pid(self) -> int | None:

@@ -68,10 +68,10 @@ def _engine(args: argparse.Namespace) -> int:
 def _vllm_zygote(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sidecars.vllm import server
+    from sidecars.vllm import zygote
 
     Path(args.dir).mkdir(parents=True, exist_ok=True)
-    server.main(["--zygote", str(Path(args.dir) / "vllm"), "--external"])
+    zygote.main(["--zygote", str(Path(args.dir) / "vllm"), "--external"])
     return 0
 
 

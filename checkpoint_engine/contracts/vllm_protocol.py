@@ -99,7 +99,7 @@ class UpdateWeightsResponse(Message):
 
 
 class StartupTimes(Message):
-    """Where the sidecar's start-up went, in seconds (`sidecars/vllm/server.py`)."""
+    """Where the sidecar's start-up went, in seconds (`sidecars/vllm/zygote.py`)."""
 
     # Paid once per zygote (reported by its first sidecar) or by a sidecar started on its own:
     imports: float = 0.0  # torch, vLLM and the web stack, from the process's first line

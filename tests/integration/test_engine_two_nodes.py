@@ -189,6 +189,6 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
     ours = [
         p
         for p in psutil.process_iter(["cmdline"])
-        if "sidecars.vllm.server" in " ".join(p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])
+        if "sidecars.vllm.zygote" in " ".join(p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])
     ]
     assert not ours, "a vLLM sidecar survived its engine"

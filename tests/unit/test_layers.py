@@ -69,11 +69,11 @@ def test_imports_follow_the_layers(module: str, path: Path) -> None:
     [
         ("checkpoint_engine.contracts.phases", "from checkpoint_engine.node_engine import X", True),
         ("checkpoint_engine.coordinator", "from launch.etcd_server import connect", True),
-        ("checkpoint_engine.vllm_process", "def f():\n    from sidecars.vllm import server", True),
-        ("engine.controller", "import sidecars.vllm.server", True),
+        ("checkpoint_engine.vllm_process", "def f():\n    from sidecars.vllm import zygote", True),
+        ("engine.controller", "import sidecars.vllm.zygote", True),
         ("engine.controller", "from checkpoint_engine.node_engine import NodeEngine", True),
-        ("sidecars.vllm.server", "from checkpoint_engine.weight_store import WeightStore", True),
-        ("sidecars.vllm.server", "from checkpoint_engine.contracts.vllm_protocol import Health", False),
+        ("sidecars.vllm.zygote", "from checkpoint_engine.weight_store import WeightStore", True),
+        ("sidecars.vllm.zygote", "from checkpoint_engine.contracts.vllm_protocol import Health", False),
         ("launch.train", "from sidecars.megatron.config import RankConfig", False),
     ],
 )

@@ -1,23 +1,17 @@
-"""The vLLM sidecar process: one per node and rollout phase, started and killed by the checkpoint engine.
+"""The vLLM zygote: the process that forks each node's vLLM sidecar, one per rollout phase.
 
-`python -m sidecars.vllm.server --zygote PREFIX` is a zygote: it imports torch and vLLM and compiles
-vLLM's sampler helpers (most of a start-up on CPU, and what the first rollout would otherwise pay),
-then forks a sidecar for each request the engine writes (`ZygoteFiles(PREFIX)` in
-`contracts/vllm_protocol.py`). Each sidecar starts vLLM with dummy weights, serves, and is killed by
-the engine after its rollout. The imports are paid once per zygote instead of once per iteration,
-and a fork takes milliseconds. The zygote never touches an accelerator: each forked sidecar builds
-its own vLLM (and CUDA context) from scratch.
+`python -m sidecars.vllm.zygote --zygote PREFIX` imports torch and vLLM and compiles vLLM's sampler helpers
+(most of a start-up on CPU, and what the first rollout would otherwise pay), then forks a sidecar for each
+request the engine writes (`ZygoteFiles(PREFIX)` in `contracts/vllm_protocol.py`). Each sidecar starts vLLM
+with dummy weights, serves its HTTP API (`sidecars/vllm/app.py`), and is killed by the engine after its
+rollout. The imports are paid once per zygote instead of once per iteration, and a fork takes milliseconds.
+The zygote never touches an accelerator: each forked sidecar builds its own vLLM (and CUDA context) from
+scratch.
 
 The engine spawns its zygote, niced (its imports overlap the trainer's work), and it dies with the
 engine. With `--external` (`timeshare vllm-zygote DIR`, the command of a vLLM container beside the
 trainer's) it is started on its own, waits for an engine's settings before its compiles, serves
 one engine after another and stops on SIGTERM; every sidecar still dies with its engine.
-  GET  /health          -> Health (pid, loaded weight version)
-  POST /weights/update  -> load a pushed version from shared memory (checksums verified, stale
-                           versions refused), reset the prefix cache
-  POST /generate        -> token ids in; token ids, per-token logprobs, finish reason and the
-                           weight version out, n samples per request
-vLLM's `LLM` is synchronous and not thread-safe, so requests are served one at a time.
 """
 
 from __future__ import annotations
@@ -35,94 +29,16 @@ import psutil
 
 from checkpoint_engine.contracts.lifetime import running
 from checkpoint_engine.contracts.vllm_protocol import (
-    Completion,
     ForkRequest,
-    GenerateBody,
-    GenerateResponse,
-    GenerationResult,
-    Health,
     StartupTimes,
-    UpdateWeightsBody,
-    UpdateWeightsResponse,
     VllmSettings,
     ZygoteFiles,
     write_atomically,
 )
+from sidecars.vllm.app import create_app
 from sidecars.vllm.llm import compile_sampler_ops, start_llm
 
-# vLLM's finish reasons in the project's vocabulary (contracts.vllm_protocol.FinishReason).
-_FINISH = {"stop": "stop", "length": "length", "abort": "aborted", "repetition": "repeat"}
 ZYGOTE_NICE = 19
-
-
-def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
-    from fastapi import FastAPI, HTTPException
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.sampling_params import RepetitionDetectionParams
-
-    app = FastAPI(title="timeshare vLLM sidecar")
-    lock = threading.Lock()
-    state = {"version": -1}
-
-    @app.get("/health")
-    def health() -> Health:
-        return Health(pid=os.getpid(), weight_version=state["version"], model=model, startup=startup)
-
-    @app.post("/weights/update")
-    def update_weights(body: UpdateWeightsBody) -> UpdateWeightsResponse:
-        start = time.perf_counter()
-        with lock:
-            try:
-                versions = llm.collective_rpc("load_from_shm", args=(body.manifest,))
-            except Exception as e:  # the worker's own error (checksum, stale version) is the message
-                raise HTTPException(status_code=409, detail=str(e)) from e
-            llm.reset_prefix_cache()
-            state["version"] = versions[0]
-        return UpdateWeightsResponse(weight_version=state["version"], seconds=time.perf_counter() - start)
-
-    @app.post("/generate")
-    def generate(body: GenerateBody) -> GenerateResponse:
-        if state["version"] < 0:
-            raise HTTPException(status_code=409, detail="no weights loaded yet: POST /weights/update first")
-        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in body.requests]
-        params = [
-            SamplingParams(
-                n=r.n,
-                max_tokens=r.max_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                seed=r.seed,
-                stop_token_ids=r.stop_token_ids,
-                ignore_eos=r.ignore_eos,
-                logprobs=0,
-                repetition_detection=RepetitionDetectionParams(
-                    max_pattern_size=r.repeat_max_ngram, min_count=r.repeat_min_repeats
-                )
-                if r.repeat_max_ngram
-                else None,
-            )
-            for r in body.requests
-        ]
-        with lock:
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            seconds = time.perf_counter() - start
-            version = state["version"]
-        results = []
-        for out in outputs:
-            samples = [
-                Completion(
-                    token_ids=list(c.token_ids),
-                    logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs or [], strict=True)],
-                    finish_reason=_FINISH.get(c.finish_reason or "abort", "aborted"),
-                    weight_version=version,
-                )
-                for c in out.outputs
-            ]
-            results.append(GenerationResult(samples=samples))
-        return GenerateResponse(results=results, seconds=seconds)
-
-    return app
 
 
 def _exit_with(engine_pid: int | None = None, poll: float = 0.5) -> None:
