@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from checkpoint_engine.contracts.config import ConfigError, Section
 from engine.config import RolloutConfig
@@ -338,3 +339,24 @@ def test_a_resumed_run_of_several_nodes_takes_a_new_placement_with_as_many_nodes
     assert cfg.model_copy(update={"cluster": load_config(saved).cluster}) == load_config(saved)
     with pytest.raises(ConfigError, match=r"the run has 2 nodes .* cluster\.nodes gives 3"):
         _resume(tmp_path, saved, [*placed, "cluster.nodes=[n3,n4,n5]"])
+
+
+def _restated(data: dict, defaults: dict, prefix: str) -> list[str]:
+    """The keys of `data` that equal their default (an option's `name` says which option it is, and stays)."""
+    found = []
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            found += _restated(value, defaults[key], f"{prefix}{key}.")
+        elif key != "name" and key in defaults and defaults[key] == value:
+            found.append(f"{prefix}{key}")
+    return found
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_no_group_option_restates_a_default(group: str, option: str) -> None:
+    text = (CONF_DIR / group / f"{option}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    defaults = TrainConfig().to_dict()
+    sections = data if text.startswith("# @package _global_") else {group: data}
+    restated = [k for section, values in sections.items() for k in _restated(values, defaults[section], f"{section}.")]
+    assert restated == [], f"{group}/{option}.yaml restates the defaults of {restated}"
