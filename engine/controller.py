@@ -231,7 +231,7 @@ class Controller:
             in_flight = self.buffer.in_flight_uids
             new = [s for s in self.sampler.sample(self.rollout_cfg.prompts_per_iteration) if s.uid not in in_flight]
             prompts = [PromptTokens(s.uid, tuple(self.tokens.encode(s.prompt))) for s in new]
-            requests = self.buffer.plan_iteration(prompts, version)
+            requests = self.buffer.plan_round(prompts, version)
             asked = time.perf_counter()
             response = self._generate(
                 vllm, self._requests(requests, seed=self.run_cfg.seed + 7919 * version + 131 * rounds)

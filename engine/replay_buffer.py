@@ -4,7 +4,7 @@ Consumes tokenized prompts (admitted by the caller's sampler) and generation res
 returned for each request); produces generation requests for the next round and complete groups
 (all G samples of a prompt finished) for the trainer. Pure Python: no processes, no I/O.
 
-One iteration is one weight version. `plan_iteration` lists continuing trajectories first (oldest
+One iteration is one weight version. `plan_round` lists continuing trajectories first (oldest
 first), then G new samples per new prompt; each request feeds prompt + response so far and may
 generate `min(iteration budget left this version, max_response_tokens - response so far)` tokens,
 so no trajectory passes `max_response_tokens`. `record` stamps every new token with the version
@@ -168,7 +168,7 @@ class PartialRolloutBuffer:
         return loss_mask(trajectory, current_version, self.config.staleness, self.config.max_staleness)
 
     # ---- planning ------------------------------------------------------------------------------
-    def plan_iteration(self, new_prompts: Sequence[TokenizedPrompt], version: int) -> list[RolloutRequest]:
+    def plan_round(self, new_prompts: Sequence[TokenizedPrompt], version: int) -> list[RolloutRequest]:
         """Requests for one round: continuing trajectories first (admission order), then G per new prompt."""
         if self._pending:
             raise RuntimeError(

@@ -62,31 +62,31 @@ def buffer_slice(
 
 def test_new_prompts_get_group_size_requests_capped_by_the_budget() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=40, iteration_token_budget=16, group_size=3))
-    reqs = buf.plan_iteration([prompt("a"), prompt("b", 5)], version=1)
+    reqs = buf.plan_round([prompt("a"), prompt("b", 5)], version=1)
     assert [r.key for r in reqs] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
     assert all(r.max_tokens == 16 and r.version == 1 and not r.continued for r in reqs)
     assert reqs[3].token_ids == (100, 101, 102, 103, 104)
     assert buf.in_flight_uids == {"a", "b"}
     small = PartialRolloutBuffer(buffer_slice(max_response_tokens=10, iteration_token_budget=10, group_size=1))
-    assert small.plan_iteration([prompt("a")], version=0)[0].max_tokens == 10
+    assert small.plan_round([prompt("a")], version=0)[0].max_tokens == 10
 
 
 def test_budget_hit_continues_first_and_total_is_capped_at_max_response() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=40, iteration_token_budget=16, group_size=1))
-    (req,) = buf.plan_iteration([prompt("a")], version=1)
+    (req,) = buf.plan_round([prompt("a")], version=1)
     buf.record([result(req, 16, "length")])
     (traj,) = buf.trajectories()
     assert traj.finish_reason == "length_budget"
     assert not traj.finished
     assert buf.ready_groups() == []
 
-    reqs = buf.plan_iteration([prompt("b")], version=2)
+    reqs = buf.plan_round([prompt("b")], version=2)
     assert [(r.key, r.continued) for r in reqs] == [(("a", 0), True), (("b", 0), False)]
     assert reqs[0].token_ids == (100, 101, 102, *range(3, 19))  # prompt + the 16 tokens so far
     assert reqs[0].max_tokens == 16
     buf.record([result(reqs[0], 16, "length"), result(reqs[1], 5, "stop")])
 
-    reqs = buf.plan_iteration([], version=3)
+    reqs = buf.plan_round([], version=3)
     assert [(r.key, r.max_tokens) for r in reqs] == [(("a", 0), 8)]  # 40 - 32 left, not the budget of 16
     buf.record([result(reqs[0], 8, "length")])
     groups = buf.take_ready_groups()
@@ -100,29 +100,29 @@ def test_budget_hit_continues_first_and_total_is_capped_at_max_response() -> Non
 
 def test_ready_groups_keep_admission_order() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=1))
-    reqs = buf.plan_iteration([prompt("z"), prompt("a")], version=0)
+    reqs = buf.plan_round([prompt("z"), prompt("a")], version=0)
     buf.record([result(r, 1, "stop") for r in reversed(reqs)])
     assert [g.prompt_uid for g in buf.take_ready_groups()] == ["z", "a"]
 
 
 def test_second_round_of_an_iteration_gets_only_the_budget_left() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=100, iteration_token_budget=16, group_size=1))
-    (req,) = buf.plan_iteration([prompt("a")], version=5)
+    (req,) = buf.plan_round([prompt("a")], version=5)
     buf.record([result(req, 10, "aborted")])
     assert buf.trajectories()[0].finish_reason == "aborted"
-    (req,) = buf.plan_iteration([], version=5)
+    (req,) = buf.plan_round([], version=5)
     assert (req.max_tokens, req.continued) == (6, True)
     buf.record([result(req, 6, "length")])
     assert buf.trajectories()[0].finish_reason == "length_budget"
-    assert buf.plan_iteration([], version=5) == []  # budget of version 5 used up
-    (req,) = buf.plan_iteration([], version=6)
+    assert buf.plan_round([], version=5) == []  # budget of version 5 used up
+    (req,) = buf.plan_round([], version=6)
     assert req.max_tokens == 16
 
 
 def test_engine_length_short_of_max_tokens_finishes_the_trajectory() -> None:
     # vLLM says "length" before max_tokens when the context (max_model_len) is full: continuing cannot help.
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=100, iteration_token_budget=16, group_size=1))
-    (req,) = buf.plan_iteration([prompt("a")], version=0)
+    (req,) = buf.plan_round([prompt("a")], version=0)
     buf.record([result(req, 7, "length")])
     assert buf.trajectories()[0].finish_reason == "length"
     assert len(buf.take_ready_groups()) == 1
@@ -130,18 +130,18 @@ def test_engine_length_short_of_max_tokens_finishes_the_trajectory() -> None:
 
 def test_repeat_finishes_and_abort_at_the_cap_is_length() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=2))
-    reqs = buf.plan_iteration([prompt("a")], version=0)
+    reqs = buf.plan_round([prompt("a")], version=0)
     buf.record([result(reqs[0], 3, "repeat"), result(reqs[1], 8, "aborted")])
     assert [t.finish_reason for t in buf.trajectories()] == ["repeat", "length"]
 
 
 def test_group_released_only_when_all_samples_finished_and_exactly_once() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=64, iteration_token_budget=8, group_size=3))
-    reqs = buf.plan_iteration([prompt("a")], version=0)
+    reqs = buf.plan_round([prompt("a")], version=0)
     buf.record([result(reqs[0], 2, "stop"), result(reqs[1], 8, "length"), result(reqs[2], 4, "stop")])
     assert buf.ready_groups() == []
     assert buf.take_ready_groups() == []
-    (req,) = buf.plan_iteration([], version=1)
+    (req,) = buf.plan_round([], version=1)
     assert req.key == ("a", 1)
     buf.record([result(req, 3, "stop")])
     assert [g.prompt_uid for g in buf.ready_groups()] == ["a"]
@@ -151,12 +151,12 @@ def test_group_released_only_when_all_samples_finished_and_exactly_once() -> Non
     assert buf.take_ready_groups() == []
     assert len(buf) == 0
     assert buf.in_flight_uids == frozenset()
-    buf.plan_iteration([prompt("a")], version=2)  # a taken prompt may be issued again (next epoch)
+    buf.plan_round([prompt("a")], version=2)  # a taken prompt may be issued again (next epoch)
 
 
 def test_take_ready_groups_limit_leaves_the_rest_ready() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=1))
-    reqs = buf.plan_iteration([prompt("a"), prompt("b"), prompt("c")], version=0)
+    reqs = buf.plan_round([prompt("a"), prompt("b"), prompt("c")], version=0)
     buf.record([result(r, 1, "stop") for r in reqs])
     assert [g.prompt_uid for g in buf.take_ready_groups(max_groups=2)] == ["a", "b"]
     assert [g.prompt_uid for g in buf.take_ready_groups(max_groups=2)] == ["c"]
@@ -165,18 +165,18 @@ def test_take_ready_groups_limit_leaves_the_rest_ready() -> None:
 def test_plan_rejects_in_flight_duplicate_and_backwards() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=8, iteration_token_budget=8, group_size=2))
     with pytest.raises(ValueError, match="appears twice"):
-        buf.plan_iteration([prompt("a"), prompt("a")], version=3)
+        buf.plan_round([prompt("a"), prompt("a")], version=3)
     assert len(buf) == 0  # nothing admitted by the failed call
-    reqs = buf.plan_iteration([prompt("a")], version=3)
+    reqs = buf.plan_round([prompt("a")], version=3)
     with pytest.raises(RuntimeError, match="2 requests of version 3 are not recorded"):
-        buf.plan_iteration([], version=4)
+        buf.plan_round([], version=4)
     buf.record([result(reqs[0], 8, "length"), result(reqs[1], 1, "stop")])
     with pytest.raises(ValueError, match="'a' is already in flight"):
-        buf.plan_iteration([prompt("a")], version=4)
+        buf.plan_round([prompt("a")], version=4)
     with pytest.raises(ValueError, match="went backwards: planned 3 before, now 2"):
-        buf.plan_iteration([], version=2)
+        buf.plan_round([], version=2)
     with pytest.raises(ValueError, match="no token ids"):
-        buf.plan_iteration([PromptTokens("e", ())], version=4)
+        buf.plan_round([PromptTokens("e", ())], version=4)
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_plan_rejects_in_flight_duplicate_and_backwards() -> None:
 )
 def test_record_rejects_bad_results_and_applies_none(make: Any, match: str) -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=4, iteration_token_budget=4, group_size=2))
-    reqs = buf.plan_iteration([prompt("a")], version=1)
+    reqs = buf.plan_round([prompt("a")], version=1)
     before = buf.state_dict()
     with pytest.raises(ValueError, match=match):
         buf.record([result(reqs[1], 1, "stop"), make(reqs[0])])  # the good first result is not applied either
@@ -200,7 +200,7 @@ def test_record_rejects_bad_results_and_applies_none(make: Any, match: str) -> N
 
 def test_record_rejects_a_result_twice() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=4, iteration_token_budget=4, group_size=1))
-    (req,) = buf.plan_iteration([prompt("a")], version=1)
+    (req,) = buf.plan_round([prompt("a")], version=1)
     with pytest.raises(ValueError, match="already recorded"):
         buf.record([result(req, 1, "stop"), result(req, 1, "stop")])
     buf.record([result(req, 1, "stop")])
@@ -210,11 +210,11 @@ def test_record_rejects_a_result_twice() -> None:
 
 def test_abort_pending_keeps_the_trajectories_for_the_next_round() -> None:
     buf = PartialRolloutBuffer(buffer_slice(max_response_tokens=32, iteration_token_budget=8, group_size=2))
-    reqs = buf.plan_iteration([prompt("a")], version=0)
+    reqs = buf.plan_round([prompt("a")], version=0)
     buf.record([result(reqs[0], 8, "length")])
     assert buf.abort_pending() == 1
     assert [t.finish_reason for t in buf.trajectories()] == ["length_budget", "aborted"]
-    reqs = buf.plan_iteration([], version=1)
+    reqs = buf.plan_round([], version=1)
     assert [(r.key, r.continued, r.max_tokens) for r in reqs] == [(("a", 0), True, 8), (("a", 1), True, 8)]
     assert reqs[1].token_ids == (100, 101, 102)
 
@@ -291,7 +291,7 @@ def run_iterations(buf: PartialRolloutBuffer, gen: LongTailGenerator, start: int
         version = 10 + it
         new = PROMPTS[it * PROMPTS_PER_ITERATION : (it + 1) * PROMPTS_PER_ITERATION]
         unfinished = {t.key: len(t.response_ids) for t in buf.unfinished()}
-        reqs = buf.plan_iteration(new, version)
+        reqs = buf.plan_round(new, version)
         log.requests.append(reqs)
 
         flags = [r.continued for r in reqs]
@@ -398,7 +398,7 @@ def test_save_restore_with_requests_pending() -> None:
     gen = LongTailGenerator(seed=5)
     buf = PartialRolloutBuffer(CFG)
     run_iterations(buf, gen, 0, 2, RunLog())
-    reqs = buf.plan_iteration(PROMPTS[12:14], version=12)
+    reqs = buf.plan_round(PROMPTS[12:14], version=12)
     restored = PartialRolloutBuffer(CFG)
     restored.load_state_dict(json.loads(json.dumps(buf.state_dict())))
     assert restored.pending == tuple(reqs)
