@@ -1,4 +1,5 @@
-"""Tiny HF-format models with a character-level tokenizer, made locally (nothing is downloaded).
+"""Tiny HF-format models (Llama, Qwen2, Qwen3) with a character-level tokenizer, made locally
+(nothing is downloaded).
 
 `write_tiny_model(dir, TinyModelSpec(...))` writes config.json, model.safetensors and the
 tokenizer files that transformers, vLLM and the Megatron loader read like any real checkpoint.
@@ -15,8 +16,10 @@ from typing import Literal
 
 from checkpoint_engine.contracts.config import ConfigError
 
-Arch = Literal["llama", "qwen2"]
-ARCHS: tuple[Arch, ...] = ("llama", "qwen2")
+Arch = Literal["llama", "qwen2", "qwen3"]
+ARCHS: tuple[Arch, ...] = ("llama", "qwen2", "qwen3")
+RopeScaling = Literal["default", "llama3"]
+ROPE_SCALINGS: tuple[RopeScaling, ...] = ("default", "llama3")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 # Printable ASCII without the other whitespace kinds, plus newline: enough for math prompts.
 CHARACTERS = tuple(c for c in string.printable if c not in "\t\r\x0b\x0c")
@@ -35,11 +38,16 @@ class TinyModelSpec:
     tie_embeddings: bool = False
     vocab_multiple: int = 64
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = "default"  # llama3: Llama 3.x's scaling, its original context a quarter of ours
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        if self.rope_scaling == "llama3" and self.arch != "llama":
+            raise ConfigError(f"rope_scaling 'llama3' is Llama 3.x's; arch {self.arch!r} has plain RoPE")
         for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "vocab_multiple"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -94,7 +102,7 @@ def build_char_tokenizer():  # -> transformers.PreTrainedTokenizerFast
 
 
 def hf_config(spec: TinyModelSpec):  # -> transformers.PretrainedConfig
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     vocab = char_vocab()
     common = {
@@ -112,9 +120,16 @@ def hf_config(spec: TinyModelSpec):  # -> transformers.PretrainedConfig
         "pad_token_id": vocab["<pad>"],
         "torch_dtype": "float32",
     }
+    rope: dict[str, object] = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling == "llama3":
+        # The original context below ours, so that scaling changes the low and middle frequencies.
+        rope |= {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        rope["original_max_position_embeddings"] = max(1, spec.max_positions // 4)
     if spec.arch == "llama":
-        return LlamaConfig(**common, head_dim=spec.head_dim, rope_theta=spec.rope_theta)
-    return Qwen2Config(**common, rope_theta=spec.rope_theta, use_sliding_window=False)
+        return LlamaConfig(**common, head_dim=spec.head_dim, rope_parameters=rope)
+    if spec.arch == "qwen3":
+        return Qwen3Config(**common, head_dim=spec.head_dim, rope_parameters=rope, use_sliding_window=False)
+    return Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False)
 
 
 def write_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from checkpoint_engine.contracts.config import ConfigError
-from engine.tiny_model import ARCHS, TinyModelSpec
+from engine.tiny_model import ARCHS, ROPE_SCALINGS, TinyModelSpec
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -79,10 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timeshare", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("make-tiny-model", help="write an HF-format Llama/Qwen2 model with a character tokenizer")
+    tiny = sub.add_parser(
+        "make-tiny-model", help="write an HF-format Llama/Qwen2/Qwen3 model with a character tokenizer"
+    )
     tiny.add_argument("dir", help="output directory")
     defaults = TinyModelSpec()
     tiny.add_argument("--arch", choices=ARCHS, default=defaults.arch)
+    tiny.add_argument("--rope-scaling", dest="rope_scaling", choices=ROPE_SCALINGS, default=defaults.rope_scaling)
     for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "vocab_multiple", "seed"):
         tiny.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(defaults, name))
     tiny.add_argument("--rope-theta", dest="rope_theta", type=float, default=defaults.rope_theta)

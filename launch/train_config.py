@@ -22,13 +22,23 @@ from engine.config import RolloutConfig, RunConfig
 from engine.rewards import RewardConfig
 from engine.sampling import SamplerConfig
 from engine.tasks.config import TaskConfig
-from engine.tiny_model import VALID_HEAD_DIMS, Arch, TinyModelSpec
+from engine.tiny_model import VALID_HEAD_DIMS, Arch, RopeScaling, TinyModelSpec
 from sidecars.megatron.config import TrainerConfig
 
 # The lengths a long-context preset decides for the rollout, and the context each preset names.
 LENGTH_KEYS = ("max_model_len", "max_response_tokens", "iteration_token_budget")
 PRESET_MAX_MODEL_LEN = {"32k": 32768, "128k": 131072}
-TINY_FIELDS = ("arch", "layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "tie_embeddings")
+TINY_FIELDS = (
+    "arch",
+    "rope_scaling",
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "intermediate",
+    "max_positions",
+    "tie_embeddings",
+)
 
 
 class ModelConfig(Section):
@@ -37,6 +47,7 @@ class ModelConfig(Section):
     KEY = "model"
     path: str | None = None  # an HF model directory; None: write the tiny model described below
     arch: Arch = "llama"
+    rope_scaling: RopeScaling = "default"  # llama3: Llama 3.x's RoPE scaling (with arch=llama)
     layers: int = Field(4, ge=1)
     hidden: int = Field(128, ge=1)
     heads: int = Field(4, ge=1)  # hidden / heads must be 32, 64 or 128 (vLLM's CPU attention rejects 16)
@@ -57,6 +68,10 @@ class ModelConfig(Section):
                     "leave them at their defaults or set model.path=null"
                 )
             return self
+        if self.rope_scaling == "llama3" and self.arch != "llama":
+            raise ConfigError(
+                f"model.rope_scaling=llama3 is Llama 3.x's RoPE; it needs model.arch=llama, not {self.arch}"
+            )
         if self.hidden % self.heads:
             raise ConfigError(f"model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})")
         if self.heads % self.kv_heads:

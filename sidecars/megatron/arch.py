@@ -1,5 +1,6 @@
-"""The model family the trainer supports (Llama / Qwen2: RMSNorm, SwiGLU, RoPE, GQA), read from an
-HF `config.json`. Anything outside the family fails here, before a tensor is touched."""
+"""The model families the trainer supports, read from an HF `config.json`: Llama (Llama 3.x's RoPE
+scaling included), Qwen2 (qkv bias) and Qwen3 (per-head q/k RMSNorm). All share RMSNorm, SwiGLU,
+RoPE and GQA. Anything outside them fails here, before a tensor is touched."""
 
 from __future__ import annotations
 
@@ -8,7 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3.x's frequency-dependent RoPE scaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,8 @@ class ModelArch:
     max_positions: int
     tie_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool = False
+    rope_scaling: Llama3Rope | None = None
 
     @property
     def heads_per_group(self) -> int:
@@ -39,14 +53,16 @@ class ModelArch:
             raise ValueError(f"unsupported architecture {archs}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
-        if cfg.get("rope_scaling") not in (None, {}) and cfg["rope_scaling"].get("rope_type", "default") != "default":
-            raise ValueError(f"rope_scaling {cfg['rope_scaling']} is not supported; only plain RoPE")
+        if cfg.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported; only bias-free MLPs")
+        if cfg.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported; only full attention")
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        rope_theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        rope_theta, rope_scaling = _rope(cfg)
         return cls(
             family=family,
             vocab_size=cfg["vocab_size"],
@@ -57,10 +73,13 @@ class ModelArch:
             kv_heads=kv_heads,
             head_dim=head_dim,
             rms_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
+            rope_theta=rope_theta,
             max_positions=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2",
+            # Qwen2 always has a qkv bias; Llama and Qwen3 have one only where attention_bias says so.
+            qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=family == "qwen3",
+            rope_scaling=rope_scaling,
         )
 
     @classmethod
@@ -78,3 +97,24 @@ class ModelArch:
         ):
             if n % tp:
                 raise ValueError(f"{what}={n} is not divisible by tensor_parallel={tp}")
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, Llama3Rope | None]:
+    """RoPE's base and scaling, from `rope_scaling` (checkpoints written before transformers 5) or
+    `rope_parameters` (transformers 5)."""
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta", 10000.0))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"rope_type {kind!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}")
+    scaling = Llama3Rope(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_positions=int(params.get("original_max_position_embeddings", 8192)),
+    )
+    if scaling.high_freq_factor <= scaling.low_freq_factor:
+        raise ValueError(f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got {params}")
+    return theta, scaling

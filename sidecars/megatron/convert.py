@@ -1,4 +1,4 @@
-"""HF <-> Megatron weight conversion for the Llama/Qwen2 family: the only place names and layouts map.
+"""HF <-> Megatron weight conversion for the Llama/Qwen2/Qwen3 family: the only place names and layouts map.
 
 Pure functions on full (unsharded) tensors plus the tensor-parallel split/merge rules, so every
 producer (initial load, EXPORT into a weight buffer, checkpoints) converts the same way.
@@ -8,6 +8,7 @@ Layouts (Megatron side):
   ([kv_heads * (heads_per_group + 2) * head_dim, hidden]); splitting dim 0 across TP ranks
   gives each rank whole groups.
 - `linear_fc1`: [gate; up]. Under TP each rank holds [gate_r; up_r], so it is not a plain chunk.
+- Qwen3's per-head q/k norms (`q_layernorm`, `k_layernorm`, [head_dim]) are replicated under TP.
 - Layer norms sit in their own modules with the local spec and inside `linear_qkv` /
   `linear_fc1` (`layer_norm_weight`) with the Transformer Engine spec (`fused_norms=True`).
 """
@@ -44,6 +45,8 @@ def megatron_layer_names(fused_norms: bool) -> dict[str, str]:
         "attn_norm": "self_attention.linear_qkv.layer_norm_weight" if fused_norms else "input_layernorm.weight",
         "qkv": "self_attention.linear_qkv.weight",
         "qkv_bias": "self_attention.linear_qkv.bias",
+        "q_norm": "self_attention.q_layernorm.weight",
+        "k_norm": "self_attention.k_layernorm.weight",
         "proj": "self_attention.linear_proj.weight",
         "mlp_norm": "mlp.linear_fc1.layer_norm_weight" if fused_norms else "pre_mlp_layernorm.weight",
         "fc1": "mlp.linear_fc1.weight",
@@ -82,6 +85,9 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], arch: ModelArch, fused_norms:
             kb = take(p + "self_attn.k_proj.bias", (kv_rows,))
             vb = take(p + "self_attn.v_proj.bias", (kv_rows,))
             out[m + names["qkv_bias"]] = interleave_qkv(qb, kb, vb, a)
+        if a.qk_norm:
+            out[m + names["q_norm"]] = take(p + "self_attn.q_norm.weight", (a.head_dim,))
+            out[m + names["k_norm"]] = take(p + "self_attn.k_norm.weight", (a.head_dim,))
         out[m + names["proj"]] = take(p + "self_attn.o_proj.weight", (a.hidden, q_rows))
         out[m + names["attn_norm"]] = take(p + "input_layernorm.weight", (a.hidden,))
         out[m + names["mlp_norm"]] = take(p + "post_attention_layernorm.weight", (a.hidden,))
@@ -120,6 +126,9 @@ def megatron_to_hf(mg: Mapping[str, torch.Tensor], arch: ModelArch, fused_norms:
             qb, kb, vb = split_qkv(get(m + names["qkv_bias"]), a)
             out[p + "self_attn.q_proj.bias"], out[p + "self_attn.k_proj.bias"] = qb, kb
             out[p + "self_attn.v_proj.bias"] = vb
+        if a.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = get(m + names["q_norm"])
+            out[p + "self_attn.k_norm.weight"] = get(m + names["k_norm"])
         out[p + "self_attn.o_proj.weight"] = get(m + names["proj"])
         out[p + "input_layernorm.weight"] = get(m + names["attn_norm"])
         out[p + "post_attention_layernorm.weight"] = get(m + names["mlp_norm"])

@@ -1,4 +1,4 @@
-"""Build a megatron-core GPTModel for an HF Llama/Qwen2 checkpoint, load its weights, export them back.
+"""Build a megatron-core GPTModel for an HF Llama/Qwen2/Qwen3 checkpoint, load its weights, export them back.
 
 Consumes: an HF model directory (config.json + safetensors), an initialised Megatron parallel
 state (`parallel.init_distributed`). Produces: the model on this rank (its TP shard), and, on
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sidecars.megatron import compat
-from sidecars.megatron.arch import ModelArch
+from sidecars.megatron.arch import Llama3Rope, ModelArch
 from sidecars.megatron.convert import (
     ConversionError,
     Tensors,
@@ -65,6 +65,7 @@ def build_model(arch: ModelArch, params_dtype: torch.dtype = torch.float32):  # 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
@@ -79,9 +80,9 @@ def build_model(arch: ModelArch, params_dtype: torch.dtype = torch.float32):  # 
         use_cpu_initialization=not compat.on_gpu(),
     )
     if use_transformer_engine():
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -92,7 +93,21 @@ def build_model(arch: ModelArch, params_dtype: torch.dtype = torch.float32):  # 
         rotary_base=int(arch.rope_theta),
         parallel_output=True,
     )
+    if arch.rope_scaling is not None:
+        _scale_rope(model.rotary_pos_emb, arch.rope_scaling)
     return model.to(compat.device())
+
+
+def _scale_rope(rope: torch.nn.Module, s: Llama3Rope) -> None:
+    """Llama 3.x's RoPE scaling with the checkpoint's own parameters: GPTModel's `rope_scaling` flag
+    fixes low/high frequency factors and the original context at Llama 3.1's (1, 4, 8192)."""
+    rope.inv_freq = rope._apply_scaling(
+        rope.inv_freq,
+        factor=s.factor,
+        low_freq_factor=s.low_freq_factor,
+        high_freq_factor=s.high_freq_factor,
+        original_max_position_embeddings=s.original_max_positions,
+    )
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Megatron on CPU with gloo: HF -> Megatron -> HF is bit-exact and logits match HF transformers,
-at TP=1 and TP=2 (two real torchrun processes), for Llama and Qwen2 (qkv bias) and tied embeddings."""
+at TP=1 and TP=2 (two real torchrun processes), for Llama (plain and Llama 3.x RoPE scaling), Qwen2
+(qkv bias), Qwen3 (q/k norms) and tied embeddings."""
 
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def _run_megatron(model_dir: Path, out: Path, tp: int, nproc: int, extra: list[s
         ("llama", False, 1, 1),
         ("llama", False, 2, 2),
         ("qwen2", False, 2, 2),
+        ("qwen3", False, 2, 2),
+        ("llama3", False, 1, 1),
         ("llama", True, 1, 2),
         pytest.param(
             "qwen2",
@@ -71,12 +74,15 @@ def _run_megatron(model_dir: Path, out: Path, tp: int, nproc: int, extra: list[s
             ],
         ),
     ],
-    ids=["llama-tp1", "llama-tp2", "qwen2-tp2", "llama-tied-tp1-dp2", "qwen2-gpu"],
+    ids=["llama-tp1", "llama-tp2", "qwen2-tp2", "qwen3-tp2", "llama3-scaled-tp1", "llama-tied-tp1-dp2", "qwen2-gpu"],
 )
 def test_round_trip_and_logits(tmp_path: Path, arch: str, tie: bool, tp: int, nproc: int) -> None:
     from transformers import AutoModelForCausalLM
 
-    spec = TinyModelSpec(arch=arch, layers=2, hidden=128, heads=4, kv_heads=2, intermediate=192, tie_embeddings=tie)
+    family, rope = ("llama", "llama3") if arch == "llama3" else (arch, "default")
+    spec = TinyModelSpec(
+        arch=family, rope_scaling=rope, layers=2, hidden=128, heads=4, kv_heads=2, intermediate=192, tie_embeddings=tie
+    )
     model_dir = _randomised_model(tmp_path / "model", spec)
     tokens = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
     torch.save(tokens, tmp_path / "tokens.pt")

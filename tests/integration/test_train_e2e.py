@@ -35,6 +35,7 @@ from tests.integration.train_job import (
     REPO,
     SEED,
     await_exit,
+    export_reproduces_rollout,
     launch,
     rows,
     wait_for,
@@ -124,7 +125,7 @@ def test_an_exported_checkpoint_reproduces_vllms_logprobs_in_transformers(run: R
     exported its final checkpoint to <run>/hf."""
     from transformers import AutoModelForCausalLM
 
-    model = _export_reproduces_rollout(run, 2, tmp_path / "hf")
+    model = export_reproduces_rollout(run, 2, tmp_path / "hf")
     final = AutoModelForCausalLM.from_pretrained(run.root / "hf")
     assert final.config.vocab_size == model.config.vocab_size
     out = tmp_path / "hf"
@@ -139,37 +140,12 @@ def test_an_exported_checkpoint_reproduces_vllms_logprobs_in_transformers(run: R
     assert "no complete checkpoint 9; complete ones: [1, 2, 3]" in bad.stderr
 
 
-def _export_reproduces_rollout(run: RunPaths, version: int, out: Path):  # -> the exported transformers model
-    """`timeshare export` of checkpoint `version` (its weights sampled rollout `version`); transformers
-    gives the tokens vLLM sampled with them the logprobs vLLM reported."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", str(version)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    batch = load_batch(run.batch(version))
-    with torch.no_grad():
-        logp = torch.log_softmax(model(batch.input_ids).logits[:, :-1], dim=-1)  # the rollout's temperature is 1
-    taken = logp.gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
-    response = batch.versions == version
-    assert response.sum() > 0
-    assert (taken - batch.rollout_logp)[response].abs().max() < 1e-3
-    return model
-
-
 def test_a_tensor_parallel_run_exports_one_merged_model(tmp_path: Path) -> None:
     """A run whose trainer shards the model over two ranks (parallel=tp2) exports checkpoint 1 as one
     HF model, which reproduces the logprobs vLLM sampled rollout 1 with."""
     (tmp_path / "runs").mkdir()
     paths = whole_run(tmp_path / "runs", "parallel=tp2")
-    _export_reproduces_rollout(paths, 1, tmp_path / "hf")
+    export_reproduces_rollout(paths, 1, tmp_path / "hf")
 
 
 @pytest.mark.parametrize("trainer_tp", [1, 2])

@@ -44,10 +44,16 @@ def _run_vllm_driver(model_dir: Path, manifest: Path, prompts: list[list[int]], 
     return json.loads(out.read_text())
 
 
-def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "family",
+    [{"arch": "llama"}, {"arch": "qwen3"}, {"arch": "llama", "rope_scaling": "llama3"}],
+    ids=["llama", "qwen3", "llama3-scaled"],
+)
+def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path, family: dict) -> None:
     from transformers import AutoTokenizer
 
-    model_dir = write_tiny_model(tmp_path / "model", TinyModelSpec(layers=2, hidden=128, heads=4, kv_heads=2))
+    spec = TinyModelSpec(layers=2, hidden=128, heads=4, kv_heads=2, **family)
+    model_dir = write_tiny_model(tmp_path / "model", spec)
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok(t)["input_ids"] for t in ("12+34=", "sort:3,1,2=", "hello world")]
     region = f"timeshare-test-{uuid.uuid4().hex[:8]}"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from checkpoint_engine.contracts.run_dir import RunPaths
+from engine.batch import load_batch
 
 REPO = Path(__file__).resolve().parents[2]
 ITERATIONS, PROMPTS, SEED, POOL = 3, 6, 0, 120
@@ -79,3 +80,28 @@ def whole_run(root: Path, *overrides: str) -> RunPaths:
     await_exit(launch([*OVERRIDES, f"run.root={root}", "run.iterations=2", *overrides], log), log)
     (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
     return RunPaths(run_dir)
+
+
+def export_reproduces_rollout(run: RunPaths, version: int, out: Path):  # -> the exported transformers model
+    """`timeshare export` of checkpoint `version` (its weights sampled rollout `version`); transformers
+    gives the tokens vLLM sampled with them the logprobs vLLM reported."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "export", str(run.root), str(out), "--iteration", str(version)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    batch = load_batch(run.batch(version))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(batch.input_ids).logits[:, :-1], dim=-1)  # the rollout's temperature is 1
+    taken = logp.gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
+    response = batch.versions == version
+    assert response.sum() > 0
+    assert (taken - batch.rollout_logp)[response].abs().max() < 1e-3
+    return model

@@ -55,10 +55,12 @@ def _hf_tensors(a: ModelArch) -> dict[str, torch.Tensor]:
         if a.qkv_bias:
             shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)}
             shapes |= {p + "self_attn.v_proj.bias": (kv,)}
+        if a.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (a.head_dim,), p + "self_attn.k_norm.weight": (a.head_dim,)}
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
-@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("fused_norms", [False, True])
 def test_round_trip_is_exact(family: str, tie: bool, fused_norms: bool) -> None:
@@ -137,3 +139,30 @@ def test_unsupported_architecture_lists_supported() -> None:
 def test_tensor_parallel_divisibility() -> None:
     with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by tensor_parallel=4"):
         _arch().check_tensor_parallel(4)
+
+
+def test_qwen3_has_qk_norms_and_a_bias_only_where_attention_bias_says() -> None:
+    a = _arch(architectures=["Qwen3ForCausalLM"])
+    assert (a.family, a.qk_norm, a.qkv_bias) == ("qwen3", True, False)
+    assert _arch(architectures=["Qwen3ForCausalLM"], attention_bias=True).qkv_bias
+    assert _arch(architectures=["Qwen2ForCausalLM"]).qkv_bias
+    assert not _arch().qk_norm
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_llama3_rope_scaling_is_read_from_either_spelling(key: str) -> None:
+    params = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    a = _arch(**{key: params | {"original_max_position_embeddings": 4096, "rope_theta": 500000.0}})
+    assert a.rope_scaling is not None
+    assert (a.rope_scaling.factor, a.rope_scaling.original_max_positions) == (32.0, 4096)
+    assert a.rope_theta == 500000.0
+    assert _arch(rope_scaling={"rope_type": "default"}).rope_scaling is None
+
+
+def test_unsupported_rope_and_layouts_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"rope_type 'yarn' is not supported; supported: \['default', 'llama3'\]"):
+        _arch(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        _arch(mlp_bias=True)
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        _arch(architectures=["Qwen3ForCausalLM"], use_sliding_window=True)

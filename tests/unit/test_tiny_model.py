@@ -130,3 +130,24 @@ def test_write_tiny_model_loads_in_transformers(tmp_path: Path, tokenizer, arch:
         logits = model(ids).logits
     assert logits.shape == (1, len(text) + 1, spec.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "architecture"),
+    [({"arch": "qwen3"}, "Qwen3ForCausalLM"), ({"rope_scaling": "llama3"}, "LlamaForCausalLM")],
+)
+def test_each_family_is_written_as_the_trainer_reads_it(tmp_path: Path, options: dict, architecture: str) -> None:
+    from sidecars.megatron.arch import ModelArch
+
+    spec = TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1, intermediate=64, max_positions=128, **options)
+    arch = ModelArch.from_pretrained(write_tiny_model(tmp_path, spec))
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [architecture]
+    assert arch.qk_norm == (spec.arch == "qwen3")
+    assert (arch.rope_scaling is not None) == (spec.rope_scaling == "llama3")
+    if arch.rope_scaling is not None:
+        assert arch.rope_scaling.original_max_positions == 32
+
+
+def test_llama3_rope_scaling_is_refused_for_qwen() -> None:
+    with pytest.raises(ValueError, match=r"rope_scaling 'llama3' is Llama 3\.x's; arch 'qwen3'"):
+        TinyModelSpec(arch="qwen3", rope_scaling="llama3")
