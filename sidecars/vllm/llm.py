@@ -64,12 +64,21 @@ def compile_sampler_ops(settings: VllmSettings) -> None:
     and 3 make the batch dimension dynamic), leaves the compiled code in dynamo's cache for vLLM's
     calls. The kernel itself comes from inductor's cache (`TORCHINDUCTOR_CACHE_DIR`, by default under
     /tmp), shared by every restart.
+
+    It runs on one thread: the zygote forks every sidecar, and at a real vocabulary's size (from about
+    500 tokens) the kernel opens OpenMP's thread pool, which a forked child inherits without its
+    threads: the sidecar's first parallel torch op then waits for them for ever.
     """
     import torch
     from vllm.v1.sample.ops.logprobs import batched_count_greater_than
 
     vocab = json.loads((Path(settings.model_dir) / "config.json").read_text())["vocab_size"]
-    with torch.inference_mode():
-        for rows in (1, 2, 3):
-            logprobs = torch.zeros(rows, vocab, dtype=torch.float32)
-            batched_count_greater_than(logprobs, logprobs[:, :1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for rows in (1, 2, 3):
+                logprobs = torch.zeros(rows, vocab, dtype=torch.float32)
+                batched_count_greater_than(logprobs, logprobs[:, :1])
+    finally:
+        torch.set_num_threads(threads)

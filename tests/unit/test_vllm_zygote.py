@@ -59,3 +59,50 @@ def test_no_zygote_in_the_directory_is_a_clear_error(tmp_path: Path, monkeypatch
         vllm.start(timeout=10)
     vllm.close()
     assert not (tmp_path / "shared" / "vllm.fork").exists()
+
+
+FORK_AFTER_COMPILE = """
+import json, os, sys, time
+import torch
+from checkpoint_engine.contracts.vllm_protocol import VllmSettings
+from sidecars.vllm.llm import compile_sampler_ops
+
+model = sys.argv[1]
+compile_sampler_ops(VllmSettings(model_dir=model, port=1, tensor_parallel=1, gpu_memory_utilization=0.1,
+                                 max_model_len=64, dtype="float32", seed=0))
+pid = os.fork()
+if pid == 0:  # a sidecar: vLLM's first buffers are filled by parallel torch ops
+    torch.zeros(1 << 21).add_(1)
+    os._exit(0)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        print("child finished")
+        sys.exit(0)
+    time.sleep(0.1)
+os.kill(pid, 9)
+print("child hung")
+sys.exit(1)
+"""
+
+
+def test_a_sidecar_forked_after_the_zygotes_compile_runs_parallel_torch_ops(tmp_path: Path) -> None:
+    """At a real vocabulary's size the sampler kernel would open OpenMP's thread pool in the zygote,
+    and every forked sidecar would then hang in its first parallel op (vLLM never became healthy)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text('{"vocab_size": 151936}')
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_COMPILE, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "child finished" in proc.stdout
