@@ -15,7 +15,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 
 from checkpoint_engine.contracts.acks import MetricsAck, RestartVllmAck
@@ -32,18 +31,9 @@ from engine.replay_buffer import Group, PartialRolloutBuffer, PromptTokens, Roll
 from engine.rewards import RewardScorer
 from engine.sampling import PromptSampler
 from engine.tasks import Sample, Task
+from engine.tokenizer import Tokens
 
 log = logging.getLogger("timeshare.controller")
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """The tokenizer's part the controller needs (plain callables: tests pass their own)."""
-
-    encode: Callable[[str], list[int]]  # prompt text -> ids, special tokens included
-    decode: Callable[[Sequence[int]], str]  # response ids -> text, special tokens dropped
-    stop_ids: tuple[int, ...]  # a response ends at any of these (end of line, eos)
-    pad_id: int
 
 
 class Controller:

@@ -1,5 +1,5 @@
-"""Tiny HF-format models (Llama, Qwen2, Qwen3) with a character-level tokenizer, made locally
-(nothing is downloaded).
+"""Tiny HF-format models (Llama, Qwen2, Qwen3) with a character-level or a byte-level BPE tokenizer
+(`engine.bpe_tokenizer`), made locally (nothing is downloaded).
 
 `write_tiny_model(dir, TinyModelSpec(...))` writes config.json, model.safetensors and the
 tokenizer files that transformers, vLLM and the Megatron loader read like any real checkpoint.
@@ -20,6 +20,9 @@ Arch = Literal["llama", "qwen2", "qwen3"]
 ARCHS: tuple[Arch, ...] = ("llama", "qwen2", "qwen3")
 RopeScaling = Literal["default", "llama3"]
 ROPE_SCALINGS: tuple[RopeScaling, ...] = ("default", "llama3")
+TokenizerKind = Literal["char", "bpe"]
+TOKENIZERS: tuple[TokenizerKind, ...] = ("char", "bpe")
+BPE_VOCAB = 512  # special tokens, 256 bytes and merges: a real tokenizer's behaviour at a tiny model's size
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 # Printable ASCII without the other whitespace kinds, plus newline: enough for math prompts.
 CHARACTERS = tuple(c for c in string.printable if c not in "\t\r\x0b\x0c")
@@ -39,11 +42,14 @@ class TinyModelSpec:
     vocab_multiple: int = 64
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = "default"  # llama3: Llama 3.x's scaling, its original context a quarter of ours
+    tokenizer: TokenizerKind = "char"  # bpe: byte-level BPE trained on the tasks' texts, ChatML chat template
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ConfigError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
         if self.rope_scaling == "llama3" and self.arch != "llama":
@@ -66,7 +72,7 @@ class TinyModelSpec:
 
     @property
     def vocab_size(self) -> int:
-        n = len(SPECIAL_TOKENS) + len(CHARACTERS)
+        n = len(SPECIAL_TOKENS) + len(CHARACTERS) if self.tokenizer == "char" else BPE_VOCAB
         return -(-n // self.vocab_multiple) * self.vocab_multiple
 
 
@@ -101,10 +107,19 @@ def build_char_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     )
 
 
-def hf_config(spec: TinyModelSpec):  # -> transformers.PretrainedConfig
+def build_tokenizer(spec: TinyModelSpec):  # -> transformers.PreTrainedTokenizerFast
+    if spec.tokenizer == "char":
+        return build_char_tokenizer()
+    from engine.bpe_tokenizer import task_corpus, train_bpe_tokenizer
+
+    return train_bpe_tokenizer(task_corpus(spec.seed), BPE_VOCAB)
+
+
+def hf_config(spec: TinyModelSpec, tokenizer):  # -> transformers.PretrainedConfig
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    vocab = char_vocab()
+    if len(tokenizer) > spec.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size {spec.vocab_size}")
     common = {
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden,
@@ -115,9 +130,9 @@ def hf_config(spec: TinyModelSpec):  # -> transformers.PretrainedConfig
         "max_position_embeddings": spec.max_positions,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": spec.tie_embeddings,
-        "bos_token_id": vocab["<s>"],
-        "eos_token_id": vocab["</s>"],
-        "pad_token_id": vocab["<pad>"],
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
         "torch_dtype": "float32",
     }
     rope: dict[str, object] = {"rope_type": "default", "rope_theta": spec.rope_theta}
@@ -139,9 +154,10 @@ def write_tiny_model(out_dir: str | Path, spec: TinyModelSpec) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(spec)
     torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(spec, tokenizer), dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
-    build_char_tokenizer().save_pretrained(out)
+    tokenizer.save_pretrained(out)
     (out / "timeshare_tiny_model.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     return out

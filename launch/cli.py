@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from checkpoint_engine.contracts.config import ConfigError
-from engine.tiny_model import ARCHS, ROPE_SCALINGS, TinyModelSpec
+from engine.tiny_model import ARCHS, ROPE_SCALINGS, TOKENIZERS, TinyModelSpec
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -80,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser(
-        "make-tiny-model", help="write an HF-format Llama/Qwen2/Qwen3 model with a character tokenizer"
+        "make-tiny-model", help="write an HF-format Llama/Qwen2/Qwen3 model with a character or BPE tokenizer"
     )
     tiny.add_argument("dir", help="output directory")
     defaults = TinyModelSpec()
     tiny.add_argument("--arch", choices=ARCHS, default=defaults.arch)
+    tiny.add_argument("--tokenizer", choices=TOKENIZERS, default=defaults.tokenizer)
     tiny.add_argument("--rope-scaling", dest="rope_scaling", choices=ROPE_SCALINGS, default=defaults.rope_scaling)
     for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "vocab_multiple", "seed"):
         tiny.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(defaults, name))

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.run_dir import RunManifest, RunPaths
 from engine.config import RolloutConfig
-from engine.controller import Tokens
 from engine.tasks import Sample
+from engine.tokenizer import Tokens, load_tokens
 from launch.config_loading import resumed_config
 from launch.node import resume_point
 from launch.train_config import TrainConfig
@@ -121,13 +122,16 @@ def _model_dir(cfg: TrainConfig, paths: RunPaths) -> Path:
     return paths.model_init
 
 
-def prepare_model(cfg: TrainConfig, paths: RunPaths, rollout: RolloutConfig) -> tuple[Path, Tokens]:
+def prepare_model(
+    cfg: TrainConfig, paths: RunPaths, rollout: RolloutConfig, samples: Iterable[Sample]
+) -> tuple[Path, Tokens]:
     """The model's directory (the tiny model written on first use), checked against the KV cache, and
-    its tokens."""
+    its tokens, checked against the task's `samples`."""
     model_dir = _model_dir(cfg, paths)
     check_kv_cache(rollout, model_dir, cfg.model.dtype, cfg.parallel.vllm_tp)
     RunManifest(model_dir=str(model_dir), trainer_tp=cfg.parallel.trainer_tp).to_json_file(paths.manifest)
-    return model_dir, _tokens(model_dir, rollout.stop)
+    texts = [t for s in samples for t in (s.prompt, s.answer, s.demonstration) if t]
+    return model_dir, load_tokens(model_dir, rollout.stop, cfg.task.chat_template, texts)
 
 
 def check_kv_cache(rollout: RolloutConfig, model_dir: Path, dtype: str, vllm_tp: int) -> None:
@@ -145,28 +149,9 @@ def check_kv_cache(rollout: RolloutConfig, model_dir: Path, dtype: str, vllm_tp:
         )
 
 
-def _tokens(model_dir: Path, stop: str) -> Tokens:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    stop_ids = [tok.eos_token_id]
-    if stop:
-        ids = tok(stop, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ConfigError(f"rollout.stop={stop!r} is {len(ids)} tokens for this tokenizer; it must be one")
-        stop_ids.insert(0, ids[0])
-    return Tokens(
-        encode=lambda text: tok(text)["input_ids"],
-        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True),
-        stop_ids=tuple(stop_ids),
-        pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    )
-
-
 def cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, stop: str) -> list[list[list[int]]]:
     """At most a tenth of the RL pool, answered (worked steps included where the task demonstrates
     them): a random model earns no reward to learn from."""
     n = int(cfg.trainer.cold_start.fraction * len(pool))
     chosen = random.Random(cfg.run.seed).sample(pool, n)
-    # [1:]: the response without the tokenizer's BOS
-    return [[tokens.encode(s.prompt), tokens.encode((s.demonstration or s.answer) + stop)[1:]] for s in chosen]
+    return [[tokens.encode(s.prompt), tokens.encode_response((s.demonstration or s.answer) + stop)] for s in chosen]

@@ -176,7 +176,7 @@ def train(overrides: list[str]) -> int:
         task = cfg.task.make()  # a bad dataset record fails here, before the model is written
         pool = task.samples("train", cfg.task.pool_size, cfg.run.seed)
         heldout = task.samples("heldout", cfg.task.heldout_size, cfg.run.seed)
-        model_dir, tokens = prepare_model(cfg, paths, rollout)
+        model_dir, tokens = prepare_model(cfg, paths, rollout, [*pool, *heldout])
         if start == 0:
             paths.cold_start.write_text(json.dumps(cold_start_examples(cfg, pool, tokens, rollout.stop)))
     except BaseException:

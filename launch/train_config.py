@@ -22,7 +22,7 @@ from engine.config import RolloutConfig, RunConfig
 from engine.rewards import RewardConfig
 from engine.sampling import SamplerConfig
 from engine.tasks.config import TaskConfig
-from engine.tiny_model import VALID_HEAD_DIMS, Arch, RopeScaling, TinyModelSpec
+from engine.tiny_model import VALID_HEAD_DIMS, Arch, RopeScaling, TinyModelSpec, TokenizerKind
 from sidecars.megatron.config import TrainerConfig
 
 # The lengths a long-context preset decides for the rollout, and the context each preset names.
@@ -31,6 +31,7 @@ PRESET_MAX_MODEL_LEN = {"32k": 32768, "128k": 131072}
 TINY_FIELDS = (
     "arch",
     "rope_scaling",
+    "tokenizer",
     "layers",
     "hidden",
     "heads",
@@ -48,6 +49,7 @@ class ModelConfig(Section):
     path: str | None = None  # an HF model directory; None: write the tiny model described below
     arch: Arch = "llama"
     rope_scaling: RopeScaling = "default"  # llama3: Llama 3.x's RoPE scaling (with arch=llama)
+    tokenizer: TokenizerKind = "char"  # bpe: byte-level BPE with a ChatML chat template (engine.bpe_tokenizer)
     layers: int = Field(4, ge=1)
     hidden: int = Field(128, ge=1)
     heads: int = Field(4, ge=1)  # hidden / heads must be 32, 64 or 128 (vLLM's CPU attention rejects 16)

@@ -22,6 +22,8 @@ class TaskConfig(Section):
     digits: int = Field(6, ge=1)  # scratchpad and addition: max digits of each operand; sort: list length
     # partial: credit per right digit / position (addition, sort); "correct" stays exact.
     reward: Literal["exact", "partial"] = "partial"
+    # Render each prompt as a user turn through the model's chat template (`engine.tokenizer`).
+    chat_template: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:

@@ -273,12 +273,30 @@ class Trainer:
             # Each micro-batch loss is a mean over its groups: weight it by its share of the batch.
             (loss * len(groups) / n_groups).backward()
             total_loss += loss.item() * len(groups) / n_groups
-        self._reduce_data_parallel(average=False)
+        self._reduce_gradients(average=False)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         clip = {} if self.algo.name == "kimi" else {"train/clip_fraction": clipped / max(counted, 1.0)}
         critic = {} if self.value_head is None else {"train/value_loss": critic_loss}
         return {"train/loss": total_loss, "train/grad_norm": grad_norm, **clip, **critic}
+
+    def _reduce_gradients(self, average: bool) -> None:
+        """Every rank's gradients become the whole batch's: first the per-head q/k norms' over the TP
+        ranks, then all of them over the DP ranks."""
+        self._reduce_qk_norms_over_tensor_parallel()
+        self._reduce_data_parallel(average)
+
+    def _reduce_qk_norms_over_tensor_parallel(self) -> None:
+        """Sum the q/k norms' gradients over the TP ranks (what megatron-core's `finalize_model_grads`
+        does for `qk_layernorm`): their weight is replicated, but each TP rank normalises its own heads
+        with it and holds only those heads' part of the gradient. Left alone, the copies drift apart
+        and the exported weights (TP rank 0's) are not those every rank trains with."""
+        ps = _tp()
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
     def _reduce_data_parallel(self, average: bool) -> None:
         """Sum gradients over the DP ranks (`average`: then divide by their number, for per-rank mean
@@ -356,7 +374,7 @@ class Trainer:
                 dev = logp.device
                 loss = -(logp * mask.to(dev)).sum() / mask.sum().clamp(min=1).to(dev)
                 loss.backward()
-                self._reduce_data_parallel(average=True)
+                self._reduce_gradients(average=True)
                 self._clip_gradients()
                 self.optimizer.step()
                 epoch_loss, steps = epoch_loss + loss.item(), steps + 1

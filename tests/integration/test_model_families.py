@@ -1,7 +1,8 @@
 """Each model family beyond the default Llama through the real job (etcd, engine, Megatron ranks,
-vLLM with dummy weights): Qwen3 (q/k norms, trainer TP 2) and Llama 3.x RoPE scaling. Every
-rollout samples the version the trainer exported, the trainer's logprobs of it agree with vLLM's,
-and the exported checkpoint reproduces them in transformers."""
+vLLM with dummy weights), with the byte-level BPE tokenizer and prompts rendered through its chat
+template: Qwen3 (q/k norms, trainer TP 2, trajectories continued across iterations) and Llama 3.x
+RoPE scaling. Every rollout samples the version the trainer exported, the trainer's logprobs of it
+agree with vLLM's, and the exported checkpoint reproduces them in transformers."""
 
 from __future__ import annotations
 
@@ -13,19 +14,30 @@ import pytest
 from tests.integration.train_job import export_reproduces_rollout, rows, whole_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BPE = ["model.tokenizer=bpe", "task.chat_template=true"]
+# Scratchpad answers with a carry are longer than a budget of 16 tokens: they continue in the next
+# iteration. A cold start long enough to learn the format: the short answers stop within the budget.
+PARTIAL = [
+    "task=scratchpad",
+    "task.digits=2",
+    "task.pool_size=400",
+    "trainer.cold_start.epochs=40",
+    "rollout.max_response_tokens=32",
+    "rollout.iteration_token_budget=16",
+]
 
 
 @pytest.mark.parametrize(
     ("overrides", "architecture"),
     [
-        (["model.arch=qwen3", "parallel.trainer_tp=2"], "Qwen3ForCausalLM"),
+        (["model.arch=qwen3", "parallel.trainer_tp=2", *PARTIAL], "Qwen3ForCausalLM"),
         (["model.rope_scaling=llama3"], "LlamaForCausalLM"),
     ],
     ids=["qwen3-tp2", "llama3-scaled"],
 )
 def test_the_family_trains_and_serves_every_version(tmp_path: Path, overrides: list[str], architecture: str) -> None:
     (tmp_path / "runs").mkdir()
-    paths = whole_run(tmp_path / "runs", *overrides)
+    paths = whole_run(tmp_path / "runs", *BPE, *overrides)
     config = json.loads((paths.root / "hf" / "config.json").read_text())
     assert config["architectures"] == [architecture]
     history = {int(r["iteration"]): r for r in rows(paths)}
@@ -35,4 +47,6 @@ def test_the_family_trains_and_serves_every_version(tmp_path: Path, overrides: l
     gaps = [r["logprob_gap/mean_abs"] for r in history.values() if "logprob_gap/mean_abs" in r]
     assert len(gaps) == 2
     assert max(gaps) < 1e-3
+    if "task=scratchpad" in overrides:
+        assert history[1]["rollout/partial_share"] > 0
     export_reproduces_rollout(paths, 1, tmp_path / "hf")

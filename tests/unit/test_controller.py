@@ -30,15 +30,17 @@ from checkpoint_engine.contracts.vllm_client import SidecarError, SpreadVllmClie
 from checkpoint_engine.contracts.vllm_protocol import Completion, GenerateResponse, GenerationRequest, GenerationResult
 from engine.batch import load_batch
 from engine.config import RepeatDetection, RolloutConfig, RunConfig
-from engine.controller import Controller, Tokens
+from engine.controller import Controller
 from engine.replay_buffer import PartialRolloutBuffer
 from engine.rewards import RewardConfig, RewardScorer
 from engine.sampling import UniformSampler
 from engine.tasks import AdditionTask
+from engine.tokenizer import Tokens
 
 NEWLINE, EOS = 10, 0
 TOKENS = Tokens(
     encode=lambda text: [1, *(ord(c) for c in text)],
+    encode_response=lambda text: [ord(c) for c in text],
     decode=lambda ids: "".join(chr(i) for i in ids if i > 1),
     stop_ids=(NEWLINE, EOS),
     pad_id=EOS,

@@ -151,3 +151,21 @@ def test_each_family_is_written_as_the_trainer_reads_it(tmp_path: Path, options:
 def test_llama3_rope_scaling_is_refused_for_qwen() -> None:
     with pytest.raises(ValueError, match=r"rope_scaling 'llama3' is Llama 3\.x's; arch 'qwen3'"):
         TinyModelSpec(arch="qwen3", rope_scaling="llama3")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_a_bpe_model_directory_loads_the_tokenizer_it_was_written_with(tmp_path: Path, arch: str) -> None:
+    """transformers loads a qwen2 directory's tokenizer with Qwen2's own pre-tokenizer: the BPE is
+    trained under the same one, so every family encodes as the trained tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from engine.bpe_tokenizer import task_corpus, train_bpe_tokenizer
+
+    spec = TinyModelSpec(arch=arch, tokenizer="bpe", layers=1, hidden=64, heads=2, kv_heads=1, intermediate=64)
+    loaded = AutoTokenizer.from_pretrained(write_tiny_model(tmp_path, spec))
+    trained = train_bpe_tokenizer(task_corpus(spec.seed), 512)
+    text = "12345 + 67890 = 80235\nsort: 3,1,2 -> carry the one"
+    assert loaded(text)["input_ids"] == trained(text)["input_ids"]
+    assert loaded.decode(loaded(text)["input_ids"]) == text
+    assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == spec.vocab_size >= len(loaded)
+    assert loaded.bos_token_id is None
