@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.train_job import export_reproduces_rollout, rows, whole_run
+from tests.integration.train_job import PARTIAL, export_reproduces_rollout, rows, whole_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BPE = ["model.tokenizer=bpe", "task.chat_template=true"]
-# Scratchpad answers with a carry are longer than a budget of 16 tokens: they continue in the next
-# iteration. A cold start long enough to learn the format: the short answers stop within the budget.
-PARTIAL = [
-    "task=scratchpad",
-    "task.digits=2",
-    "task.pool_size=400",
-    "trainer.cold_start.epochs=40",
-    "rollout.max_response_tokens=32",
-    "rollout.iteration_token_budget=16",
-]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from engine.tasks import make_task
 from tests.integration.train_job import (
     ITERATIONS,
     OVERRIDES,
+    PARTIAL,
     POOL,
     PROMPTS,
     REPO,
@@ -195,17 +196,8 @@ def test_long_answers_continue_from_the_buffer_in_the_next_iteration(tmp_path: P
     """The scratchpad task with a budget of 16 tokens per iteration: answers with a carry take more, and
     continue in the next iteration from the replay buffer. Their older tokens serve as context only
     (staleness=exclude, Kimi), or train with their importance ratio to the rollout (keep, with grpo)."""
-    # A cold start long enough for the worked format: short answers then stop within the first budget.
-    partial = [
-        "task=scratchpad",
-        "task.digits=2",
-        "task.pool_size=400",
-        "trainer.cold_start.epochs=40",
-        "rollout.max_response_tokens=32",
-        "rollout.iteration_token_budget=16",
-    ]
     keeping = ["algo=grpo", "rollout.staleness=keep"] if keep else []
-    paths = whole_run(tmp_path, *partial, *keeping)
+    paths = whole_run(tmp_path, *PARTIAL, *keeping)
     history = {int(r["iteration"]): r for r in rows(paths)}
     assert history[1]["rollout/partial_share"] > 0
     assert history[1]["rollout/stale_token_share"] > 0
