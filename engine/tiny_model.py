@@ -1,4 +1,4 @@
-"""Tiny HF-format models (Llama, Qwen2, Qwen3) with a character-level or a byte-level BPE tokenizer
+"""Tiny HF-format models (Llama, Qwen2, Qwen3, Qwen3-MoE) with a character-level or a byte-level BPE tokenizer
 (`engine.bpe_tokenizer`), made locally (nothing is downloaded).
 
 `write_tiny_model(dir, TinyModelSpec(...))` writes config.json, model.safetensors and the
@@ -16,8 +16,8 @@ from typing import Literal
 
 from checkpoint_engine.contracts.config import ConfigError
 
-Arch = Literal["llama", "qwen2", "qwen3"]
-ARCHS: tuple[Arch, ...] = ("llama", "qwen2", "qwen3")
+Arch = Literal["llama", "qwen2", "qwen3", "qwen3_moe"]
+ARCHS: tuple[Arch, ...] = ("llama", "qwen2", "qwen3", "qwen3_moe")
 RopeScaling = Literal["default", "llama3"]
 ROPE_SCALINGS: tuple[RopeScaling, ...] = ("default", "llama3")
 TokenizerKind = Literal["char", "bpe"]
@@ -43,6 +43,11 @@ class TinyModelSpec:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = "default"  # llama3: Llama 3.x's scaling, its original context a quarter of ours
     tokenizer: TokenizerKind = "char"  # bpe: byte-level BPE trained on the tasks' texts, ChatML chat template
+    # qwen3_moe: every layer's MLP is `experts` SwiGLU experts of width `expert_intermediate`, top
+    # `experts_per_token` routed (probabilities renormalised); `intermediate` is then unused.
+    experts: int = 4
+    experts_per_token: int = 2
+    expert_intermediate: int = 128
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,7 +59,18 @@ class TinyModelSpec:
             raise ConfigError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
         if self.rope_scaling == "llama3" and self.arch != "llama":
             raise ConfigError(f"rope_scaling 'llama3' is Llama 3.x's; arch {self.arch!r} has plain RoPE")
-        for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "vocab_multiple"):
+        if not 1 <= self.experts_per_token <= self.experts:
+            raise ConfigError(f"experts_per_token must be in [1, experts={self.experts}], got {self.experts_per_token}")
+        for name in (
+            "layers",
+            "hidden",
+            "heads",
+            "kv_heads",
+            "intermediate",
+            "max_positions",
+            "vocab_multiple",
+            "expert_intermediate",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.heads:
@@ -116,7 +132,7 @@ def build_tokenizer(spec: TinyModelSpec):  # -> transformers.PreTrainedTokenizer
 
 
 def hf_config(spec: TinyModelSpec, tokenizer):  # -> transformers.PretrainedConfig
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     if len(tokenizer) > spec.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than vocab_size {spec.vocab_size}")
@@ -144,6 +160,19 @@ def hf_config(spec: TinyModelSpec, tokenizer):  # -> transformers.PretrainedConf
         return LlamaConfig(**common, head_dim=spec.head_dim, rope_parameters=rope)
     if spec.arch == "qwen3":
         return Qwen3Config(**common, head_dim=spec.head_dim, rope_parameters=rope, use_sliding_window=False)
+    if spec.arch == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common,
+            head_dim=spec.head_dim,
+            rope_parameters=rope,
+            use_sliding_window=False,
+            num_experts=spec.experts,
+            num_experts_per_tok=spec.experts_per_token,
+            moe_intermediate_size=spec.expert_intermediate,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     return Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False)
 
 

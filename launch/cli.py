@@ -80,14 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser(
-        "make-tiny-model", help="write an HF-format Llama/Qwen2/Qwen3 model with a character or BPE tokenizer"
+        "make-tiny-model", help="write an HF-format Llama/Qwen2/Qwen3/Qwen3-MoE model with a character or BPE tokenizer"
     )
     tiny.add_argument("dir", help="output directory")
     defaults = TinyModelSpec()
     tiny.add_argument("--arch", choices=ARCHS, default=defaults.arch)
     tiny.add_argument("--tokenizer", choices=TOKENIZERS, default=defaults.tokenizer)
     tiny.add_argument("--rope-scaling", dest="rope_scaling", choices=ROPE_SCALINGS, default=defaults.rope_scaling)
-    for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "max_positions", "vocab_multiple", "seed"):
+    for name in (
+        "layers",
+        "hidden",
+        "heads",
+        "kv_heads",
+        "intermediate",
+        "max_positions",
+        "vocab_multiple",
+        "experts",
+        "experts_per_token",
+        "expert_intermediate",
+        "seed",
+    ):
         tiny.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(defaults, name))
     tiny.add_argument("--rope-theta", dest="rope_theta", type=float, default=defaults.rope_theta)
     tiny.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_true")

@@ -39,6 +39,9 @@ TINY_FIELDS = (
     "intermediate",
     "max_positions",
     "tie_embeddings",
+    "experts",
+    "experts_per_token",
+    "expert_intermediate",
 )
 
 
@@ -57,6 +60,9 @@ class ModelConfig(Section):
     intermediate: int = Field(256, ge=1)
     max_positions: int = Field(256, ge=1)  # the model's context; >= rollout.max_model_len
     tie_embeddings: bool = False
+    experts: int = Field(4, ge=1)  # arch=qwen3_moe: routed experts per layer
+    experts_per_token: int = Field(2, ge=1)  # arch=qwen3_moe: top-k
+    expert_intermediate: int = Field(128, ge=1)  # arch=qwen3_moe: each expert's SwiGLU width
     dtype: Dtype = "float32"  # of the trainer's parameters and of vLLM
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """The model families the trainer supports, read from an HF `config.json`: Llama (Llama 3.x's RoPE
-scaling included), Qwen2 (qkv bias) and Qwen3 (per-head q/k RMSNorm). All share RMSNorm, SwiGLU,
-RoPE and GQA. Anything outside them fails here, before a tensor is touched."""
+scaling included), Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm) and Qwen3-MoE (Qwen3's attention,
+every layer's MLP a top-k routed mixture of SwiGLU experts). All share RMSNorm, SwiGLU, RoPE and GQA.
+Anything outside them fails here, before a tensor is touched."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
@@ -21,6 +27,17 @@ class Llama3Rope:
     low_freq_factor: float
     high_freq_factor: float
     original_max_positions: int
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Qwen3-MoE's MLP: `count` SwiGLU experts of width `intermediate`, `top_k` chosen per token by a
+    softmax router; `normalize_top_k`: the chosen probabilities rescaled to sum to 1."""
+
+    count: int
+    top_k: int
+    intermediate: int
+    normalize_top_k: bool
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,7 @@ class ModelArch:
     qkv_bias: bool
     qk_norm: bool = False
     rope_scaling: Llama3Rope | None = None
+    moe: Experts | None = None  # None: every layer's MLP is dense
 
     @property
     def heads_per_group(self) -> int:
@@ -78,8 +96,9 @@ class ModelArch:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has a qkv bias; Llama and Qwen3 have one only where attention_bias says so.
             qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             rope_scaling=rope_scaling,
+            moe=_experts(cfg) if family == "qwen3_moe" else None,
         )
 
     @classmethod
@@ -97,6 +116,34 @@ class ModelArch:
         ):
             if n % tp:
                 raise ValueError(f"{what}={n} is not divisible by tensor_parallel={tp}")
+
+    def check_expert_parallel(self, ep: int) -> None:
+        if ep == 1:
+            return
+        if self.moe is None:
+            raise ValueError(f"expert_parallel={ep} needs a mixture-of-experts model; {self.family} is dense")
+        if self.moe.count % ep:
+            raise ValueError(f"num_experts={self.moe.count} is not divisible by expert_parallel={ep}")
+
+
+def _experts(cfg: dict[str, Any]) -> Experts:
+    """Qwen3-MoE's experts; layouts that mix dense and MoE layers, or add shared experts, are refused."""
+    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+        raise ValueError(
+            f"decoder_sparse_step={cfg.get('decoder_sparse_step')} mlp_only_layers={cfg.get('mlp_only_layers')}: "
+            "only models whose every layer is MoE are supported (decoder_sparse_step 1, no mlp_only_layers)"
+        )
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError("shared experts are not supported; Qwen3-MoE has none")
+    experts = Experts(
+        count=int(cfg.get("num_experts") or cfg["num_local_experts"]),  # transformers 5 writes the latter
+        top_k=int(cfg["num_experts_per_tok"]),
+        intermediate=int(cfg["moe_intermediate_size"]),
+        normalize_top_k=bool(cfg.get("norm_topk_prob", False)),
+    )
+    if not 1 <= experts.top_k <= experts.count:
+        raise ValueError(f"num_experts_per_tok={experts.top_k} must be in [1, num_experts={experts.count}]")
+    return experts
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, Llama3Rope | None]:

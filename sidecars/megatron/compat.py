@@ -9,6 +9,9 @@ megatron-core 0.16.1 assumes CUDA in a few spots that the forward/backward path 
 - The default causal mask is built on "cuda": callers pass an explicit mask (`causal_mask`).
 - Megatron's optimizer factory and pipeline schedules hard-code "cuda": on CPU the trainer uses
   a torch optimizer over the model's parameters directly (`make_optimizer`).
+- The MoE router's linear reads `te_general_gemm`, which `moe_utils` defines only when Transformer
+  Engine imports: without TE (on any device) it must be None (the torch matmul path). The all-to-all token dispatcher
+  creates a CUDA stream: on CPU the trainer uses the all-gather dispatcher (`model.build_model`).
 On a machine with CUDA nothing here patches anything.
 """
 
@@ -38,8 +41,13 @@ def distributed_backend() -> str:
 
 
 def apply_cpu_shims() -> None:
-    """Install the CPU stand-ins; idempotent, and a no-op where CUDA is present."""
+    """Install the CPU stand-ins; idempotent, and a no-op where CUDA is present (but for the MoE
+    router's missing name, which lacks TE's on any device)."""
     global _PATCHED
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     if _PATCHED or on_gpu():
         return
     from megatron.core.tensor_parallel import random as mcore_random

@@ -1,4 +1,4 @@
-"""HF <-> Megatron weight conversion for the Llama/Qwen2/Qwen3 family: the only place names and layouts map.
+"""HF <-> Megatron weight conversion for the Llama/Qwen2/Qwen3(-MoE) family: the only place names and layouts map.
 
 Pure functions on full (unsharded) tensors plus the tensor-parallel split/merge rules, so every
 producer (initial load, EXPORT into a weight buffer, checkpoints) converts the same way.
@@ -10,11 +10,16 @@ Layouts (Megatron side):
 - `linear_fc1`: [gate; up]. Under TP each rank holds [gate_r; up_r], so it is not a plain chunk.
 - Qwen3's per-head q/k norms (`q_layernorm`, `k_layernorm`, [head_dim]) are replicated under TP.
 - Layer norms sit in their own modules with the local spec and inside `linear_qkv` /
-  `linear_fc1` (`layer_norm_weight`) with the Transformer Engine spec (`fused_norms=True`).
+  `linear_fc1` (`layer_norm_weight`) with the Transformer Engine spec (`fused_norms=True`); an MoE
+  layer's MLP norm is always its own module.
+- MoE: the router is `mlp.router.weight` ([experts, hidden], HF's `mlp.gate`); expert e's [gate; up]
+  and down are `mlp.experts.local_experts.<e>.linear_fc1/fc2`. Full tensors number experts globally;
+  an expert-parallel rank holds a contiguous block of them, numbered from 0 (`ep_local_name`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -63,6 +68,26 @@ def _take(hf: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> 
     return t
 
 
+def moe_layer_names(expert: int) -> dict[str, str]:
+    """Megatron per-layer suffixes of an MoE layer's router and of expert `expert` (global index)."""
+    e = f"mlp.experts.local_experts.{expert}."
+    return {"router": "mlp.router.weight", "fc1": e + "linear_fc1.weight", "fc2": e + "linear_fc2.weight"}
+
+
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert a Megatron tensor belongs to (None: not an expert's)."""
+    m = _EXPERT.search(name)
+    return None if m is None else int(m.group(1))
+
+
+def ep_local_name(name: str, offset: int) -> str:
+    """`name` with its expert index shifted by `offset`: global -> local with -first, local -> global with +first."""
+    return _EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + offset}.", name, count=1)
+
+
 def hf_to_megatron(hf: Mapping[str, torch.Tensor], arch: ModelArch, fused_norms: bool = False) -> Tensors:
     """Full Megatron tensors (global layer indices) from HF-named tensors; every HF tensor must be used."""
     a, names = arch, megatron_layer_names(fused_norms)
@@ -90,11 +115,22 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], arch: ModelArch, fused_norms:
             out[m + names["k_norm"]] = take(p + "self_attn.k_norm.weight", (a.head_dim,))
         out[m + names["proj"]] = take(p + "self_attn.o_proj.weight", (a.hidden, q_rows))
         out[m + names["attn_norm"]] = take(p + "input_layernorm.weight", (a.hidden,))
-        out[m + names["mlp_norm"]] = take(p + "post_attention_layernorm.weight", (a.hidden,))
-        gate = take(p + "mlp.gate_proj.weight", (a.intermediate, a.hidden))
-        up = take(p + "mlp.up_proj.weight", (a.intermediate, a.hidden))
-        out[m + names["fc1"]] = torch.cat([gate, up], dim=0)
-        out[m + names["fc2"]] = take(p + "mlp.down_proj.weight", (a.hidden, a.intermediate))
+        if a.moe is None:
+            out[m + names["mlp_norm"]] = take(p + "post_attention_layernorm.weight", (a.hidden,))
+            gate = take(p + "mlp.gate_proj.weight", (a.intermediate, a.hidden))
+            up = take(p + "mlp.up_proj.weight", (a.intermediate, a.hidden))
+            out[m + names["fc1"]] = torch.cat([gate, up], dim=0)
+            out[m + names["fc2"]] = take(p + "mlp.down_proj.weight", (a.hidden, a.intermediate))
+            continue
+        out[m + "pre_mlp_layernorm.weight"] = take(p + "post_attention_layernorm.weight", (a.hidden,))
+        out[m + moe_layer_names(0)["router"]] = take(p + "mlp.gate.weight", (a.moe.count, a.hidden))
+        width = a.moe.intermediate
+        for e in range(a.moe.count):
+            x, moe = f"{p}mlp.experts.{e}.", moe_layer_names(e)
+            gate = take(x + "gate_proj.weight", (width, a.hidden))
+            up = take(x + "up_proj.weight", (width, a.hidden))
+            out[m + moe["fc1"]] = torch.cat([gate, up], dim=0)
+            out[m + moe["fc2"]] = take(x + "down_proj.weight", (a.hidden, width))
     out["decoder.final_layernorm.weight"] = take("model.norm.weight", (a.hidden,))
     if not a.tie_embeddings:
         out["output_layer.weight"] = take("lm_head.weight", (a.vocab_size, a.hidden))
@@ -131,10 +167,18 @@ def megatron_to_hf(mg: Mapping[str, torch.Tensor], arch: ModelArch, fused_norms:
             out[p + "self_attn.k_norm.weight"] = get(m + names["k_norm"])
         out[p + "self_attn.o_proj.weight"] = get(m + names["proj"])
         out[p + "input_layernorm.weight"] = get(m + names["attn_norm"])
-        out[p + "post_attention_layernorm.weight"] = get(m + names["mlp_norm"])
-        gate, up = get(m + names["fc1"]).chunk(2, dim=0)
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-        out[p + "mlp.down_proj.weight"] = get(m + names["fc2"])
+        if a.moe is None:
+            out[p + "post_attention_layernorm.weight"] = get(m + names["mlp_norm"])
+            gate, up = get(m + names["fc1"]).chunk(2, dim=0)
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+            out[p + "mlp.down_proj.weight"] = get(m + names["fc2"])
+            continue
+        out[p + "post_attention_layernorm.weight"] = get(m + "pre_mlp_layernorm.weight")
+        out[p + "mlp.gate.weight"] = get(m + moe_layer_names(0)["router"])
+        for e in range(a.moe.count):
+            x, moe = f"{p}mlp.experts.{e}.", moe_layer_names(e)
+            out[x + "gate_proj.weight"], out[x + "up_proj.weight"] = get(m + moe["fc1"]).chunk(2, dim=0)
+            out[x + "down_proj.weight"] = get(m + moe["fc2"])
     out["model.norm.weight"] = get("decoder.final_layernorm.weight")
     if not a.tie_embeddings:
         out["lm_head.weight"] = get("output_layer.weight")
@@ -157,7 +201,10 @@ def split_qkv(qkv: torch.Tensor, a: ModelArch) -> tuple[torch.Tensor, torch.Tens
 
 
 def tp_split_dim(name: str) -> int | None:
-    """Dimension a Megatron tensor is split on across TP ranks (None: replicated)."""
+    """Dimension a Megatron tensor is split on across TP ranks (None: replicated; experts are split
+    over expert-parallel ranks instead, whole)."""
+    if expert_index(name) is not None:
+        return None
     if name.endswith(
         ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight")
     ):

@@ -18,11 +18,19 @@ from sidecars.megatron import compat
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # MoE experts split over this many of the data-parallel ranks (each holds experts / EP of them
+    # whole: expert tensor parallelism is 1); the dense layers stay data-parallel over them.
+    expert_parallel: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tensor_parallel", "pipeline_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.expert_parallel > 1 and self.tensor_parallel > 1:
+            raise ValueError(
+                f"expert_parallel={self.expert_parallel} with tensor_parallel={self.tensor_parallel}: "
+                "an MoE trainer here is tensor_parallel=1 (experts split over the data-parallel ranks)"
+            )
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
@@ -38,10 +46,17 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     if world % model_parallel:
         raise ValueError(f"world size {world} is not divisible by tensor_parallel*pipeline_parallel = {model_parallel}")
+    data_parallel = world // model_parallel
+    if data_parallel % parallel.expert_parallel:
+        raise ValueError(
+            f"expert_parallel={parallel.expert_parallel} does not divide the {data_parallel} data-parallel ranks"
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_parallel,
             pipeline_model_parallel_size=parallel.pipeline_parallel,
+            expert_model_parallel_size=parallel.expert_parallel,
+            expert_tensor_parallel_size=1,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

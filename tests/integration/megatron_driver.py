@@ -23,10 +23,11 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--region", help="also write the exported tensors into this shm region (EXPORT)")
     args = ap.parse_args()
 
-    init_distributed(ParallelConfig(tensor_parallel=args.tp))
+    init_distributed(ParallelConfig(tensor_parallel=args.tp, expert_parallel=args.ep))
     arch = ModelArch.from_pretrained(args.model)
     model = mg.build_model(arch)
     mg.load_hf_weights(model, mg.read_hf_tensors(args.model), arch)

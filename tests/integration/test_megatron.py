@@ -1,6 +1,6 @@
 """Megatron on CPU with gloo: HF -> Megatron -> HF is bit-exact and logits match HF transformers,
 at TP=1 and TP=2 (two real torchrun processes), for Llama (plain and Llama 3.x RoPE scaling), Qwen2
-(qkv bias), Qwen3 (q/k norms) and tied embeddings."""
+(qkv bias), Qwen3 (q/k norms), Qwen3-MoE (EP 1 and EP 2) and tied embeddings."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def _run_megatron(model_dir: Path, out: Path, tp: int, nproc: int, extra: list[s
         ("qwen3", False, 2, 2),
         ("llama3", False, 1, 1),
         ("llama", True, 1, 2),
+        ("qwen3_moe", False, 1, 1),
+        ("qwen3_moe", False, 1, 2),
         pytest.param(
             "qwen2",
             False,
@@ -74,7 +76,17 @@ def _run_megatron(model_dir: Path, out: Path, tp: int, nproc: int, extra: list[s
             ],
         ),
     ],
-    ids=["llama-tp1", "llama-tp2", "qwen2-tp2", "qwen3-tp2", "llama3-scaled-tp1", "llama-tied-tp1-dp2", "qwen2-gpu"],
+    ids=[
+        "llama-tp1",
+        "llama-tp2",
+        "qwen2-tp2",
+        "qwen3-tp2",
+        "llama3-scaled-tp1",
+        "llama-tied-tp1-dp2",
+        "qwen3-moe-ep1",
+        "qwen3-moe-ep2",
+        "qwen2-gpu",
+    ],
 )
 def test_round_trip_and_logits(tmp_path: Path, arch: str, tie: bool, tp: int, nproc: int) -> None:
     from transformers import AutoModelForCausalLM
@@ -87,7 +99,8 @@ def test_round_trip_and_logits(tmp_path: Path, arch: str, tie: bool, tp: int, np
     tokens = torch.randint(0, spec.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
     torch.save(tokens, tmp_path / "tokens.pt")
 
-    _run_megatron(model_dir, tmp_path, tp=tp, nproc=nproc)
+    # An MoE model splits its experts over every rank (its dense layers are data-parallel over them).
+    _run_megatron(model_dir, tmp_path, tp=tp, nproc=nproc, extra=["--ep", str(nproc)] if arch == "qwen3_moe" else [])
 
     original = load_file(str(model_dir / "model.safetensors"))
     exported = load_file(str(tmp_path / "exported.safetensors"))

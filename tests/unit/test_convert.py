@@ -8,6 +8,8 @@ import torch
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.convert import (
     ConversionError,
+    ep_local_name,
+    expert_index,
     hf_to_megatron,
     interleave_qkv,
     megatron_to_hf,
@@ -48,10 +50,19 @@ def _hf_tensors(a: ModelArch) -> dict[str, torch.Tensor]:
             p + "self_attn.o_proj.weight": (a.hidden, q),
             p + "input_layernorm.weight": (a.hidden,),
             p + "post_attention_layernorm.weight": (a.hidden,),
-            p + "mlp.gate_proj.weight": (a.intermediate, a.hidden),
-            p + "mlp.up_proj.weight": (a.intermediate, a.hidden),
-            p + "mlp.down_proj.weight": (a.hidden, a.intermediate),
         }
+        if a.moe is None:
+            shapes |= {
+                p + "mlp.gate_proj.weight": (a.intermediate, a.hidden),
+                p + "mlp.up_proj.weight": (a.intermediate, a.hidden),
+                p + "mlp.down_proj.weight": (a.hidden, a.intermediate),
+            }
+        else:
+            shapes[p + "mlp.gate.weight"] = (a.moe.count, a.hidden)
+            for e in range(a.moe.count):
+                x, w = f"{p}mlp.experts.{e}.", a.moe.intermediate
+                shapes |= {x + "gate_proj.weight": (w, a.hidden), x + "up_proj.weight": (w, a.hidden)}
+                shapes[x + "down_proj.weight"] = (a.hidden, w)
         if a.qkv_bias:
             shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,)}
             shapes |= {p + "self_attn.v_proj.bias": (kv,)}
@@ -60,11 +71,14 @@ def _hf_tensors(a: ModelArch) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
-@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+MOE = {"num_local_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True}
+
+
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("fused_norms", [False, True])
 def test_round_trip_is_exact(family: str, tie: bool, fused_norms: bool) -> None:
-    a = _arch(architectures=[family], tie_word_embeddings=tie)
+    a = _arch(architectures=[family], tie_word_embeddings=tie, **(MOE if "Moe" in family else {}))
     hf = _hf_tensors(a)
     back = megatron_to_hf(hf_to_megatron(hf, a, fused_norms), a, fused_norms)
     assert set(back) == set(hf)
@@ -166,3 +180,41 @@ def test_unsupported_rope_and_layouts_are_refused_by_name() -> None:
         _arch(mlp_bias=True)
     with pytest.raises(ValueError, match="use_sliding_window"):
         _arch(architectures=["Qwen3ForCausalLM"], use_sliding_window=True)
+
+
+def test_moe_layers_map_router_and_each_expert() -> None:
+    a = _arch(architectures=["Qwen3MoeForCausalLM"], **MOE)
+    assert a.moe is not None
+    assert a.moe.count == 4
+    assert a.moe.top_k == 2
+    assert a.qk_norm
+    hf = _hf_tensors(a)
+    mg = hf_to_megatron(hf, a)
+    assert torch.equal(mg["decoder.layers.1.mlp.router.weight"], hf["model.layers.1.mlp.gate.weight"])
+    fc1 = mg["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"]
+    gate, up = hf["model.layers.0.mlp.experts.3.gate_proj.weight"], hf["model.layers.0.mlp.experts.3.up_proj.weight"]
+    assert torch.equal(fc1, torch.cat([gate, up]))
+    assert "decoder.layers.0.mlp.linear_fc1.weight" not in mg
+    # Experts are never split over TP ranks; EP ranks hold whole experts, renumbered from 0.
+    name = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"
+    assert tp_shard(name, fc1, 0, 2) is fc1
+    assert expert_index(name) == 3
+    assert expert_index("decoder.layers.0.mlp.router.weight") is None
+    assert ep_local_name(name, -2) == "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight"
+    assert ep_local_name(ep_local_name(name, -2), 2) == name
+
+
+def test_moe_layouts_outside_qwen3_moe_are_refused() -> None:
+    with pytest.raises(ValueError, match="every layer is MoE"):
+        _arch(architectures=["Qwen3MoeForCausalLM"], **MOE, mlp_only_layers=[0])
+    with pytest.raises(ValueError, match="every layer is MoE"):
+        _arch(architectures=["Qwen3MoeForCausalLM"], **MOE, decoder_sparse_step=2)
+    with pytest.raises(ValueError, match="shared experts"):
+        _arch(architectures=["Qwen3MoeForCausalLM"], **MOE, shared_expert_intermediate_size=64)
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=5 must be in \[1, num_experts=4\]"):
+        _arch(architectures=["Qwen3MoeForCausalLM"], **{**MOE, "num_experts_per_tok": 5})
+    a = _arch(architectures=["Qwen3MoeForCausalLM"], **MOE)
+    with pytest.raises(ValueError, match="num_experts=4 is not divisible by expert_parallel=3"):
+        a.check_expert_parallel(3)
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        _arch().check_expert_parallel(2)
