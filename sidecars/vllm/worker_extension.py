@@ -2,7 +2,8 @@
 
 vLLM's CPU backend repacks linear weights after loading, so `model.load_weights()` on a live
 engine fails; `Worker.reload_weights(weights_iterator=..., is_checkpoint_format=True)` runs the
-full loader path (HF names in, repacking after) and works on CPU and GPU alike.
+full loader path (HF names in, repacking after) and works on CPU and GPU alike, but for one
+gap: MoE experts on CPU (`repack_cpu_moe_experts`).
 Called from the engine process through `collective_rpc("<method>", args=...)`.
 """
 
@@ -26,7 +27,7 @@ class WeightReceiverExtension:
                 f"weight version {manifest.version} is stale: version {self.loaded_version} is already loaded"
             )
         tensors = read_region(manifest)  # verified before any is loaded
-        self.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
+        self._reload(iter(tensors))
         self.loaded_version = manifest.version
         return self.loaded_version
 
@@ -34,6 +35,32 @@ class WeightReceiverExtension:
         """The naive path, kept as the benchmark's baseline: read a safetensors file and reload."""
         from safetensors.torch import load_file
 
-        self.reload_weights(weights_iterator=iter(load_file(path).items()), is_checkpoint_format=True)
+        self._reload(iter(load_file(path).items()))
         self.loaded_version = version
         return version
+
+    def _reload(self, tensors) -> None:  # tensors: Iterator[tuple[str, torch.Tensor]]
+        self.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
+        repack_cpu_moe_experts(self.model_runner.model)
+
+
+def repack_cpu_moe_experts(model) -> int:  # model: torch.nn.Module; returns the layers repacked
+    """Prepack reloaded MoE expert weights into the CPU kernel's grouped-gemm layout.
+
+    vLLM (0.32) prepacks a CPU MoE layer's `w13_weight`/`w2_weight` once, when the kernel is first
+    built (`UnquantizedFusedMoEMethod._setup_kernel` calls `fused_experts.process_weights_after_loading`
+    only when `moe_kernel` is None). A reload copies the new weights in checkpoint layout into the
+    packed storage and skips that step, so the kernel reads them as if packed: the output is wrong,
+    silently. Running the experts' own step again packs them. GPU experts do no such packing and
+    are left alone.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    repacked = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked

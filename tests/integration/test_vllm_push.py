@@ -46,8 +46,8 @@ def _run_vllm_driver(model_dir: Path, manifest: Path, prompts: list[list[int]], 
 
 @pytest.mark.parametrize(
     "family",
-    [{"arch": "llama"}, {"arch": "qwen3"}, {"arch": "llama", "rope_scaling": "llama3"}],
-    ids=["llama", "qwen3", "llama3-scaled"],
+    [{"arch": "llama"}, {"arch": "qwen3"}, {"arch": "llama", "rope_scaling": "llama3"}, {"arch": "qwen3_moe"}],
+    ids=["llama", "qwen3", "llama3-scaled", "qwen3-moe"],
 )
 def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path, family: dict) -> None:
     from transformers import AutoTokenizer
@@ -71,18 +71,19 @@ def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path, family: dict) -> N
     assert region not in list_regions()
 
 
-def test_megatron_tp2_export_loads_into_vllm_tp1(tmp_path: Path) -> None:
-    """The EXPORT path across parallel sizes: Megatron at TP=2 gathers full HF tensors into shm;
-    vLLM at TP=1 loads them and generates what HF generates."""
+@pytest.mark.parametrize(("arch", "tp", "ep"), [("qwen2", 2, 1), ("qwen3_moe", 1, 2)], ids=["tp2", "ep2"])
+def test_megatron_export_over_two_ranks_loads_into_vllm_tp1(tmp_path: Path, arch: str, tp: int, ep: int) -> None:
+    """The EXPORT path across parallel layouts: Megatron at TP=2 (or an MoE at EP=2) gathers full HF
+    tensors into shm; vLLM at TP=1 loads them and generates what HF generates."""
     from tests.integration.test_megatron import _randomised_model, _run_megatron
 
-    spec = TinyModelSpec(arch="qwen2", layers=2, hidden=128, heads=4, kv_heads=2, intermediate=192)
+    spec = TinyModelSpec(arch=arch, layers=2, hidden=128, heads=4, kv_heads=2, intermediate=192)
     model_dir = _randomised_model(tmp_path / "model", spec)
     torch.save(torch.zeros(1, 4, dtype=torch.long), tmp_path / "tokens.pt")
     region = f"timeshare-test-{uuid.uuid4().hex[:8]}"
     prompts = [[1, 20, 21, 22], [1, 30, 31]]
     try:
-        _run_megatron(model_dir, tmp_path, tp=2, nproc=2, extra=["--region", region])
+        _run_megatron(model_dir, tmp_path, tp=tp, nproc=2, extra=["--ep", str(ep), "--region", region])
         result = _run_vllm_driver(model_dir, tmp_path / "manifest.json", prompts, tmp_path / "out.json")
     finally:
         remove_region(region)
