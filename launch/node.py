@@ -172,6 +172,7 @@ def _rank_config(
         exports=cfg.cluster.is_head,
         start_iteration=start,
         tensor_parallel=cfg.parallel.trainer_tp,
+        expert_parallel=cfg.parallel.trainer_ep,
         dtype=cfg.model.dtype,
         phase_timeout=cfg.phase.timeout,
         run=cfg.run,

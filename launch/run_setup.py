@@ -18,7 +18,7 @@ from engine.tasks import Sample
 from engine.tokenizer import Tokens, load_tokens
 from launch.config_loading import resumed_config
 from launch.node import resume_point
-from launch.train_config import TrainConfig
+from launch.train_config import ParallelConfig, TrainConfig
 from sidecars.megatron.arch import ModelArch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # model.dtype -> bytes per element
@@ -29,7 +29,7 @@ def prepare_run(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, Ru
     if cfg.resume is None:
         _check_machine(cfg)
         if cfg.model.path is not None:
-            check_model_dir(Path(cfg.model.path))
+            check_model_dir(Path(cfg.model.path), cfg.parallel)
         root = Path(cfg.run.root)
         made = new_run_dir(root, cfg.run.name) if cfg.cluster.job is None else _named_run_dir(root, cfg.cluster.job)
         check_batches_from(cfg, 0)
@@ -94,13 +94,16 @@ def _named_run_dir(root: Path, job: str) -> Path:
     return root / job
 
 
-def check_model_dir(model_dir: Path) -> None:
-    """model.path is an HF model directory of a supported architecture with a tokenizer, before anything starts."""
+def check_model_dir(model_dir: Path, parallel: ParallelConfig) -> None:
+    """model.path is an HF model directory of a supported architecture with a tokenizer, whose shape
+    the trainer's parallel layout divides, before anything starts."""
     where = f"model.path={model_dir}"
     if not model_dir.is_dir():
         raise ConfigError(f"{where}: no such directory; give an HF model directory, or null for the tiny model")
     try:
-        ModelArch.from_pretrained(model_dir)
+        arch = ModelArch.from_pretrained(model_dir)
+        arch.check_tensor_parallel(parallel.trainer_tp)
+        arch.check_expert_parallel(parallel.trainer_ep)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{where} is not a model timeshare can train: {e}") from None
     from transformers import AutoTokenizer
@@ -129,7 +132,9 @@ def prepare_model(
     its tokens, checked against the task's `samples`."""
     model_dir = _model_dir(cfg, paths)
     check_kv_cache(rollout, model_dir, cfg.model.dtype, cfg.parallel.vllm_tp)
-    RunManifest(model_dir=str(model_dir), trainer_tp=cfg.parallel.trainer_tp).to_json_file(paths.manifest)
+    RunManifest(
+        model_dir=str(model_dir), trainer_tp=cfg.parallel.trainer_tp, trainer_ep=cfg.parallel.trainer_ep
+    ).to_json_file(paths.manifest)
     texts = [t for s in samples for t in (s.prompt, s.answer, s.demonstration) if t]
     return model_dir, load_tokens(model_dir, rollout.stop, cfg.task.chat_template, texts)
 

@@ -103,6 +103,8 @@ class ParallelConfig(Section):
     trainer_tp: int = Field(1, ge=1)  # Megatron tensor parallel; divides model.heads and model.kv_heads
     trainer_pp: int = Field(1, ge=1)  # pipeline parallel is not supported (its schedules need CUDA)
     trainer_dp: int = Field(1, ge=1)  # data parallel replicas
+    # MoE models (model.arch=qwen3_moe): experts split over this many of the DP replicas; needs trainer_tp=1
+    trainer_ep: int = Field(1, ge=1)
     vllm_tp: int = Field(1, ge=1)  # vLLM tensor parallel, independent of the trainer's
 
     @model_validator(mode="after")
@@ -111,6 +113,16 @@ class ParallelConfig(Section):
             raise ConfigError(
                 f"parallel.trainer_pp={self.trainer_pp}: pipeline parallel trainer is not supported "
                 "(CPU pipeline schedules need CUDA); set it to 1"
+            )
+        if self.trainer_ep > 1 and self.trainer_tp > 1:
+            raise ConfigError(
+                f"parallel.trainer_ep={self.trainer_ep} with parallel.trainer_tp={self.trainer_tp}: an MoE trainer "
+                "runs at trainer_tp=1, its experts split over the data-parallel replicas"
+            )
+        if self.trainer_dp % self.trainer_ep:
+            raise ConfigError(
+                f"parallel.trainer_ep={self.trainer_ep} must divide parallel.trainer_dp={self.trainer_dp} "
+                "(the experts are split over the data-parallel replicas)"
             )
         return self
 
@@ -245,6 +257,17 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _across_sections(self) -> TrainConfig:
+        if self.model.path is None and self.parallel.trainer_ep > 1:
+            if self.model.arch != "qwen3_moe":
+                raise ConfigError(
+                    f"parallel.trainer_ep={self.parallel.trainer_ep} splits an MoE model's experts; "
+                    f"model.arch={self.model.arch} is dense (use model.arch=qwen3_moe)"
+                )
+            if self.model.experts % self.parallel.trainer_ep:
+                raise ConfigError(
+                    f"model.experts ({self.model.experts}) must be divisible by "
+                    f"parallel.trainer_ep ({self.parallel.trainer_ep})"
+                )
         if self.model.path is None:
             for heads in ("heads", "kv_heads"):
                 for tp in ("trainer_tp", "vllm_tp"):

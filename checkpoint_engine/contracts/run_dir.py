@@ -36,6 +36,7 @@ class RunManifest(Section):
     KEY = "manifest"
     model_dir: str  # the model the run started from: its model-init/ (the tiny one) or model.path
     trainer_tp: int = Field(ge=1)  # the tensor-parallel shards of each trainer checkpoint
+    trainer_ep: int = Field(1, ge=1)  # the expert-parallel blocks of an MoE model's experts (TP is then 1)
 
 
 @dataclass(frozen=True)

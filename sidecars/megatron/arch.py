@@ -109,6 +109,11 @@ class ModelArch:
         return cls.from_hf_config(json.loads(path.read_text()))
 
     def check_tensor_parallel(self, tp: int) -> None:
+        if self.moe is not None and tp > 1:
+            raise ValueError(
+                f"tensor_parallel={tp} with an MoE model: MoE models train at tensor_parallel=1 here, "
+                "their experts split over the data-parallel ranks by expert_parallel"
+            )
         for what, n in (
             ("num_key_value_heads", self.kv_heads),
             ("vocab_size", self.vocab_size),

@@ -76,6 +76,7 @@ class RankConfig(Section):
     start_iteration: int = Field(ge=0)  # > 0: resume from the checkpoint of this iteration
     # From the launcher's sections (model, parallel, phase), which the ranks' layer does not import.
     tensor_parallel: int = Field(ge=1)
+    expert_parallel: int = Field(ge=1)
     dtype: Dtype
     phase_timeout: float = Field(gt=0)
     run: RunConfig  # iterations (the rank exits at TRAIN of iterations + 1), checkpoint_every, seed, mode

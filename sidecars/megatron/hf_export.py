@@ -5,7 +5,8 @@ tensor parallelism) and one complete checkpoint;
 produces a directory that transformers and vLLM load like the model the run started from. Runs offline, without
 torch.distributed: each TP rank's shard of every parameter is read from its `trainer-rank<r>.pt`
 (ranks 0..tp-1 hold TP ranks 0..tp-1 of the first data-parallel replica) and merged as the live
-export merges them (`convert.tp_merge`, then `convert.megatron_to_hf`).
+export merges them (`convert.tp_merge`, then `convert.megatron_to_hf`). An MoE run's experts are
+read from ranks 0..ep-1 instead (TP is 1 there; rank r holds the r-th block of experts).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from safetensors.torch import save_file
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.run_dir import RunManifest, RunPaths
 from sidecars.megatron.arch import ModelArch
-from sidecars.megatron.convert import has_fused_norms, megatron_to_hf, megatron_weights, tp_merge
+from sidecars.megatron.convert import (
+    ep_local_name,
+    expert_index,
+    has_fused_norms,
+    megatron_to_hf,
+    megatron_weights,
+    tp_merge,
+)
 
 
 class ExportError(ConfigError):
@@ -46,9 +54,15 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
         raise ExportError(f"{run_dir} has no {paths.manifest.name}, which every run writes as it starts")
     manifest = RunManifest.from_json_file(paths.manifest)
     started = Path(manifest.model_dir)
-    shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(manifest.trainer_tp)]
-    merged = {name: tp_merge(name, [s[name] for s in shards]) for name in shards[0]}
-    tensors = megatron_to_hf(merged, ModelArch.from_pretrained(started), fused_norms=has_fused_norms(merged))
+    arch = ModelArch.from_pretrained(started)
+    if manifest.trainer_ep > 1:
+        merged = _merge_experts(
+            [_model_state(paths.trainer_state(iteration, r)) for r in range(manifest.trainer_ep)], arch
+        )
+    else:
+        shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(manifest.trainer_tp)]
+        merged = {name: tp_merge(name, [s[name] for s in shards]) for name in shards[0]}
+    tensors = megatron_to_hf(merged, arch, fused_norms=has_fused_norms(merged))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,6 +71,21 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
             shutil.copy2(f, out / f.name)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "timeshare_iteration": str(iteration)})
     return out
+
+
+def _merge_experts(states: list[dict[str, torch.Tensor]], arch: ModelArch) -> dict[str, torch.Tensor]:
+    """The full model from each EP rank's state: dense tensors from the first, experts by global index."""
+    if arch.moe is None:
+        raise ExportError(f"the run's manifest says expert parallel {len(states)} but its model is dense")
+    per_rank = arch.moe.count // len(states)
+    merged: dict[str, torch.Tensor] = {}
+    for rank, state in enumerate(states):
+        for name, t in state.items():
+            if expert_index(name) is not None:
+                merged[ep_local_name(name, rank * per_rank)] = t
+            elif rank == 0:
+                merged[name] = t
+    return merged
 
 
 def _model_state(path: Path) -> dict[str, torch.Tensor]:

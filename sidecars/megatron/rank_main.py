@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()  # torchrun's: a rank never outlives the agent that restarts and stops it
     cfg = RankConfig.from_json_file(args[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    init_distributed(ParallelConfig(tensor_parallel=cfg.tensor_parallel), seed=cfg.run.seed)
+    parallel = ParallelConfig(tensor_parallel=cfg.tensor_parallel, expert_parallel=cfg.expert_parallel)
+    init_distributed(parallel, seed=cfg.run.seed)
     rank = Rank(cfg)
     try:
         rank.run()

@@ -3,8 +3,9 @@
 Consumes `TrainBatch`es (engine/batch.py) and the algorithm's config; produces optimizer steps
 and per-step metrics, including the gap between the rollout's logprobs and the trainer's on the
 same tokens (the check that the pushed weights are what vLLM sampled with). Works under tensor
-parallelism (vocab-parallel logprobs) and data parallelism (groups split over DP ranks, gradients
-averaged). No phases and no processes here: `rank_main.py` drives this from the job's phase.
+parallelism (vocab-parallel logprobs), data parallelism (groups split over DP ranks, gradients
+averaged: `gradients.py`) and, for MoE models, expert parallelism (`expert_parallel.py`).
+No phases and no processes here: `rank_main.py` drives this from the job's phase.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from engine.algorithms import AlgoConfig, policy_loss
 from engine.algorithms.logprobs import vocab_parallel_token_logprobs
 from engine.algorithms.losses import stale_token_weights, value_loss
 from engine.batch import TrainBatch, with_advantages
-from sidecars.megatron import compat
+from sidecars.megatron import compat, gradients
 from sidecars.megatron import model as mg
 from sidecars.megatron.arch import ModelArch
 from sidecars.megatron.config import TrainerConfig
+from sidecars.megatron.expert_parallel import expert_parallel_size, micro_steps, pad_to_expert_group
 from sidecars.megatron.packing import pack, sequence_lengths, unpack_targets
 
 log = logging.getLogger("timeshare.trainer")
@@ -112,8 +114,11 @@ class Trainer:
         else:
             packed = pack(input_ids, list(lengths))
             tokens, positions, mask = packed.tokens, packed.positions, packed.mask
+        rows, cols = tokens.shape
+        tokens, positions, mask = pad_to_expert_group(tokens, positions, mask)
         tokens = tokens.to(dev)
-        logits = self.model(tokens, positions.to(dev), mask.to(dev))[:, :-1]
+        logits = self.model(tokens, positions.to(dev), mask.to(dev))[:rows, : cols - 1]
+        tokens = tokens[:rows, :cols]
         vocab_start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
         logp = vocab_parallel_token_logprobs(
             logits,
@@ -124,7 +129,7 @@ class Trainer:
         )
         values = None
         if self.value_head is not None:
-            values = self.value_head(self._hidden).squeeze(-1).transpose(0, 1)[:, :-1].float()
+            values = self.value_head(self._hidden[:cols, :rows]).squeeze(-1).transpose(0, 1)[:, :-1].float()
         if lengths is None:
             return logp, values
         return unpack_targets(logp, packed, width), None if values is None else unpack_targets(values, packed, width)
@@ -239,8 +244,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         g, total_loss, clipped, counted, critic_loss = batch.group_size, 0.0, 0.0, 0.0, 0.0
         step_groups = self.cfg.micro_batch_groups
-        for start in range(0, len(mine), step_groups):
+        steps = math.ceil(len(mine) / step_groups)
+        if expert_parallel_size() > 1:  # every EP rank runs as many forward passes
+            steps = micro_steps(n_groups, _tp().get_data_parallel_world_size(), step_groups)
+        for start in range(0, steps * step_groups, step_groups):
             groups = mine[start : start + step_groups]
+            share = len(groups) / n_groups  # 0: a pass only to take part in the experts' collectives
+            groups = groups or [0]
             rows = torch.tensor([grp * g + j for grp in groups for j in range(g)])
             logp, values = self._forward(batch.input_ids[rows], None if lengths is None else [lengths[r] for r in rows])
             dev = logp.device
@@ -264,85 +274,53 @@ class Trainer:
                     clip=self.algo.value_clip,
                 )
                 loss = loss + self.algo.vf_coef * critic
-                critic_loss += critic.item() * len(groups) / n_groups
+                critic_loss += critic.item() * share
             with torch.no_grad():  # tokens whose ratio to pi_old left the clip range (kimi does not clip)
                 ratio = torch.exp(logp - batch.old_logp[rows].to(dev))
                 mask = batch.loss_mask[rows].to(dev) > 0
+                mask = mask & (share > 0)
                 clipped += float(((ratio < 1 - self.algo.clip_low) | (ratio > 1 + self.algo.clip_high))[mask].sum())
                 counted += float(mask.sum())
             # Each micro-batch loss is a mean over its groups: weight it by its share of the batch.
-            (loss * len(groups) / n_groups).backward()
-            total_loss += loss.item() * len(groups) / n_groups
+            (loss * share).backward()
+            total_loss += loss.item() * share
         self._reduce_gradients(average=False)
         grad_norm = self._clip_gradients()
         self.optimizer.step()
+        # Each rank summed its own groups' shares: the whole batch's are the sums over the DP ranks.
+        total_loss, clipped, counted, critic_loss = self._sum_over_data_parallel(
+            [total_loss, clipped, counted, critic_loss]
+        )
         clip = {} if self.algo.name == "kimi" else {"train/clip_fraction": clipped / max(counted, 1.0)}
         critic = {} if self.value_head is None else {"train/value_loss": critic_loss}
         return {"train/loss": total_loss, "train/grad_norm": grad_norm, **clip, **critic}
 
-    def _reduce_gradients(self, average: bool) -> None:
-        """Every rank's gradients become the whole batch's: first the per-head q/k norms' over the TP
-        ranks, then all of them over the DP ranks."""
-        self._reduce_qk_norms_over_tensor_parallel()
-        self._reduce_data_parallel(average)
-
-    def _reduce_qk_norms_over_tensor_parallel(self) -> None:
-        """Sum the q/k norms' gradients over the TP ranks (what megatron-core's `finalize_model_grads`
-        does for `qk_layernorm`): their weight is replicated, but each TP rank normalises its own heads
-        with it and holds only those heads' part of the gradient. Left alone, the copies drift apart
-        and the exported weights (TP rank 0's) are not those every rank trains with."""
-        ps = _tp()
-        if ps.get_tensor_model_parallel_world_size() == 1:
-            return
-        for name, p in self.model.named_parameters():
-            if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
-                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
-
-    def _reduce_data_parallel(self, average: bool) -> None:
-        """Sum gradients over the DP ranks (`average`: then divide by their number, for per-rank mean
-        losses; RL micro-batch losses are already weighted by their share of the whole batch)."""
-        ps = _tp()
-        size = ps.get_data_parallel_world_size()
-        if size == 1:
-            return
-        for p in self.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
-            if average:
-                p.grad.div_(size)
-
     def _mean_over_data_parallel(self, value: float) -> float:
         """`value` averaged over the DP ranks: every rank takes the same decision from it."""
+        return self._sum_over_data_parallel([value])[0] / _tp().get_data_parallel_world_size()
+
+    def _sum_over_data_parallel(self, values: list[float]) -> list[float]:
         ps = _tp()
         if ps.get_data_parallel_world_size() == 1:
-            return value
-        total = torch.tensor([value], dtype=torch.float64, device=compat.device())
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=compat.device())
         dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return float(total) / ps.get_data_parallel_world_size()
+        return total.tolist()
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """`parameters()` by name: what `gradients` tells dense, TP-sharded and expert ones apart by."""
+        head = [] if self.value_head is None else list(self.value_head.named_parameters(prefix="value_head"))
+        return [*self.model.named_parameters(), *head]
+
+    def _reduce_gradients(self, average: bool) -> None:
+        gradients.reduce_gradients(self._named_parameters(), average)
+
     def _clip_gradients(self) -> float:
-        """Clip the global gradient norm; TP-sharded parameters count on every TP rank, replicated
-        ones (norms) on TP rank 0 only, so the all-reduced sum counts each element once."""
-        ps = _tp()
-        first_tp_rank = ps.get_tensor_model_parallel_rank() == 0
-        squares = torch.zeros((), dtype=torch.float64, device=compat.device())
-        for p in self.parameters():
-            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or first_tp_rank):
-                squares += p.grad.double().pow(2).sum()
-        if ps.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
-        norm = float(squares.sqrt())
-        if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
-            scale = self.cfg.grad_clip / (norm + 1e-6)
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        return norm
+        return gradients.clip_gradients(self._named_parameters(), self.cfg.grad_clip)
 
     # ------------------------------------------------------------------------- cold start SFT
     def supervised(

@@ -1,8 +1,9 @@
-"""Each model family beyond the default Llama through the real job (etcd, engine, Megatron ranks,
-vLLM with dummy weights), with the byte-level BPE tokenizer and prompts rendered through its chat
-template: Qwen3 (q/k norms, trainer TP 2, trajectories continued across iterations) and Llama 3.x
-RoPE scaling. Every rollout samples the version the trainer exported, the trainer's logprobs of it
-agree with vLLM's, and the exported checkpoint reproduces them in transformers."""
+"""Each model family beyond the default Llama through the real job (etcd, engine, Megatron ranks, vLLM
+with dummy weights), with the byte-level BPE tokenizer and prompts rendered through its chat
+template: Qwen3 (q/k norms, trainer TP 2, trajectories continued across iterations), Qwen3-MoE
+(experts split over two trainer ranks, EP 2) and Llama 3.x RoPE scaling. Every rollout samples the
+version the trainer exported, the trainer's logprobs of it agree with vLLM's, and the exported
+checkpoint reproduces them in transformers."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ BPE = ["model.tokenizer=bpe", "task.chat_template=true"]
     ("overrides", "architecture"),
     [
         (["model.arch=qwen3", "parallel.trainer_tp=2", *PARTIAL], "Qwen3ForCausalLM"),
+        (["model.arch=qwen3_moe", "parallel.trainer_dp=2", "parallel.trainer_ep=2"], "Qwen3MoeForCausalLM"),
         (["model.rope_scaling=llama3"], "LlamaForCausalLM"),
     ],
-    ids=["qwen3-tp2", "llama3-scaled"],
+    ids=["qwen3-tp2", "qwen3-moe-ep2", "llama3-scaled"],
 )
 def test_the_family_trains_and_serves_every_version(tmp_path: Path, overrides: list[str], architecture: str) -> None:
     (tmp_path / "runs").mkdir()

@@ -2,8 +2,11 @@
 
 TP=1 and TP=2 start from the same weights and take the same steps, so their losses and global
 gradient norms must agree to float precision: that checks vocab-parallel logprobs and the norm
-over sharded parameters. Adam turns float noise in near-zero gradients into lr-sized steps, so
-the weights themselves are only compared loosely.
+over sharded parameters. So must a Qwen3-MoE on one rank and on two (EP 2, each rank with its own
+groups of the batch, the second one fewer): that checks the expert gradients and norms, and that
+ranks with rows of other shapes, or out of groups, still meet in the experts' collectives.
+Adam turns float noise in near-zero gradients into lr-sized steps, so the weights themselves are
+only compared loosely.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(model: Path, out: Path, tp: int) -> dict:
+def _run(model: Path, out: Path, tp: int, ep: int = 1) -> dict:
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
@@ -32,7 +35,7 @@ def _run(model: Path, out: Path, tp: int) -> dict:
         "-m",
         "torch.distributed.run",
         "--standalone",
-        f"--nproc-per-node={tp}",
+        f"--nproc-per-node={tp * ep}",
         str(REPO / "tests/integration/trainer_driver.py"),
         "--model",
         str(model),
@@ -40,6 +43,8 @@ def _run(model: Path, out: Path, tp: int) -> dict:
         str(out),
         "--tp",
         str(tp),
+        "--ep",
+        str(ep),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -106,4 +111,31 @@ def test_tensor_parallel_step_equals_single_rank(runs: dict) -> None:
     one = load_file(str(runs[1][1] / "after_step.safetensors"))
     two = load_file(str(runs[2][1] / "after_step.safetensors"))
     assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 5e-3
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[dict, Path]]:
+    root = tmp_path_factory.mktemp("trainer-moe")
+    spec = TinyModelSpec(arch="qwen3_moe", layers=2, hidden=128, heads=4, kv_heads=2, expert_intermediate=64)
+    model = write_tiny_model(root / "model", spec)
+    return {ep: (_run(model, root / f"ep{ep}", tp=1, ep=ep), root / f"ep{ep}") for ep in (1, 2)}
+
+
+def test_expert_parallel_step_equals_single_rank(moe_runs: dict) -> None:
+    r1, r2 = moe_runs[1][0], moe_runs[2][0]
+    assert r1["sft_losses"] == pytest.approx(r2["sft_losses"], rel=1e-5)
+    assert r2["sft_losses"][-1] < 0.6 * r2["sft_losses"][0]
+    for step in ("train", "second_step"):
+        for key in ("train/loss", "train/grad_norm", "logprob_gap/max_abs"):
+            assert r1[step][key] == pytest.approx(r2[step][key], rel=1e-4, abs=1e-6), (step, key)
+    for one, two in zip(r1["ppo"], r2["ppo"], strict=True):
+        for key in ("train/loss", "train/value_loss", "train/grad_norm"):
+            assert one[key] == pytest.approx(two[key], rel=1e-4), key
+    assert r2["export_equal_while_offloaded"]
+    assert r2["export_equal_after_onload"]
+    one = load_file(str(moe_runs[1][1] / "after_step.safetensors"))
+    two = load_file(str(moe_runs[2][1] / "after_step.safetensors"))
+    assert one.keys() == two.keys()
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in two
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 5e-3

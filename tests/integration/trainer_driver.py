@@ -66,8 +66,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
     args = ap.parse_args()
-    init_distributed(ParallelConfig(tensor_parallel=args.tp))
+    init_distributed(ParallelConfig(tensor_parallel=args.tp, expert_parallel=args.ep))
     cfg = TrainerConfig(lr=1e-3, min_lr=1e-5, grad_clip=0.5, micro_batch_groups=1, updates_per_batch=1)
     trainer = Trainer(args.model, cfg, AlgoConfig(name="kimi"), iterations=1, temperature=1.0, seed=0, dtype="float32")
     out: dict = {}

@@ -15,6 +15,7 @@ from checkpoint_engine.process_group import last_error
 from engine.tiny_model import TinyModelSpec, write_tiny_model
 from launch import cli, job, run_setup, train
 from launch.config_loading import load_config
+from launch.train_config import ParallelConfig
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path, monkeypatch) -> None:
@@ -62,7 +63,7 @@ def test_a_bad_model_dir_fails_before_the_run_directory_exists(tmp_path: Path, m
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match=message):
-        run_setup.check_model_dir(model)
+        run_setup.check_model_dir(model, ParallelConfig())
     assert not runs.exists() or not list(runs.iterdir())
 
 
@@ -78,7 +79,27 @@ def test_a_bad_dataset_record_fails_before_anything_starts_naming_its_line(tmp_p
 
 
 def test_a_sound_model_dir_passes(tmp_path: Path) -> None:
-    run_setup.check_model_dir(write_tiny_model(tmp_path / "m", TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1)))
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1))
+    run_setup.check_model_dir(model, ParallelConfig())
+
+
+def test_a_parallel_layout_the_model_does_not_divide_fails_before_anything_starts(tmp_path: Path, capsys) -> None:
+    moe = write_tiny_model(tmp_path / "moe", TinyModelSpec(arch="qwen3_moe", layers=1, hidden=64, heads=2, kv_heads=1))
+    dense = write_tiny_model(tmp_path / "dense", TinyModelSpec(layers=1, hidden=64, heads=2, kv_heads=1))
+    with pytest.raises(ConfigError, match="num_experts=4 is not divisible by expert_parallel=3"):
+        run_setup.check_model_dir(moe, ParallelConfig(trainer_dp=3, trainer_ep=3))
+    with pytest.raises(ConfigError, match="MoE models train at tensor_parallel=1"):
+        run_setup.check_model_dir(moe, ParallelConfig(trainer_tp=2))
+    with pytest.raises(ConfigError, match="llama is dense"):
+        run_setup.check_model_dir(dense, ParallelConfig(trainer_dp=2, trainer_ep=2))
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    assert (
+        cli.main(["train", f"model.path={dense}", "parallel.trainer_dp=2", "parallel.trainer_ep=2", f"run.root={runs}"])
+        == 2
+    )
+    assert "needs a mixture-of-experts model" in capsys.readouterr().err
+    assert not runs.exists() or not list(runs.iterdir())
 
 
 def test_last_error_is_the_last_traceback_line(tmp_path: Path) -> None:
