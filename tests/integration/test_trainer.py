@@ -124,6 +124,7 @@ def moe_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[dict, 
 
 def test_expert_parallel_step_equals_single_rank(moe_runs: dict) -> None:
     r1, r2 = moe_runs[1][0], moe_runs[2][0]
+    assert torch.tensor(r1["uneven_logp"]).allclose(torch.tensor(r2["uneven_logp"]), atol=1e-5)
     assert r1["sft_losses"] == pytest.approx(r2["sft_losses"], rel=1e-5)
     assert r2["sft_losses"][-1] < 0.6 * r2["sft_losses"][0]
     for step in ("train", "second_step"):
