@@ -82,6 +82,10 @@ class ModelConfig(Section):
             )
         if self.hidden % self.heads:
             raise ConfigError(f"model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})")
+        if self.experts_per_token > self.experts:
+            raise ConfigError(
+                f"model.experts_per_token ({self.experts_per_token}) must be at most model.experts ({self.experts})"
+            )
         if self.heads % self.kv_heads:
             raise ConfigError(f"model.heads ({self.heads}) must be a multiple of model.kv_heads ({self.kv_heads})")
         if self.hidden // self.heads not in VALID_HEAD_DIMS:
@@ -101,7 +105,7 @@ class ModelConfig(Section):
 class ParallelConfig(Section):
     KEY = "parallel"
     trainer_tp: int = Field(1, ge=1)  # Megatron tensor parallel; divides model.heads and model.kv_heads
-    trainer_pp: int = Field(1, ge=1)  # pipeline parallel is not supported (its schedules need CUDA)
+    trainer_pp: int = Field(1, ge=1)  # must be 1: megatron-core's pipeline schedules allocate on 'cuda'
     trainer_dp: int = Field(1, ge=1)  # data parallel replicas
     # MoE models (model.arch=qwen3_moe): experts split over this many of the DP replicas; needs trainer_tp=1
     trainer_ep: int = Field(1, ge=1)
@@ -112,7 +116,7 @@ class ParallelConfig(Section):
         if self.trainer_pp != 1:
             raise ConfigError(
                 f"parallel.trainer_pp={self.trainer_pp}: pipeline parallel trainer is not supported "
-                "(CPU pipeline schedules need CUDA); set it to 1"
+                "(megatron-core's pipeline schedules allocate on 'cuda' and do not run on CPU); set it to 1"
             )
         if self.trainer_ep > 1 and self.trainer_tp > 1:
             raise ConfigError(

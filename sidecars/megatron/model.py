@@ -56,7 +56,10 @@ def build_model(arch: ModelArch, params_dtype: torch.dtype = torch.float32):  # 
     arch.check_tensor_parallel(tp)
     arch.check_expert_parallel(ep)
     if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-        raise ValueError("the trainer supports pipeline_parallel=1 only (CPU pipeline schedules need CUDA)")
+        raise ValueError(
+            "the trainer supports pipeline_parallel=1 only: megatron-core's pipeline schedules allocate on "
+            "'cuda' and do not run on CPU, and no schedule is wired into the trainer for GPUs"
+        )
     config = TransformerConfig(
         num_layers=arch.layers,
         hidden_size=arch.hidden,

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.tiny_model import TinyModelSpec, write_tiny_model
+from sidecars.megatron import compat
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -115,3 +116,26 @@ def test_round_trip_and_logits(tmp_path: Path, arch: str, tie: bool, tp: int, np
     got = torch.load(tmp_path / "logits.pt")
     assert got.shape == want.shape
     assert (got - want).abs().max().item() < 1e-4
+
+
+def test_megatron_pipeline_schedules_still_need_cuda(tmp_path: Path) -> None:
+    """The evidence behind `parallel.trainer_pp=1`: megatron-core's pipeline schedule allocates a tensor
+    on "cuda" whatever the device (schedules.py, `forward_backward_pipelining_without_interleaving`), so a
+    PP 2 step cannot run on CPU. When a megatron-core release lifts that, this fails: time to add PP."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run(
+        [*cmd, str(REPO / "tests/integration/pipeline_driver.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if compat.on_gpu():
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return
+    assert proc.returncode != 0
+    assert "pipeline step done" not in proc.stdout
+    assert 'device="cuda"' in proc.stderr
+    assert "Torch not compiled with CUDA enabled" in proc.stderr

@@ -149,11 +149,21 @@ def test_a_tensor_parallel_run_exports_one_merged_model(tmp_path: Path) -> None:
     export_reproduces_rollout(paths, 1, tmp_path / "hf")
 
 
-@pytest.mark.parametrize("trainer_tp", [1, 2])
-def test_a_vllm_of_two_tensor_parallel_workers_loads_the_trainers_weights(tmp_path: Path, trainer_tp: int) -> None:
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        ["parallel.trainer_tp=1"],
+        ["parallel.trainer_tp=2"],
+        ["model.arch=qwen3_moe", "parallel.trainer_dp=2", "parallel.trainer_ep=2"],
+    ],
+    ids=["trainer-tp1", "trainer-tp2", "trainer-moe-ep2"],
+)
+def test_a_vllm_of_two_tensor_parallel_workers_loads_each_trainer_layout(tmp_path: Path, trainer: list[str]) -> None:
     """vLLM with tensor parallel 2 receives each version (whole HF tensors, each worker taking its shard)
-    from a trainer of tensor parallel 1 or 2: the trainer's logprobs of what it sampled agree."""
-    paths = whole_run(tmp_path, "run.iterations=1", "parallel.vllm_tp=2", f"parallel.trainer_tp={trainer_tp}")
+    from a trainer of tensor parallel 1 or 2, or an MoE trainer of expert parallel 2 (vLLM splits each
+    expert over its two workers): the trainer's logprobs of what it sampled agree. Pipeline parallelism
+    is not among the layouts: megatron-core's schedules allocate on "cuda" (README, Model families)."""
+    paths = whole_run(tmp_path, "run.iterations=1", "parallel.vllm_tp=2", *trainer)
     history = {int(r["iteration"]): r for r in rows(paths)}
     assert history[1]["vllm/weight_version/node0"] == 1
     assert history[1]["logprob_gap/mean_abs"] < 1e-3

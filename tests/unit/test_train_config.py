@@ -151,6 +151,17 @@ RULES = [
     (["parallel.trainer_tp=4"], r"model\.kv_heads \(2\) must be divisible by parallel\.trainer_tp \(4\)"),
     (["parallel.vllm_tp=4"], r"model\.kv_heads.*parallel\.vllm_tp"),
     (["parallel.trainer_pp=2"], r"pipeline parallel trainer is not supported"),
+    (["parallel.trainer_dp=2", "parallel.trainer_ep=2"], r"model\.arch=llama is dense \(use model\.arch=qwen3_moe\)"),
+    (["parallel.trainer_dp=3", "parallel.trainer_ep=2"], r"parallel\.trainer_ep=2 must divide parallel\.trainer_dp=3"),
+    (
+        ["parallel.trainer_tp=2", "parallel.trainer_ep=2", "parallel.trainer_dp=2"],
+        r"an MoE trainer runs at trainer_tp=1",
+    ),
+    (
+        ["model.arch=qwen3_moe", "model.experts=3", "parallel.trainer_dp=2", "parallel.trainer_ep=2"],
+        r"model\.experts \(3\) must be divisible by parallel\.trainer_ep \(2\)",
+    ),
+    (["model.experts_per_token=5"], r"model\.experts_per_token \(5\) must be at most model\.experts \(4\)"),
     (["trainer.cold_start.fraction=0.2"], r"trainer\.cold_start\.fraction must be in \[0, 0\.1\]"),
     (["trainer.min_lr=1.0"], r"trainer\.min_lr must be in \[0, "),
     (["model.heads=8"], r"model\.hidden / model\.heads = 16 must be one of \[32, 64, 128\]"),
