@@ -43,6 +43,7 @@ TINY_FIELDS = (
     "experts_per_token",
     "expert_intermediate",
 )
+MOE_FIELDS = ("experts", "experts_per_token", "expert_intermediate")
 
 
 class ModelConfig(Section):
@@ -82,6 +83,9 @@ class ModelConfig(Section):
             )
         if self.hidden % self.heads:
             raise ConfigError(f"model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads})")
+        moe_keys = [n for n in MOE_FIELDS if getattr(self, n) != ModelConfig.model_fields[n].default]
+        if moe_keys and self.arch != "qwen3_moe":
+            raise ConfigError(f"{[f'model.{n}' for n in moe_keys]} apply to model.arch=qwen3_moe, not {self.arch}")
         if self.experts_per_token > self.experts:
             raise ConfigError(
                 f"model.experts_per_token ({self.experts_per_token}) must be at most model.experts ({self.experts})"

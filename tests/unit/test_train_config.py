@@ -161,7 +161,11 @@ RULES = [
         ["model.arch=qwen3_moe", "model.experts=3", "parallel.trainer_dp=2", "parallel.trainer_ep=2"],
         r"model\.experts \(3\) must be divisible by parallel\.trainer_ep \(2\)",
     ),
-    (["model.experts_per_token=5"], r"model\.experts_per_token \(5\) must be at most model\.experts \(4\)"),
+    (["model.experts=8"], r"\['model\.experts'\] apply to model\.arch=qwen3_moe, not llama"),
+    (
+        ["model.arch=qwen3_moe", "model.experts_per_token=5"],
+        r"model\.experts_per_token \(5\) must be at most model\.experts \(4\)",
+    ),
     (["trainer.cold_start.fraction=0.2"], r"trainer\.cold_start\.fraction must be in \[0, 0\.1\]"),
     (["trainer.min_lr=1.0"], r"trainer\.min_lr must be in \[0, "),
     (["model.heads=8"], r"model\.hidden / model\.heads = 16 must be one of \[32, 64, 128\]"),
