@@ -3,7 +3,7 @@ with dummy weights), with the byte-level BPE tokenizer and prompts rendered thro
 template: Qwen3 (q/k norms, trainer TP 2, trajectories continued across iterations), Qwen3-MoE
 (experts split over two trainer ranks, EP 2) and Llama 3.x RoPE scaling. Every rollout samples the
 version the trainer exported, the trainer's logprobs of it agree with vLLM's, and the exported
-checkpoint reproduces them in transformers."""
+checkpoint reproduces them in transformers; vLLM serves the exported directory as transformers does."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.hf_reference import hf_greedy
+from tests.integration.test_vllm_push import MAX_TOKENS, run_vllm_driver
 from tests.integration.train_job import PARTIAL, export_reproduces_rollout, rows, whole_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,3 +44,6 @@ def test_the_family_trains_and_serves_every_version(tmp_path: Path, overrides: l
     if "task=scratchpad" in overrides:
         assert history[1]["rollout/partial_share"] > 0
     export_reproduces_rollout(paths, 1, tmp_path / "hf")
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    served = run_vllm_driver(tmp_path / "hf", None, prompts, tmp_path / "served.json")
+    assert served["before"] == hf_greedy(tmp_path / "hf", prompts, MAX_TOKENS)

@@ -23,14 +23,15 @@ REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 12
 
 
-def _run_vllm_driver(model_dir: Path, manifest: Path, prompts: list[list[int]], out: Path) -> dict:
+def run_vllm_driver(model_dir: Path, manifest: Path | None, prompts: list[list[int]], out: Path) -> dict:
+    """vllm_push_driver.py's greedy tokens; without a manifest, vLLM serves the directory's own weights."""
+    weights = ["--manifest", str(manifest)] if manifest is not None else ["--load-format", "auto"]
     cmd = [
         sys.executable,
         str(REPO / "tests/integration/vllm_push_driver.py"),
         "--model",
         str(model_dir),
-        "--manifest",
-        str(manifest),
+        *weights,
         "--prompts",
         json.dumps(prompts),
         "--max-tokens",
@@ -60,7 +61,7 @@ def test_dummy_vllm_matches_hf_after_shm_push(tmp_path: Path, family: dict) -> N
     manifest = write_region(region, 5, read_hf_tensors(model_dir))
     try:
         (tmp_path / "manifest.json").write_text(json.dumps(manifest.to_dict()))
-        result = _run_vllm_driver(model_dir, tmp_path / "manifest.json", prompts, tmp_path / "out.json")
+        result = run_vllm_driver(model_dir, tmp_path / "manifest.json", prompts, tmp_path / "out.json")
     finally:
         remove_region(region)
 
@@ -84,7 +85,7 @@ def test_megatron_export_over_two_ranks_loads_into_vllm_tp1(tmp_path: Path, arch
     prompts = [[1, 20, 21, 22], [1, 30, 31]]
     try:
         _run_megatron(model_dir, tmp_path, tp=tp, nproc=2, extra=["--ep", str(ep), "--region", region])
-        result = _run_vllm_driver(model_dir, tmp_path / "manifest.json", prompts, tmp_path / "out.json")
+        result = run_vllm_driver(model_dir, tmp_path / "manifest.json", prompts, tmp_path / "out.json")
     finally:
         remove_region(region)
     assert result["after"] == hf_greedy(model_dir, prompts, MAX_TOKENS)
