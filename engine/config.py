@@ -22,7 +22,8 @@ class RunConfig(Section):
     seed: int = Field(0, ge=0)
     iterations: int = Field(24, ge=1)
     eval_every: int = Field(4, ge=1)  # held-out eval every N iterations, plus at the first and the last
-    checkpoint_every: int = Field(1, ge=1)  # iterations between checkpoints (buffer, sampler and RNG included)
+    # iterations between checkpoints (buffer, sampler and RNG included), plus the last: the run's final model
+    checkpoint_every: int = Field(1, ge=1)
     # A process that dies (trainer rank, engine) in a job whose every node this launcher starts (cluster=local,
     # local2) restarts the job from its newest checkpoint, or from the start before the first, at most this many
     # times per run.
@@ -47,6 +48,10 @@ class RunConfig(Section):
         if self.mode != "train_only" and self.batches_from is not None:
             raise ConfigError(f"run.batches_from applies to run.mode=train_only only; got run.mode={self.mode!r}")
         return self
+
+    def checkpoints_at(self, iteration: int) -> bool:
+        """Whether TRAIN of `iteration` writes a checkpoint: every `checkpoint_every`, and the last TRAIN's."""
+        return iteration % self.checkpoint_every == 0 or iteration == self.iterations
 
 
 class RepeatDetection(Section):

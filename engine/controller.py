@@ -336,7 +336,7 @@ class Controller:
     # ---------------------------------------------------------------------------- bookkeeping
     def _save_state(self, checkpoint_iteration: int) -> None:
         """The controller half of checkpoint `checkpoint_iteration` (its TRAIN writes the other half)."""
-        if checkpoint_iteration % self.run_cfg.checkpoint_every:
+        if not self.run_cfg.checkpoints_at(checkpoint_iteration):
             return
         path = self.paths.controller_state(checkpoint_iteration)
         path.parent.mkdir(parents=True, exist_ok=True)

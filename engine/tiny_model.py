@@ -27,6 +27,19 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 # Printable ASCII without the other whitespace kinds, plus newline: enough for math prompts.
 CHARACTERS = tuple(c for c in string.printable if c not in "\t\r\x0b\x0c")
 VALID_HEAD_DIMS = (32, 64, 128)
+# The spec's sizes, each at least 1 (and each a `make-tiny-model` option).
+SIZES = (
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "intermediate",
+    "max_positions",
+    "vocab_multiple",
+    "experts",
+    "experts_per_token",
+    "expert_intermediate",
+)
 
 
 @dataclass(frozen=True)
@@ -59,20 +72,11 @@ class TinyModelSpec:
             raise ConfigError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
         if self.rope_scaling == "llama3" and self.arch != "llama":
             raise ConfigError(f"rope_scaling 'llama3' is Llama 3.x's; arch {self.arch!r} has plain RoPE")
-        if not 1 <= self.experts_per_token <= self.experts:
-            raise ConfigError(f"experts_per_token must be in [1, experts={self.experts}], got {self.experts_per_token}")
-        for name in (
-            "layers",
-            "hidden",
-            "heads",
-            "kv_heads",
-            "intermediate",
-            "max_positions",
-            "vocab_multiple",
-            "expert_intermediate",
-        ):
+        for name in SIZES:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.experts_per_token > self.experts:
+            raise ConfigError(f"experts_per_token must be in [1, experts={self.experts}], got {self.experts_per_token}")
         if self.hidden % self.heads:
             raise ConfigError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.head_dim not in VALID_HEAD_DIMS:

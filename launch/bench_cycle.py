@@ -44,8 +44,9 @@ def run_job(name: str, overrides: list[str], root: Path) -> Path:
         code = subprocess.call(
             [sys.executable, "-m", "launch.cli", "train", *args], stdout=out, stderr=subprocess.STDOUT
         )
-    if code != 0:
-        raise SystemExit(f"timeshare train ({name}) exited with {code}; see {log}")
+    if code != 0:  # the log goes with a temporary root: its end is in the message
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise SystemExit(f"timeshare train ({name}) exited with {code}; the end of {log}:\n{tail}")
     (run_dir,) = [p for p in root.iterdir() if p.is_dir()]
     return run_dir
 

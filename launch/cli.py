@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from checkpoint_engine.contracts.config import ConfigError
-from engine.tiny_model import ARCHS, ROPE_SCALINGS, TOKENIZERS, TinyModelSpec
+from engine.tiny_model import ARCHS, ROPE_SCALINGS, SIZES, TOKENIZERS, TinyModelSpec
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -34,6 +34,10 @@ def _bench(args: argparse.Namespace) -> int:
         from launch import bench_partial
 
         return bench_partial.main(args.options)
+    if args.which == "scale":
+        from launch import bench_scale
+
+        return bench_scale.main(args.options)
     from launch import bench
 
     return bench.main(args.options)
@@ -87,19 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", choices=ARCHS, default=defaults.arch)
     tiny.add_argument("--tokenizer", choices=TOKENIZERS, default=defaults.tokenizer)
     tiny.add_argument("--rope-scaling", dest="rope_scaling", choices=ROPE_SCALINGS, default=defaults.rope_scaling)
-    for name in (
-        "layers",
-        "hidden",
-        "heads",
-        "kv_heads",
-        "intermediate",
-        "max_positions",
-        "vocab_multiple",
-        "experts",
-        "experts_per_token",
-        "expert_intermediate",
-        "seed",
-    ):
+    for name in (*SIZES, "seed"):
         tiny.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=getattr(defaults, name))
     tiny.add_argument("--rope-theta", dest="rope_theta", type=float, default=defaults.rope_theta)
     tiny.add_argument("--tie-embeddings", dest="tie_embeddings", action="store_true")
@@ -108,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks, one JSON line per result")
     bench.add_argument(
         "which",
-        choices=["push", "cycle", "partial"],
+        choices=["push", "cycle", "partial", "scale"],
         help="push: weight-push throughput against same-run baselines; cycle: an iteration's phases per lifecycle; "
-        "partial: iteration time with and without partial rollouts",
+        "partial: iteration time with and without partial rollouts; scale: the switch at 0.5B and 1.5B shapes",
     )
     bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
     bench.set_defaults(func=_bench)

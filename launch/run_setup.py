@@ -67,7 +67,7 @@ def check_batches_from(cfg: TrainConfig, start: int) -> None:
 def _check_machine(cfg: TrainConfig) -> None:
     import torch
 
-    cfg.check_machine(has_cuda=torch.cuda.is_available())
+    cfg.check_machine(has_cuda=torch.cuda.is_available(), cpu_bfloat16=torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def new_run_dir(root: Path, name: str) -> Path:

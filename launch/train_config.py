@@ -22,27 +22,14 @@ from engine.config import RolloutConfig, RunConfig
 from engine.rewards import RewardConfig
 from engine.sampling import SamplerConfig
 from engine.tasks.config import TaskConfig
-from engine.tiny_model import VALID_HEAD_DIMS, Arch, RopeScaling, TinyModelSpec, TokenizerKind
+from engine.tiny_model import SIZES, VALID_HEAD_DIMS, Arch, RopeScaling, TinyModelSpec, TokenizerKind
 from sidecars.megatron.config import TrainerConfig
 
 # The lengths a long-context preset decides for the rollout, and the context each preset names.
 LENGTH_KEYS = ("max_model_len", "max_response_tokens", "iteration_token_budget")
 PRESET_MAX_MODEL_LEN = {"32k": 32768, "128k": 131072}
-TINY_FIELDS = (
-    "arch",
-    "rope_scaling",
-    "tokenizer",
-    "layers",
-    "hidden",
-    "heads",
-    "kv_heads",
-    "intermediate",
-    "max_positions",
-    "tie_embeddings",
-    "experts",
-    "experts_per_token",
-    "expert_intermediate",
-)
+# The TinyModelSpec fields `model` sets (the vocabulary's rounding is the spec's own).
+TINY_FIELDS = ("arch", "rope_scaling", "tokenizer", "tie_embeddings", *(n for n in SIZES if n != "vocab_multiple"))
 MOE_FIELDS = ("experts", "experts_per_token", "expert_intermediate")
 
 
@@ -340,7 +327,11 @@ class TrainConfig(Section):
             raise ConfigError(f"with long_context.preset={self.long_context.preset!r}: {e}") from e
         return rollout
 
-    def check_machine(self, has_cuda: bool) -> None:
-        """Rules that depend on the machine the run starts on."""
-        if self.model.dtype == "bfloat16" and not has_cuda:
-            raise ConfigError("model.dtype='bfloat16' needs a CUDA device and this machine has none; use float32")
+    def check_machine(self, has_cuda: bool, cpu_bfloat16: bool) -> None:
+        """Rules that depend on the machine the run starts on (`cpu_bfloat16`: its CPU computes in
+        bfloat16 natively, AVX512-BF16 or AMX, as oneDNN reports)."""
+        if self.model.dtype == "bfloat16" and not (has_cuda or cpu_bfloat16):
+            raise ConfigError(
+                "model.dtype='bfloat16' needs a CUDA device or a CPU with native bfloat16 (AVX512-BF16 or AMX) "
+                "and this machine has neither; use float32"
+            )

@@ -54,13 +54,12 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, iteration: int |
         raise ExportError(f"{run_dir} has no {paths.manifest.name}, which every run writes as it starts")
     manifest = RunManifest.from_json_file(paths.manifest)
     started = Path(manifest.model_dir)
+    ranks = max(manifest.trainer_ep, manifest.trainer_tp)  # EP needs TP 1: EP blocks of experts or TP shards
+    shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(ranks)]
     arch = ModelArch.from_pretrained(started)
     if manifest.trainer_ep > 1:
-        merged = _merge_experts(
-            [_model_state(paths.trainer_state(iteration, r)) for r in range(manifest.trainer_ep)], arch
-        )
+        merged = _merge_experts(shards, arch)
     else:
-        shards = [_model_state(paths.trainer_state(iteration, rank)) for rank in range(manifest.trainer_tp)]
         merged = {name: tp_merge(name, [s[name] for s in shards]) for name in shards[0]}
     tensors = megatron_to_hf(merged, arch, fused_norms=has_fused_norms(merged))
 

@@ -106,7 +106,7 @@ class Rank:
             batch = load_batch(self.paths.batch(state.weight_version))
             metrics = self.trainer.train_on(batch, rollout_version=state.weight_version)  # refuses an empty batch
         metrics["train/seconds"] = time.perf_counter() - start
-        if iteration % self.cfg.run.checkpoint_every == 0:
+        if self.cfg.run.checkpoints_at(iteration):
             self.paths.checkpoint(iteration).mkdir(parents=True, exist_ok=True)
             torch.save(self.trainer.state_dict(), self.paths.trainer_state(iteration, self.rank))
             dist.barrier()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from safetensors.torch import save_file
 
 from engine.algorithms import AlgoConfig
@@ -79,10 +80,11 @@ def main() -> None:
         examples, epochs=40, lr=3e-3, batch_size=8, target_loss=out["sft_losses"][1]
     )
     out["packing"] = packing_differences(trainer)
-    # Rows of a rank-dependent shape (under EP the ranks' forwards meet in the experts' collectives):
-    # rank 0's logprobs must not depend on what the other ranks run.
-    gen = torch.Generator().manual_seed(dist.get_rank() + 5)
-    uneven = torch.randint(3, 40, (2 + dist.get_rank(), 9 + 3 * dist.get_rank()), generator=gen)
+    # Rows of a shape that depends on the data-parallel rank (under EP those ranks' forwards meet in the
+    # experts' collectives; a TP group shares its rows): rank 0's logprobs must not depend on the others'.
+    dp_rank = parallel_state.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(dp_rank + 5)
+    uneven = torch.randint(3, 40, (2 + dp_rank, 9 + 3 * dp_rank), generator=gen)
     out["uneven_logp"] = trainer.recompute_logprobs(uneven).tolist()
     batch = synthetic_batch(trainer, groups=3, g=4, seed=1)
     out["train"] = trainer.train_on(batch, rollout_version=0)

@@ -273,11 +273,12 @@ def test_max_staleness_reaches_the_buffers_slice() -> None:
     assert (cfg.rollout.buffer().staleness, cfg.rollout.buffer().max_staleness) == ("keep", 1)
 
 
-def test_bfloat16_needs_a_cuda_device() -> None:
+def test_bfloat16_needs_a_cuda_device_or_a_cpu_with_native_bfloat16() -> None:
     cfg = load_config(["model.dtype=bfloat16"])
-    with pytest.raises(ConfigError, match=r"model\.dtype='bfloat16' needs a CUDA device"):
-        cfg.check_machine(has_cuda=False)
-    cfg.check_machine(has_cuda=True)
+    with pytest.raises(ConfigError, match=r"model\.dtype='bfloat16' needs a CUDA device or a CPU with native"):
+        cfg.check_machine(has_cuda=False, cpu_bfloat16=False)
+    cfg.check_machine(has_cuda=True, cpu_bfloat16=False)
+    cfg.check_machine(has_cuda=False, cpu_bfloat16=True)
 
 
 def test_a_component_document_round_trips_through_its_file(tmp_path: Path) -> None:
@@ -375,3 +376,8 @@ def test_no_group_option_restates_a_default(group: str, option: str) -> None:
     sections = data if text.startswith("# @package _global_") else {group: data}
     restated = [k for section, values in sections.items() for k in _restated(values, defaults[section], f"{section}.")]
     assert restated == [], f"{group}/{option}.yaml restates the defaults of {restated}"
+
+
+def test_the_last_iteration_always_checkpoints() -> None:
+    run = load_config(["run.iterations=5", "run.checkpoint_every=2"]).run
+    assert [i for i in range(1, 6) if run.checkpoints_at(i)] == [2, 4, 5]
