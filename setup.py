@@ -28,6 +28,9 @@ BASE = [
     "tqdm>=4.66",
     "tensorboard>=2.20",
     "matplotlib>=3.10",
+    # The math reward: LaTeX answers parsed into SymPy and compared for equivalence (TRL's and open-r1's
+    # verifier); the extra picks the ANTLR runtime 4.9.3 that hydra-core pins.
+    "math-verify[antlr4_9_3]==0.9.0",
 ]
 
 EXTRAS = {
@@ -56,7 +59,7 @@ setup(
     description="RL for LLMs with Megatron training and vLLM rollouts taking turns on the same accelerators",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["engine*", "checkpoint_engine*", "sidecars*", "launch*"]),
-    package_data={"": ["*.yaml"]},
+    package_data={"": ["*.yaml", "*.jsonl"]},
     install_requires=BASE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["timeshare=launch.cli:main"]},

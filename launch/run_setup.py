@@ -156,7 +156,10 @@ def check_kv_cache(rollout: RolloutConfig, model_dir: Path, dtype: str, vllm_tp:
 
 def cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, stop: str) -> list[list[list[int]]]:
     """At most a tenth of the RL pool, answered (worked steps included where the task demonstrates
-    them): a random model earns no reward to learn from."""
+    them) and ended by the stop string, or the end-of-sequence token without one: a random model earns
+    no reward to learn from."""
     n = int(cfg.trainer.cold_start.fraction * len(pool))
     chosen = random.Random(cfg.run.seed).sample(pool, n)
-    return [[tokens.encode(s.prompt), tokens.encode_response((s.demonstration or s.answer) + stop)] for s in chosen]
+    end = [] if stop else [tokens.stop_ids[-1]]
+    answers = [tokens.encode_response((s.demonstration or s.answer) + stop) + end for s in chosen]
+    return [[tokens.encode(s.prompt), answer] for s, answer in zip(chosen, answers, strict=True)]

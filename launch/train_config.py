@@ -297,12 +297,21 @@ class TrainConfig(Section):
                 f"a job of {len(self.cluster.nodes)} nodes moves weights between them with Mooncake: set "
                 "transfer=mooncake (cluster=local2 does)"
             )
+        self._check_task_against(rollout)
+        return self
+
+    def _check_task_against(self, rollout: RolloutConfig) -> None:
+        if self.task.name in ("gsm8k", "math") and "\n" in rollout.stop:
+            raise ConfigError(
+                f"task.name={self.task.name!r} answers span lines (worked steps, then the final answer), so "
+                f"rollout.stop={rollout.stop!r} would cut each at its first line: set rollout.stop='' (a response "
+                "ends at the tokenizer's end-of-sequence token)"
+            )
         if self.task.pool_size < rollout.prompts_per_iteration:
             raise ConfigError(
                 f"task.pool_size ({self.task.pool_size}) must be >= rollout.prompts_per_iteration "
                 f"({rollout.prompts_per_iteration})"
             )
-        return self
 
     def _check_long_context(self) -> None:
         """With a preset, its lengths are what runs: rollout's must be left at the defaults or agree."""

@@ -1,4 +1,4 @@
-"""Rewards: format, Kimi length reward, repeat penalty, user functions, and their weighted sum.
+"""Rewards: format and think, Kimi length reward, repeat penalty, user functions, and their weighted sum.
 
 `RewardScorer(cfg, task).score_group(...)` is the entry point the rollout uses; the other names
 are the pieces it is built from, exported for tests and for custom compositions.
@@ -16,7 +16,7 @@ from engine.rewards.compose import (
     RewardTerm,
     score_group,
 )
-from engine.rewards.format import extract_tagged_answer, format_reward
+from engine.rewards.format import extract_tagged_answer, format_reward, think_reward
 from engine.rewards.length import LengthRewardConfig, kimi_length_rewards
 from engine.rewards.plugins import PluginReward, RewardPluginError, load_reward_fn
 
@@ -36,4 +36,5 @@ __all__ = [
     "kimi_length_rewards",
     "load_reward_fn",
     "score_group",
+    "think_reward",
 ]

@@ -7,7 +7,8 @@ correct (the task's reward >= `correct_threshold`), which the length term and th
 samplers' success rates use. Terms:
 
 - listed in `RewardConfig.terms`, each `weight * f(response, sample)`: `task` (the task's own
-  reward), `format` (`<think>..</think><answer>..</answer>`), or a user function by import path;
+  reward), `format` (`<think>..</think><answer>..</answer>`), `think` (`<think>..</think>` and then
+  the answer), or a user function by import path;
 - `length`: the Kimi group length reward times `RewardConfig.length.scale(iteration)`;
 - `repeat`: `-repeat_penalty` for a response stopped by repeat detection (finish reason "repeat").
 """
@@ -21,20 +22,20 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from checkpoint_engine.contracts.config import ConfigError, Section
-from engine.rewards.format import extract_tagged_answer, format_reward
+from engine.rewards.format import extract_tagged_answer, format_reward, think_reward
 from engine.rewards.length import LengthRewardConfig, kimi_length_rewards
 from engine.rewards.plugins import is_import_path, load_reward_fn
 from engine.tasks.base import Sample, Task
 from engine.trajectory import FINISH_REASONS, UNFINISHED
 
-BUILTIN_TERMS: tuple[str, ...] = ("task", "format")
+BUILTIN_TERMS: tuple[str, ...] = ("task", "format", "think")
 GROUP_TERMS: tuple[str, ...] = ("length", "repeat")  # computed from RewardConfig.length / repeat_penalty
 TaskInput = Literal["response", "answer"]
 TASK_INPUTS: tuple[TaskInput, ...] = ("response", "answer")
 
 
 class RewardTerm(Section):
-    """`weight * source(response, sample)`; `source` is "task", "format" or "package.module:function"."""
+    """`weight * source(response, sample)`; `source` is "task", "format", "think" or "package.module:function"."""
 
     KEY = "reward.terms[]"
     source: str
@@ -64,7 +65,7 @@ class RewardConfig(Section):
     repeat_penalty: float = Field(0.0, ge=0)  # subtracted from the total of a trajectory stopped for repetition
     correct_threshold: float = 1.0  # task reward >= this counts as correct (length term, success rates)
     task_input: TaskInput = "response"  # "answer": the task scores only the <answer> part (0 if malformed)
-    think_in_prompt: bool = False  # the chat template opens <think> itself (format and answer extraction)
+    think_in_prompt: bool = False  # the chat template opens <think> itself (format, think, answer extraction)
 
     @field_validator("terms", mode="before")
     @classmethod
@@ -109,6 +110,8 @@ class RewardScorer:
         for term in cfg.terms:
             if term.source == "format":
                 self._fns[term.key] = self._format
+            elif term.source == "think":
+                self._fns[term.key] = self._think
             elif term.source == "task":
                 self._fns[term.key] = self._task
             else:
@@ -116,6 +119,9 @@ class RewardScorer:
 
     def _format(self, response: str, sample: Sample) -> float:
         return format_reward(response, think_in_prompt=self.cfg.think_in_prompt)
+
+    def _think(self, response: str, sample: Sample) -> float:
+        return think_reward(response, think_in_prompt=self.cfg.think_in_prompt)
 
     def _task(self, response: str, sample: Sample) -> float:
         if self.cfg.task_input == "response":

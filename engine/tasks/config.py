@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from checkpoint_engine.contracts.config import ConfigError, Section
-from engine.tasks import Task, make_task
+from engine.tasks import JsonlTask, Task, make_task
+from engine.tasks.jsonl import PRESETS
 
 # The tasks' own limits: addition operands have <= 9 digits, sorted lists <= 32 items.
 MAX_DIGITS = {"addition": 9, "scratchpad": 9, "sort": 32}
@@ -15,8 +17,8 @@ MAX_DIGITS = {"addition": 9, "scratchpad": 9, "sort": 32}
 
 class TaskConfig(Section):
     KEY = "task"
-    name: Literal["scratchpad", "addition", "sort", "jsonl"] = "scratchpad"
-    path: str | None = None  # JSONL records for task jsonl; must be null otherwise
+    name: Literal["scratchpad", "addition", "sort", "jsonl", "gsm8k", "math"] = "scratchpad"
+    path: str | None = None  # JSONL records for the file tasks (jsonl, gsm8k, math); must be null otherwise
     pool_size: int = Field(8000, ge=1)  # RL prompt pool (the cold start draws its tenth from it)
     heldout_size: int = Field(256, ge=1)  # held-out prompts for evaluation (a disjoint split)
     digits: int = Field(6, ge=1)  # scratchpad and addition: max digits of each operand; sort: list length
@@ -27,14 +29,21 @@ class TaskConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> TaskConfig:
-        if self.name == "jsonl" and self.reward != "exact":
+        file_task = self.name in PRESETS
+        if file_task and self.reward != "exact":
             raise ConfigError(
-                f"task.reward={self.reward!r} applies to addition and sort; jsonl answers are verified exactly"
+                f"task.reward={self.reward!r} applies to addition and sort; {self.name} answers are verified exactly"
             )
-        if self.name == "jsonl" and self.path is None:
-            raise ConfigError("task.path is required for task.name='jsonl' (a JSONL file of prompt/answer records)")
-        if self.name != "jsonl" and self.path is not None:
-            raise ConfigError(f"task.path applies only to task.name='jsonl', not {self.name!r}; set task.path=null")
+        if file_task and self.path is None:
+            preset = PRESETS[self.name]
+            raise ConfigError(
+                f"task.path is required for task.name={self.name!r} (a JSONL file of records with fields "
+                f"{preset.prompt_key!r} and {preset.answer_key!r})"
+            )
+        if not file_task and self.path is not None:
+            raise ConfigError(
+                f"task.path applies only to task.name in {sorted(PRESETS)}, not {self.name!r}; set task.path=null"
+            )
         limit = MAX_DIGITS.get(self.name)
         if limit is not None and self.digits > limit:
             raise ConfigError(f"task.digits must be in [1, {limit}] for task.name={self.name!r}, got {self.digits}")
@@ -42,8 +51,8 @@ class TaskConfig(Section):
 
     def make(self) -> Task:
         """task.digits means operand digits for scratchpad and addition, and list length for sort."""
-        if self.name == "jsonl":
-            return make_task("jsonl", path=self.path)
+        if self.name in PRESETS:
+            return JsonlTask(path=self.path, name=self.name, **asdict(PRESETS[self.name]))
         if self.name == "scratchpad":
             return make_task("scratchpad", max_digits=self.digits, reward_kind=self.reward)
         if self.name == "sort":

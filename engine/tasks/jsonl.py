@@ -1,7 +1,9 @@
-"""`jsonl`: prompt/answer records from a file (GSM8K style), scored by the math verifier.
+"""`jsonl`, `gsm8k`, `math`: prompt/answer records from a file, scored by the math verifier.
 
-Each line is a JSON object with a prompt field and an answer field (names configurable);
-GSM8K's `question` / `answer` with a `#### 42` tail works with `prompt_key=question`.
+Each line is a JSON object with a prompt field and an answer field; `PRESETS` names them per
+dataset format: `jsonl` reads `prompt` / `answer`, `gsm8k` GSM8K's `question` / `answer` (worked
+solution ending `#### 42`), `math` MATH's `problem` / `solution` (the answer in its last `\\boxed{}`);
+the two datasets' prompts ask for the final answer in `\\boxed{}`, as Qwen's math models are asked.
 `prompt_template` has `{prompt}` replaced literally, so other braces (`\\boxed{}`) may appear in it.
 Records go to train or held-out by a hash of their prompt field (not the templated prompt), so
 the split is stable and a change of template cannot move training records into held-out.
@@ -17,7 +19,25 @@ from pathlib import Path
 
 from checkpoint_engine.contracts.config import ConfigError
 from engine.tasks.base import Sample, Split, check_count, check_split, split_of
-from engine.tasks.math_verify import extract_answer, math_reward
+from engine.tasks.math_verify import extract_answer, math_reward, reference_answer
+
+BOXED = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Where a dataset format keeps the prompt and the reference, and how its prompts read."""
+
+    prompt_key: str
+    answer_key: str
+    prompt_template: str
+
+
+PRESETS = {
+    "jsonl": Preset("prompt", "answer", "{prompt}"),
+    "gsm8k": Preset("question", "answer", BOXED),
+    "math": Preset("problem", "solution", BOXED),
+}
 
 
 @dataclass
@@ -43,6 +63,7 @@ class JsonlTask:
         if not path.is_file():
             raise FileNotFoundError(f"jsonl.path {self.path!r} is not a file")
         samples: list[tuple[str, Sample]] = []
+        first_line: dict[str, int] = {}  # uid -> the line that gave it
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -57,10 +78,18 @@ class JsonlTask:
                 if missing:
                     raise ConfigError(f"{path}:{lineno}: missing field(s) {missing}; fields present: {sorted(record)}")
                 raw_prompt, raw_answer, difficulty = self._fields(record, f"{path}:{lineno}")
-                answer = extract_answer(raw_answer) if "####" in raw_answer or "\\boxed" in raw_answer else raw_answer
                 prompt = self.prompt_template.replace("{prompt}", raw_prompt)
                 uid = "jsonl:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
-                sample = Sample(uid=uid, prompt=prompt, answer=(answer or raw_answer).strip(), difficulty=difficulty)
+                answer = reference_answer(raw_answer)
+                # A worked solution (GSM8K's, MATH's) is what the cold start demonstrates.
+                worked = raw_answer.strip() if raw_answer.strip() != answer else ""
+                sample = Sample(uid=uid, prompt=prompt, answer=answer, difficulty=difficulty, demonstration=worked)
+                if uid in first_line:
+                    raise ConfigError(
+                        f"{path}:{lineno}: the same prompt as line {first_line[uid]} (field {self.prompt_key!r}); "
+                        "each record's prompt must be distinct"
+                    )
+                first_line[uid] = lineno
                 samples.append((raw_prompt, sample))
         if not samples:
             raise ConfigError(f"{path} holds no records")

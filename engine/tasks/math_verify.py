@@ -1,93 +1,83 @@
-"""Math answer extraction and comparison, GSM8K / MATH style.
+"""Math answers checked by HF's `math-verify` (the verifier TRL and open-r1 use).
 
-`extract_answer` prefers `\\boxed{...}` (last one, nested braces allowed), then `#### x`,
-then `<answer>..</answer>`, then the last number in the text. `answers_match` compares
-numerically when both sides are numbers (commas, signs, `$`, `%`, fractions and `\\frac`
-normalised), else as whitespace-free strings.
+The library finds a response's final answer (the last `\\boxed{}`, else the last number or
+expression), parses LaTeX into SymPy and decides equivalence: 1/2 = 0.5 = \\frac{2}{4},
+(x+1)^2 = x^2+2x+1, 1,234 = 1234, 50% = 50, sets, intervals, `x=3` = 3. What it lacks stays here:
+a reference's GSM8K `#### x` tail and MATH solution box (`reference_answer`), the `<answer>` tags of
+the format layout, and word answers, which it reads as products of symbols (`odd` = d**2*o, so any
+anagram would match): those compare as text.
+
+Its parser and comparer guard themselves with SIGALRM (a LaTeX expression can make SymPy run for
+minutes), which Python allows on the main thread only; elsewhere they run without that guard.
 """
 
 from __future__ import annotations
 
 import re
-from fractions import Fraction
+import threading
 
-UNICODE_MINUS = "\u2212"  # what LaTeX-to-text and some datasets use for a sign
-# Commas only between digits, so "is 3, so" gives "3" and "1,234" stays whole.
-_NUMBER = re.compile(r"[-+\u2212]?\s*(?:\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?")
-_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+from math_verify import parse, verify
+
+PARSE_SECONDS = 5  # per parse and per comparison, on the main thread
+_TAGGED = re.compile(r"<answer>(.*?)</answer>", flags=re.DOTALL)
+_WORDS = re.compile(r"[a-z][a-z '\-]*[a-z]")
+_TEXT = re.compile(r"\\text\{(.*?)\}")
+
+
+def _seconds() -> int | None:
+    return PARSE_SECONDS if threading.current_thread() is threading.main_thread() else None
 
 
 def _last_boxed(text: str) -> str | None:
+    """The contents of the last `\\boxed{}` (nested braces kept whole), None when absent or unclosed."""
     start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
         return None
     i = text.index("{", start) + 1
     depth = 1
     for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None  # unbalanced: no answer rather than a truncated one
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def reference_answer(raw: str) -> str:
+    """The answer a dataset's reference field states: GSM8K's `#### x` tail (up to its line's end),
+    else a MATH solution's last box, else the whole field."""
+    if "####" in raw:
+        return raw.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
+    boxed = _last_boxed(raw)
+    return (boxed if boxed is not None else raw).strip()
 
 
 def extract_answer(text: str) -> str | None:
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    if "\\boxed{" in text or "\\fbox{" in text:
-        return None  # a box that never closes is malformed; the fallbacks below would guess a number inside it
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip().split("\n", 1)[0].strip()
-    tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
+    """The final answer `text` states as the reward reads it: the last `<answer>` text, else the
+    library's (the last box, else the last number or expression); None when there is none."""
+    tagged = _TAGGED.findall(text)
     if tagged:
         return tagged[-1].strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].strip() if numbers else None
+    found = parse(text, parsing_timeout=_seconds())
+    return str(found[-1]).strip() if found else None
 
 
-def to_number(text: str) -> Fraction | None:
-    """Parse `text` as an exact rational, or None when it is not a plain number."""
-    # MATH escapes dollars inside LaTeX ("\\$18.90"); a `$` is never part of a number.
-    s = text.replace("\\$", "").replace("$", "").strip()
-    s = s.replace("\\!", "").replace("\\,", "").replace(UNICODE_MINUS, "-").replace("\\left", "").replace("\\right", "")
-    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s)
-    s = _FRAC.sub(r"(\1)/(\2)", s)
-    s = s.replace(" ", "").rstrip(".")
-    if s.endswith(("\\%", "%")):
-        s = s.rstrip("%").rstrip("\\")
-    s = s.replace("(", "").replace(")", "")
-    # Thousands separators only where they really are ones ("1,234", not "1,2").
-    if "," in s:
-        if not re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
-            return None
-        s = s.replace(",", "")
-    if s.startswith("+"):
-        s = s[1:]
-    try:
-        if "/" in s:
-            num, den = s.split("/", 1)
-            return Fraction(num) / Fraction(den)
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def normalize_text(text: str) -> str:
-    s = text.strip().strip("$").strip().rstrip(".")
-    s = re.sub(r"\\text\{(.*?)\}", r"\1", s)
-    return re.sub(r"\s+", "", s).lower()
+def _as_words(text: str) -> str | None:
+    """`text` lowercased without `\\text{}`, `$`, spaces at the ends or a final period when it is
+    words (two letters or more, nothing but letters, spaces, apostrophes and hyphens)."""
+    s = _TEXT.sub(r"\1", text).strip().strip("$").strip().rstrip(".").lower()
+    s = re.sub(r"\s+", " ", s)
+    return s if _WORDS.fullmatch(s) else None
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
     if predicted is None:
         return False
-    a, b = to_number(predicted), to_number(reference)
-    if a is not None and b is not None:
-        return a == b
-    return normalize_text(predicted) == normalize_text(reference)
+    words = _as_words(reference)
+    if words is not None:
+        return _as_words(predicted) == words
+    gold = parse(f"${reference}$", parsing_timeout=_seconds())
+    answer = parse(f"${predicted}$", parsing_timeout=_seconds())
+    return bool(gold and answer) and verify(gold, answer, timeout_seconds=_seconds())
 
 
 def math_reward(response: str, reference: str) -> float:

@@ -202,7 +202,9 @@ def export_hf_weights(
     (the same on every rank).
 
     `host` maps parameters to their host copies while the model is offloaded (EXPORT follows
-    OFFLOAD); each shard visits the device only for the gather, which NCCL needs there.
+    OFFLOAD); each shard visits the device only for the gather, which NCCL needs there. A tensor
+    that is already whole on the host is not copied: it shares the parameter's (or host copy's)
+    storage, which EXPORT writes out before anything trains; clone what must outlive a step.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -217,7 +219,7 @@ def export_hf_weights(
             full.update(_gather_experts(name, local, arch, ep))
             continue
         if size == 1 or tp_split_dim(name) is None:
-            full[name] = local.to("cpu", copy=True)
+            full[name] = local.cpu()
             continue
         local = local.to(compat.device())
         shards = [torch.empty_like(local) for _ in range(size)]
@@ -233,7 +235,7 @@ def _gather_experts(name: str, local: torch.Tensor, arch: ModelArch, ep: int) ->
     from megatron.core import parallel_state
 
     if ep == 1:
-        return {name: local.to("cpu", copy=True)}
+        return {name: local.cpu()}
     assert arch.moe is not None
     local = local.to(compat.device())
     copies = [torch.empty_like(local) for _ in range(ep)]

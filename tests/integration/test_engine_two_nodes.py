@@ -126,7 +126,8 @@ def test_two_engines_one_iteration(tmp_path: Path) -> None:
             # Leader election: both agree on one leader, and the job starts at EXPORT of iteration 0.
             leader = _wait("a leader", lambda: n0.get("/status")["leader"])
             assert leader in ("node0", "node1")
-            assert n1.get("/status")["leader"] == leader
+            # node1 started second: its API may answer later than node0's
+            assert _wait("node1's view of the leader", lambda: n1.get("/status")["leader"]) == leader
             assert _wait("phase", n0.phase) == (0, "EXPORT")
 
             # EXPORT: node0's producer writes version 0 into its region and registers it.

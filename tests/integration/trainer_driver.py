@@ -90,7 +90,7 @@ def main() -> None:
     out["train"] = trainer.train_on(batch, rollout_version=0)
 
     offloader = Offloader(trainer.model, trainer.optimizer)
-    before = mg.export_hf_weights(trainer.model, trainer.arch)
+    before = {k: t.clone() for k, t in mg.export_hf_weights(trainer.model, trainer.arch).items()}  # outlives a step
     out["offload"] = offloader.offload().to_dict()
     out["params_empty_while_offloaded"] = all(p.numel() == 0 for p in trainer.model.parameters())
     during = mg.export_hf_weights(trainer.model, trainer.arch, offloader.host_parameters())

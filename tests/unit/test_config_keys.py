@@ -18,7 +18,14 @@ from sidecars.megatron.config import RankConfig
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("checkpoint_engine", "engine", "sidecars", "launch")
 OPTIONS = [(g.name, p.stem) for g in sorted(CONF_DIR.iterdir()) if g.is_dir() for p in sorted(g.glob("*.yaml"))]
-NEEDS = {"jsonl": ["task.path=x.jsonl"], "32k": ["model.max_positions=32768"], "128k": ["model.max_positions=131072"]}
+WORKED = ["task.path=x.jsonl", "rollout.stop=''"]  # worked solutions span lines
+NEEDS = {
+    "jsonl": ["task.path=x.jsonl"],
+    "gsm8k": WORKED,
+    "math": WORKED,
+    "32k": ["model.max_positions=32768"],
+    "128k": ["model.max_positions=131072"],
+}
 
 
 def _is_validator(node: ast.AST) -> bool:

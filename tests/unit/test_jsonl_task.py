@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_engine.contracts.config import ConfigError
 from engine.tasks import JsonlTask, Sample
 from engine.tasks.base import split_of
+from engine.tasks.config import TaskConfig
+from engine.tasks.jsonl import BOXED, PRESETS
 
 
 def uids(samples: list[Sample]) -> list[str]:
@@ -165,3 +168,28 @@ def test_jsonl_empty_file(tmp_path: Path) -> None:
 def test_jsonl_template_needs_prompt(gsm8k_path: Path) -> None:
     with pytest.raises(ValueError, match="prompt_template"):
         JsonlTask(path=str(gsm8k_path), prompt_key="question", prompt_template="Question: {question}")
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "engine/tasks/data"
+
+
+@pytest.mark.parametrize(("name", "answer_of_first"), [("gsm8k", "50"), ("math", r"\frac{32}{21}")])
+def test_the_dataset_presets_read_the_example_records(name: str, answer_of_first: str) -> None:
+    """`task=gsm8k` and `task=math` read their dataset's fields: the reference is the answer the worked
+    solution states, the solution is the cold start's demonstration, and the prompt asks for a box."""
+    task = TaskConfig(name=name, path=str(EXAMPLES / f"{name}_example.jsonl"), reward="exact").make()
+    first = json.loads((EXAMPLES / f"{name}_example.jsonl").read_text().splitlines()[0])
+    by_prompt = {s.prompt: s for split in ("train", "heldout") for s in task._records[split]}
+    sample = by_prompt[BOXED.replace("{prompt}", first[PRESETS[name].prompt_key])]
+    assert sample.answer == answer_of_first
+    assert sample.demonstration == first[PRESETS[name].answer_key]
+    assert sample.prompt.endswith("put your final answer within \\boxed{}.")
+    assert task.reward(f"so it is \\boxed{{{answer_of_first}}}", sample) == 1.0
+    assert task.reward("so it is \\boxed{0.123}", sample) == 0.0
+
+
+def test_a_repeated_prompt_names_both_lines(tmp_path: Path) -> None:
+    record = json.dumps({"prompt": "1+1=", "answer": "2"})
+    path = write_jsonl(tmp_path / "d.jsonl", [record, json.dumps({"prompt": "2+2=", "answer": "4"}), record])
+    with pytest.raises(ConfigError, match=r"d\.jsonl:3: the same prompt as line 1 \(field 'prompt'\)"):
+        JsonlTask(path=str(path))

@@ -1,4 +1,4 @@
-"""Rewards: the Kimi length table by hand, warm-up, format, repeat detection, plugins and composition."""
+"""Rewards: the Kimi length table by hand, warm-up, format, think, repeat detection, plugins and composition."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from engine.rewards import (
     kimi_length_rewards,
     load_reward_fn,
     score_group,
+    think_reward,
 )
 from engine.tasks.base import Sample
 
@@ -172,6 +173,36 @@ def test_format_with_think_opened_by_the_prompt() -> None:
 # ---- plugins -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("<think>3 and 4 make 7</think> So the sum is \\boxed{7}.", 1.0),
+        ("  <think>\nadd them\n</think>\n7", 1.0),
+        ("<think>x</think>", 0.0),  # no answer after the thinking
+        ("<think> </think> 7", 0.0),  # no thinking
+        ("7 <think>x</think> 7", 0.0),  # text before the thinking
+        ("<think>x</think> 7 <think>y</think> 8", 0.0),  # thinking twice
+        ("<think>x 7", 0.0),  # unclosed
+        ("7", 0.0),
+    ],
+)
+def test_think_reward(response: str, expected: float) -> None:
+    assert think_reward(response) == expected
+
+
+def test_think_opened_by_the_prompt() -> None:
+    assert think_reward("add them</think> 7", think_in_prompt=True) == 1.0
+    assert think_reward("<think>add them</think> 7", think_in_prompt=True) == 0.0
+
+
+def test_the_think_term_scores_through_the_scorer() -> None:
+    cfg = RewardConfig(terms=[RewardTerm(source="task"), RewardTerm(source="think", weight=0.5)])
+    scores = RewardScorer(cfg, ContainsAnswerTask()).score_group(
+        ["<think>2 and 2</think>4", "4"], SAMPLE, ["stop", "stop"], [5, 1], iteration=0
+    )
+    assert scores.terms["think"] == [0.5, 0.0]
+
+
 def test_plugin_loads_a_function_of_this_module() -> None:
     fn = load_reward_fn(f"{__name__}:bonus_reward")
     assert fn("abc", SAMPLE) == 3.0
@@ -309,7 +340,7 @@ def test_reward_config_names_the_bad_key(kwargs: dict[str, object], match: str) 
 
 
 def test_reward_term_validation() -> None:
-    with pytest.raises(ValueError, match=r"one of \('task', 'format'\) or 'package.module:function'"):
+    with pytest.raises(ValueError, match=r"one of \('task', 'format', 'think'\) or 'package.module:function'"):
         RewardTerm(source="lenght")
     with pytest.raises(ValueError, match=r"reward.terms\[\].weight must be a number, got '1'"):
         RewardTerm(source="task", weight="1")  # type: ignore[arg-type]

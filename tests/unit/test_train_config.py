@@ -19,6 +19,8 @@ OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group
 # What an option needs besides itself to form a valid run.
 NEEDS = {
     ("task", "jsonl"): ["task.path=data/gsm8k.jsonl"],
+    ("task", "gsm8k"): ["task.path=data/gsm8k.jsonl", "rollout.stop=''"],
+    ("task", "math"): ["task.path=data/math.jsonl", "rollout.stop=''"],
     ("long_context", "32k"): ["model.max_positions=32768"],
     ("long_context", "128k"): ["model.max_positions=131072"],
 }
@@ -123,7 +125,9 @@ def test_bad_override_syntax() -> None:
 
 def test_bad_literal() -> None:
     assert _error(["rollout.staleness=x"]) == "rollout.staleness must be one of ['exclude', 'keep'], got 'x'"
-    assert _error(["task.name=x"]) == "task.name must be one of ['scratchpad', 'addition', 'sort', 'jsonl'], got 'x'"
+    assert _error(["task.name=x"]) == (
+        "task.name must be one of ['scratchpad', 'addition', 'sort', 'jsonl', 'gsm8k', 'math'], got 'x'"
+    )
 
 
 @pytest.mark.parametrize(
@@ -147,7 +151,9 @@ RULES = [
     (["rollout.max_response_tokens=300", "rollout.iteration_token_budget=8"], r"must be < rollout\.max_model_len"),
     (["rollout.max_model_len=512"], r"rollout\.max_model_len is 512 but model\.max_positions is 256"),
     (["task=jsonl"], r"task\.path is required"),
-    (["task.path=x.jsonl"], r"task\.path applies only to task\.name='jsonl'"),
+    (["task=math"], r"task\.path is required for task\.name='math' \(a JSONL file of records with fields 'problem'"),
+    (["task=gsm8k", "task.path=x.jsonl"], r"task\.name='gsm8k' answers span lines .* set rollout\.stop=''"),
+    (["task.path=x.jsonl"], r"task\.path applies only to task\.name in \['gsm8k', 'jsonl', 'math'\], not 'scratch"),
     (["parallel.trainer_tp=4"], r"model\.kv_heads \(2\) must be divisible by parallel\.trainer_tp \(4\)"),
     (["parallel.vllm_tp=4"], r"model\.kv_heads.*parallel\.vllm_tp"),
     (["parallel.trainer_pp=2"], r"pipeline parallel trainer is not supported"),
