@@ -28,9 +28,10 @@ from engine.config import RolloutConfig, RunConfig
 from engine.evaluation import mean_cons_at_n, mean_pass_at_k, percentile
 from engine.iteration_record import IterationRecord, PhaseClock, train_metrics
 from engine.replay_buffer import Group, PartialRolloutBuffer, PromptTokens, RolloutRequest, RolloutResult
-from engine.rewards import RewardScorer
+from engine.rewards import GroupInput, RewardScorer
 from engine.sampling import PromptSampler
 from engine.tasks import Sample, Task
+from engine.tasks.base import take_task_metrics
 from engine.tokenizer import Tokens
 
 log = logging.getLogger("timeshare.controller")
@@ -252,6 +253,7 @@ class Controller:
         self._save_state(version + 1)
         n = len(rewards)
         return {
+            **take_task_metrics(self.task),
             "reward/mean": sum(rewards) / n,
             **{f"reward/term/{key}": sum(values) / n for key, values in terms.items()},
             "reward/correct": sum(correct) / n,
@@ -277,16 +279,17 @@ class Controller:
     def _score(self, groups: Sequence[Group], iteration: int) -> tuple[list[float], list[bool], dict[str, list[float]]]:
         """Each trajectory's total reward and correctness, and each reward term's contributions."""
         rewards, correct, terms = [], [], defaultdict(list)
-        for group in groups:
-            sample = self.samples[group.prompt_uid]
-            trajs = group.trajectories
-            scores = self.scorer.score_group(
-                [self.tokens.decode(t.response_ids) for t in trajs],
-                sample,
-                [t.finish_reason for t in trajs],
-                [len(t.response_ids) for t in trajs],
-                iteration,
+        inputs = [
+            GroupInput(
+                [self.tokens.decode(t.response_ids) for t in g.trajectories],
+                self.samples[g.prompt_uid],
+                [t.finish_reason for t in g.trajectories],
+                [len(t.response_ids) for t in g.trajectories],
             )
+            for g in groups
+        ]
+        for group, scores in zip(groups, self.scorer.score_groups(inputs, iteration), strict=True):
+            trajs = group.trajectories
             for t, total in zip(trajs, scores.totals, strict=True):
                 t.reward = total
             self.sampler.update(group.prompt_uid, successes=float(sum(scores.correct)), trials=float(len(trajs)))
@@ -314,23 +317,26 @@ class Controller:
             ],
         ).results
 
-        def right(sample: Sample, text: str) -> bool:
+        def right(text: str, sample: Sample) -> bool:
             return self.task.reward(text, sample) >= self.scorer.cfg.correct_threshold
 
-        def vote_right(vote: str, prompt: tuple[Sample, list[str], list[str | None]]) -> bool:
-            sample, texts, answers = prompt  # the majority answer is right when a response stating it is
-            return right(sample, texts[answers.index(vote)])
+        def vote_right(vote: str, prompt: tuple[list[str | None], list[bool]]) -> bool:
+            answers, ok = prompt  # the majority answer is right when a response stating it is
+            return ok[answers.index(vote)]
 
         greedy_texts = [self.tokens.decode(r.samples[0].token_ids) for r in greedy]
-        greedy_ok = [right(s, t) for s, t in zip(self.heldout, greedy_texts, strict=True)]
+        greedy_ok = self.scorer.map(right, list(zip(greedy_texts, self.heldout, strict=True)))
         texts = [[self.tokens.decode(x.token_ids) for x in r.samples] for r in sampled]
         answers = [[self.task.answer(t) for t in ts] for ts in texts]
-        sampled_ok = [[right(s, t) for t in ts] for s, ts in zip(self.heldout, texts, strict=True)]
+        flat_ok = iter(self.scorer.map(right, [(t, s) for s, ts in zip(self.heldout, texts, strict=True) for t in ts]))
+        sampled_ok = [[next(flat_ok) for _ in ts] for ts in texts]
+        task_counts = {key.replace("reward/", "eval/", 1): v for key, v in take_task_metrics(self.task).items()}
         return {
             "eval/accuracy": sum(greedy_ok) / len(greedy_ok),
             "eval/pass@1": mean_pass_at_k(sampled_ok, 1),
             f"eval/pass@{k}": mean_pass_at_k(sampled_ok, k),
-            f"eval/cons@{k}": mean_cons_at_n(answers, list(zip(self.heldout, texts, answers, strict=True)), vote_right),
+            f"eval/cons@{k}": mean_cons_at_n(answers, list(zip(answers, sampled_ok, strict=True)), vote_right),
+            **task_counts,
         }
 
     # ---------------------------------------------------------------------------- bookkeeping

@@ -55,11 +55,11 @@ def read_rows(run_dir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def later_iterations(lifecycle: str, rows: list[dict[str, float]]) -> list[dict[str, float]]:
+def later_iterations(name: str, rows: list[dict[str, float]]) -> list[dict[str, float]]:
     """The metrics rows of the complete iterations after the first (which also starts every process)."""
     later = [r for r in rows if r["iteration"] >= 1 and all(f"time/{p}" in r for p in PHASES)]
     if not later:
-        raise SystemExit(f"{lifecycle}: no complete iteration after the first; raise --iterations")
+        raise SystemExit(f"{name}: no complete iteration after the first (a run of two or more iterations is needed)")
     return later
 
 

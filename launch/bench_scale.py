@@ -33,7 +33,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from launch.bench_cycle import read_rows, run_job
+from checkpoint_engine.contracts.run_dir import RunPaths
+from launch.bench_cycle import SWITCH, later_iterations, read_rows, run_job
 
 SHAPES = {  # Qwen2.5's published shapes (config.json of Qwen/Qwen2.5-0.5B and -1.5B)
     "0.5b": {"layers": 24, "hidden": 896, "heads": 14, "kv_heads": 2, "intermediate": 4864},
@@ -42,7 +43,6 @@ SHAPES = {  # Qwen2.5's published shapes (config.json of Qwen/Qwen2.5-0.5B and -
 VOCAB = 151936
 GIB = 2**30
 RUNTIME_BYTES = 4 * GIB  # etcd, the controller, the engine, torch and vLLM themselves, the KV cache
-SWITCH = ("offload", "export", "start_vllm", "update_weights", "terminate_vllm", "onload")
 JOB = [
     "task=addition",
     "run.mode=rollout_only",
@@ -141,9 +141,7 @@ def bench_case(shape: str, dtype: str, root: Path) -> None:
     runs = root / "runs"
     runs.mkdir()
     run_dir = run_job(f"{shape}-{dtype}", [*JOB, f"model.path={model_dir}", f"model.dtype={dtype}"], runs)
-    later = [r for r in read_rows(run_dir) if r["iteration"] >= 1 and all(f"time/{p}" in r for p in SWITCH)]
-    if not later:
-        raise SystemExit(f"{shape} {dtype}: no complete iteration after the first in {run_dir}")
+    later = later_iterations(f"{shape} {dtype}", read_rows(run_dir))
 
     def mean(key: str) -> float:
         return sum(r[key] for r in later) / len(later)
@@ -165,7 +163,7 @@ def bench_case(shape: str, dtype: str, root: Path) -> None:
 
     if not _fits(case, "train_step", need["train_step"]):
         return
-    batch = run_dir / "rollouts" / f"iter_{int(later[0]['iteration']):05d}.pt"
+    batch = RunPaths(run_dir).batch(int(later[0]["iteration"]))
     _emit(**case, measure="train_step", **train_step(model_dir, batch, dtype))
 
 

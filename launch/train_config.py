@@ -301,9 +301,9 @@ class TrainConfig(Section):
         return self
 
     def _check_task_against(self, rollout: RolloutConfig) -> None:
-        if self.task.name in ("gsm8k", "math") and "\n" in rollout.stop:
+        if self.task.answers_span_lines and "\n" in rollout.stop:
             raise ConfigError(
-                f"task.name={self.task.name!r} answers span lines (worked steps, then the final answer), so "
+                f"task.name={self.task.name!r} answers span lines (worked steps or a program), so "
                 f"rollout.stop={rollout.stop!r} would cut each at its first line: set rollout.stop='' (a response "
                 "ends at the tokenizer's end-of-sequence token)"
             )

@@ -3,6 +3,7 @@
 # the Docker images. Idempotent: silent when nothing is missing.
 #   1. Debian packages: etcd-server (coordination), libibverbs1 (Mooncake loads it even for tcp),
 #      slurm-wlm and munge (the sbatch script's test runs a two-node slurm on this machine).
+#      bubblewrap (the code task runs model-written programs under bwrap).
 #   2. A virtualenv ($VENV, default .venv) with the pinned stack, rebuilt only when setup.py,
 #      the lock file or this script change.
 #   3. With the cpu extra, removal of the CUDA builds of torchvision/torchaudio/torchcodec that
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-cpu,dev}
 LOCK=${LOCK:-requirements/lock-cpu.txt}
-DEBIAN_PACKAGES=(etcd-server libibverbs1 slurm-wlm munge)
+DEBIAN_PACKAGES=(etcd-server libibverbs1 slurm-wlm munge bubblewrap)
 BROKEN_WITH_CPU_TORCH=(torchvision torchaudio torchcodec)
 
 say() { echo "[setup] $*"; }

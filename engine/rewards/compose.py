@@ -16,8 +16,9 @@ samplers' success rates use. Terms:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -32,6 +33,7 @@ BUILTIN_TERMS: tuple[str, ...] = ("task", "format", "think")
 GROUP_TERMS: tuple[str, ...] = ("length", "repeat")  # computed from RewardConfig.length / repeat_penalty
 TaskInput = Literal["response", "answer"]
 TASK_INPUTS: tuple[TaskInput, ...] = ("response", "answer")
+T = TypeVar("T")
 
 
 class RewardTerm(Section):
@@ -66,6 +68,8 @@ class RewardConfig(Section):
     correct_threshold: float = 1.0  # task reward >= this counts as correct (length term, success rates)
     task_input: TaskInput = "response"  # "answer": the task scores only the <answer> part (0 if malformed)
     think_in_prompt: bool = False  # the chat template opens <think> itself (format, think, answer extraction)
+    # Threads scoring a rollout's responses with the task at once (the code task's programs run in parallel).
+    workers: int = Field(1, ge=1)
 
     @field_validator("terms", mode="before")
     @classmethod
@@ -100,12 +104,25 @@ class GroupScores:
         return out
 
 
+@dataclass(frozen=True)
+class GroupInput:
+    """One prompt's G finished responses as `score_groups` takes them; `lengths` are in tokens."""
+
+    responses: Sequence[str]
+    sample: Sample
+    finish_reasons: Sequence[str]
+    lengths: Sequence[int]
+
+
 class RewardScorer:
-    """Scores groups for one task; user functions are imported once, here, so a bad path fails at start-up."""
+    """Scores groups for one task; user functions are imported once, here, so a bad path fails at start-up.
+    With `workers` > 1 the task's rewards of all the groups scored together are computed by that many
+    threads (math-verify's SIGALRM guard then does not run: it needs the main thread)."""
 
     def __init__(self, cfg: RewardConfig, task: Task) -> None:
         self.cfg = cfg
         self.task = task
+        self._pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="reward") if cfg.workers > 1 else None
         self._fns: dict[str, Callable[[str, Sample], float]] = {}
         for term in cfg.terms:
             if term.source == "format":
@@ -129,6 +146,19 @@ class RewardScorer:
         answer = extract_tagged_answer(response, think_in_prompt=self.cfg.think_in_prompt)
         return 0.0 if answer is None else float(self.task.reward(answer, sample))
 
+    def map(self, fn: Callable[[str, Sample], T], pairs: Sequence[tuple[str, Sample]]) -> list[T]:
+        """`fn(response, sample)` for each pair, in order, by the scorer's workers."""
+        if self._pool is None:
+            return [fn(r, s) for r, s in pairs]
+        return list(self._pool.map(lambda pair: fn(*pair), pairs))
+
+    def score_groups(self, groups: Sequence[GroupInput], iteration: int) -> list[GroupScores]:
+        """Score each group's finished responses; the task's rewards of all of them at once (see `workers`)."""
+        for g in groups:
+            _check_group(g.responses, g.finish_reasons, g.lengths)
+        rewards = iter(self.map(self._task, [(r, g.sample) for g in groups for r in g.responses]))
+        return [self._compose(g, [next(rewards) for _ in g.responses], iteration) for g in groups]
+
     def score_group(
         self,
         responses: Sequence[str],
@@ -138,19 +168,21 @@ class RewardScorer:
         iteration: int,
     ) -> GroupScores:
         """Score the G finished responses to `sample`; `lengths` are response lengths in tokens."""
-        _check_group(responses, finish_reasons, lengths)
-        task_rewards = [self._task(r, sample) for r in responses]
+        return self.score_groups([GroupInput(responses, sample, finish_reasons, lengths)], iteration)[0]
+
+    def _compose(self, group: GroupInput, task_rewards: list[float], iteration: int) -> GroupScores:
+        responses = group.responses
         correct = [r >= self.cfg.correct_threshold for r in task_rewards]
         terms: dict[str, list[float]] = {}
         for term in self.cfg.terms:
             fn = self._fns[term.key]
-            raw = task_rewards if term.source == "task" else [fn(r, sample) for r in responses]
+            raw = task_rewards if term.source == "task" else [fn(r, group.sample) for r in responses]
             terms[term.key] = [term.weight * v for v in raw]
         if self.cfg.length.enabled:
             scale = self.cfg.length.scale(iteration)
-            terms["length"] = [scale * v for v in kimi_length_rewards(lengths, correct)]
+            terms["length"] = [scale * v for v in kimi_length_rewards(group.lengths, correct)]
         if self.cfg.repeat_penalty:
-            terms["repeat"] = [-self.cfg.repeat_penalty if f == "repeat" else 0.0 for f in finish_reasons]
+            terms["repeat"] = [-self.cfg.repeat_penalty if f == "repeat" else 0.0 for f in group.finish_reasons]
         totals = [sum(values[i] for values in terms.values()) for i in range(len(responses))]
         return GroupScores(totals=totals, terms=terms, correct=correct)
 

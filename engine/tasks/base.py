@@ -50,6 +50,13 @@ class Task(Protocol):
         ...
 
 
+def take_task_metrics(task: Task) -> dict[str, float]:
+    """The task's own counts since the last call (the code task's outcomes: `reward/code/...`); {} for
+    the tasks that keep none."""
+    take = getattr(task, "take_metrics", None)
+    return take() if take is not None else {}
+
+
 def distinct_samples(
     draw: Callable[[random.Random], Sample], split: Split, n: int, *, seed: str, heldout_fraction: float, task: str
 ) -> list[Sample]:

@@ -31,12 +31,13 @@ class Preset:
     prompt_key: str
     answer_key: str
     prompt_template: str
+    answers_span_lines: bool = False  # worked steps before the final answer: rollout.stop must not be a newline
 
 
 PRESETS = {
     "jsonl": Preset("prompt", "answer", "{prompt}"),
-    "gsm8k": Preset("question", "answer", BOXED),
-    "math": Preset("problem", "solution", BOXED),
+    "gsm8k": Preset("question", "answer", BOXED, answers_span_lines=True),
+    "math": Preset("problem", "solution", BOXED, answers_span_lines=True),
 }
 
 
@@ -74,16 +75,11 @@ class JsonlTask:
                     raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
                 if not isinstance(record, dict):
                     raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                missing = [k for k in (self.prompt_key, self.answer_key) if k not in record]
-                if missing:
-                    raise ConfigError(f"{path}:{lineno}: missing field(s) {missing}; fields present: {sorted(record)}")
-                raw_prompt, raw_answer, difficulty = self._fields(record, f"{path}:{lineno}")
-                prompt = self.prompt_template.replace("{prompt}", raw_prompt)
-                uid = "jsonl:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
-                answer = reference_answer(raw_answer)
-                # A worked solution (GSM8K's, MATH's) is what the cold start demonstrates.
-                worked = raw_answer.strip() if raw_answer.strip() != answer else ""
-                sample = Sample(uid=uid, prompt=prompt, answer=answer, difficulty=difficulty, demonstration=worked)
+                made = self._sample(record, f"{path}:{lineno}")
+                if made is None:
+                    continue
+                raw_prompt, sample = made
+                uid = sample.uid
                 if uid in first_line:
                     raise ConfigError(
                         f"{path}:{lineno}: the same prompt as line {first_line[uid]} (field {self.prompt_key!r}); "
@@ -94,6 +90,22 @@ class JsonlTask:
         if not samples:
             raise ConfigError(f"{path} holds no records")
         return samples
+
+    def _sample(self, record: dict, where: str) -> tuple[str, Sample] | None:
+        """(raw prompt field, sample) of one record (`where` names its line in errors); None sets it aside."""
+        missing = [k for k in (self.prompt_key, self.answer_key) if k not in record]
+        if missing:
+            raise ConfigError(f"{where}: missing field(s) {missing}; fields present: {sorted(record)}")
+        raw_prompt, raw_answer, difficulty = self._fields(record, where)
+        answer = reference_answer(raw_answer)
+        # A worked solution (GSM8K's, MATH's) is what the cold start demonstrates.
+        worked = raw_answer.strip() if raw_answer.strip() != answer else ""
+        return self._make_sample(raw_prompt, answer, difficulty, worked)
+
+    def _make_sample(self, raw_prompt: str, answer: str, difficulty: float, demonstration: str) -> tuple[str, Sample]:
+        prompt = self.prompt_template.replace("{prompt}", raw_prompt)
+        uid = "jsonl:" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        return raw_prompt, Sample(uid, prompt, answer, difficulty=difficulty, demonstration=demonstration)
 
     def _fields(self, record: dict, where: str) -> tuple[str, str, float]:
         """The record's prompt (a non-empty string), answer (a non-empty string or a number) and difficulty

@@ -51,14 +51,20 @@ def reference_answer(raw: str) -> str:
     return (boxed if boxed is not None else raw).strip()
 
 
+def _final_answer(text: str) -> tuple[list | None, str | None]:
+    """The library's parse of `text`'s final answer (None for `<answer>` text, which it cannot read)
+    and that answer as text (None when there is none)."""
+    tagged = _TAGGED.findall(text)
+    if tagged:
+        return None, tagged[-1].strip()
+    found = parse(text, parsing_timeout=_seconds())
+    return (found, str(found[-1]).strip()) if found else (None, None)
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer `text` states as the reward reads it: the last `<answer>` text, else the
     library's (the last box, else the last number or expression); None when there is none."""
-    tagged = _TAGGED.findall(text)
-    if tagged:
-        return tagged[-1].strip()
-    found = parse(text, parsing_timeout=_seconds())
-    return str(found[-1]).strip() if found else None
+    return _final_answer(text)[1]
 
 
 def _as_words(text: str) -> str | None:
@@ -69,16 +75,18 @@ def _as_words(text: str) -> str | None:
     return s if _WORDS.fullmatch(s) else None
 
 
-def answers_match(predicted: str | None, reference: str) -> bool:
+def answers_match(predicted: str | None, reference: str, parsed: list | None = None) -> bool:
+    """Whether `predicted` (already parsed as `parsed` when given) states `reference`'s answer."""
     if predicted is None:
         return False
     words = _as_words(reference)
     if words is not None:
         return _as_words(predicted) == words
     gold = parse(f"${reference}$", parsing_timeout=_seconds())
-    answer = parse(f"${predicted}$", parsing_timeout=_seconds())
+    answer = parsed or parse(f"${predicted}$", parsing_timeout=_seconds())
     return bool(gold and answer) and verify(gold, answer, timeout_seconds=_seconds())
 
 
 def math_reward(response: str, reference: str) -> float:
-    return 1.0 if answers_match(extract_answer(response), reference) else 0.0
+    parsed, answer = _final_answer(response)
+    return 1.0 if answers_match(answer, reference, parsed) else 0.0

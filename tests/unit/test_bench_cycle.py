@@ -27,7 +27,7 @@ def test_summary_skips_the_first_iteration_and_computes_the_switch_share(capsys:
 
 
 def test_a_run_without_a_later_iteration_is_refused() -> None:
-    with pytest.raises(SystemExit, match="raise --iterations"):
+    with pytest.raises(SystemExit, match="two or more iterations"):
         later_iterations("keep_alive", [{"iteration": 0}])
 
 

@@ -23,6 +23,7 @@ NEEDS = {
     "jsonl": ["task.path=x.jsonl"],
     "gsm8k": WORKED,
     "math": WORKED,
+    "code": WORKED,
     "32k": ["model.max_positions=32768"],
     "128k": ["model.max_positions=131072"],
 }

@@ -21,6 +21,7 @@ NEEDS = {
     ("task", "jsonl"): ["task.path=data/gsm8k.jsonl"],
     ("task", "gsm8k"): ["task.path=data/gsm8k.jsonl", "rollout.stop=''"],
     ("task", "math"): ["task.path=data/math.jsonl", "rollout.stop=''"],
+    ("task", "code"): ["task.path=data/code.jsonl", "rollout.stop=''"],
     ("long_context", "32k"): ["model.max_positions=32768"],
     ("long_context", "128k"): ["model.max_positions=131072"],
 }
@@ -126,7 +127,7 @@ def test_bad_override_syntax() -> None:
 def test_bad_literal() -> None:
     assert _error(["rollout.staleness=x"]) == "rollout.staleness must be one of ['exclude', 'keep'], got 'x'"
     assert _error(["task.name=x"]) == (
-        "task.name must be one of ['scratchpad', 'addition', 'sort', 'jsonl', 'gsm8k', 'math'], got 'x'"
+        "task.name must be one of ['scratchpad', 'addition', 'sort', 'jsonl', 'gsm8k', 'math', 'code'], got 'x'"
     )
 
 
@@ -153,7 +154,16 @@ RULES = [
     (["task=jsonl"], r"task\.path is required"),
     (["task=math"], r"task\.path is required for task\.name='math' \(a JSONL file of records with fields 'problem'"),
     (["task=gsm8k", "task.path=x.jsonl"], r"task\.name='gsm8k' answers span lines .* set rollout\.stop=''"),
-    (["task.path=x.jsonl"], r"task\.path applies only to task\.name in \['gsm8k', 'jsonl', 'math'\], not 'scratch"),
+    (
+        ["task=code"],
+        r"task\.path is required for task\.name='code' \(a JSONL file of records with fields 'prompt' and 'tests'",
+    ),
+    (["task=code", "task.path=x.jsonl"], r"task\.name='code' answers span lines \(worked steps or a program\)"),
+    (["task.sandbox.seconds=2"], r"task\.sandbox applies only to task\.name='code', not 'scratchpad'"),
+    (
+        ["task.path=x.jsonl"],
+        r"task\.path applies only to task\.name in \['code', 'gsm8k', 'jsonl', 'math'\], not 'scratch",
+    ),
     (["parallel.trainer_tp=4"], r"model\.kv_heads \(2\) must be divisible by parallel\.trainer_tp \(4\)"),
     (["parallel.vllm_tp=4"], r"model\.kv_heads.*parallel\.vllm_tp"),
     (["parallel.trainer_pp=2"], r"pipeline parallel trainer is not supported"),
