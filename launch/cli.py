@@ -25,22 +25,19 @@ def _train(args: argparse.Namespace) -> int:
     return train(args.overrides)
 
 
+BENCHMARKS = {  # `timeshare bench WHICH`: the module whose main() runs it
+    "push": "launch.bench",
+    "cycle": "launch.bench_cycle",
+    "partial": "launch.bench_partial",
+    "scale": "launch.bench_scale",
+    "sandbox": "launch.bench_sandbox",
+}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    if args.which == "cycle":
-        from launch import bench_cycle
+    import importlib
 
-        return bench_cycle.main(args.options)
-    if args.which == "partial":
-        from launch import bench_partial
-
-        return bench_partial.main(args.options)
-    if args.which == "scale":
-        from launch import bench_scale
-
-        return bench_scale.main(args.options)
-    from launch import bench
-
-    return bench.main(args.options)
+    return importlib.import_module(BENCHMARKS[args.which]).main(args.options)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -100,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks, one JSON line per result")
     bench.add_argument(
         "which",
-        choices=["push", "cycle", "partial", "scale"],
+        choices=list(BENCHMARKS),
         help="push: weight-push throughput against same-run baselines; cycle: an iteration's phases per lifecycle; "
-        "partial: iteration time with and without partial rollouts; scale: the switch at 0.5B and 1.5B shapes",
+        "partial: iteration time with and without partial rollouts; scale: the switch at 0.5B and 1.5B shapes; "
+        "sandbox: the code task's cost per program and throughput per reward worker",
     )
     bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
     bench.set_defaults(func=_bench)

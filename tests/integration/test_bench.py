@@ -44,3 +44,17 @@ def test_bench_partial_measures_decode_time_per_step_and_token_up_to_a_rollouts_
     assert [r["batch"] for r in rows] == [1, 16, 18]  # up to the rollout's 9 x 2 trajectories
     assert all(r["measure"] == "decode_scaling" and r["step_ms"] > 0 and r["token_us"] > 0 for r in rows)
     assert rows[-1]["token_us"] == pytest.approx(1e3 * rows[-1]["step_ms"] / 18, rel=0.05)
+
+
+def test_bench_sandbox_prints_the_cost_per_program_and_the_throughput_per_worker_count() -> None:
+    cmd = [sys.executable, "-m", "launch.cli", "bench", "sandbox", "--repeats", "2", "--rounds", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["measure"] for r in rows] == ["process", "program", "throughput", "throughput"]
+    process, program, one, two = rows
+    assert program["ms"] > process["ms"] > 0  # the sandbox costs more than the bare interpreter
+    assert [one["workers"], two["workers"]] == [1, 2]
+    assert one["programs"] == two["programs"] > one["responses"] > 0  # every test case of every record ran
+    assert one["ratio_to_first"] == 1.0
+    assert two["programs_per_s"] > 0
