@@ -48,6 +48,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filter(args: argparse.Namespace) -> int:
+    from launch import filter as prompt_filter
+
+    return prompt_filter.main(args.options)
+
+
 def _status(args: argparse.Namespace) -> int:
     from launch import status
 
@@ -127,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--job", default=None, help="the job's name (a run directory's name for `timeshare train`)")
     status.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="redraw every SECONDS")
     status.set_defaults(func=_status)
+
+    filt = sub.add_parser(
+        "filter", help="a file task's records whose pass rate under a model lies in a band, as JSONL with difficulty"
+    )
+    filt.add_argument("options", nargs=argparse.REMAINDER, help="MODEL_DIR OUT.jsonl [--k --low --high] [overrides]")
+    filt.set_defaults(func=_filter)
 
     export = sub.add_parser("export", help="write a checkpoint of a run as an HF model directory")
     export.add_argument("run_dir", help="the run directory")

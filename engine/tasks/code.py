@@ -79,7 +79,7 @@ class CodeTask(JsonlTask):
     _runner: Sandbox = field(init=False, repr=False)
     _counts: Counter = field(default_factory=Counter, init=False, repr=False)
     _program_seconds: list[float] = field(default_factory=list, init=False, repr=False)
-    _bad_records: int = field(default=0, init=False, repr=False)
+    _set_aside: set[str] = field(default_factory=set, init=False, repr=False)  # their lines, once each
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,8 +97,9 @@ class CodeTask(JsonlTask):
             if not isinstance(solution, str):
                 raise ValueError(f"'solution' must be a string when present, got {solution!r}"[:200])
         except ValueError as e:  # ConfigError is one
-            log.warning("%s: record set aside: %s", where, e)
-            self._bad_records += 1
+            if where not in self._set_aside:
+                log.warning("%s: record set aside: %s", where, e)
+                self._set_aside.add(where)
             return None
         demonstration = f"```python\n{solution.strip()}\n```" if solution.strip() else ""
         return self._make_sample(raw_prompt, json.dumps(tests), difficulty, demonstration)
@@ -158,7 +159,7 @@ class CodeTask(JsonlTask):
             counts, seconds = self._counts, self._program_seconds
             self._counts, self._program_seconds = Counter(), []
         out = {f"reward/code/{o}": float(counts[o]) for o in OUTCOMES}
-        out["reward/code/bad_records"] = float(self._bad_records)
+        out["reward/code/bad_records"] = float(len(self._set_aside))
         out["reward/code/programs"] = float(len(seconds))
         if seconds:
             out["reward/code/program_ms"] = 1000 * sum(seconds) / len(seconds)

@@ -55,15 +55,20 @@ class JsonlTask:
         if "{prompt}" not in self.prompt_template:
             raise ConfigError(f"jsonl.prompt_template must contain '{{prompt}}', got {self.prompt_template!r}")
         self._records = {"train": [], "heldout": []}
-        for key, sample in self._load():
+        for _, key, sample in self._load():
             self._records[split_of(key, self.heldout_fraction)].append(sample)
 
-    def _load(self) -> list[tuple[str, Sample]]:
-        """(raw prompt field, sample) for each record."""
+    def records(self) -> list[tuple[dict, Sample]]:
+        """Every record of the file read again, in file order, with its sample (both splits; records set
+        aside are left out): what `timeshare filter` writes back with their pass rates."""
+        return [(record, sample) for record, _, sample in self._load()]
+
+    def _load(self) -> list[tuple[dict, str, Sample]]:
+        """(record, raw prompt field, sample) for each record."""
         path = Path(self.path)
         if not path.is_file():
             raise FileNotFoundError(f"jsonl.path {self.path!r} is not a file")
-        samples: list[tuple[str, Sample]] = []
+        samples: list[tuple[dict, str, Sample]] = []
         first_line: dict[str, int] = {}  # uid -> the line that gave it
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -86,7 +91,7 @@ class JsonlTask:
                         "each record's prompt must be distinct"
                     )
                 first_line[uid] = lineno
-                samples.append((raw_prompt, sample))
+                samples.append((record, raw_prompt, sample))
         if not samples:
             raise ConfigError(f"{path} holds no records")
         return samples

@@ -174,6 +174,8 @@ def test_bad_records_are_set_aside_by_line(tmp_path: Path, caplog: pytest.LogCap
     task = CodeTask(path=str(write_records(tmp_path / "mixed.jsonl", records)), sandbox=LIMITS)
     assert len(task._records["train"]) + len(task._records["heldout"]) == 1
     assert task.take_metrics()["reward/code/bad_records"] == 5
+    assert [r["prompt"] for r, _ in task.records()] == ["Print 1."]  # read again: the same records, counted once
+    assert task.take_metrics()["reward/code/bad_records"] == 5
     logged = caplog.text
     for line, reason in (
         (2, "'tests' must be a non-empty list"),
