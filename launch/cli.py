@@ -54,6 +54,12 @@ def _filter(args: argparse.Namespace) -> int:
     return prompt_filter.main(args.options)
 
 
+def _long2short(args: argparse.Namespace) -> int:
+    from launch import long2short
+
+    return long2short.main(args.options)
+
+
 def _status(args: argparse.Namespace) -> int:
     from launch import status
 
@@ -139,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     filt.add_argument("options", nargs=argparse.REMAINDER, help="MODEL_DIR OUT.jsonl [--k --low --high] [overrides]")
     filt.set_defaults(func=_filter)
+
+    l2s = sub.add_parser("long2short", help="shorter answers: two models' weights merged, or the shortest passing")
+    l2s.add_argument("options", nargs=argparse.REMAINDER, help="merge A B OUT --weight W | shortest RUN OUT [--k N]")
+    l2s.set_defaults(func=_long2short)
 
     export = sub.add_parser("export", help="write a checkpoint of a run as an HF model directory")
     export.add_argument("run_dir", help="the run directory")

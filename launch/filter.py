@@ -19,9 +19,11 @@ import json
 from pathlib import Path
 
 from checkpoint_engine.contracts.config import ConfigError
+from engine.rewards import RewardScorer
 from engine.tasks.base import Sample
 from engine.tasks.jsonl import JsonlTask
 from launch.config_loading import load_config
+from launch.offline_sampling import passes, sample_completions
 from launch.train_config import TrainConfig
 
 
@@ -77,42 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def pass_rates(cfg: TrainConfig, task: JsonlTask, model_dir: Path, samples: list[Sample], k: int) -> list[float]:
     """Each sample's share of k responses (vLLM, `cfg`'s rollout sampling) the task's reward passes."""
-    from vllm import SamplingParams, TokensPrompt
-
-    from checkpoint_engine.contracts.vllm_protocol import VllmSettings
-    from engine.rewards import RewardScorer
-    from engine.tokenizer import load_tokens
-    from sidecars.vllm.llm import start_llm
-
-    rollout = cfg.effective_rollout()
-    tokens = load_tokens(model_dir, rollout.stop, cfg.task.chat_template, [s.prompt for s in samples])
-    settings = VllmSettings(  # in this process: the port is not opened
-        model_dir=str(model_dir),
-        port=1,
-        tensor_parallel=cfg.parallel.vllm_tp,
-        gpu_memory_utilization=rollout.gpu_memory_utilization,
-        kv_cache_bytes=rollout.kv_cache_bytes(),
-        max_model_len=rollout.max_model_len,
-        dtype=cfg.model.dtype,
-        seed=cfg.run.seed,
-        load_format="auto",
-    )
-    llm = start_llm(settings)
-    prompts = [TokensPrompt(prompt_token_ids=tokens.encode(s.prompt)) for s in samples]
-    params = [
-        SamplingParams(
-            n=k,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
-            max_tokens=rollout.max_response_tokens,
-            stop_token_ids=list(tokens.stop_ids),
-            seed=cfg.run.seed + i,
-        )
-        for i in range(len(samples))
-    ]
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    threshold = cfg.reward.correct_threshold
-    scorer = RewardScorer(cfg.reward, task)
-    pairs = [(tokens.decode(list(c.token_ids)), s) for s, o in zip(samples, outputs, strict=True) for c in o.outputs]
-    passed = iter(scorer.map(lambda text, sample: task.reward(text, sample) >= threshold, pairs))
+    completions = sample_completions(cfg, model_dir, samples, k)
+    pairs = [(c.text, s) for s, cs in zip(samples, completions, strict=True) for c in cs]
+    passed = iter(RewardScorer(cfg.reward, task).map(passes(cfg, task), pairs))
     return [sum(next(passed) for _ in range(k)) / k for _ in samples]

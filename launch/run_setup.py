@@ -156,10 +156,33 @@ def check_kv_cache(rollout: RolloutConfig, model_dir: Path, dtype: str, vllm_tp:
 
 def cold_start_examples(cfg: TrainConfig, pool: list[Sample], tokens: Tokens, stop: str) -> list[list[list[int]]]:
     """At most a tenth of the RL pool, answered (worked steps included where the task demonstrates
-    them) and ended by the stop string, or the end-of-sequence token without one: a random model earns
-    no reward to learn from."""
-    n = int(cfg.trainer.cold_start.fraction * len(pool))
-    chosen = random.Random(cfg.run.seed).sample(pool, n)
+    them), or every pair of `trainer.cold_start.data`; each ended by the stop string, or the
+    end-of-sequence token without one: a random model earns no reward to learn from."""
     end = [] if stop else [tokens.stop_ids[-1]]
-    answers = [tokens.encode_response((s.demonstration or s.answer) + stop) + end for s in chosen]
-    return [[tokens.encode(s.prompt), answer] for s, answer in zip(chosen, answers, strict=True)]
+    if cfg.trainer.cold_start.data is not None:
+        pairs = read_sft_pairs(Path(cfg.trainer.cold_start.data))
+    else:
+        n = int(cfg.trainer.cold_start.fraction * len(pool))
+        pairs = [(s.prompt, s.demonstration or s.answer) for s in random.Random(cfg.run.seed).sample(pool, n)]
+    return [[tokens.encode(prompt), tokens.encode_response(response + stop) + end] for prompt, response in pairs]
+
+
+def read_sft_pairs(path: Path) -> list[tuple[str, str]]:
+    """(prompt, response) of each record of a JSONL file, or a ConfigError naming the line."""
+    if not path.is_file():
+        raise ConfigError(f"trainer.cold_start.data={str(path)!r} is not a file")
+    pairs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        fields = [record.get(k) if isinstance(record, dict) else None for k in ("prompt", "response")]
+        if not all(isinstance(v, str) and v for v in fields):
+            raise ConfigError(f"{path}:{lineno}: a cold-start record needs non-empty strings 'prompt' and 'response'")
+        pairs.append((fields[0], fields[1]))
+    if not pairs:
+        raise ConfigError(f"trainer.cold_start.data={str(path)!r} holds no records")
+    return pairs

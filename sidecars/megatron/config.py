@@ -19,6 +19,9 @@ class ColdStartConfig(Section):
 
     KEY = "trainer.cold_start"
     fraction: float = 0.1  # share of task.pool_size, at most a tenth; 0 skips it
+    # A JSONL file of {"prompt", "response"} records (`timeshare long2short shortest` writes one): the cold
+    # start trains on every one of them instead of the task's demonstrations of `fraction` of the pool.
+    data: str | None = None
     # Enough to teach the answer's form, not to settle every answer: the cold start stops after the
     # first epoch whose mean loss is at most target_loss (null: after `epochs`, the most it runs).
     # On the default task a fixed number of epochs gave starts far apart from one seed to the next
@@ -34,6 +37,11 @@ class ColdStartConfig(Section):
         if not 0 <= self.fraction <= 0.1:
             raise ConfigError(
                 f"trainer.cold_start.fraction must be in [0, 0.1] (at most a tenth of the pool), got {self.fraction}"
+            )
+        if self.data is not None and self.fraction == 0:
+            raise ConfigError(
+                "trainer.cold_start.fraction=0 skips the cold start, so trainer.cold_start.data would not be read; "
+                "set one of them"
             )
         return self
 
