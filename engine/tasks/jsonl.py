@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from checkpoint_engine.contracts.config import ConfigError
 from engine.tasks.base import Sample, Split, check_count, check_split, split_of
 from engine.tasks.math_verify import extract_answer, math_reward, reference_answer
 
+_LEVEL = re.compile(r"Level (\d+)")
 BOXED = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -114,8 +116,12 @@ class JsonlTask:
 
     def _fields(self, record: dict, where: str) -> tuple[str, str, float]:
         """The record's prompt (a non-empty string), answer (a non-empty string or a number) and difficulty
-        (a number, 0 when absent), or a ConfigError naming the line, the field and the value."""
-        prompt, answer, difficulty = record[self.prompt_key], record[self.answer_key], record.get("difficulty", 0.0)
+        (a number; else MATH's `level`; 0 when neither is there), or a ConfigError naming the line, the
+        field and the value."""
+        prompt, answer, difficulty = record[self.prompt_key], record[self.answer_key], record.get("difficulty")
+        if difficulty is None:  # MATH's "Level 1" .. "Level 5" (its "Level ?" records stay at 0)
+            level = _LEVEL.fullmatch(str(record.get("level", "")))
+            difficulty = int(level[1]) if level else 0.0
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"{where}: field {self.prompt_key!r} must be a non-empty string, got {prompt!r}")
         numeric = isinstance(answer, int | float) and not isinstance(answer, bool)

@@ -193,3 +193,16 @@ def test_a_repeated_prompt_names_both_lines(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [record, json.dumps({"prompt": "2+2=", "answer": "4"}), record])
     with pytest.raises(ConfigError, match=r"d\.jsonl:3: the same prompt as line 1 \(field 'prompt'\)"):
         JsonlTask(path=str(path))
+
+
+def test_maths_level_is_the_difficulty_unless_one_is_given(tmp_path: Path) -> None:
+    records = [
+        {"problem": "p1", "solution": "\\boxed{1}", "level": "Level 3"},
+        {"problem": "p2", "solution": "\\boxed{2}", "level": "Level ?"},
+        {"problem": "p3", "solution": "\\boxed{3}", "level": "Level 5", "difficulty": 0.25},
+    ]
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    task = TaskConfig(name="math", path=str(path), reward="exact").make()
+    by_problem = {r["problem"]: s.difficulty for r, s in task.records()}
+    assert by_problem == {"p1": 3.0, "p2": 0.0, "p3": 0.25}
