@@ -55,7 +55,6 @@ def decode_scaling(cfg: TrainConfig, steps: int = 32) -> None:
     this process, tensor parallel 1) generating `steps` tokens for each of `batch` prompts."""
     from vllm import SamplingParams, TokensPrompt
 
-    from checkpoint_engine.contracts.vllm_protocol import VllmSettings
     from engine.tiny_model import write_tiny_model
     from sidecars.vllm.llm import start_llm
 
@@ -63,17 +62,8 @@ def decode_scaling(cfg: TrainConfig, steps: int = 32) -> None:
     widest = rollout.prompts_per_iteration * rollout.group_size
     with tempfile.TemporaryDirectory(prefix="timeshare-bench-decode-") as tmp:
         model_dir = cfg.model.path or write_tiny_model(Path(tmp) / "model", cfg.model.tiny_spec(seed=cfg.run.seed))
-        settings = VllmSettings(  # in this process: the port is not opened
-            model_dir=str(model_dir),
-            port=1,
-            tensor_parallel=1,
-            gpu_memory_utilization=rollout.gpu_memory_utilization,
-            kv_cache_bytes=rollout.kv_cache_bytes(),
-            max_model_len=rollout.max_model_len,
-            dtype=cfg.model.dtype,
-            seed=cfg.run.seed,
-        )
-        llm = start_llm(settings)
+        settings = cfg.vllm_settings(model_dir, port=1)  # in this process: the port is not opened
+        llm = start_llm(settings.model_copy(update={"tensor_parallel": 1}))
         params = SamplingParams(max_tokens=steps, ignore_eos=True, seed=cfg.run.seed)
         prompts = [TokensPrompt(prompt_token_ids=[1 + k % 7, 2, 3]) for k in range(widest)]
         llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up

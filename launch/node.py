@@ -22,7 +22,6 @@ from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_client import EngineClient, JobFailedError
 from checkpoint_engine.contracts.polling import poll_until
 from checkpoint_engine.contracts.run_dir import RunPaths
-from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 from checkpoint_engine.process_group import ProcessGroup, last_error
 from engine.config import RolloutConfig
 from launch.config_loading import resumed_config
@@ -137,17 +136,7 @@ def _engine_config(
         lifecycle=rollout.lifecycle,
         phase=cfg.phase,
         transfer=cfg.transfer,
-        vllm=VllmSettings(
-            model_dir=str(model_dir),
-            host=here.address,
-            port=ports[1],
-            tensor_parallel=cfg.parallel.vllm_tp,
-            gpu_memory_utilization=rollout.gpu_memory_utilization,
-            kv_cache_bytes=rollout.kv_cache_bytes(),
-            max_model_len=rollout.max_model_len,
-            dtype=cfg.model.dtype,
-            seed=cfg.run.seed,
-        ),
+        vllm=cfg.vllm_settings(model_dir, host=here.address, port=ports[1]),
     )
 
 

@@ -26,24 +26,12 @@ class Completion:
 def sample_completions(cfg: TrainConfig, model_dir: Path, samples: list[Sample], k: int) -> list[list[Completion]]:
     from vllm import SamplingParams, TokensPrompt
 
-    from checkpoint_engine.contracts.vllm_protocol import VllmSettings
     from engine.tokenizer import load_tokens
     from sidecars.vllm.llm import start_llm
 
     rollout = cfg.effective_rollout()
     tokens = load_tokens(model_dir, rollout.stop, cfg.task.chat_template, [s.prompt for s in samples])
-    settings = VllmSettings(  # in this process: the port is not opened
-        model_dir=str(model_dir),
-        port=1,
-        tensor_parallel=cfg.parallel.vllm_tp,
-        gpu_memory_utilization=rollout.gpu_memory_utilization,
-        kv_cache_bytes=rollout.kv_cache_bytes(),
-        max_model_len=rollout.max_model_len,
-        dtype=cfg.model.dtype,
-        seed=cfg.run.seed,
-        load_format="auto",
-    )
-    llm = start_llm(settings)
+    llm = start_llm(cfg.vllm_settings(model_dir, port=1, load_format="auto"))  # in this process: no port opened
     prompts = [TokensPrompt(prompt_token_ids=tokens.encode(s.prompt)) for s in samples]
     params = [
         SamplingParams(

@@ -15,6 +15,7 @@ from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.run_dir import RunManifest, RunPaths
 from engine.config import RolloutConfig
 from engine.tasks import Sample
+from engine.tasks.jsonl import json_objects
 from engine.tokenizer import Tokens, load_tokens
 from launch.config_loading import resumed_config
 from launch.node import resume_point
@@ -172,14 +173,8 @@ def read_sft_pairs(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise ConfigError(f"trainer.cold_start.data={str(path)!r} is not a file")
     pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        fields = [record.get(k) if isinstance(record, dict) else None for k in ("prompt", "response")]
+    for lineno, record in json_objects(path):
+        fields = [record.get(k) for k in ("prompt", "response")]
         if not all(isinstance(v, str) and v for v in fields):
             raise ConfigError(f"{path}:{lineno}: a cold-start record needs non-empty strings 'prompt' and 'response'")
         pairs.append((fields[0], fields[1]))

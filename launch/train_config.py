@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from checkpoint_engine.config import PhaseConfig, TransferConfig
 from checkpoint_engine.contracts.config import ConfigError, Dtype, Section
+from checkpoint_engine.contracts.vllm_protocol import LoadFormat, VllmSettings
 from checkpoint_engine.etcd_client import parse_endpoint
 from engine.algorithms.config import AlgoSection
 from engine.config import RolloutConfig, RunConfig
@@ -335,6 +336,24 @@ class TrainConfig(Section):
                 raise
             raise ConfigError(f"with long_context.preset={self.long_context.preset!r}: {e}") from e
         return rollout
+
+    def vllm_settings(
+        self, model_dir: Path, *, port: int, host: str = "127.0.0.1", load_format: LoadFormat = "dummy"
+    ) -> VllmSettings:
+        """How this run starts vLLM on `model_dir` (the sidecar's, or one built in-process, whose port is unused)."""
+        rollout = self.effective_rollout()
+        return VllmSettings(
+            model_dir=str(model_dir),
+            host=host,
+            port=port,
+            tensor_parallel=self.parallel.vllm_tp,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            kv_cache_bytes=rollout.kv_cache_bytes(),
+            max_model_len=rollout.max_model_len,
+            dtype=self.model.dtype,
+            seed=self.run.seed,
+            load_format=load_format,
+        )
 
     def check_machine(self, has_cuda: bool, cpu_bfloat16: bool) -> None:
         """Rules that depend on the machine the run starts on (`cpu_bfloat16`: its CPU computes in

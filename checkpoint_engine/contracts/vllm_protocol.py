@@ -25,6 +25,9 @@ UNFINISHED: frozenset[str] = frozenset({"length_budget", "aborted"})
 GENERATOR_FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length", "repeat", "aborted")
 
 
+LoadFormat = Literal["dummy", "auto", "safetensors"]
+
+
 class VllmSettings(Section):
     """How the sidecar starts vLLM: what the engine hands it as one JSON file (`server.py <file>`).
     Every value comes from the run's config (the launcher fills it in); nothing here has a second default."""
@@ -39,7 +42,7 @@ class VllmSettings(Section):
     dtype: Dtype
     seed: int = Field(ge=0)
     host: str = "127.0.0.1"
-    load_format: Literal["dummy", "auto", "safetensors"] = "dummy"  # dummy: the weights come by push
+    load_format: LoadFormat = "dummy"  # dummy: the weights come by push
 
 
 class GenerationRequest(Message):

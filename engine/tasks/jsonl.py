@@ -15,6 +15,7 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,21 @@ from engine.tasks.math_verify import extract_answer, math_reward, reference_answ
 
 _LEVEL = re.compile(r"Level (\d+)")
 BOXED = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+def json_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-empty line of a JSONL file, or a ConfigError naming the line."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
 
 
 @dataclass(frozen=True)
@@ -72,28 +88,19 @@ class JsonlTask:
             raise FileNotFoundError(f"jsonl.path {self.path!r} is not a file")
         samples: list[tuple[dict, str, Sample]] = []
         first_line: dict[str, int] = {}  # uid -> the line that gave it
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                made = self._sample(record, f"{path}:{lineno}")
-                if made is None:
-                    continue
-                raw_prompt, sample = made
-                uid = sample.uid
-                if uid in first_line:
-                    raise ConfigError(
-                        f"{path}:{lineno}: the same prompt as line {first_line[uid]} (field {self.prompt_key!r}); "
-                        "each record's prompt must be distinct"
-                    )
-                first_line[uid] = lineno
-                samples.append((record, raw_prompt, sample))
+        for lineno, record in json_objects(path):
+            made = self._sample(record, f"{path}:{lineno}")
+            if made is None:
+                continue
+            raw_prompt, sample = made
+            uid = sample.uid
+            if uid in first_line:
+                raise ConfigError(
+                    f"{path}:{lineno}: the same prompt as line {first_line[uid]} (field {self.prompt_key!r}); "
+                    "each record's prompt must be distinct"
+                )
+            first_line[uid] = lineno
+            samples.append((record, raw_prompt, sample))
         if not samples:
             raise ConfigError(f"{path} holds no records")
         return samples

@@ -10,14 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.batch import load_batch
 from engine.rewards import RewardConfig, RewardScorer
 from engine.tasks.code import OUTCOMES
 from engine.tasks.config import TaskConfig
 from engine.tokenizer import load_tokens
-from tests.integration.train_job import rows, whole_run
+from tests.integration.train_job import rescore_batch, rows, whole_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXAMPLES = Path(__file__).resolve().parents[2] / "engine/tasks/data/code_example.jsonl"
@@ -53,18 +52,7 @@ def test_the_code_task_trains_on_sandboxed_test_results(tmp_path: Path) -> None:
         assert sum(row[f"reward/code/{o}"] for o in OUTCOMES) == batch.size  # one outcome per response
         assert row["reward/code/bad_records"] == 0
         ran += row["reward/code/programs"]
-        recomputed = []
-        for i in range(batch.size):
-            sample = samples[batch.prompt_uids[i]]
-            prompt = tokens.encode(sample.prompt)
-            assert batch.input_ids[i, : len(prompt)].tolist() == prompt  # the record's prompt, templated
-            response = batch.input_ids[i, 1:][batch.loss_mask[i] > 0]
-            finish = "stop" if response[-1].item() in tokens.stop_ids else "length"
-            scores = scorer.score_group(
-                [tokens.decode(response.tolist())], sample, [finish], [len(response)], iteration
-            )
-            recomputed.append(scores.totals[0])
-        assert torch.allclose(batch.rewards, torch.tensor(recomputed, dtype=batch.rewards.dtype)), iteration
+        rescore_batch(run, iteration, scorer, samples, tokens)
     assert ran > 0  # the cold start taught fenced programs: some responses were run
     assert "eval/accuracy" in history[2]
     assert "eval/code/programs" in history[2]

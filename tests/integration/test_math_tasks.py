@@ -10,13 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from engine.batch import load_batch
 from engine.rewards import RewardConfig, RewardScorer, RewardTerm
 from engine.tasks.config import TaskConfig
 from engine.tokenizer import load_tokens
-from tests.integration.train_job import rows, whole_run
+from tests.integration.train_job import rescore_batch, rows, whole_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXAMPLES = Path(__file__).resolve().parents[2] / "engine/tasks/data"
@@ -55,15 +53,4 @@ def test_the_dataset_task_trains_on_verified_rewards(tmp_path: Path, name: str) 
     terms = (RewardTerm(source="task"), RewardTerm(source="think", weight=THINK_WEIGHT))
     scorer = RewardScorer(RewardConfig(terms=terms), task)
     for iteration in (0, 1):
-        batch = load_batch(run.batch(iteration))
-        recomputed = []
-        for row in range(batch.size):
-            sample = samples[batch.prompt_uids[row]]
-            prompt = tokens.encode(sample.prompt)
-            assert batch.input_ids[row, : len(prompt)].tolist() == prompt  # the dataset's prompt, templated
-            response = batch.input_ids[row, 1:][batch.loss_mask[row] > 0]
-            text = tokens.decode(response.tolist())
-            finish = "stop" if response[-1].item() in tokens.stop_ids else "length"
-            scores = scorer.score_group([text], sample, [finish], [len(response)], iteration)
-            recomputed.append(scores.totals[0])
-        assert torch.allclose(batch.rewards, torch.tensor(recomputed, dtype=batch.rewards.dtype)), iteration
+        rescore_batch(run, iteration, scorer, samples, tokens)

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from checkpoint_engine.contracts.run_dir import RunPaths
 from engine.batch import load_batch
+from engine.rewards import RewardScorer
+from engine.tasks import Sample
+from engine.tokenizer import Tokens
 
 REPO = Path(__file__).resolve().parents[2]
 ITERATIONS, PROMPTS, SEED, POOL = 3, 6, 0, 120
@@ -115,3 +118,24 @@ def export_reproduces_rollout(run: RunPaths, version: int, out: Path):  # -> the
     assert response.sum() > 0
     assert (taken - batch.rollout_logp)[response].abs().max() < 1e-3
     return model
+
+
+def rescore_batch(
+    run: RunPaths, iteration: int, scorer: RewardScorer, samples: dict[str, Sample], tokens: Tokens
+) -> None:
+    """Rollout batch `iteration` scored again here from its tokens with `scorer` (the job's reward
+    config and task) equals the rewards the job stored; each row starts with its sample's prompt as
+    `tokens` encodes it (templated)."""
+    import torch
+
+    batch = load_batch(run.batch(iteration))
+    recomputed = []
+    for row in range(batch.size):
+        sample = samples[batch.prompt_uids[row]]
+        prompt = tokens.encode(sample.prompt)
+        assert batch.input_ids[row, : len(prompt)].tolist() == prompt
+        response = batch.input_ids[row, 1:][batch.loss_mask[row] > 0]
+        finish = "stop" if response[-1].item() in tokens.stop_ids else "length"
+        text = tokens.decode(response.tolist())
+        recomputed.append(scorer.score_group([text], sample, [finish], [len(response)], iteration).totals[0])
+    assert torch.allclose(batch.rewards, torch.tensor(recomputed, dtype=batch.rewards.dtype)), iteration
