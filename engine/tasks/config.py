@@ -35,7 +35,8 @@ class TaskConfig(Section):
         file_task = self.name in FILE_TASKS
         if self.name in PRESETS and self.reward != "exact":
             raise ConfigError(
-                f"task.reward={self.reward!r} applies to addition, sort and code; {self.name} answers are verified exactly"
+                f"task.reward={self.reward!r} applies to addition, sort and code; "
+                f"{self.name} answers are verified exactly"
             )
         if file_task and self.path is None:
             keys = (
