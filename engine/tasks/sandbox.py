@@ -13,6 +13,9 @@ output). Each run is one `bwrap` process tree with
 - a wall-clock limit (the whole tree is killed) and a cap on the output read.
 bubblewrap rather than hand-written namespaces because it is small, audited and packaged (Flatpak's
 sandbox); nsjail is not packaged in Debian 12, firejail is a setuid tool aimed at desktop programs.
+Run by a user other than root, bwrap makes a user namespace and the program keeps that user's uid;
+RLIMIT_NPROC is then left alone (it would count all of the user's processes), so a fork bomb is
+bounded by the wall clock and the PID namespace only. The tests run as root.
 """
 
 from __future__ import annotations

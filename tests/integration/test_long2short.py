@@ -34,7 +34,7 @@ def timeshare(*args: str) -> dict:
 
 def test_long2short_rl_shortest_responses_as_a_cold_start_and_a_merge(tmp_path: Path) -> None:
     (tmp_path / "long").mkdir()
-    run = whole_run(tmp_path / "long", *TASK, "reward=long2short")
+    run = whole_run(tmp_path / "long", *TASK, "reward=long2short", "run.iterations=1")
     first = rows(run)[0]
     assert first["reward/term/length"] != 0.0  # at full weight from iteration 0 (reward=kimi waits 4 iterations)
 
