@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup train test lint bench lock clean
+.PHONY: setup train test test-all lint bench lock clean
 
 setup:
 	@bash scripts/install.sh
@@ -12,6 +12,10 @@ train: setup
 	@$(BIN)/timeshare train $(ARGS)
 
 test: setup lint
+	@$(BIN)/python -m pytest -m "not extended" $(PYTEST_ARGS)
+
+# Every test, the extended end-to-end ones (other parallel layouts, multi-node faults) included.
+test-all: setup lint
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -99,7 +99,7 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(
     [
         ("trainer rank", ["sidecars.megatron.rank_main"], 2, "TRAIN", 1, "local", "the cluster's"),
         ("checkpoint engine", ["launch.cli engine"], 2, "START_VLLM", 2, "local", "the launcher's"),
-        (
+        pytest.param(
             "node1's checkpoint engine",
             ["launch.cli engine", "engine-node1.json"],
             0,
@@ -107,8 +107,9 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(
             0,
             "local2",
             "the launcher's",
+            marks=pytest.mark.extended,
         ),
-        (
+        pytest.param(
             "node1's trainer rank",
             ["sidecars.megatron.rank_main", "trainer-node1.json"],
             2,
@@ -116,6 +117,7 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(
             1,
             "local2",
             "the launcher's",
+            marks=pytest.mark.extended,
         ),
     ],
 )
@@ -231,6 +233,7 @@ def test_a_node_that_stalls_past_its_lease_is_waited_for(tmp_path: Path, faults:
     _account(fault, paths, 2, shm)
 
 
+@pytest.mark.extended
 def test_stopped_by_sigkill_and_ctrl_c_the_job_leaves_nothing_and_resumes(tmp_path: Path, faults: FaultReport) -> None:
     """The launcher is SIGKILLed in iteration 1, the resumed run gets Ctrl-C (SIGINT to its process group)
     in iteration 2, the next SIGINT to the launcher's pid alone in iteration 3; each stop leaves no process

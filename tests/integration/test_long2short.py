@@ -18,7 +18,7 @@ from engine.tasks.config import TaskConfig
 from engine.tokenizer import load_tokens
 from tests.integration.train_job import rows, whole_run
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.extended]
 REPO = Path(__file__).resolve().parents[2]
 TASK = ["task=scratchpad", "task.digits=2", "task.pool_size=400", "trainer.cold_start.epochs=40"]
 TASK += ["rollout.max_response_tokens=32", "rollout.iteration_token_budget=32"]

@@ -16,7 +16,7 @@ from tests.integration.hf_reference import hf_greedy
 from tests.integration.test_vllm_push import MAX_TOKENS, run_vllm_driver
 from tests.integration.train_job import PARTIAL, export_reproduces_rollout, rows, whole_run
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.extended]
 BPE = ["model.tokenizer=bpe", "task.chat_template=true"]
 
 

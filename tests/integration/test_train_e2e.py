@@ -153,8 +153,10 @@ def test_a_tensor_parallel_run_exports_one_merged_model(tmp_path: Path) -> None:
     "trainer",
     [
         ["parallel.trainer_tp=1"],
-        ["parallel.trainer_tp=2"],
-        ["model.arch=qwen3_moe", "parallel.trainer_dp=2", "parallel.trainer_ep=2"],
+        pytest.param(["parallel.trainer_tp=2"], marks=pytest.mark.extended),
+        pytest.param(
+            ["model.arch=qwen3_moe", "parallel.trainer_dp=2", "parallel.trainer_ep=2"], marks=pytest.mark.extended
+        ),
     ],
     ids=["trainer-tp1", "trainer-tp2", "trainer-moe-ep2"],
 )
