@@ -97,6 +97,9 @@ class Coordinator:
     ) -> None:
         self.keys = Keys(job)
         self.node_grace = node_grace  # how long a barrier waits for a node without a live lease to return
+        # When each node a barrier waits for was first seen without a live lease; kept across barrier calls, so that
+        # a barrier waited for in slices (the phase loop's) still ends once `node_grace` has passed.
+        self._lost_since: dict[str, float] = {}
         self.node = check_name(node, "node id")
         self.log = _NodeLog(logger, {"node": node})
         self._owns_client = isinstance(etcd, str)
@@ -385,8 +388,9 @@ class Coordinator:
         self, prefix: str, nodes: set[str], read: Callable[[], dict[str, T]], timeout: float, what: str
     ) -> dict[str, T]:
         """Wait for a record from each of `nodes`. A silent node without a live lease (crashed, or stalled past its
-        TTL) is waited for `node_grace` s to register again; NodeLostError names it after that."""
-        lost_since: dict[str, float] = {}
+        TTL) is waited for `node_grace` s to register again, counted from the first barrier that found it so;
+        NodeLostError names it after that."""
+        lost_since = self._lost_since
 
         def check() -> dict[str, T] | None:
             found = read()

@@ -49,6 +49,13 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def lease_not_found(exc: BaseException) -> bool:
+    """Whether a request failed because the lease it named is gone (revoked, or expired before the heartbeat
+    noticed); pyetcd passes gRPC's NOT_FOUND through as it is."""
+    code = getattr(exc, "code", None)
+    return callable(code) and getattr(code(), "name", "") == "NOT_FOUND"
+
+
 def connect(endpoint: str, timeout: float = 5.0, outage: float = 0.0) -> pyetcd.MultiEndpointEtcd3Client:
     """A pyetcd client whose every call gives up after `timeout` seconds, tried again while etcd is out of
     reach for up to `outage` seconds.

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from checkpoint_engine.coordination_errors import NotLeaderError
+from checkpoint_engine.etcd_client import lease_not_found
 from checkpoint_engine.etcd_keys import Keys, LeaderRecord, decode, encode
 
 if TYPE_CHECKING:
@@ -40,11 +41,19 @@ class Leadership:
         txn, key = self.client.transactions, self.keys.leader
         lease = self.lease()
         record = encode(LeaderRecord(node=self.node, elected_at=time.time()))
-        _, responses = self.client.transaction(
-            compare=[txn.create(key) == 0],
-            success=[txn.put(key, record, lease=lease), txn.get(key)],
-            failure=[txn.get(key)],
-        )
+        try:
+            _, responses = self.client.transaction(
+                compare=[txn.create(key) == 0],
+                success=[txn.put(key, record, lease=lease), txn.get(key)],
+                failure=[txn.get(key)],
+            )
+        except Exception as exc:
+            if not lease_not_found(exc):
+                raise
+            # The node's lease went (revoked, or expired unnoticed): the heartbeat re-registers it on its next
+            # beat, and this node may campaign again then; meanwhile another node may take the seat.
+            self.log.warning("cannot campaign: lease %x is gone; the next heartbeat registers a new one", lease.id)
+            return None
         kvs = responses[-1]
         if not kvs:  # the key vanished between the compare and the read: try again on the next event
             return None

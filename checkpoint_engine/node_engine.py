@@ -3,7 +3,8 @@
 Consumes: the phase in etcd (`coordinator.Coordinator`), weight regions that producers on this
 node register (`WeightStore`), completion reports of the phases other processes own.
 Produces: acks per iteration and phase (payload: timings, loaded version), vLLM started with dummy
-weights, updated, and killed. The leader additionally advances the phase once every node acked.
+weights, updated, and killed. The loop that follows the phase (and, on the leader, advances it once every
+node acked) is `phase_loop.PhaseLoop`; this module is what the node does in it.
 
 Who finishes which phase (`contracts.phases.TABLE`):
 - the engine's own phases (START_VLLM, UPDATE_WEIGHTS, TERMINATE_VLLM): `HANDLERS`, each begun in
@@ -16,6 +17,7 @@ Who finishes which phase (`contracts.phases.TABLE`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -40,19 +42,16 @@ from checkpoint_engine.contracts.phases import (
     Phase,
     PhaseState,
     begun_at,
-    fail,
-    initial_state,
-    next_state,
     order,
     spec,
 )
-from checkpoint_engine.contracts.polling import Deadline
 from checkpoint_engine.contracts.vllm_protocol import UpdateWeightsResponse
 from checkpoint_engine.contracts.weight_region import Manifest
-from checkpoint_engine.coordination_errors import CoordinationError, CoordinationTimeout, PhaseFailedError
+from checkpoint_engine.coordination_errors import PhaseFailedError
 from checkpoint_engine.coordinator import Coordinator
 from checkpoint_engine.etcd_keys import describe
 from checkpoint_engine.mooncake_transport import MooncakeConfig
+from checkpoint_engine.phase_loop import PhaseLoop
 from checkpoint_engine.vllm_process import VllmProcess
 from checkpoint_engine.weight_store import WeightStore
 
@@ -85,16 +84,26 @@ class NodeEngine:
             log_path=Path(cfg.log_dir) / f"vllm-{cfg.node}.log",
             zygote_dir=Path(cfg.vllm_zygote) if cfg.vllm_zygote else None,
         )
+        self.loop = PhaseLoop(
+            self.coordinator,
+            cfg.nodes,
+            handler=self._handler,
+            begin=self._begin,
+            phase_timeout=cfg.phase.timeout,
+            start_iteration=cfg.start_iteration,
+        )
         self._ops = threading.Lock()  # one vLLM / weight operation at a time (API and phase loop)
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._done: set[tuple[int, Phase]] = set()  # phases whose part this node did (recent ones)
         self._early_start: Future[float] | None = None  # vLLM start-up begun during EXPORT
         self._start_retries = 0  # failed vLLM starts before the last one that worked
         self.restarts = 0  # vLLMs started again after dying during ROLLOUT
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vllm-start-{cfg.node}")
         self.timings: dict[str, float] = {}
-        self.last_error: str | None = None
+
+    @property
+    def last_error(self) -> str | None:
+        """What last went wrong in this node's part of a phase, or in the leader's barrier."""
+        return self.loop.last_error
 
     # ------------------------------------------------------------------ operations (API and loop)
     def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -263,10 +272,11 @@ class NodeEngine:
             last_error=self.last_error,
         )
 
-    # ---------------------------------------------------------------------------- the phase loop
+    # ------------------------------------------------------------- the phase loop's work (`phase_loop`)
     def await_exports(self, state: PhaseState) -> ExportWaitAck:
         """EXPORT on a node without a trainer: done once the producing nodes registered the version."""
-        found = self._patiently(lambda t: self.coordinator.wait_shards(state.weight_version, self.cfg.weights_from, t))
+        version, producers = state.weight_version, self.cfg.weights_from
+        found = self.loop.patiently(lambda t: self.coordinator.wait_shards(version, producers, t))
         return ExportWaitAck(registered_by=sorted(found))
 
     # The engine's own phases (exactly `owned_by(Owner.ENGINE)`), what it does for a phase another owner
@@ -279,85 +289,26 @@ class NodeEngine:
     STAND_INS: ClassVar[dict[Phase, Handler]] = {Phase.EXPORT: await_exports}
     EARLY: ClassVar[dict[Phase, Callable[[NodeEngine, PhaseState], None]]] = {Phase.START_VLLM: begin_vllm_start}
 
-    def _handler(self, phase: Phase) -> Handler | None:
+    def _handler(self, phase: Phase) -> Callable[[PhaseState], AckPayload] | None:
         if phase in self.STAND_INS and self.cfg.weights_from:
-            return self.STAND_INS[phase]
-        return self.HANDLERS.get(phase)
+            return functools.partial(self.STAND_INS[phase], self)
+        handler = self.HANDLERS.get(phase)
+        return None if handler is None else functools.partial(handler, self)
 
     def _begin(self, state: PhaseState) -> None:
         """Begin the work of the phases that `state`'s phase starts early (`PhaseSpec.begins_at`)."""
         for phase in begun_at(state.phase):
             self.EARLY[phase](self, state)
 
-    def _ackers(self, phase: Phase) -> tuple[str, ...]:
-        """The nodes whose acks complete `phase`: every node, but only the head (the first node, which runs
-        the iteration controller) for the controller's phases."""
-        return self.cfg.nodes[:1] if spec(phase).owner is Owner.CONTROLLER else self.cfg.nodes
-
-    def _patiently(self, wait: Callable[[float], Any]) -> Any:
-        """Run a barrier `wait(timeout)` in one-second slices up to `phase_timeout`, so that `stop()`
-        is never stuck behind a long barrier; the last slice's CoordinationTimeout propagates."""
-        deadline = Deadline(self.cfg.phase.timeout)
-        while True:
-            try:
-                return wait(deadline.left(at_most=1.0, at_least=0.01))
-            except CoordinationTimeout:
-                if self._stop.is_set() or deadline.passed():
-                    raise
-
-    def step(self, timeout: float) -> PhaseState:
-        """Do this node's part of the current phase once; as leader, wait for every node's ack and
-        advance. Waits up to `timeout` for a phase that needs something of this node."""
-        leader = self.coordinator.is_leader()
-
-        def needs_me(s: PhaseState) -> bool:
-            return (s.iteration, s.phase) not in self._done or (leader and s.phase is not Phase.FAILED)
-
-        state = self.coordinator.wait_phase(needs_me, timeout, raise_on_failed=False)
-        key = (state.iteration, state.phase)
-        handler = None if state.phase is Phase.FAILED else self._handler(state.phase)
-        if key not in self._done:
-            if state.phase is not Phase.FAILED:
-                self._begin(state)
-            if handler is not None:
-                try:
-                    self.coordinator.ack(state, handler(self, state).to_dict())
-                except Exception as e:  # an error ack: the leader fails the phase at once, with the cause
-                    self.last_error = f"{state.phase.value} of iteration {state.iteration}: {e}"
-                    log.exception("%s", self.last_error)
-                    self.coordinator.ack(state, error=f"{type(e).__name__}: {_first_line(e)}")
-            self._done = {k for k in self._done if k[0] >= state.iteration - 1} | {key}
-        if leader and state.phase is not Phase.FAILED:
-            try:
-                self._patiently(lambda t: self.coordinator.wait_acks(state, self._ackers(state.phase), t))
-                self.coordinator.advance(state, next_state(state))
-            except CoordinationError as e:
-                if not self._stop.is_set():
-                    self.last_error = str(e)
-                    self.coordinator.advance(state, fail(state))
-        return state
-
-    def run(self) -> None:
-        """Follow the phase until `stop()`; campaigns for leadership whenever the seat is free."""
-        while not self._stop.is_set():
-            if self.coordinator.leader() is None and self.coordinator.campaign():
-                # Start-up barrier: a node that never registered would fail the first phase at once.
-                self._patiently(lambda t: self.coordinator.wait_nodes(self.cfg.nodes, t))
-                self.coordinator.init_phase(initial_state(self.cfg.start_iteration))
-            try:
-                self.step(timeout=1.0)
-            except CoordinationTimeout:
-                continue  # nothing to do within a second: look at the leader seat again
-
     def start(self) -> None:
         self.vllm.prepare()  # the zygote imports while the trainer works: the first START_VLLM forks it too
-        self._thread = threading.Thread(target=self.run, name=f"phase-{self.cfg.node}", daemon=True)
+        self._thread = threading.Thread(target=self.loop.run, name=f"phase-{self.cfg.node}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         log.info("stopping: vLLM, weight regions and the etcd lease go")
         self.coordinator.stop_riding_out()  # a job being stopped may have lost its etcd for good
-        self._stop.set()
+        self.loop.stop()
         self.vllm.cancel()
         if self._thread:
             self._thread.join(timeout=60)
@@ -365,9 +316,3 @@ class NodeEngine:
         self.vllm.close()
         self.store.close()
         self.coordinator.close()
-
-
-def _first_line(error: BaseException) -> str:
-    """An exception's first line (without the colon before a log's tail): error acks carry the cause,
-    the engine's log the rest."""
-    return (str(error).splitlines() or [""])[0].rstrip(":")

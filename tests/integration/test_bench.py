@@ -58,3 +58,27 @@ def test_bench_sandbox_prints_the_cost_per_program_and_the_throughput_per_worker
     assert one["programs"] == two["programs"] > one["responses"] > 0  # every test case of every record ran
     assert one["ratio_to_first"] == 1.0
     assert two["programs_per_s"] > 0
+
+
+def test_bench_nodes_drives_iterations_of_simulated_nodes_and_survives_the_leaders_lease_revoked() -> None:
+    cmd = [sys.executable, "-m", "launch.cli", "bench", "nodes", "--nodes", "3", "5", "--processes", "2"]
+    cmd += ["--warmup", "1", "--iterations", "2", "--timeout", "120"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["bench"], r["nodes"], r["processes"]) for r in rows] == [("nodes", 3, 2), ("nodes", 5, 2)]
+    for r in rows:
+        assert r["phase_changes"] == 2 * 8  # every phase change of the window, seen by every node
+        assert 0 < r["advance_ms"]["p50"] <= r["advance_ms"]["p99"]
+        assert r["barrier_ms"]["p50"] > 0
+        assert r["fanout_ms"]["p50"] >= 0
+        assert r["requests_by_method"]["Put"] > 0  # acks
+        assert r["requests_by_method"]["Txn"] == 8  # one fenced advance per phase
+        assert r["bytes_out"] > r["bytes_in"] > 0
+        assert r["keys"] > r["nodes"]  # node records, the phase, the leader and the acks kept
+        assert r["watch_streams"] >= r["nodes"]  # one client per simulated node
+        # the deposed leader's loop survived (the job moved on, which needs its acks) and someone else, or it
+        # again on a fresh lease, leads
+        failover = r["failover"]
+        assert failover["deposed"].startswith("node")
+        assert 0 < failover["elected_s"] <= failover["resumed_s"] < 60

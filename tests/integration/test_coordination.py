@@ -4,6 +4,7 @@ the shard registry, and a restarted daemon finding its way back."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ from checkpoint_engine.coordination_errors import (
     StaleStateError,
 )
 from checkpoint_engine.coordinator import Coordinator
+from checkpoint_engine.etcd_client import connect
 from checkpoint_engine.etcd_keys import Keys
 from launch.etcd_server import LocalEtcd
 
@@ -265,6 +267,40 @@ def test_a_node_that_returns_within_the_grace_is_waited_for(make) -> None:
     with pytest.raises(NodeLostError, match=r"node1 have no live lease .* did not return within 1 s \(phase"):
         c0.wait_acks(later, NODES, timeout=30)
     assert time.monotonic() - start < TTL + 3
+
+
+def test_the_grace_runs_out_across_a_barrier_waited_for_in_slices(make) -> None:
+    """The phase loop waits for acks in one-second slices: the grace counts from the first slice that found
+    node1 without a lease, so the barrier ends after it instead of waiting for the phase timeout."""
+    c0, c1 = make("node0"), make("node1")
+    state = initial_state()
+    c0.ack(state)
+    c1.heartbeat.stop()
+    assert _gone(c0, "node1", timeout=TTL + 1)
+    c0.node_grace = 1.5
+    start, slices = time.monotonic(), 0
+
+    def sliced() -> None:
+        nonlocal slices
+        while time.monotonic() - start < 10:
+            slices += 1
+            with contextlib.suppress(CoordinationTimeout):
+                c0.wait_acks(state, NODES, timeout=0.4)
+
+    with pytest.raises(NodeLostError, match=r"node1 have no live lease .* did not return within 1.5 s"):
+        sliced()
+    assert slices >= 3, "the grace outlasted a slice"
+    assert time.monotonic() - start < 3
+
+
+def test_a_campaign_on_a_revoked_lease_is_no_win_and_no_crash(make, etcd_server: LocalEtcd) -> None:
+    """A node whose lease was revoked (or ran out unnoticed) campaigns before its heartbeat re-registers it:
+    etcd refuses the lease, and the node simply does not take the seat."""
+    c0 = make("node0")
+    with connect(etcd_server.endpoint) as client:
+        client.revoke_lease(c0.lease_id)
+    assert not c0.campaign()
+    assert c0.leader() is None
 
 
 def _gone(c: Coordinator, node: str, timeout: float) -> bool:
