@@ -39,6 +39,19 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+ATTEMPT_MARK = "@"  # between a job's name and its attempt's in the name an attempt coordinates under
+
+
+def attempt_namespace(job: str, attempt: str) -> str:
+    """The job name that one attempt of `job` coordinates under (`job@attempt`)."""
+    return f"{check_name(job, 'job')}{ATTEMPT_MARK}{check_name(attempt, 'attempt')}"
+
+
+def attempts_of(job: str, namespaces: Iterable[str]) -> list[str]:
+    """Those of `namespaces` (job names in etcd) that belong to `job`: its own name and its attempts'."""
+    return sorted(n for n in set(namespaces) if n == job or n.startswith(job + ATTEMPT_MARK))
+
+
 def counter(value: int, what: str) -> str:
     """An iteration or version as a key segment, zero-padded so that key order is numeric order."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNTER:

@@ -19,7 +19,7 @@ from pathlib import Path
 from checkpoint_engine.contracts.engine_client import JobFailedError
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.etcd_client import connect
-from checkpoint_engine.etcd_keys import Keys
+from checkpoint_engine.etcd_keys import KEY_ROOT, Keys, attempts_of
 from checkpoint_engine.etcd_watch import brief
 from checkpoint_engine.process_group import ProcessGroup
 from engine.config import RolloutConfig
@@ -85,7 +85,9 @@ def started_job(
         else:
             etcd = here.etcd
             if len(here.nodes) == 1 or here.local_nodes:  # no process of the job is running: none is this attempt's
-                _forget_job(etcd, paths.root.name)
+                _forget_earlier_attempts(etcd, paths.root.name, keep=None)
+            elif here.attempt is not None:  # the other nodes may have joined this attempt's namespace already
+                _forget_earlier_attempts(etcd, paths.root.name, keep=here.namespace(paths.root.name))
         trainer_port = here.trainer_port or free_loopback_ports(1)[0]
         node = start_node(
             stack, cfg, paths, model_dir, etcd=etcd, rollout=rollout, start=start, trainer_port=trainer_port
@@ -115,16 +117,22 @@ def _share_cores(ranks: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
 
 
-def _forget_job(endpoint: str, job: str) -> None:
-    """Remove what an earlier attempt of `job` (a restart, a resume) left in an etcd of the cluster's: its
-    phase, FAILED or mid-iteration, would be taken up again by this attempt's leader."""
+def _forget_earlier_attempts(endpoint: str, job: str, keep: str | None) -> None:
+    """Remove what earlier attempts of `job` (a restart, a resume, a requeue) left in an etcd of the cluster's,
+    under the job's name or an attempt's (`etcd_keys.attempt_namespace`), all but the namespace `keep`: an
+    earlier attempt's phase, FAILED or mid-iteration, would be taken up again by this attempt's leader."""
     try:
         with connect(endpoint) as client:
-            removed = client.delete_prefix(Keys(job).root).deleted
+            keys = client.get_prefix(f"{KEY_ROOT}/{job}", keys_only=True)  # every namespace whose name begins so
+            found = {meta.key.decode().split("/")[2] for _, meta in keys}
+            removed = {n: client.delete_prefix(Keys(n).root).deleted for n in attempts_of(job, found) if n != keep}
     except Exception as e:  # pyetcd's and gRPC's errors
         raise JobFailedError(f"etcd at {endpoint} (cluster.etcd) did not answer: {brief(e)}") from e
-    if removed:
-        log.info("removed %d keys an earlier attempt of job %s left in etcd at %s", removed, job, endpoint)
+    for namespace, count in removed.items():
+        if count:
+            log.info(
+                "removed %d keys an earlier attempt of job %s left in etcd at %s (%s)", count, job, endpoint, namespace
+            )
 
 
 def _start_local_node(
@@ -155,6 +163,7 @@ def _start_local_node(
         "cluster.local_nodes=false",
         "cluster.engine_port=0",
         "cluster.vllm_port=0",
+        *([f"cluster.attempt={cfg.cluster.attempt}"] if cfg.cluster.attempt is not None else []),
     ]
     # Resumed, it checks its given config (transfer included, for several nodes) before taking the saved one.
     job = (

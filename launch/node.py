@@ -123,7 +123,7 @@ def _engine_config(
     here = cfg.cluster
     return EngineConfig(
         node=here.node,
-        job=paths.root.name,
+        job=here.namespace(paths.root.name),
         etcd=etcd,
         nodes=here.nodes,
         start_iteration=start,
@@ -156,7 +156,7 @@ def _rank_config(
         model_dir=str(model_dir),
         engine_url=engine_url,
         engine_token=token,
-        job=paths.root.name,
+        job=cfg.cluster.namespace(paths.root.name),
         node=cfg.cluster.node,
         exports=cfg.cluster.is_head,
         start_iteration=start,

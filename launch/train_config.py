@@ -18,6 +18,7 @@ from checkpoint_engine.config import PhaseConfig, TransferConfig
 from checkpoint_engine.contracts.config import ConfigError, Dtype, Section
 from checkpoint_engine.contracts.vllm_protocol import LoadFormat, VllmSettings
 from checkpoint_engine.etcd_client import parse_endpoint
+from checkpoint_engine.etcd_keys import attempt_namespace, check_name
 from engine.algorithms.config import AlgoSection
 from engine.config import RolloutConfig, RunConfig
 from engine.rewards import RewardConfig
@@ -173,6 +174,12 @@ class ClusterConfig(Section):
     # The job's name (its run directory under run.root), the same on every node; None: the head's
     # `<run.name>-<time>`, which only nodes the head starts itself (local_nodes) can learn.
     job: str | None = None
+    # This attempt of the job, the same on every node of it (the slurm script's:
+    # `slurm-$SLURM_JOB_ID.$SLURM_RESTART_COUNT`). Its etcd keys (and weight regions) live under `<job>@<attempt>`,
+    # so that the leader of a resumed or requeued job on an etcd that outlives jobs (cluster.etcd) never takes up
+    # an earlier attempt's phase; the head removes the earlier attempts' keys. None: the job's name alone, cleared
+    # at the start only where no other node runs.
+    attempt: str | None = None
     address: str = "127.0.0.1"  # where the other nodes reach this node's engine, vLLM and Mooncake
     head_address: str = "127.0.0.1"  # where the other nodes reach the head's etcd and trainer rendezvous
     etcd_port: int = Field(0, ge=0, le=65535)  # of the etcd the head starts; 0: a free one
@@ -195,13 +202,26 @@ class ClusterConfig(Section):
     def is_head(self) -> bool:
         return self.node == self.nodes[0]
 
+    def namespace(self, job: str) -> str:
+        """The name this attempt of `job` (its run directory's name) coordinates under in etcd."""
+        return job if self.attempt is None else attempt_namespace(job, self.attempt)
+
     @model_validator(mode="after")
-    def _nodes(self) -> ClusterConfig:
+    def _names(self) -> ClusterConfig:
         if self.etcd is not None:
             try:
                 parse_endpoint(self.etcd)
             except ValueError as e:
                 raise ConfigError(f"cluster.etcd: {e}") from e
+        if self.attempt is not None:
+            try:
+                check_name(self.attempt, "cluster.attempt")
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+        return self
+
+    @model_validator(mode="after")
+    def _nodes(self) -> ClusterConfig:
         if not self.nodes or len(set(self.nodes)) != len(self.nodes) or "" in self.nodes:
             raise ConfigError(
                 f"cluster.nodes must be a non-empty list of distinct, non-empty names, got {list(self.nodes)}"
