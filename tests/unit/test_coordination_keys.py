@@ -15,6 +15,8 @@ from checkpoint_engine.etcd_keys import (
     NodeStatus,
     Retained,
     ShardRecord,
+    attempt_namespace,
+    attempts_of,
     check_name,
     counter,
     decode,
@@ -128,3 +130,13 @@ def test_retained_keeps_the_previous_iteration_and_the_served_and_exported_versi
 @pytest.mark.parametrize("state", [initial_state(), PhaseState(iteration=1, phase=Phase.TRAIN, weight_version=0)])
 def test_retained_never_goes_below_zero(state: PhaseState) -> None:
     assert retained(state) == Retained(first_iteration=0, first_version=0)
+
+
+def test_an_attempt_namespace_belongs_to_its_job_and_to_no_job_that_merely_shares_a_prefix() -> None:
+    mine = attempt_namespace("timeshare-7", "slurm-9.0")
+    assert mine == "timeshare-7@slurm-9.0"
+    assert Keys(mine).phase == "/timeshare/timeshare-7@slurm-9.0/phase"
+    found = ["timeshare-7", mine, "timeshare-7@slurm-7.0", "timeshare-70", "timeshare-70@slurm-70.0", "other"]
+    assert attempts_of("timeshare-7", found) == ["timeshare-7", "timeshare-7@slurm-7.0", mine]
+    with pytest.raises(ValueError, match="bad attempt"):
+        attempt_namespace("timeshare-7", "a/b")

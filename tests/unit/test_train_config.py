@@ -192,6 +192,7 @@ RULES = [
     (["transfer.protocol=rdma"], r"transfer\.protocol='rdma' applies to transfer\.kind='mooncake'"),
     (["cluster.node=node1"], r"cluster\.node must be one of cluster\.nodes"),
     (["cluster.etcd=http://127.0.0.1:2379"], r"cluster\.etcd: bad etcd endpoint"),
+    (["cluster.attempt=slurm/7"], r"bad cluster\.attempt 'slurm/7'"),
     (["phase.ttl=1"], r"phase\.ttl must be >= 2"),
     (
         ["cluster.nodes=[a,b]", "cluster.node=a"],
