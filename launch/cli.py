@@ -32,6 +32,7 @@ BENCHMARKS = {  # `timeshare bench WHICH`: the module whose main() runs it
     "scale": "launch.bench_scale",
     "sandbox": "launch.bench_sandbox",
     "nodes": "launch.bench_nodes",
+    "plan": "launch.bench_plan",
 }
 
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="push: weight-push throughput against same-run baselines; cycle: an iteration's phases per lifecycle; "
         "partial: iteration time with and without partial rollouts; scale: the switch at 0.5B and 1.5B shapes; "
         "sandbox: the code task's cost per program and throughput per reward worker; nodes: the etcd phase machine "
-        "of many simulated nodes",
+        "of many simulated nodes; plan: the weight push planned for a model and a layout",
     )
     bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (--help for them)")
     bench.set_defaults(func=_bench)

@@ -82,3 +82,17 @@ def test_bench_nodes_drives_iterations_of_simulated_nodes_and_survives_the_leade
         failover = r["failover"]
         assert failover["deposed"].startswith("node")
         assert 0 < failover["elected_s"] <= failover["resumed_s"] < 60
+
+
+def test_bench_plan_measures_this_machine_and_puts_the_push_it_measured_beside_the_prediction() -> None:
+    cmd = [sys.executable, "-m", "launch.cli", "bench", "plan", "default", "--dtype", "float32", "--measure"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r.get("case"), r["strategy"]) for r in rows] == [(None, "head"), (None, "ring"), ("measured", "head")]
+    assert all(r["bandwidths_from"] == "this machine (64 MiB)" and min(r["gbps"].values()) > 0 for r in rows)
+    measured = rows[-1]
+    assert measured["bytes"] >= rows[0]["model_bytes"] > 0  # the region holds every tensor (aligned)
+    assert measured["measured_s"] == pytest.approx(measured["source_s"] + measured["transfer_s"], abs=0.002)
+    assert measured["predicted_s"] > 0
+    assert not list(Path("/dev/shm").glob("timeshare-bench-*"))
