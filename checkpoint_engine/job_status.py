@@ -44,10 +44,10 @@ class JobStatus:
     phase_seconds: dict[str, float]
 
 
-def job_names(client: pyetcd.MultiEndpointEtcd3Client) -> list[str]:
-    """The jobs that have keys in this etcd."""
-    names = {meta.key.decode().split("/")[2] for _, meta in client.get_prefix(f"{KEY_ROOT}/", keys_only=True)}
-    return sorted(names)
+def job_names(client: pyetcd.MultiEndpointEtcd3Client, starting: str = "") -> list[str]:
+    """The jobs that have keys in this etcd (those whose name begins with `starting`)."""
+    keys = client.get_prefix(f"{KEY_ROOT}/{starting}", keys_only=True)
+    return sorted({meta.key.decode().split("/")[2] for _, meta in keys})
 
 
 def read_status(client: pyetcd.MultiEndpointEtcd3Client, job: str) -> JobStatus:

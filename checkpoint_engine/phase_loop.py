@@ -94,20 +94,22 @@ class PhaseLoop:
         return state
 
     def _lead(self, state: PhaseState) -> None:
+        """Every node's ack, then the next phase; FAILED with the reason when a node cannot give it."""
         coordinator = self.coordinator
         try:
-            try:
-                self.patiently(lambda t: coordinator.wait_acks(state, self.ackers(state.phase), t))
-                coordinator.advance(state, next_state(state))
-            except NotLeaderError:
-                raise
-            except CoordinationError as e:
-                if self.stopping.is_set():
-                    return
-                self.last_error = str(e)
-                coordinator.advance(state, fail(state))
+            self.patiently(lambda t: coordinator.wait_acks(state, self.ackers(state.phase), t))
+            self._advance(state, next_state(state))
+        except CoordinationError as e:  # a lost or failed node, a lost compare-and-swap
+            if self.stopping.is_set():
+                return
+            self.last_error = str(e)
+            self._advance(state, fail(state))
+
+    def _advance(self, state: PhaseState, new: PhaseState) -> None:
+        try:
+            self.coordinator.advance(state, new)
         except NotLeaderError as e:  # its lease ran out meanwhile: a successor leads, this node follows it
-            coordinator.log.warning("%s; following the new leader", e)
+            self.coordinator.log.warning("%s; following the new leader", e)
 
     def run(self) -> None:
         """Follow the phase until `stop()`; campaign for leadership whenever the seat is free."""

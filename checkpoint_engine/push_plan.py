@@ -108,9 +108,8 @@ def plan_push(
     """Who sends and receives which bytes over which links, and the predicted seconds of the whole push."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-    whole = sum(nbytes for _, nbytes in tensors)
-    buckets = make_buckets(tensors, bucket_bytes, nodes) if strategy == "ring" else make_buckets(tensors, whole)
-    total = sum(b.nbytes for b in buckets)
+    total = sum(nbytes for _, nbytes in tensors)
+    buckets = make_buckets(tensors, bucket_bytes, nodes) if strategy == "ring" else make_buckets(tensors, total)
     send, recv = [0] * nodes, [0] * nodes
     links: dict[tuple[int, int], int] = {}
     for bucket in buckets:

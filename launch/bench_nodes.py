@@ -255,7 +255,10 @@ class _Observer:
         return what, at, revision, decode(PhaseState, value) if what == "phase" else decode(LeaderRecord, value).node
 
     def keys_held(self) -> int:
-        return self.client.get_response(self.keys.root, range_end=_prefix_end(self.keys.root), count_only=True).count
+        from pyetcd.utils import prefix_range_end
+
+        root = self.keys.root
+        return self.client.get_response(root, range_end=prefix_range_end(root.encode()), count_only=True).count
 
     def revoke_leader(self) -> tuple[str, int]:
         """Revoke the leader's lease, as if it hung past its TTL: (who led, the store revision after it)."""
@@ -268,11 +271,6 @@ class _Observer:
         for watch in self._watches:
             self.client.cancel_watch(watch)
         self.client.close()
-
-
-def _prefix_end(prefix: str) -> bytes:
-    raw = prefix.encode()
-    return raw[:-1] + bytes([raw[-1] + 1])
 
 
 @contextmanager

@@ -19,8 +19,9 @@ from pathlib import Path
 from checkpoint_engine.contracts.engine_client import JobFailedError
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.etcd_client import connect
-from checkpoint_engine.etcd_keys import KEY_ROOT, Keys, attempts_of
+from checkpoint_engine.etcd_keys import Keys, attempts_of
 from checkpoint_engine.etcd_watch import brief
+from checkpoint_engine.job_status import job_names
 from checkpoint_engine.process_group import ProcessGroup
 from engine.config import RolloutConfig
 from launch.etcd_server import EtcdWatchdog, LocalEtcd, free_loopback_ports
@@ -123,8 +124,7 @@ def _forget_earlier_attempts(endpoint: str, job: str, keep: str | None) -> None:
     earlier attempt's phase, FAILED or mid-iteration, would be taken up again by this attempt's leader."""
     try:
         with connect(endpoint) as client:
-            keys = client.get_prefix(f"{KEY_ROOT}/{job}", keys_only=True)  # every namespace whose name begins so
-            found = {meta.key.decode().split("/")[2] for _, meta in keys}
+            found = job_names(client, starting=job)
             removed = {n: client.delete_prefix(Keys(n).root).deleted for n in attempts_of(job, found) if n != keep}
     except Exception as e:  # pyetcd's and gRPC's errors
         raise JobFailedError(f"etcd at {endpoint} (cluster.etcd) did not answer: {brief(e)}") from e
