@@ -196,6 +196,9 @@ class ProcessGroup:
 # A line a Python traceback ends with: `pkg.mod.SomeError: message` (or SystemExit's text).
 _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b:?")
 _LOG_TAIL_BYTES = 64 << 10
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:")  # torchrun's mark on each line a rank writes to stderr
+# torchrun's last words when a rank failed, after the rank's own error, which is the cause.
+_TORCHRUN_SUMMARY = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError"
 
 
 def last_error(log_path: str | os.PathLike[str]) -> str:
@@ -204,12 +207,13 @@ def last_error(log_path: str | os.PathLike[str]) -> str:
     try:
         with Path(log_path).open("rb") as f:
             f.seek(max(f.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES, 0))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+            text = f.read().decode(errors="replace")
+        lines = [_RANK_PREFIX.sub("", ln).strip() for ln in text.splitlines() if ln.strip()]
     except OSError as e:
         return f"no log: {e}"
     if not lines:
         return f"{log_path} is empty"
-    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln) and not ln.startswith(_TORCHRUN_SUMMARY)]
     return (errors or lines)[-1][:300]
 
 

@@ -28,6 +28,11 @@ class RunConfig(Section):
     # local2) restarts the job from its newest checkpoint, or from the start before the first, at most this many
     # times per run.
     restarts: int = Field(2, ge=0)
+    # A trainer rank that dies in a one-node job: torchrun starts the node's ranks again, at most this many
+    # times per start of the job, and they take the job up at its next trainer phase from the checkpoint that
+    # phase needs, while the engine, vLLM, etcd and the controller stay. Past that, with several nodes (whose
+    # ranks would all have to start again together), or without that checkpoint, `restarts` applies.
+    trainer_restarts: int = Field(2, ge=0)
     progress: bool = True  # a progress bar on the terminal
     # What each iteration does, every phase run in turn either way. rl: roll out, then learn from it.
     # rollout_only: the trainer's TRAIN leaves the weights as they are, so vLLM serves the starting model each

@@ -94,7 +94,9 @@ def start_node(
     env = {"GLOO_SOCKET_IFNAME": here.interface} if here.interface else {}
     # torchrun: this node's place among the job's nodes, its ranks, and the rendezvous on the head
     place = ["--nnodes", str(len(here.nodes)), "--node-rank", str(here.nodes.index(node))]
-    ranks = ["--nproc-per-node", str(cfg.parallel.trainer_ranks)]
+    # One node's ranks are started again in place (run.trainer_restarts); several nodes' restart with the job.
+    restarts = cfg.run.trainer_restarts if len(here.nodes) == 1 else 0
+    ranks = ["--nproc-per-node", str(cfg.parallel.trainer_ranks), "--max-restarts", str(restarts)]
     rendezvous = ["--master-addr", here.head_address, "--master-port", str(trainer_port)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", *place, *ranks, *rendezvous]
     trainer = ProcessGroup.spawn(

@@ -78,10 +78,9 @@ def spec(phase: Phase) -> PhaseSpec:
     return _SPECS[phase]
 
 
-def owned_by(owner: Owner, *, first_iteration: bool = False) -> tuple[Phase, ...]:
-    """`owner`'s phases in cycle order; in the run's first iteration only those from FIRST_PHASE on."""
-    start = CYCLE.index(FIRST_PHASE) if first_iteration else 0
-    return tuple(s.phase for s in TABLE[start:] if s.owner is owner)
+def owned_by(owner: Owner, *, starting: Phase = CYCLE[0]) -> tuple[Phase, ...]:
+    """`owner`'s phases in cycle order, from `starting` on (the run's first iteration: FIRST_PHASE)."""
+    return tuple(s.phase for s in TABLE[CYCLE.index(starting) :] if s.owner is owner)
 
 
 def begun_at(phase: Phase) -> tuple[Phase, ...]:
@@ -143,6 +142,23 @@ def next_state(state: PhaseState) -> PhaseState:
 def order(iteration: int, phase: Phase) -> tuple[int, int]:
     """Sort key of a phase in the run: iteration, then position in the cycle (FAILED sorts last)."""
     return iteration, len(CYCLE) if phase is Phase.FAILED else CYCLE.index(phase)
+
+
+def next_turn(state: PhaseState, owner: Owner) -> tuple[int, Phase]:
+    """The first phase of `owner`'s at or after `state`: where a process of `owner`'s started again takes up
+    its part (no phase of `owner`'s passes without its ack, so the job cannot move past it meanwhile)."""
+    if state.phase is Phase.FAILED:
+        raise IllegalTransition(f"the job FAILED in iteration {state.iteration}: nothing to take up")
+    iteration, phase = state.iteration, state.phase
+    while spec(phase).owner is not owner:
+        iteration, phase = successor(iteration, phase)
+    return iteration, phase
+
+
+def trained_through(iteration: int, phase: Phase) -> int:
+    """The iteration whose TRAIN the trainer's state has finished when `phase` of `iteration` begins: the
+    checkpoint a trainer started again there loads (TRAIN i learns on top of TRAIN i - 1's result)."""
+    return iteration - 1 if phase is Phase.TRAIN else iteration
 
 
 def check_transition(current: PhaseState, proposed: PhaseState) -> None:

@@ -176,6 +176,11 @@ class RegionWriter:
         slots = _fill(self._claim(SHM_DIR / name, size), slots, tensors)
         return Manifest(region=name, version=version, size=size, slots=tuple(slots))
 
+    def discard(self, version: int) -> None:
+        """Remove version `version`'s region that a writer which died during EXPORT left half written and never
+        registered (a registered one belongs to the weight store: never call this for it)."""
+        remove_region(region_name(self.job, self.node, version))
+
     def _claim(self, path: Path, size: int) -> mmap.mmap:
         self._forget_removed()
         if path.exists():

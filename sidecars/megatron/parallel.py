@@ -33,6 +33,18 @@ class ParallelConfig:
             )
 
 
+def _restart_store() -> dist.Store | None:
+    """For ranks torchrun started again (`--max-restarts`): their own part of the agent's store. Its static
+    rendezvous keeps one store for every start of the ranks and torch does not keep the starts apart in it
+    (pytorch/pytorch#135712), so ranks started again found the dead ones' gloo addresses and could not
+    connect. None for the first start, which takes torch's default."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restart:
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return dist.PrefixStore(f"timeshare/restart{restart}", agent)
+
+
 def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Join the torchrun group (gloo on CPU, NCCL on GPU) and build Megatron's parallel state."""
     from megatron.core import parallel_state, tensor_parallel
@@ -41,7 +53,12 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:
     if not dist.is_initialized():
         if compat.on_gpu():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=compat.distributed_backend())
+        restarted = _restart_store()
+        if restarted is None:
+            dist.init_process_group(backend=compat.distributed_backend())
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=compat.distributed_backend(), store=restarted, rank=rank, world_size=world)
     world = dist.get_world_size()
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     if world % model_parallel:

@@ -7,7 +7,8 @@ by a broadcast; every rank then does the work (TP collectives need all of them) 
 rank reports it to its node's engine (only the head's rank 0 writes weights):
 TRAIN (RL updates on the last rollout's batch, checkpoint), OFFLOAD, EXPORT (HF tensors into the
 node's shared-memory region, registered with the engine), ONLOAD. A fresh run first does the
-supervised cold start; a resumed run loads its checkpoint and restarts at EXPORT of that iteration.
+supervised cold start; a resumed run loads its checkpoint and restarts at EXPORT of that iteration;
+ranks that torchrun started again after one died take the running job up at its next trainer phase.
 The rank exits at TRAIN of the iteration after the last one.
 """
 
@@ -28,7 +29,15 @@ import torch.distributed as dist
 from checkpoint_engine.contracts.acks import AckPayload, ExportAck, MetricsAck, MoveAck
 from checkpoint_engine.contracts.engine_client import EngineClient
 from checkpoint_engine.contracts.lifetime import die_with_parent
-from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, owned_by
+from checkpoint_engine.contracts.phases import (
+    FIRST_PHASE,
+    Owner,
+    Phase,
+    PhaseState,
+    next_turn,
+    owned_by,
+    trained_through,
+)
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.weight_region import RegionWriter
 from engine.batch import load_batch
@@ -39,6 +48,13 @@ from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdow
 from sidecars.megatron.trainer import Trainer
 
 log = logging.getLogger("timeshare.trainer")
+
+# How often torchrun started this node's ranks again after one failed (`--max-restarts`, run.trainer_restarts).
+RESTARTS = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class TakeUpError(RuntimeError):
+    """Ranks started again cannot take the running job up (torchrun then starts them again, or gives up)."""
 
 
 class Rank:
@@ -106,6 +122,7 @@ class Rank:
             batch = load_batch(self.paths.batch(state.weight_version))
             metrics = self.trainer.train_on(batch, rollout_version=state.weight_version)  # refuses an empty batch
         metrics["train/seconds"] = time.perf_counter() - start
+        metrics["train/trainer_restarts"] = float(RESTARTS)
         if self.cfg.run.checkpoints_at(iteration):
             self.paths.checkpoint(iteration).mkdir(parents=True, exist_ok=True)
             torch.save(self.trainer.state_dict(), self.paths.trainer_state(iteration, self.rank))
@@ -137,13 +154,52 @@ class Rank:
             self.cold_start_seconds = 0.0
         dist.barrier()
 
-    def run(self) -> None:
+    def _load_checkpoint(self, iteration: int) -> None:
+        self.trainer.load_state_dict(torch.load(self.paths.trainer_state(iteration, self.rank), weights_only=False))
+
+    def _begin(self) -> tuple[int, Phase]:
+        """The run's start: its checkpoint (a resumed run) or the cold start, then EXPORT of that iteration."""
         first = self.cfg.start_iteration
         if first:
-            self.trainer.load_state_dict(torch.load(self.paths.trainer_state(first, self.rank), weights_only=False))
+            self._load_checkpoint(first)
         else:
             self.cold_start()
-        iteration, phases = first, owned_by(Owner.TRAINER, first_iteration=True)
+        return first, FIRST_PHASE
+
+    def _take_up(self) -> tuple[int, Phase]:
+        """torchrun started this node's ranks again (run.trainer_restarts) while the engine, vLLM, etcd and the
+        controller live on: load the checkpoint of the state the job's next trainer phase expects and take
+        the job up there. Without that checkpoint (a new run before its first TRAIN, run.checkpoint_every
+        > 1) the ranks exit, and once torchrun's restarts are spent the launcher restarts the whole job."""
+        found: list[tuple[PhaseState, list[int]] | None] = [None]
+        if self.rank == 0 and self.client is not None:
+            status = self.client.status()
+            found = [(PhaseState.from_dict(status.phase), status.weight_versions)] if status.phase else [None]
+        dist.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            raise TakeUpError("restarted, the trainer found no phase in the job to take up")
+        state, registered = found[0]
+        iteration, phase = next_turn(state, Owner.TRAINER)
+        if phase is Phase.EXPORT and iteration in registered:  # EXPORT of i writes version i: it did, then died
+            phase = Phase.ONLOAD
+        needed = trained_through(iteration, phase)
+        if needed not in self.paths.complete_checkpoints():
+            raise TakeUpError(
+                f"restarted at {phase.value} of iteration {iteration}, the trainer needs the checkpoint of "
+                f"iteration {needed}, which was not written (run.checkpoint_every={self.cfg.run.checkpoint_every}"
+                f"{', the cold start is not kept' if needed == 0 else ''}): the job has to restart"
+            )
+        self._load_checkpoint(needed)
+        if phase in (Phase.EXPORT, Phase.ONLOAD):  # the job is between OFFLOAD and ONLOAD: off the accelerator
+            self.offloader.offload()
+        if phase is Phase.EXPORT and self.writer is not None:
+            self.writer.discard(iteration)  # what the dead rank began to write, never registered
+        self._log("restarted (%d); took up %s of iteration %d from checkpoint %d", RESTARTS, phase, iteration, needed)
+        return iteration, phase
+
+    def run(self) -> None:
+        iteration, first = self._take_up() if RESTARTS else self._begin()
+        phases = owned_by(Owner.TRAINER, starting=first)
         while True:
             for phase in phases:
                 if phase is Phase.TRAIN and iteration > self.cfg.run.iterations:

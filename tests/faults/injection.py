@@ -75,14 +75,20 @@ def wait_for_phase(under: Path, iteration: int, phase: str, timeout: float = 600
     raise AssertionError(f"no run under {under} reached {phase} of iteration {iteration} within {timeout:g} s")
 
 
-def kill_process(run_dir: Path, *args: str, sig: int = signal.SIGKILL) -> int:
-    """Send `sig` to the run's first process whose command line holds each of `args` and names the run; its pid."""
+def kill_process(run_dir: Path, *args: str, sig: int = signal.SIGKILL, unless: str | None = None) -> int:
+    """Send `sig` to the run's first process whose command line holds each of `args` and names the run (and
+    does not hold `unless`); its pid."""
     for p in psutil.process_iter(["cmdline"]):
         line = " ".join(p.info["cmdline"] or [])
-        if all(a in line for a in (*args, str(run_dir))):
+        if all(a in line for a in (*args, str(run_dir))) and not (unless and unless in line):
             os.kill(p.pid, sig)
             return p.pid
     raise AssertionError(f"no process of {run_dir} runs {' '.join(args)}")
+
+
+def kill_trainer_rank(run_dir: Path, node: str = "node0") -> int:
+    """SIGKILL a trainer rank of the run's `node` (not torchrun, whose command line names the module too)."""
+    return kill_process(run_dir, "sidecars.megatron.rank_main", f"trainer-{node}.json", unless="torch.distributed.run")
 
 
 def kill_vllm(run_dir: Path, node: str = "node0") -> int:

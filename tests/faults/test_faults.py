@@ -3,10 +3,12 @@ phases and checks that the run heals: every iteration completes, it trained on t
 run samples (none lost, none repeated), and no process or /dev/shm entry outlives it.
 
 Faults healed in the run itself: vLLM killed during its start-up, and during ROLLOUT; etcd killed (started
-again on its data directory). Faults healed by the launcher restarting the job's processes from the newest
-checkpoint: a trainer rank killed, the checkpoint engine killed. Faults that stop the job cleanly, resumed from
-the newest checkpoint: the launcher killed by SIGKILL, Ctrl-C to its process group, SIGINT to the launcher
-alone. `pytest tests/faults` ends with one summary line (see conftest.py).
+again on its data directory); a trainer rank killed (torchrun starts the node's ranks again from a checkpoint).
+Faults healed by the launcher restarting the job's processes from the newest checkpoint: the checkpoint engine
+killed, a trainer rank killed with run.trainer_restarts=0, in a job of several nodes, or with no checkpoint to
+take the job up from. Faults that stop the job cleanly, resumed from the newest checkpoint: the launcher
+killed by SIGKILL, Ctrl-C to its process group, SIGINT to the launcher alone. `pytest tests/faults` ends with
+one summary line (see conftest.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_engine.contracts.phases import Phase, successor
 from checkpoint_engine.contracts.run_dir import RunPaths
 from launch.etcd_server import LocalEtcd
 from tests.faults.conftest import Fault, FaultReport
@@ -30,6 +33,7 @@ from tests.faults.injection import (
     find_zygote,
     kill_next_sidecar,
     kill_process,
+    kill_trainer_rank,
     kill_vllm,
     leftovers,
     prompts_against_uninterrupted,
@@ -95,6 +99,66 @@ def test_vllm_killed_during_rollout_is_restarted_and_the_rollout_goes_on(
 
 
 @pytest.mark.parametrize(
+    ("iteration", "phase", "took_up", "layout"),
+    [
+        (2, "TRAIN", "TRAIN of iteration 2 from checkpoint 1", []),
+        (1, "ROLLOUT", "ONLOAD of iteration 1 from checkpoint 1", []),
+        (2, "TRAIN", "TRAIN of iteration 2 from checkpoint 1", ["parallel.trainer_tp=2"]),  # both ranks start again
+    ],
+)
+def test_a_trainer_rank_killed_is_started_again_alone_and_takes_the_job_up(
+    tmp_path: Path, faults: FaultReport, iteration: int, phase: str, took_up: str, layout: list[str]
+) -> None:
+    """A trainer rank SIGKILLed in `phase` of `iteration` (with TP 2, one of two): torchrun starts the node's
+    ranks again (run.trainer_restarts), they load the checkpoint the job's next trainer phase needs and take it up,
+    while etcd, the engine, vLLM and the controller go on: no restart of the job, every iteration logged once,
+    `train/trainer_restarts` 1 from the next TRAIN on. Recovery: from the kill to the job past that phase."""
+    shm = set(SHM.iterdir())
+    fault = faults.injected(f"trainer rank SIGKILLed in {phase}, started again alone")
+    killed: list[float] = []
+
+    def kill() -> None:
+        run_dir = wait_for_phase(tmp_path, iteration, phase)
+        killed.append(time.time())
+        kill_trainer_rank(run_dir)
+        wait_for_phase(tmp_path, *successor(iteration, Phase(phase)))
+        fault.recovery_seconds = time.time() - killed[0]
+
+    killer = _in_background(kill)
+    paths = whole_run(tmp_path, "run.iterations=3", "trainer.updates_per_batch=100", *layout)
+    killer.join(timeout=5)
+    assert killed, "the fault was never injected"
+    history = {int(r["iteration"]): r for r in rows(paths)}
+    assert [history[i]["job/restarts"] for i in range(4)] == [0, 0, 0, 0]
+    assert [history[i]["train/trainer_restarts"] for i in range(1, 4)] == [0, 1, 1]
+    assert f"took up {took_up}" in (paths.logs / "trainer-node0.log").read_text()
+    assert "restarting from" not in (tmp_path / "launcher.log").read_text()
+    _account(fault, paths, 3, shm)
+
+
+def test_a_trainer_rank_that_cannot_take_the_job_up_restarts_the_job(tmp_path: Path, faults: FaultReport) -> None:
+    """Killed in ROLLOUT of iteration 0, before any checkpoint (the cold start is not kept), a rank started again
+    by torchrun cannot load the state ONLOAD 0 needs: it exits saying so, and once run.trainer_restarts are
+    spent the launcher restarts the job from the start, which completes."""
+    shm = set(SHM.iterdir())
+    fault = faults.injected("trainer rank SIGKILLed in ROLLOUT of iteration 0, no checkpoint to take up from")
+    killer = _in_background(lambda: kill_trainer_rank(wait_for_phase(tmp_path, 0, "ROLLOUT")))
+    paths = whole_run(tmp_path, "run.iterations=1", "run.trainer_restarts=1")
+    killer.join(timeout=5)
+    trainer_log = (paths.logs / "trainer-node0.log").read_text()
+    assert (
+        "TakeUpError: restarted at ONLOAD of iteration 0, the trainer needs the checkpoint of iteration 0"
+        in trainer_log
+    )
+    restart = "the trainer exited with status 1 (TakeUpError: restarted at ONLOAD of iteration 0"
+    assert restart in (launcher := (tmp_path / "launcher.log").read_text())
+    assert "restarting from the start, as no checkpoint was written yet" in launcher
+    history = {int(r["iteration"]): r for r in rows(paths)}
+    assert [history[i]["job/restarts"] for i in range(2)] == [1, 1]
+    _account(fault, paths, 1, shm)
+
+
+@pytest.mark.parametrize(
     ("process", "args", "iteration", "phase", "newest", "cluster", "etcd"),
     [
         ("trainer rank", ["sidecars.megatron.rank_main"], 2, "TRAIN", 1, "local", "the cluster's"),
@@ -137,7 +201,9 @@ def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
     again from the newest checkpoint (1 during TRAIN of iteration 2, which writes checkpoint 2; the start, 0,
     before the first), node1 too in cluster=local2 (`resume=` the run): the run completes, each iteration
     logged once, `job/restarts` 1 from the restart on, and nothing the dead processes left. On the cluster's
-    etcd (`cluster.etcd`, which outlives an attempt) the restart first removes the keys the failed one left."""
+    etcd (`cluster.etcd`, which outlives an attempt) the restart first removes the keys the failed one left.
+    With run.trainer_restarts=0 a dead trainer rank is not started again alone: the comparison with the test
+    above. Recovery: from the kill to the restarted job past the phase it struck."""
     shm = set(SHM.iterdir())
     external = etcd == "the cluster's"
     where = ("" if iteration else " of iteration 0") + (" on the cluster's etcd" if external else "")
@@ -148,14 +214,14 @@ def test_a_process_killed_restarts_the_job_from_its_newest_checkpoint(
     def kill() -> None:
         run_dir = wait_for_phase(tmp_path, iteration, phase)
         killed.append(time.time())
-        kill_process(run_dir, *args)
+        kill_process(run_dir, *args, unless="torch.distributed.run")  # a rank, not torchrun
         newest_at_kill.append(max(RunPaths(run_dir).complete_checkpoints(), default=0))
-        wait_for_phase(tmp_path, iteration, phase, since=killed[0])  # the restarted job is back where it was
+        wait_for_phase(tmp_path, *successor(iteration, Phase(phase)), since=killed[0])  # the restarted job, past it
         fault.recovery_seconds = time.time() - killed[0]
 
     killer = _in_background(kill)
     with ExitStack() as stack:
-        overrides = [f"cluster={cluster}"]
+        overrides = [f"cluster={cluster}", "run.trainer_restarts=0"]  # a dead rank ends the attempt
         if phase == "TRAIN":  # its 2 steps take 0.4 s, a window a loaded machine misses; 100 take seconds
             overrides.append("trainer.updates_per_batch=100")
         if external:

@@ -6,6 +6,7 @@ import pytest
 
 from checkpoint_engine.contracts.phases import (
     CYCLE,
+    FIRST_PHASE,
     TABLE,
     IllegalTransition,
     Owner,
@@ -17,9 +18,11 @@ from checkpoint_engine.contracts.phases import (
     fail,
     initial_state,
     next_state,
+    next_turn,
     owned_by,
     spec,
     successor,
+    trained_through,
 )
 
 
@@ -77,7 +80,8 @@ def test_round_trip_and_schema() -> None:
 
 def test_the_table_names_each_phase_owner_and_the_version_it_carries() -> None:
     assert owned_by(Owner.TRAINER) == (Phase.TRAIN, Phase.OFFLOAD, Phase.EXPORT, Phase.ONLOAD)
-    assert owned_by(Owner.TRAINER, first_iteration=True) == (Phase.EXPORT, Phase.ONLOAD)
+    assert owned_by(Owner.TRAINER, starting=FIRST_PHASE) == (Phase.EXPORT, Phase.ONLOAD)
+    assert owned_by(Owner.TRAINER, starting=Phase.ROLLOUT) == (Phase.ONLOAD,)
     assert owned_by(Owner.ENGINE) == (Phase.START_VLLM, Phase.UPDATE_WEIGHTS, Phase.TERMINATE_VLLM)
     assert owned_by(Owner.CONTROLLER) == (Phase.ROLLOUT,)
     # The state machine's versions follow the table: EXPORTED phases carry the iteration's new version.
@@ -114,3 +118,30 @@ def test_a_phase_begun_early_begins_before_its_turn() -> None:
 def test_successor_wraps_into_the_next_iteration() -> None:
     assert successor(3, Phase.ONLOAD) == (4, Phase.TRAIN)
     assert successor(3, Phase.ROLLOUT) == (3, Phase.TERMINATE_VLLM)
+
+
+@pytest.mark.parametrize(
+    ("at", "turn", "checkpoint"),
+    [
+        ((2, Phase.TRAIN), (2, Phase.TRAIN), 1),  # TRAIN 2 learns on top of TRAIN 1's result
+        ((2, Phase.OFFLOAD), (2, Phase.OFFLOAD), 2),
+        ((2, Phase.START_VLLM), (2, Phase.ONLOAD), 2),
+        ((2, Phase.ROLLOUT), (2, Phase.ONLOAD), 2),
+        ((2, Phase.TERMINATE_VLLM), (2, Phase.ONLOAD), 2),
+        ((0, Phase.UPDATE_WEIGHTS), (0, Phase.ONLOAD), 0),
+    ],
+)
+def test_a_restarted_trainer_takes_up_its_next_phase_from_the_checkpoint_that_phase_needs(
+    at: tuple[int, Phase], turn: tuple[int, Phase], checkpoint: int
+) -> None:
+    iteration, phase = at
+    state = PhaseState(iteration=iteration, phase=phase, weight_version=iteration)
+    assert next_turn(state, Owner.TRAINER) == turn
+    assert trained_through(*turn) == checkpoint
+
+
+def test_the_controller_takes_up_rollout_and_nothing_follows_failed() -> None:
+    after_onload = PhaseState(iteration=3, phase=Phase.ONLOAD, weight_version=3)
+    assert next_turn(after_onload, Owner.CONTROLLER) == (4, Phase.ROLLOUT)  # past TRAIN: the next iteration's
+    with pytest.raises(IllegalTransition, match="FAILED in iteration 3"):
+        next_turn(fail(after_onload), Owner.TRAINER)

@@ -112,6 +112,11 @@ def test_last_error_is_the_last_traceback_line(tmp_path: Path) -> None:
     assert (
         last_error(log) == "checkpoint_engine.contracts.config.ConfigError: cluster has 2 nodes; set transfer=mooncake"
     )
+    log.write_text(  # torchrun's summary after its rank's traceback: the rank's error is the cause
+        "[rank0]: TakeUpError: the trainer needs the checkpoint of iteration 0\nE1207 failed (exitcode: 1)\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n====\n"
+    )
+    assert last_error(log) == "TakeUpError: the trainer needs the checkpoint of iteration 0"
     log.write_text("just a line\nthe end\n")
     assert last_error(log) == "the end"
     log.write_text("")

@@ -144,6 +144,19 @@ def test_writer_refuses_an_existing_version_and_drops_removed_files(writer: Regi
     assert len(writer._kept) == 1
 
 
+def test_a_restarted_writer_discards_the_version_its_predecessor_left_half_written(writer: RegionWriter) -> None:
+    """A rank that died during EXPORT left its region unregistered; the rank started again in its place
+    removes it and writes the version whole."""
+    writer.write(3, {"w": torch.zeros(256)})
+    successor = RegionWriter(writer.job, writer.node)
+    with pytest.raises(FileExistsError):
+        successor.write(3, {"w": torch.ones(256)})
+    successor.discard(3)
+    manifest = successor.write(3, {"w": torch.ones(256)})
+    assert torch.equal(dict(read_region(manifest))["w"], torch.ones(256))
+    successor.close()
+
+
 def test_checksum_comes_from_the_source_and_catches_a_bad_copy(writer: RegionWriter) -> None:
     manifest = writer.write(1, {"a": torch.arange(64, dtype=torch.float32)})
     assert manifest.slots[0].checksum == checksum(as_bytes(torch.arange(64, dtype=torch.float32)))
