@@ -18,7 +18,7 @@ from checkpoint_engine.etcd_client import parse_endpoint
 
 
 class PhaseConfig(Section):
-    """Timeouts of the phase machine, in seconds."""
+    """Timeouts of the phase machine, in seconds, and what a phase checks."""
 
     KEY = "phase"
     timeout: float = Field(900.0, gt=0)  # how long a barrier waits for every node
@@ -31,6 +31,9 @@ class PhaseConfig(Section):
     # A node whose lease ran out (crashed, or stalled past `ttl`) is waited for this long to register again and
     # do its part before the phase fails naming it; 0: fail at once.
     node_grace: float = Field(30.0, ge=0)
+    # GPUs (NVML): TERMINATE_VLLM fails, naming the process, when a GPU has more than this much more memory in
+    # use once vLLM's tree is gone than before it started; without NVML (a CPU machine) nothing is checked.
+    device_margin_gib: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _start_within_timeout(self) -> PhaseConfig:

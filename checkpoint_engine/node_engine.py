@@ -49,6 +49,7 @@ from checkpoint_engine.contracts.vllm_protocol import UpdateWeightsResponse
 from checkpoint_engine.contracts.weight_region import Manifest
 from checkpoint_engine.coordination_errors import PhaseFailedError
 from checkpoint_engine.coordinator import Coordinator
+from checkpoint_engine.device_memory import GIB, RELEASE_TIMEOUT, DeviceMemoryLeft, GpuMemory, read_gpus, released
 from checkpoint_engine.etcd_keys import describe
 from checkpoint_engine.mooncake_transport import MooncakeConfig
 from checkpoint_engine.phase_loop import PhaseLoop
@@ -99,6 +100,8 @@ class NodeEngine:
         self.restarts = 0  # vLLMs started again after dying during ROLLOUT
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vllm-start-{cfg.node}")
         self.timings: dict[str, float] = {}
+        # Every GPU as NVML saw it before this iteration's vLLM started (None: no NVML, or no start yet).
+        self._device_before: list[GpuMemory] | None = None
 
     @property
     def last_error(self) -> str | None:
@@ -135,6 +138,7 @@ class NodeEngine:
             fork_seconds=times.fork if times else 0.0,
             build_seconds=times.build if times else 0.0,
             retries=self._start_retries,
+            device_free_bytes=[g.free for g in self._device_before or []],
         )
 
     def begin_vllm_start(self, state: PhaseState) -> None:
@@ -144,6 +148,8 @@ class NodeEngine:
 
     def _start_vllm_process(self) -> float:
         phase = self.cfg.phase
+        if self._device_before is None:  # what TERMINATE_VLLM must give back; a restart in ROLLOUT keeps it
+            self._device_before = read_gpus()
         seconds, self._start_retries = self.vllm.start_retrying(phase.vllm_start_timeout, phase.vllm_start_attempts)
         return seconds
 
@@ -157,9 +163,17 @@ class NodeEngine:
         if self._keep_alive() and self.vllm.alive():
             return TerminateVllmAck(pids=[], rss_freed_bytes=0, killed=False, kept_alive=True)
         t = self._timed("terminate_vllm", self.vllm.terminate)
+        before, self._device_before = self._device_before, None
+        after, left = released(before, int(self.cfg.phase.device_margin_gib * GIB), RELEASE_TIMEOUT)
+        if left is not None:
+            raise DeviceMemoryLeft(f"vLLM's tree (pids {list(t.pids)}) is gone, but not its device memory: {left}")
         self.vllm.prepare()
         return TerminateVllmAck(
-            pids=list(t.pids), rss_freed_bytes=t.rss_freed_bytes, killed=t.killed, seconds=t.seconds
+            pids=list(t.pids),
+            rss_freed_bytes=t.rss_freed_bytes,
+            killed=t.killed,
+            seconds=t.seconds,
+            device_free_bytes=[g.free for g in after or []],
         )
 
     def register_weights(self, manifest: Manifest, payload: ExportAck) -> None:

@@ -96,7 +96,12 @@ def _payload_metrics(phase: Phase, payload: AckPayload) -> dict[str, float]:
             **cold,
         }
     if phase is Phase.OFFLOAD and isinstance(payload, MoveAck):
-        return {"offload/bytes_moved": float(payload.bytes_moved)}
+        on_gpu = payload.device_bytes_in_use > 0  # a CUDA context alone holds some
+        left = {
+            "offload/device_bytes_left": float(payload.device_bytes_in_use),
+            "offload/device_bytes_allocated": float(payload.device_bytes_after),
+        }
+        return {"offload/bytes_moved": float(payload.bytes_moved), **(left if on_gpu else {})}
     if isinstance(payload, StartVllmAck):  # the start-up's parts: the zygote's imports and compiles, fork, build
         return {
             "vllm/import_seconds": payload.import_seconds,
@@ -105,7 +110,16 @@ def _payload_metrics(phase: Phase, payload: AckPayload) -> dict[str, float]:
             "vllm/build_seconds": payload.build_seconds,
             "vllm/start_seconds": payload.seconds,
             "vllm/start_retries": float(payload.retries),
+            **_per_gpu("device/free_bytes_before_vllm", payload.device_free_bytes),
         }
     if isinstance(payload, TerminateVllmAck):
-        return {"vllm/kill_seconds": payload.seconds, "vllm/rss_freed_bytes": float(payload.rss_freed_bytes)}
+        return {
+            "vllm/kill_seconds": payload.seconds,
+            "vllm/rss_freed_bytes": float(payload.rss_freed_bytes),
+            **_per_gpu("device/free_bytes_after_vllm", payload.device_free_bytes),
+        }
     return {}
+
+
+def _per_gpu(name: str, values: list[int]) -> dict[str, float]:
+    return {f"{name}/gpu{i}": float(v) for i, v in enumerate(values)}

@@ -30,7 +30,10 @@ class MoveAck(AckPayload):
 
     seconds: float
     bytes_moved: int = 0
-    device_bytes_after: int = 0  # accelerator memory still allocated (CUDA); 0 on CPU
+    device_bytes_after: int = 0  # accelerator memory still allocated by torch's tensors (CUDA); 0 on CPU
+    # The rank's whole GPU in use as the driver sees it (CUDA context, allocator cache, NCCL, other processes):
+    # after OFFLOAD, what vLLM cannot have. 0 on CPU.
+    device_bytes_in_use: int = 0
     host_rss_bytes: int = 0
 
 
@@ -63,6 +66,7 @@ class StartVllmAck(AckPayload):
     build_seconds: float = 0.0
     kept_alive: bool = False  # rollout.lifecycle=keep_alive: the vLLM of the last rollout serves again
     retries: int = 0  # starts that failed before this one (phase.vllm_start_attempts)
+    device_free_bytes: list[int] = Field(default_factory=list)  # per GPU (NVML) before vLLM started; empty without NVML
 
 
 class RestartVllmAck(AckPayload):
@@ -86,6 +90,9 @@ class TerminateVllmAck(AckPayload):
     killed: bool  # SIGKILL was needed (it always is: a retired vLLM is killed at once)
     seconds: float = 0.0  # signal to every pid of the tree gone
     kept_alive: bool = False  # rollout.lifecycle=keep_alive: vLLM stays up for the next rollout
+    device_free_bytes: list[int] = Field(
+        default_factory=list
+    )  # per GPU (NVML) once vLLM's tree is gone; empty without NVML
 
 
 _BY_PHASE: dict[Phase, tuple[type[AckPayload], ...]] = {

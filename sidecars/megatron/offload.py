@@ -24,6 +24,14 @@ def _device_allocated() -> int:
     return torch.cuda.memory_allocated() if compat.on_gpu() else 0
 
 
+def _device_in_use() -> int:
+    """The rank's GPU, all of it that is in use (the driver's count, not only torch's tensors)."""
+    if not compat.on_gpu():
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=compat.on_gpu())
     host.copy_(t, non_blocking=compat.on_gpu())
@@ -92,5 +100,6 @@ class Offloader:
             seconds=time.perf_counter() - start,
             bytes_moved=moved,
             device_bytes_after=_device_allocated(),
+            device_bytes_in_use=_device_in_use(),
             host_rss_bytes=psutil.Process(os.getpid()).memory_info().rss,
         )
