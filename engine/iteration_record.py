@@ -98,6 +98,7 @@ def _payload_metrics(phase: Phase, payload: AckPayload) -> dict[str, float]:
     if phase is Phase.OFFLOAD and isinstance(payload, MoveAck):
         on_gpu = payload.device_bytes_in_use > 0  # a CUDA context alone holds some
         left = {
+            "offload/device_bytes_before": float(payload.device_bytes_in_use_before),
             "offload/device_bytes_left": float(payload.device_bytes_in_use),
             "offload/device_bytes_allocated": float(payload.device_bytes_after),
         }

@@ -9,6 +9,10 @@ something):
 - `switch_overhead`: (offload + export + start_vllm + update_weights + terminate_vllm + onload) /
   the whole iteration (vLLM's zygote imports once per job, niced, so TRAIN keeps the CPU);
 - `iteration`: mean seconds per iteration, and keep_alive's against terminate's;
+- `switch`: train -> rollout (offload, export, start_vllm, update_weights) and rollout -> train
+  (terminate_vllm, onload) apart; `push`: its GB/s (and a device-to-device copy of as many bytes where
+  there is a GPU); `logprob_gap`; on GPUs `device_memory_bytes`: the trainer's GPU before and after
+  OFFLOAD, and each GPU's free memory before vLLM starts and once it is gone;
 - `rollout_tokens_per_second`: vLLM's output inside the loop (tokens over the time in its
   generate calls), against a standalone vLLM serving the same requests (`launch/bench_standalone.py`:
   the same settings and prompts, as many tokens as each response had) right after the job, the
@@ -28,7 +32,9 @@ from typing import get_args
 from checkpoint_engine.contracts.config import Lifecycle
 from checkpoint_engine.contracts.phases import CYCLE
 
-SWITCH = ("offload", "export", "start_vllm", "update_weights", "terminate_vllm", "onload")
+TO_ROLLOUT = ("offload", "export", "start_vllm", "update_weights")  # the switch train -> rollout
+TO_TRAIN = ("terminate_vllm", "onload")  # and back
+SWITCH = (*TO_ROLLOUT, *TO_TRAIN)
 PHASES = tuple(p.value.lower() for p in CYCLE)
 
 
@@ -73,6 +79,55 @@ def summarize(lifecycle: str, later: list[dict[str, float]]) -> float:
     _emit(lifecycle=lifecycle, measure="switch_overhead", seconds=round(switch, 3), ratio=round(switch / iteration, 3))
     _emit(lifecycle=lifecycle, measure="iteration", seconds=round(iteration, 3), iterations=len(later))
     return iteration
+
+
+def _mean(later: list[dict[str, float]], key: str) -> float | None:
+    values = [r[key] for r in later if key in r]
+    return sum(values) / len(values) if values else None
+
+
+def switch_and_push(lifecycle: str, later: list[dict[str, float]]) -> None:
+    """The two switches apart (k1.5 reports under a minute and about 10 s at its scale), the push's rate,
+    the trainer-vs-vLLM logprob gap, and on GPUs what each side left of the device's memory."""
+    means = {p: _mean(later, f"time/{p}") or 0.0 for p in SWITCH}
+    _emit(
+        lifecycle=lifecycle,
+        measure="switch",
+        train_to_rollout_seconds=round(sum(means[p] for p in TO_ROLLOUT), 3),
+        rollout_to_train_seconds=round(sum(means[p] for p in TO_TRAIN), 3),
+    )
+    push, pushed = _mean(later, "push/gb_per_s"), _mean(later, "push/bytes")
+    if push is not None and pushed is not None:
+        _emit(lifecycle=lifecycle, measure="push", gb_per_s=round(push, 3), bytes=int(pushed), **_device_copy(pushed))
+    gap = _mean(later, "logprob_gap/mean_abs")
+    if gap is not None:
+        _emit(lifecycle=lifecycle, measure="logprob_gap", mean_abs=gap)
+    keys = sorted({k for r in later for k in r if k.startswith(("device/", "offload/device_bytes"))})
+    device = {k.replace("/", "_"): int(_mean(later, k) or 0) for k in keys}
+    if device:  # only where there is a GPU (NVML, torch.cuda)
+        _emit(lifecycle=lifecycle, measure="device_memory_bytes", **device)
+
+
+def _device_copy(nbytes: float) -> dict[str, float]:
+    """A device-to-device copy of the push's bytes on this machine's GPU, the bound a same-GPU push could reach
+    (best of 5 after a warm-up); nothing without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    src = torch.empty(int(nbytes), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"device_copy_gb_per_s": round(nbytes / best / 1e9, 1)}
 
 
 def compare_rollout_rate(lifecycle: str, later: list[dict[str, float]], run_dir: Path) -> None:
@@ -131,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = read_rows(run_dir)
             later = later_iterations(lifecycle, rows)
             seconds[lifecycle] = summarize(lifecycle, later)
+            switch_and_push(lifecycle, later)
             compare_rollout_rate(lifecycle, later, run_dir)
     if {"terminate", "keep_alive"} <= set(seconds):
         ratio = seconds["keep_alive"] / seconds["terminate"]

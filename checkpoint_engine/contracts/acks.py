@@ -34,6 +34,7 @@ class MoveAck(AckPayload):
     # The rank's whole GPU in use as the driver sees it (CUDA context, allocator cache, NCCL, other processes):
     # after OFFLOAD, what vLLM cannot have. 0 on CPU.
     device_bytes_in_use: int = 0
+    device_bytes_in_use_before: int = 0  # the same when the move began: after TRAIN for OFFLOAD
     host_rss_bytes: int = 0
 
 

@@ -58,7 +58,7 @@ class Offloader:
     def offload(self) -> MoveAck:
         if self.offloaded:
             raise RuntimeError("the trainer state is already offloaded")
-        start, moved = time.perf_counter(), 0
+        start, moved, before = time.perf_counter(), 0, _device_in_use()
         params, state = self._tensors()
         for p in params:
             p.grad = None
@@ -73,12 +73,12 @@ class Offloader:
         if compat.on_gpu():
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-        return self._report(start, moved)
+        return self._report(start, moved, before)
 
     def onload(self) -> MoveAck:
         if not self.offloaded:
             raise RuntimeError("the trainer state is not offloaded")
-        start, moved, dev = time.perf_counter(), 0, compat.device()
+        start, moved, dev, before = time.perf_counter(), 0, compat.device(), _device_in_use()
         for p, host in self._params.items():
             p.data = host.to(dev, copy=True, non_blocking=compat.on_gpu())
             moved += host.numel() * host.element_size()
@@ -88,15 +88,16 @@ class Offloader:
         if compat.on_gpu():
             torch.cuda.synchronize()
         self._params, self._state = {}, {}
-        return self._report(start, moved)
+        return self._report(start, moved, before)
 
     def host_parameters(self) -> dict[torch.nn.Parameter, torch.Tensor]:
         """The host copies of the parameters while offloaded (EXPORT reads them)."""
         return dict(self._params)
 
     @staticmethod
-    def _report(start: float, moved: int) -> MoveAck:
+    def _report(start: float, moved: int, before: int) -> MoveAck:
         return MoveAck(
+            device_bytes_in_use_before=before,
             seconds=time.perf_counter() - start,
             bytes_moved=moved,
             device_bytes_after=_device_allocated(),

@@ -11,7 +11,7 @@ from engine.batch import collate
 from engine.replay_buffer import Group
 from engine.trajectory import Trajectory
 from launch import bench_partial
-from launch.bench_cycle import PHASES, later_iterations, summarize
+from launch.bench_cycle import PHASES, later_iterations, summarize, switch_and_push
 from launch.bench_standalone import requests_from_batch
 
 
@@ -24,6 +24,36 @@ def test_summary_skips_the_first_iteration_and_computes_the_switch_share(capsys:
     assert total == pytest.approx(2.0 * len(PHASES))  # iterations 1 and 2 only: each phase 2 s on average
     (switch,) = [x for x in lines if x["measure"] == "switch_overhead"]
     assert switch["ratio"] == pytest.approx(6 / 8)  # six of the eight phases are the switch
+
+
+def test_the_switches_push_gap_and_device_memory_have_lines_of_their_own(capsys: pytest.CaptureFixture) -> None:
+    times = {f"time/{p}": 1.0 for p in PHASES}
+    gpu = {
+        "offload/device_bytes_before": 30e9,
+        "offload/device_bytes_left": 1e9,
+        "device/free_bytes_after_vllm/gpu0": 7e10,
+    }
+    rows = [
+        {"iteration": 1, **times, "push/gb_per_s": 2.0, "push/bytes": 1e9, "logprob_gap/mean_abs": 0.01, **gpu},
+        {"iteration": 2, **times, "time/onload": 3.0, "push/gb_per_s": 4.0, "push/bytes": 1e9, **gpu},
+    ]
+    switch_and_push("terminate", rows)
+    lines = {x["measure"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert lines["switch"]["train_to_rollout_seconds"] == 4.0  # offload, export, start_vllm, update_weights
+    assert lines["switch"]["rollout_to_train_seconds"] == 3.0  # terminate_vllm 1 s, onload 2 s on average
+    assert lines["push"]["gb_per_s"] == 3.0
+    assert "device_copy_gb_per_s" not in lines["push"]  # no GPU here
+    assert lines["logprob_gap"]["mean_abs"] == 0.01  # the one iteration that measured it
+    assert lines["device_memory_bytes"] == {
+        "bench": "cycle",
+        "lifecycle": "terminate",
+        "measure": "device_memory_bytes",
+        "device_free_bytes_after_vllm_gpu0": 70_000_000_000,
+        "offload_device_bytes_before": 30_000_000_000,
+        "offload_device_bytes_left": 1_000_000_000,
+    }
+    switch_and_push("terminate", [{"iteration": 1, **times}])  # a CPU run: no device line
+    assert "device_memory_bytes" not in capsys.readouterr().out
 
 
 def test_a_run_without_a_later_iteration_is_refused() -> None:

@@ -87,9 +87,16 @@ def test_what_offload_leaves_on_the_gpu_is_reported_where_there_is_one() -> None
     from checkpoint_engine.contracts.phases import Phase
     from engine.iteration_record import ack_metrics
 
-    gpu = MoveAck(seconds=0.5, bytes_moved=8 * GIB, device_bytes_after=0, device_bytes_in_use=GIB // 2)
+    gpu = MoveAck(
+        seconds=0.5,
+        bytes_moved=8 * GIB,
+        device_bytes_after=0,
+        device_bytes_in_use=GIB // 2,
+        device_bytes_in_use_before=20 * GIB,
+    )
     assert ack_metrics(Phase.OFFLOAD, {"node0": gpu}) == {
         "offload/bytes_moved": 8.0 * GIB,
+        "offload/device_bytes_before": 20.0 * GIB,
         "offload/device_bytes_left": GIB / 2,
         "offload/device_bytes_allocated": 0.0,
     }
