@@ -42,7 +42,8 @@ EXTRAS = {
     "gpu": [
         "vllm==0.32.0",
         "mooncake-transfer-engine",
-        "transformer-engine[pytorch]",
+        # Its torch extension is an sdist: scripts/install.sh builds it against the installed torch.
+        "transformer-engine[pytorch]==2.20.2",
     ],
     "dev": [
         "pytest>=9,<10",

@@ -79,6 +79,7 @@ class EngineConfig(Section):
     port: int = Field(ge=1, le=65535)
     token: str | None = None  # bearer token; required when `host` is not loopback
     lifecycle: Lifecycle  # rollout.lifecycle: kill vLLM after each rollout, or not
+    sleep_level: int = Field(0, ge=0, le=2)  # rollout.sleep_level: keep_alive's vLLM sleeps between rollouts
     phase: PhaseConfig
     transfer: TransferConfig
     vllm: VllmSettings

@@ -121,7 +121,7 @@ class NodeEngine:
         """START_VLLM: vLLM healthy with dummy weights (its start-up began with EXPORT, see `EARLY`)."""
         early, self._early_start = self._early_start, None
         if early is None and self._keep_alive() and self.vllm.alive():
-            return StartVllmAck(pid=self.vllm.pid, seconds=0.0, kept_alive=True)
+            return self._wake_vllm()
         waited = time.perf_counter()
         if early is None:
             seconds = self._timed("start_vllm", self._start_vllm_process)
@@ -141,6 +141,15 @@ class NodeEngine:
             device_free_bytes=[g.free for g in self._device_before or []],
         )
 
+    def _wake_vllm(self) -> StartVllmAck:
+        """keep_alive: the vLLM of the last rollout serves again, woken where it slept (rollout.sleep_level)."""
+        woke = 0.0
+        if self.cfg.sleep_level:
+            self._device_before = read_gpus()  # what the next sleep must give back
+            woke = self._timed("wake_vllm", lambda: self.vllm.client.wake_up().seconds)
+        free = [g.free for g in self._device_before or []]
+        return StartVllmAck(pid=self.vllm.pid, seconds=woke, kept_alive=True, device_free_bytes=free)
+
     def begin_vllm_start(self, state: PhaseState) -> None:
         """Begin vLLM's start-up in the background when EXPORT begins (START_VLLM's `begins_at`)."""
         if self._early_start is None and not self.vllm.alive():
@@ -157,16 +166,28 @@ class NodeEngine:
         return self.cfg.lifecycle == "keep_alive"
 
     def terminate_vllm(self, state: PhaseState) -> TerminateVllmAck:
-        """TERMINATE_VLLM: kill vLLM, or with keep_alive leave it serving for the next rollout (it holds host
-        memory on CPU; on GPU it would sleep here, which is not built). The zygote stays (respawned here if it
-        died) for the next iteration's fork."""
+        """TERMINATE_VLLM: kill vLLM, or with keep_alive leave it for the next rollout, asleep with
+        rollout.sleep_level (GPU), else resident. The zygote stays (respawned here if it died) for the next
+        iteration's fork. Either way each GPU must be back within phase.device_margin_gib of what it held
+        before vLLM took its memory (NVML; nothing is checked without it)."""
         if self._keep_alive() and self.vllm.alive():
-            return TerminateVllmAck(pids=[], rss_freed_bytes=0, killed=False, kept_alive=True)
+            if not self.cfg.sleep_level:
+                return TerminateVllmAck(pids=[], rss_freed_bytes=0, killed=False, kept_alive=True)
+            level = self.cfg.sleep_level
+            slept = self._timed("sleep_vllm", lambda: self.vllm.client.sleep(level).seconds)
+            after = self._device_given_back(f"vLLM (pid {self.vllm.pid}) sleeps at level {level} but holds more")
+            free = [g.free for g in after or []]
+            return TerminateVllmAck(
+                pids=[],
+                rss_freed_bytes=0,
+                killed=False,
+                seconds=slept,
+                kept_alive=True,
+                slept=level,
+                device_free_bytes=free,
+            )
         t = self._timed("terminate_vllm", self.vllm.terminate)
-        before, self._device_before = self._device_before, None
-        after, left = released(before, int(self.cfg.phase.device_margin_gib * GIB), RELEASE_TIMEOUT)
-        if left is not None:
-            raise DeviceMemoryLeft(f"vLLM's tree (pids {list(t.pids)}) is gone, but not its device memory: {left}")
+        after = self._device_given_back(f"vLLM's tree (pids {list(t.pids)}) is gone, but not its device memory")
         self.vllm.prepare()
         return TerminateVllmAck(
             pids=list(t.pids),
@@ -175,6 +196,14 @@ class NodeEngine:
             seconds=t.seconds,
             device_free_bytes=[g.free for g in after or []],
         )
+
+    def _device_given_back(self, what: str) -> list[GpuMemory] | None:
+        """Every GPU now, once back within the margin of before vLLM took its memory; else DeviceMemoryLeft."""
+        before, self._device_before = self._device_before, None
+        after, left = released(before, int(self.cfg.phase.device_margin_gib * GIB), RELEASE_TIMEOUT)
+        if left is not None:
+            raise DeviceMemoryLeft(f"{what}: {left}")
+        return after
 
     def register_weights(self, manifest: Manifest, payload: ExportAck) -> None:
         """A producer on this node wrote `manifest`'s region; during EXPORT of that version, this acks it."""

@@ -77,6 +77,10 @@ class RolloutConfig(Section):
     # terminate (the design's default): vLLM is started for each rollout and killed after it.
     # keep_alive: vLLM stays up across iterations (on CPU it stays resident) and only loads each version.
     lifecycle: Lifecycle = "terminate"
+    # keep_alive on GPUs: between rollouts vLLM sleeps (its CuMemAllocator) instead of holding the device:
+    # 1 offloads its weights to host memory and frees the KV cache, 2 discards both (every version is pushed
+    # whole anyway); START_VLLM wakes it. 0: it stays resident (the only choice on CPU).
+    sleep_level: int = Field(0, ge=0, le=2)
     group_size: int = Field(8, ge=2)  # samples per prompt: advantages are relative to the group
     prompts_per_iteration: int = Field(256, ge=1)  # complete groups per training batch
     temperature: float = Field(1.0, gt=0)
@@ -105,6 +109,15 @@ class RolloutConfig(Section):
     max_model_len: int = Field(256, ge=1)  # vLLM's context: prompt + response
     stop: str = "\n"  # responses end at this string; "" for none
     repeat: RepeatDetection = RepeatDetection()
+
+    @model_validator(mode="after")
+    def _sleep_keeps_alive(self) -> RolloutConfig:
+        if self.sleep_level and self.lifecycle != "keep_alive":
+            raise ConfigError(
+                f"rollout.sleep_level={self.sleep_level} puts a vLLM kept between rollouts to sleep; it needs "
+                f"rollout.lifecycle=keep_alive, not {self.lifecycle!r} (terminate kills vLLM instead)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _max_staleness_keeps(self) -> RolloutConfig:

@@ -117,6 +117,7 @@ def _payload_metrics(phase: Phase, payload: AckPayload) -> dict[str, float]:
         return {
             "vllm/kill_seconds": payload.seconds,
             "vllm/rss_freed_bytes": float(payload.rss_freed_bytes),
+            **({"vllm/sleep_level": float(payload.slept)} if payload.slept else {}),
             **_per_gpu("device/free_bytes_after_vllm", payload.device_free_bytes),
         }
     return {}

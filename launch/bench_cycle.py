@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=4)
     lifecycles = list(get_args(Lifecycle))
     ap.add_argument("--lifecycles", nargs="+", default=lifecycles, choices=lifecycles)
+    ap.add_argument(
+        "--sleep-level", type=int, default=0, choices=(0, 1, 2), help="rollout.sleep_level of the keep_alive run (GPU)"
+    )
     ap.add_argument("overrides", nargs="*", help="more Hydra overrides for both runs")
     args = ap.parse_args(argv)
     overrides = [f"run.iterations={args.iterations}", "run.eval_every=1000", *args.overrides]
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         for lifecycle in args.lifecycles:
             root = Path(tmp) / lifecycle
             root.mkdir()
-            run_dir = run_job(lifecycle, [*overrides, f"rollout.lifecycle={lifecycle}"], root)
+            sleep = [f"rollout.sleep_level={args.sleep_level}"] if lifecycle == "keep_alive" else []
+            run_dir = run_job(lifecycle, [*overrides, f"rollout.lifecycle={lifecycle}", *sleep], root)
             rows = read_rows(run_dir)
             later = later_iterations(lifecycle, rows)
             seconds[lifecycle] = summarize(lifecycle, later)

@@ -136,6 +136,7 @@ def _engine_config(
         port=ports[0],
         token=token,
         lifecycle=rollout.lifecycle,
+        sleep_level=rollout.sleep_level,
         phase=cfg.phase,
         transfer=cfg.transfer,
         vllm=cfg.vllm_settings(model_dir, host=here.address, port=ports[1]),

@@ -373,11 +373,18 @@ class TrainConfig(Section):
             dtype=self.model.dtype,
             seed=self.run.seed,
             load_format=load_format,
+            sleep_mode=rollout.sleep_level > 0,
         )
 
     def check_machine(self, has_cuda: bool, cpu_bfloat16: bool) -> None:
         """Rules that depend on the machine the run starts on (`cpu_bfloat16`: its CPU computes in
         bfloat16 natively, AVX512-BF16 or AMX, as oneDNN reports)."""
+        rollout = self.effective_rollout()
+        if rollout.sleep_level and not has_cuda:
+            raise ConfigError(
+                f"rollout.sleep_level={rollout.sleep_level} needs a CUDA device (vLLM's sleep mode is its CUDA "
+                "memory allocator) and this machine has none; use 0, which keeps vLLM resident"
+            )
         if self.model.dtype == "bfloat16" and not (has_cuda or cpu_bfloat16):
             raise ConfigError(
                 "model.dtype='bfloat16' needs a CUDA device or a CPU with native bfloat16 (AVX512-BF16 or AMX) "

@@ -2,7 +2,8 @@
 # The device check: the real job on one GPU (an H100 or H200), nothing downloaded, under 10 minutes, one
 # JSON line per measure.
 #   scripts/device_check.sh [more Hydra overrides for both runs]
-# It runs `timeshare bench cycle` (launch/bench_cycle.py) for both vLLM lifecycles, 3 iterations each, on a
+# It runs `timeshare bench cycle` (launch/bench_cycle.py) for both vLLM lifecycles (keep_alive with vLLM asleep
+# between rollouts, rollout.sleep_level=1), 3 iterations each, on a
 # Qwen2.5-0.5B-shaped model with random weights that the launcher writes (24 layers, hidden 896, 14 heads,
 # 2 KV heads, SwiGLU 4864, tied embeddings; the project's BPE vocabulary instead of Qwen's 151,936), in
 # bfloat16. Its lines: each phase's seconds, the switch train -> rollout and rollout -> train, the push's GB/s
@@ -52,4 +53,5 @@ print(json.dumps({
     "free_bytes": free, "total_bytes": total,
 }))
 EOF
-exec timeout "$LIMIT" "$PYTHON" -m launch.cli bench cycle --iterations 3 "${OVERRIDES[@]}" "$@"
+# keep_alive sleeps at level 1 between rollouts (vLLM's weights to host memory, its KV cache freed).
+exec timeout "$LIMIT" "$PYTHON" -m launch.cli bench cycle --iterations 3 --sleep-level 1 "${OVERRIDES[@]}" "$@"

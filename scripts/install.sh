@@ -65,9 +65,16 @@ install_venv() {
   local pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
   local index=()
   [ -n "${TORCH_INDEX_URL:-}" ] && index=(--extra-index-url "$TORCH_INDEX_URL")
+  # Transformer Engine's torch extension is an sdist that compiles against the torch installed first (nvcc
+  # from the lock's nvidia-cuda-nvcc wheel or the image's CUDA toolkit, and g++): without build isolation,
+  # which would fetch another torch to build with.
+  local engine=(true)
+  [[ ",$EXTRAS," == *,gpu,* ]] \
+    && engine=("${pip[@]}" install -q "${index[@]}" -c "$LOCK" --no-build-isolation "transformer-engine[pytorch]")
   # torch first and on its own: with nothing installed, a looser resolver pass would take the
   # registry's newest CUDA build (several GB).
   if ! { "${pip[@]}" install -q "${index[@]}" -c "$LOCK" torch \
+      && "${engine[@]}" \
       && "${pip[@]}" install -q "${index[@]}" -c "$LOCK" -e ".[$EXTRAS]" \
       && { [ ${#remove[@]} -eq 0 ] || "${pip[@]}" uninstall -q -y "${remove[@]}"; }; } >"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -n 30

@@ -91,6 +91,7 @@ class TerminateVllmAck(AckPayload):
     killed: bool  # SIGKILL was needed (it always is: a retired vLLM is killed at once)
     seconds: float = 0.0  # signal to every pid of the tree gone
     kept_alive: bool = False  # rollout.lifecycle=keep_alive: vLLM stays up for the next rollout
+    slept: int = 0  # the sleep level it was put to (rollout.sleep_level, GPU); `seconds` is then the sleep's
     device_free_bytes: list[int] = Field(
         default_factory=list
     )  # per GPU (NVML) once vLLM's tree is gone; empty without NVML

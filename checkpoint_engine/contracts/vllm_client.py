@@ -6,11 +6,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from checkpoint_engine.contracts.message import Message
 from checkpoint_engine.contracts.vllm_protocol import (
     GenerateBody,
     GenerateResponse,
     GenerationRequest,
     Health,
+    SleepBody,
+    SleepResponse,
     UpdateWeightsBody,
     UpdateWeightsResponse,
 )
@@ -30,10 +33,9 @@ class VllmClient:
         self.timeout = timeout
         self._session = requests.Session()
 
-    def _post(self, path: str, body: object, timeout: float | None = None) -> dict:
-        r = self._session.post(
-            self.base_url + path, json=body.model_dump(by_alias=True), timeout=timeout or self.timeout
-        )
+    def _post(self, path: str, body: Message | None, timeout: float | None = None) -> dict:
+        payload = body.model_dump(by_alias=True) if body is not None else {}
+        r = self._session.post(self.base_url + path, json=payload, timeout=timeout or self.timeout)
         if r.status_code != 200:
             detail = r.json().get("detail", r.text) if r.headers.get("content-type") == "application/json" else r.text
             raise SidecarError(f"POST {path} -> {r.status_code}: {detail}", r.status_code)
@@ -49,6 +51,12 @@ class VllmClient:
 
     def generate(self, requests_: list[GenerationRequest]) -> GenerateResponse:
         return GenerateResponse.model_validate(self._post("/generate", GenerateBody(requests=requests_)))
+
+    def sleep(self, level: int) -> SleepResponse:
+        return SleepResponse.model_validate(self._post("/sleep", SleepBody(level=level)))
+
+    def wake_up(self) -> SleepResponse:
+        return SleepResponse.model_validate(self._post("/wake_up", None))
 
     def close(self) -> None:
         self._session.close()

@@ -43,6 +43,7 @@ class VllmSettings(Section):
     seed: int = Field(ge=0)
     host: str = "127.0.0.1"
     load_format: LoadFormat = "dummy"  # dummy: the weights come by push
+    sleep_mode: bool = False  # vLLM's sleep mode (CUDA only): POST /sleep and /wake_up (rollout.sleep_level)
 
 
 class GenerationRequest(Message):
@@ -118,6 +119,18 @@ class Health(Message):
     weight_version: int
     model: str
     startup: StartupTimes
+    asleep: int = 0  # the sleep level it is at (POST /sleep), 0: awake
+
+
+class SleepBody(Message):
+    level: int = Field(ge=1, le=2)  # 1: weights to host memory, KV cache freed; 2: both discarded
+
+
+class SleepResponse(Message):
+    """POST /sleep and /wake_up."""
+
+    asleep: int
+    seconds: float
 
 
 class ForkRequest(Message):

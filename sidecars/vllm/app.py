@@ -4,6 +4,8 @@
                            versions refused), reset the prefix cache
   POST /generate        -> token ids in; token ids, per-token logprobs, finish reason and the
                            weight version out, n samples per request
+  POST /sleep           -> vLLM's sleep mode, level 1 or 2 (rollout.sleep_level; CUDA only): its device
+                           memory goes back until POST /wake_up, which also resets the prefix cache
 vLLM's `LLM` is synchronous and not thread-safe, so requests are served one at a time.
 """
 
@@ -19,6 +21,8 @@ from checkpoint_engine.contracts.vllm_protocol import (
     GenerateResponse,
     GenerationResult,
     Health,
+    SleepBody,
+    SleepResponse,
     StartupTimes,
     UpdateWeightsBody,
     UpdateWeightsResponse,
@@ -35,16 +39,42 @@ def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
 
     app = FastAPI(title="timeshare vLLM sidecar")
     lock = threading.Lock()
-    state = {"version": -1}
+    state = {"version": -1, "asleep": 0}
 
     @app.get("/health")
     def health() -> Health:
-        return Health(pid=os.getpid(), weight_version=state["version"], model=model, startup=startup)
+        return Health(
+            pid=os.getpid(), weight_version=state["version"], model=model, startup=startup, asleep=state["asleep"]
+        )
+
+    @app.post("/sleep")
+    def sleep(body: SleepBody) -> SleepResponse:
+        start = time.perf_counter()
+        with lock:
+            if state["asleep"]:
+                raise HTTPException(status_code=409, detail=f"already asleep at level {state['asleep']}")
+            llm.sleep(level=body.level)
+            state["asleep"] = body.level
+            if body.level == 2:  # the weights are gone: nothing is served until a version is pushed again
+                state["version"] = -1
+        return SleepResponse(asleep=state["asleep"], seconds=time.perf_counter() - start)
+
+    @app.post("/wake_up")
+    def wake_up() -> SleepResponse:
+        start = time.perf_counter()
+        with lock:
+            if state["asleep"]:
+                llm.wake_up()
+                llm.reset_prefix_cache()  # cached prefixes were computed by the version before
+                state["asleep"] = 0
+        return SleepResponse(asleep=0, seconds=time.perf_counter() - start)
 
     @app.post("/weights/update")
     def update_weights(body: UpdateWeightsBody) -> UpdateWeightsResponse:
         start = time.perf_counter()
         with lock:
+            if state["asleep"]:
+                raise HTTPException(status_code=409, detail="asleep: POST /wake_up before pushing weights")
             try:
                 versions = llm.collective_rpc("load_from_shm", args=(body.manifest,))
             except Exception as e:  # the worker's own error (checksum, stale version) is the message
@@ -55,6 +85,8 @@ def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
 
     @app.post("/generate")
     def generate(body: GenerateBody) -> GenerateResponse:
+        if state["asleep"]:
+            raise HTTPException(status_code=409, detail="asleep: POST /wake_up first")
         if state["version"] < 0:
             raise HTTPException(status_code=409, detail="no weights loaded yet: POST /weights/update first")
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in body.requests]

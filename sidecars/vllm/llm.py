@@ -47,6 +47,7 @@ def start_llm(settings: VllmSettings):  # -> vllm.LLM
         enable_chunked_prefill=False,
         max_num_batched_tokens=max(settings.max_model_len, BATCHED_TOKENS),
         worker_extension_cls=EXTENSION,
+        enable_sleep_mode=settings.sleep_mode,
         # Logprobs of the distribution actually sampled from (temperature and top-p applied), the
         # quantity the trainer's importance ratios and the logprob-gap check compare against.
         logprobs_mode="processed_logprobs",

@@ -26,8 +26,10 @@ def test_the_script_parses() -> None:
 
 
 def test_its_model_is_qwen2_5_0_5b_shaped_in_bfloat16_for_both_lifecycles() -> None:
-    for lifecycle in ("terminate", "keep_alive"):
-        cfg = load_config([*_overrides(), "run.iterations=3", f"rollout.lifecycle={lifecycle}"])
+    for lifecycle in ("terminate", "keep_alive"):  # bench cycle's two runs; keep_alive with --sleep-level 1
+        sleep = ["rollout.sleep_level=1"] if lifecycle == "keep_alive" else []
+        cfg = load_config([*_overrides(), "run.iterations=3", f"rollout.lifecycle={lifecycle}", *sleep])
+        cfg.check_machine(has_cuda=True, cpu_bfloat16=False)
         assert cfg.model.dtype == "bfloat16"
     spec = cfg.model.tiny_spec(seed=0)
     written = hf_config(spec, build_tokenizer(spec)).to_dict()

@@ -398,3 +398,15 @@ def test_no_group_option_restates_a_default(group: str, option: str) -> None:
 def test_the_last_iteration_always_checkpoints() -> None:
     run = load_config(["run.iterations=5", "run.checkpoint_every=2"]).run
     assert [i for i in range(1, 6) if run.checkpoints_at(i)] == [2, 4, 5]
+
+
+def test_sleep_needs_keep_alive_and_a_cuda_device() -> None:
+    with pytest.raises(ConfigError, match=r"rollout\.sleep_level=1 .* needs rollout\.lifecycle=keep_alive"):
+        load_config(["rollout.sleep_level=1"])
+    cfg = load_config(["rollout.lifecycle=keep_alive", "rollout.sleep_level=2"])
+    with pytest.raises(ConfigError, match=r"rollout\.sleep_level=2 needs a CUDA device"):
+        cfg.check_machine(has_cuda=False, cpu_bfloat16=True)
+    cfg.check_machine(has_cuda=True, cpu_bfloat16=False)
+    settings = cfg.vllm_settings(Path("/m"), port=8000)
+    assert settings.sleep_mode
+    assert not load_config(["rollout.lifecycle=keep_alive"]).vllm_settings(Path("/m"), port=8000).sleep_mode
