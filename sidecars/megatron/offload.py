@@ -6,6 +6,15 @@ CUDA is present), and the device storage is freed by pointing `.data` at an empt
 Gradients are dropped (every train step starts from zero grads). On CPU the same moves run into
 a second host buffer: nothing is freed on an accelerator there, but the copies are real and
 timed, which is what the phase timings report.
+
+Why these moves and not torch_memory_saver (slime, verl, SGLang) or a Megatron offload: this trainer's
+device memory is plain tensors only (parameters, the torch optimizer's state; no Megatron DDP grad
+buffers, as `gradients.py` reduces `.grad` itself and `zero_grad(set_to_none=True)` drops it; no
+distributed optimizer; no CUDA graphs), so moving each tensor's storage and emptying the caching
+allocator frees all of it but the CUDA context and NCCL's communicators, which stay (making them again
+every iteration costs seconds at scale). A virtual-address pause like torch_memory_saver's matters where
+addresses must stay fixed (CUDA graphs) or buffers are out of reach as tensors. What stays is reported:
+`offload/device_bytes_left`, the driver's count of the rank's GPU after OFFLOAD.
 """
 
 from __future__ import annotations

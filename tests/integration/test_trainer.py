@@ -96,6 +96,7 @@ def test_offload_keeps_every_weight(runs: dict, tp: int) -> None:
     assert results["params_empty_while_offloaded"]
     assert results["export_equal_while_offloaded"]
     assert results["export_equal_after_onload"]
+    assert results["optimizer_equal_after_onload"]  # Adam's moments and step, bit for bit
     assert results["offload"]["bytes_moved"] > 0
 
 

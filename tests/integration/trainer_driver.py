@@ -91,6 +91,7 @@ def main() -> None:
 
     offloader = Offloader(trainer.model, trainer.optimizer)
     before = {k: t.clone() for k, t in mg.export_hf_weights(trainer.model, trainer.arch).items()}  # outlives a step
+    moments = _optimizer_tensors(trainer.optimizer)
     out["offload"] = offloader.offload().to_dict()
     out["params_empty_while_offloaded"] = all(p.numel() == 0 for p in trainer.model.parameters())
     during = mg.export_hf_weights(trainer.model, trainer.arch, offloader.host_parameters())
@@ -98,6 +99,8 @@ def main() -> None:
     offloader.onload()
     after = mg.export_hf_weights(trainer.model, trainer.arch)
     out["export_equal_after_onload"] = all(torch.equal(before[k], after[k]) for k in before)
+    back = _optimizer_tensors(trainer.optimizer)
+    out["optimizer_equal_after_onload"] = bool(moments) and all(torch.equal(moments[k], back[k]) for k in moments)
     out["second_step"] = trainer.train_on(synthetic_batch(trainer, groups=3, g=4, seed=2), rollout_version=1)
     ppo = Trainer(args.model, cfg, AlgoConfig(name="ppo"), iterations=1, temperature=1.0, seed=0, dtype="float32")
     out["ppo"] = [ppo.train_on(synthetic_batch(ppo, groups=3, g=4, seed=s), rollout_version=s) for s in (1, 2)]
@@ -105,6 +108,17 @@ def main() -> None:
         save_file(before, str(Path(args.out) / "after_step.safetensors"))
         (Path(args.out) / "results.json").write_text(json.dumps(out))
     shutdown()
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[tuple[int, str], torch.Tensor]:
+    """Copies of every tensor of the optimizer's state (Adam's moments, its step), by parameter and name."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        (i, k): v.clone()
+        for i, p in enumerate(params)
+        for k, v in optimizer.state.get(p, {}).items()
+        if torch.is_tensor(v)
+    }
 
 
 if __name__ == "__main__":
