@@ -169,6 +169,10 @@ class Coordinator:
     def is_leader(self) -> bool:
         return self.leadership.held()
 
+    def seat(self) -> tuple[str | None, bool]:
+        """Who leads and whether it is this node, from one read."""
+        return self.leadership.seat()
+
     # ------------------------------------------------------------------------------------ phase
     def read_phase(self) -> tuple[PhaseState | None, int]:
         """The current phase and its mod revision; (None, 0) before the leader initialised it."""

@@ -71,16 +71,21 @@ class Leadership:
             self.log.info("elected leader of job %s (leader key revision %d)", self.keys.job, meta.mod_revision)
         return True
 
+    def seat(self) -> tuple[str | None, bool]:
+        """The node holding the leader key (None while the seat is vacant) and whether it is this node's, from
+        one read of etcd, not from memory: a lease that expired took the leadership with it."""
+        value, meta = self.client.get(self.keys.leader)
+        if value is None:
+            return None, False
+        with self._lock:
+            mine = meta.mod_revision == self._revision and meta.lease_id == self.lease().id
+        return decode(LeaderRecord, value).node, mine
+
     def leader(self) -> str | None:
-        """The node holding the leader key, or None while the seat is vacant."""
-        value, _ = self.client.get(self.keys.leader)
-        return None if value is None else decode(LeaderRecord, value).node
+        return self.seat()[0]
 
     def held(self) -> bool:
-        """Read from etcd, not from memory: a lease that expired took the leadership with it."""
-        value, meta = self.client.get(self.keys.leader)
-        with self._lock:
-            return value is not None and meta.mod_revision == self._revision and meta.lease_id == self.lease().id
+        return self.seat()[1]
 
     def lost(self) -> bool:
         """Forget the leadership (the lease it lived on is gone); whether this node had it."""

@@ -66,11 +66,12 @@ class PhaseLoop:
                 if self.stopping.is_set() or deadline.passed():
                     raise
 
-    def step(self, timeout: float) -> PhaseState:
+    def step(self, timeout: float, leader: bool | None = None) -> PhaseState:
         """Do this node's part of the current phase once; as leader, wait for every node's ack and
-        advance. Waits up to `timeout` for a phase that needs something of this node."""
+        advance. Waits up to `timeout` for a phase that needs something of this node. `leader`: whether this
+        node leads, as the caller just read it (None: read it here)."""
         coordinator = self.coordinator
-        leader = coordinator.is_leader()
+        leader = coordinator.is_leader() if leader is None else leader
 
         def needs_me(s: PhaseState) -> bool:
             return (s.iteration, s.phase) not in self._done or (leader and s.phase is not Phase.FAILED)
@@ -114,23 +115,27 @@ class PhaseLoop:
     def run(self) -> None:
         """Follow the phase until `stop()`; campaign for leadership whenever the seat is free."""
         while not self.stopping.is_set():
+            holder, leads = self.coordinator.seat()  # one read of the seat per step: hundreds of nodes read it
             try:
-                self._lead_if_vacant()
+                leads = self._lead_vacant_seat() if holder is None else leads
             except CoordinationTimeout:
                 if self.stopping.is_set():
                     return  # the start-up barrier gave up because the job is stopping
                 raise
             try:
-                self.step(timeout=1.0)
+                self.step(timeout=1.0, leader=leads)
             except CoordinationTimeout:
                 continue  # nothing to do within a second: look at the leader seat again
 
-    def _lead_if_vacant(self) -> None:
+    def _lead_vacant_seat(self) -> bool:
+        """Campaign for the vacant seat; once won, the start-up barrier and the first phase. Whether it won."""
         coordinator = self.coordinator
-        if coordinator.leader() is None and coordinator.campaign():
-            # Start-up barrier: a node that never registered would fail the first phase at once.
-            self.patiently(lambda t: coordinator.wait_nodes(self.nodes, t))
-            coordinator.init_phase(initial_state(self.start_iteration))
+        if not coordinator.campaign():
+            return False
+        # Start-up barrier: a node that never registered would fail the first phase at once.
+        self.patiently(lambda t: coordinator.wait_nodes(self.nodes, t))
+        coordinator.init_phase(initial_state(self.start_iteration))
+        return True
 
     def stop(self) -> None:
         """Make `run` return within about a second (the caller joins its thread)."""

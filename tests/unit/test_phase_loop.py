@@ -98,3 +98,34 @@ def test_a_leader_deposed_mid_barrier_goes_on_following(when: str) -> None:
     loop = _loop(coordinator)
     assert loop.step(timeout=1.0) is state
     assert coordinator.advances == []
+
+
+def test_each_step_reads_the_leader_seat_once() -> None:
+    """With hundreds of nodes every read counts: the loop reads the seat once per step, and the step takes the
+    leadership it read instead of asking etcd again."""
+
+    @dataclass
+    class Counting(FakeCoordinator):
+        seats: int = 0
+        leader_reads: int = 0
+        loop: PhaseLoop | None = None
+
+        def seat(self) -> tuple[str | None, bool]:
+            self.seats += 1
+            if self.seats == 3 and self.loop is not None:
+                self.loop.stop()
+            return "node0", self.leader
+
+        def is_leader(self) -> bool:
+            self.leader_reads += 1
+            return self.leader
+
+        def advance(self, expected: PhaseState, new: PhaseState) -> int:
+            self.state = new
+            return super().advance(expected, new)
+
+    coordinator = Counting(initial_state())
+    coordinator.loop = _loop(coordinator)
+    coordinator.loop.run()
+    assert (coordinator.seats, coordinator.leader_reads) == (3, 0)
+    assert len(coordinator.advances) == 3  # one step per read, each advancing as the leader
