@@ -159,3 +159,80 @@ def watch_until(
                     return result
     finally:
         watches.close()
+
+
+class KeyFollower:
+    """One key followed through one long-lived watch, for a caller that waits on it again and again (the phase
+    loop: with hundreds of nodes, a read, a watch and its cancel per wait and node were most of etcd's load).
+
+    `wait` behaves as `watch_until` with a fresh read: it starts from the key's newest value (the events that
+    arrived meanwhile are taken first, without blocking) and then judges every later value in revision order.
+    The first wait reads the key and opens the watch; a broken stream is re-opened by `_Watches`, a compacted
+    revision read afresh. One thread at a time may wait; `close` cancels the watch.
+    """
+
+    def __init__(self, client: pyetcd.MultiEndpointEtcd3Client, key: str, log: logging.LoggerAdapter) -> None:
+        self.client, self.key, self.log = client, key, log
+        self._watches: _Watches | None = None
+        self._value: bytes | None = None  # the newest value seen (None: the key does not exist)
+        self._revision = 0  # its revision: events up to it are old news
+
+    def wait(self, matches: Callable[[bytes | None], T | None], timeout: float) -> T | None:
+        """The first result of `matches` on the key's newest value or on a later one, or None after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        self._catch_up()
+        if (result := matches(self._value)) is not None:
+            return result
+        while True:
+            batch = self._next(deadline)
+            if batch is None:
+                return None
+            if not batch and (result := matches(self._value)) is not None:  # read afresh after a compaction
+                return result
+            for event in batch:
+                if self._take(event) and (result := matches(self._value)) is not None:
+                    return result
+
+    def wrote(self, value: bytes, revision: int) -> None:
+        """This process wrote `value` at `revision`: its next wait starts from it even before the watch says so
+        (a leader must not take the phase it just left for the current one)."""
+        if revision > self._revision:
+            self._value, self._revision = value, revision
+
+    def _take(self, event: Event) -> bool:
+        """Make `event` the newest value, unless it is one already seen (written by this process)."""
+        if event.mod_revision <= self._revision:
+            return False
+        self._value, self._revision = event.value or None, event.mod_revision
+        return True
+
+    def _catch_up(self) -> None:
+        """The newest value: read with the watch opened after it the first time, else what the watch delivered."""
+        if self._watches is None:
+            self._open()
+        while (batch := self._next(time.monotonic() + 0.001)) is not None:
+            for event in batch:
+                self._take(event)
+
+    def _open(self) -> None:
+        response = self.client.get_response(self.key)
+        self._value = response.kvs[0].value if response.count else None
+        self._revision = response.header.revision
+        self._watches = _Watches(self.client, [self.key], self.log)
+        self._watches.open(response.header.revision + 1)
+
+    def _next(self, deadline: float) -> list[Event] | None:
+        """The next events, [] once the key was read afresh (its revision compacted away), None at the deadline."""
+        assert self._watches is not None
+        try:
+            return self._watches.next_batch(deadline)
+        except _Compacted as exc:
+            self.log.warning("watch of %s cannot resume (%s); reading afresh", self.key, exc)
+            self._watches = None
+            self._open()
+            return [] if time.monotonic() < deadline else None
+
+    def close(self) -> None:
+        if self._watches is not None:
+            self._watches.close()
+            self._watches = None

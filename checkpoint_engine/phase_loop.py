@@ -20,7 +20,12 @@ from typing import Any, Protocol
 
 from checkpoint_engine.contracts.phases import Owner, Phase, PhaseState, fail, initial_state, next_state, spec
 from checkpoint_engine.contracts.polling import Deadline
-from checkpoint_engine.coordination_errors import CoordinationError, CoordinationTimeout, NotLeaderError
+from checkpoint_engine.coordination_errors import (
+    CoordinationError,
+    CoordinationTimeout,
+    NotLeaderError,
+    StaleStateError,
+)
 from checkpoint_engine.coordinator import Coordinator
 
 log = logging.getLogger(__name__)
@@ -76,7 +81,7 @@ class PhaseLoop:
         def needs_me(s: PhaseState) -> bool:
             return (s.iteration, s.phase) not in self._done or (leader and s.phase is not Phase.FAILED)
 
-        state = coordinator.wait_phase(needs_me, timeout, raise_on_failed=False)
+        state = coordinator.follow_phase(needs_me, timeout)
         key = (state.iteration, state.phase)
         handler = None if state.phase is Phase.FAILED else self.handler(state.phase)
         if key not in self._done:
@@ -100,7 +105,9 @@ class PhaseLoop:
         try:
             self.patiently(lambda t: coordinator.wait_acks(state, self.ackers(state.phase), t))
             self._advance(state, next_state(state))
-        except CoordinationError as e:  # a lost or failed node, a lost compare-and-swap
+        except StaleStateError as e:  # another leader (a failover) moved the phase on meanwhile: follow it
+            coordinator.log.warning("%s; following the phase as it is", e)
+        except CoordinationError as e:  # a lost or failed node
             if self.stopping.is_set():
                 return
             self.last_error = str(e)
@@ -111,6 +118,10 @@ class PhaseLoop:
             self.coordinator.advance(state, new)
         except NotLeaderError as e:  # its lease ran out meanwhile: a successor leads, this node follows it
             self.coordinator.log.warning("%s; following the new leader", e)
+        except StaleStateError as e:  # writing FAILED to a phase already left: nothing to fail
+            if new.phase is not Phase.FAILED:
+                raise
+            self.coordinator.log.warning("%s; following the phase as it is", e)
 
     def run(self) -> None:
         """Follow the phase until `stop()`; campaign for leadership whenever the seat is free."""

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from checkpoint_engine.contracts.phases import Phase, PhaseState, initial_state, next_state
-from checkpoint_engine.coordination_errors import NodeLostError, NotLeaderError
+from checkpoint_engine.coordination_errors import NodeLostError, NotLeaderError, StaleStateError
 from checkpoint_engine.phase_loop import PhaseLoop
 
 NODES = ("node0", "node1")
@@ -35,7 +35,7 @@ class FakeCoordinator:
     def is_leader(self) -> bool:
         return self.leader
 
-    def wait_phase(self, until: Any, timeout: float, *, raise_on_failed: bool = True) -> PhaseState:
+    def follow_phase(self, until: Any, timeout: float) -> PhaseState:
         assert until(self.state)
         return self.state
 
@@ -129,3 +129,16 @@ def test_each_step_reads_the_leader_seat_once() -> None:
     coordinator.loop.run()
     assert (coordinator.seats, coordinator.leader_reads) == (3, 0)
     assert len(coordinator.advances) == 3  # one step per read, each advancing as the leader
+
+
+@pytest.mark.parametrize("when", ["advance", "fail"])
+def test_a_leader_whose_phase_moved_on_meanwhile_follows_it(when: str) -> None:
+    """Another leader (after a failover) advanced the phase while this one waited: the lost compare-and-swap
+    neither kills the loop nor fails a phase the job has already left."""
+    stale = StaleStateError(1, 2, None)
+    coordinator = FakeCoordinator(initial_state(), advance_errors=[stale, stale])
+    if when == "fail":
+        coordinator.barrier_error = NodeLostError("node1 has no live lease")
+    loop = _loop(coordinator)
+    loop.step(timeout=1.0)
+    assert coordinator.advances == []
