@@ -47,7 +47,7 @@ from checkpoint_engine.etcd_keys import (
     names,
     retained,
 )
-from checkpoint_engine.etcd_watch import Event, KeyFollower, watch_until
+from checkpoint_engine.etcd_watch import Event, watch_until
 from checkpoint_engine.leadership import Leadership
 from checkpoint_engine.node_lease import NodeLease
 
@@ -118,7 +118,6 @@ class Coordinator:
                 self.client.close()
             raise
         self.status, self.ttl, self.heartbeat = status, self._node.ttl, self._node.heartbeat
-        self._phase_follower = KeyFollower(self.client, self.keys.phase, self.log)  # opened by the first follow
 
     def __repr__(self) -> str:
         return f"Coordinator(job={self.keys.job!r}, node={self.node!r}, ttl={self.ttl})"
@@ -137,7 +136,6 @@ class Coordinator:
             return
         self._closed = True
         self.leadership.lost()
-        self._phase_follower.close()
         self._node.close()
         if self._owns_client:
             self.client.close()
@@ -197,7 +195,6 @@ class Coordinator:
         if not created:
             self.leadership.check_fence(fence, responses[1])
         value, meta = responses[1 if created else 0][0]
-        self._phase_follower.wrote(value, meta.mod_revision)
         found = decode(PhaseState, value)
         self.log.info(
             "%s phase %s at revision %d", "initialised" if created else "found", describe(found), meta.mod_revision
@@ -245,9 +242,7 @@ class Coordinator:
             value, meta = responses[0][0] if responses[0] else (None, None)
             found = None if value is None else decode(PhaseState, value)
             raise StaleStateError(expected_revision, 0 if meta is None else meta.mod_revision, found)
-        written, meta = responses[1][0]
-        new_revision = meta.mod_revision
-        self._phase_follower.wrote(written, new_revision)
+        new_revision = responses[1][0][1].mod_revision
         self.log.info("phase %s -> %s (revision %d -> %d)", describe(current), describe(new), revision, new_revision)
         acks, shards = (r.response_delete_range.deleted for r in responses[2:])
         if acks or shards:
@@ -295,23 +290,6 @@ class Coordinator:
         if found is None:
             raise CoordinationTimeout(
                 f"{self.node} waited {timeout:g} s for phase {wanted}; last seen: {describe(last_seen[0])}"
-            )
-        return found
-
-    def follow_phase(self, until: Callable[[PhaseState], bool], timeout: float) -> PhaseState:
-        """As `wait_phase(until, timeout, raise_on_failed=False)`, through this node's one long-lived watch of
-        the phase: the phase loop waits once per phase on every node, and a read, a watch and its cancel each
-        time were most of what hundreds of nodes asked of etcd. One thread (the loop's) follows."""
-        last_seen: list[PhaseState | None] = [None]
-
-        def judge(value: bytes | None) -> PhaseState | None:
-            state = last_seen[0] = None if value is None else decode(PhaseState, value)
-            return state if state is not None and until(state) else None
-
-        found = self._phase_follower.wait(judge, timeout)
-        if found is None:
-            raise CoordinationTimeout(
-                f"{self.node} waited {timeout:g} s for its next phase; last seen: {describe(last_seen[0])}"
             )
         return found
 

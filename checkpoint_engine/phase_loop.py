@@ -81,7 +81,7 @@ class PhaseLoop:
         def needs_me(s: PhaseState) -> bool:
             return (s.iteration, s.phase) not in self._done or (leader and s.phase is not Phase.FAILED)
 
-        state = coordinator.follow_phase(needs_me, timeout)
+        state = coordinator.wait_phase(needs_me, timeout, raise_on_failed=False)
         key = (state.iteration, state.phase)
         handler = None if state.phase is Phase.FAILED else self.handler(state.phase)
         if key not in self._done:

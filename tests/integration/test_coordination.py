@@ -393,41 +393,6 @@ def test_wait_phase_sees_each_state_in_order_and_stops_on_failure(make) -> None:
     assert c1.wait_phase(lambda s: s.phase is Phase.FAILED, timeout=1, raise_on_failed=False).phase is Phase.FAILED
 
 
-def test_following_the_phase_keeps_one_watch_and_sees_the_newest_then_each_later_state(make) -> None:
-    """The phase loop's waits: the newest state first (what was written while nobody waited), then every later
-    one in order, all through one watch that lives across waits, survives a broken stream and goes with close."""
-    c0, state, _ = _leader_with_phase(make)
-    c1 = make("node1")
-    watcher = c1.client.watcher
-    assert c1.follow_phase(lambda s: True, timeout=1) == state
-    assert len(watcher._callbacks) == 1
-    states = [state]
-    for _ in range(3):  # written while nobody waits: the next wait starts from the newest
-        states.append(next_state(states[-1]))
-        c0.advance(states[-2], states[-1])
-    assert c1.follow_phase(lambda s: True, timeout=1) == states[-1]
-    with pytest.raises(CoordinationTimeout, match=r"node1 waited 0.2 s for its next phase; last seen: ROLLOUT"):
-        c1.follow_phase(lambda s: s.phase is Phase.ONLOAD, timeout=0.2)
-
-    seen: list[Phase] = []
-
-    def collect(s: PhaseState) -> bool:
-        seen.append(s.phase)
-        return s.phase is Phase.ONLOAD
-
-    with ThreadPoolExecutor(1) as pool:
-        waiter = pool.submit(c1.follow_phase, collect, 5)
-        _break_watch_stream(c1, watches=1)
-        for _ in range(2):  # TERMINATE_VLLM, then ONLOAD, the second written right after the first
-            states.append(next_state(states[-1]))
-            c0.advance(states[-2], states[-1])
-        assert waiter.result(timeout=5) == states[-1]
-    assert seen[-2:] == [Phase.TERMINATE_VLLM, Phase.ONLOAD]  # none skipped while it waited
-    assert len(watcher._callbacks) == 1  # the one watch, opened again after the break
-    c1.close()
-    assert not watcher._callbacks
-
-
 def _break_watch_stream(coordinator: Coordinator, watches: int) -> None:
     """Do what pyetcd does when a watch stream breaks: drop every watch of the client and hand each
     callback the error. Waits first until `watches` watches are open."""

@@ -35,7 +35,7 @@ class FakeCoordinator:
     def is_leader(self) -> bool:
         return self.leader
 
-    def follow_phase(self, until: Any, timeout: float) -> PhaseState:
+    def wait_phase(self, until: Any, timeout: float, *, raise_on_failed: bool = True) -> PhaseState:
         assert until(self.state)
         return self.state
 
