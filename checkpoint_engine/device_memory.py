@@ -68,11 +68,6 @@ def read_gpus(nvml: ModuleType | None = None) -> list[GpuMemory] | None:
     return gpus
 
 
-def held_by_process(gpus: list[GpuMemory] | None, pid: int) -> int:
-    """Bytes process `pid` holds over every GPU (0 without NVML)."""
-    return sum(g.processes.get(pid, 0) for g in gpus or [])
-
-
 def left_behind(before: list[GpuMemory], after: list[GpuMemory], margin: int) -> str | None:
     """None when no GPU has more than `margin` bytes more in use after than before; else what is, naming the
     processes whose share grew (or that appeared), largest first."""

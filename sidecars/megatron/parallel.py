@@ -33,16 +33,19 @@ class ParallelConfig:
             )
 
 
+# How often torchrun started this node's ranks again after one failed (`--max-restarts`); 0 at the first start.
+RESTARTS = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _restart_store() -> dist.Store | None:
     """For ranks torchrun started again (`--max-restarts`): their own part of the agent's store. Its static
     rendezvous keeps one store for every start of the ranks and torch does not keep the starts apart in it
     (pytorch/pytorch#135712), so ranks started again found the dead ones' gloo addresses and could not
     connect. None for the first start, which takes torch's default."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if not restart:
+    if not RESTARTS:
         return None
     agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    return dist.PrefixStore(f"timeshare/restart{restart}", agent)
+    return dist.PrefixStore(f"timeshare/restart{RESTARTS}", agent)
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> None:

@@ -44,13 +44,10 @@ from engine.batch import load_batch
 from sidecars.megatron import model as mg
 from sidecars.megatron.config import RankConfig
 from sidecars.megatron.offload import Offloader
-from sidecars.megatron.parallel import ParallelConfig, init_distributed, shutdown
+from sidecars.megatron.parallel import RESTARTS, ParallelConfig, init_distributed, shutdown
 from sidecars.megatron.trainer import Trainer
 
 log = logging.getLogger("timeshare.trainer")
-
-# How often torchrun started this node's ranks again after one failed (`--max-restarts`, run.trainer_restarts).
-RESTARTS = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 class TakeUpError(RuntimeError):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from checkpoint_engine.device_memory import GIB, GpuMemory, held_by_process, left_behind, read_gpus, released
+from checkpoint_engine.device_memory import GIB, GpuMemory, left_behind, read_gpus, released
 
 
 def fake_nvml(gpus: list[tuple[int, int, dict[int, int | None]]]) -> SimpleNamespace:
@@ -32,8 +32,6 @@ def test_every_gpu_is_read_with_the_processes_that_hold_it() -> None:
         GpuMemory(index=1, total=80 * GIB, used=0, processes={}),
     ]
     assert gpus[0].free == 75 * GIB
-    assert held_by_process(gpus, 100) == 4 * GIB
-    assert held_by_process(None, 100) == 0
 
 
 def test_without_nvml_nothing_is_read_or_checked() -> None:
