@@ -145,7 +145,11 @@ class PhaseLoop:
             return False
         # Start-up barrier: a node that never registered would fail the first phase at once.
         self.patiently(lambda t: coordinator.wait_nodes(self.nodes, t))
-        coordinator.init_phase(initial_state(self.start_iteration))
+        try:
+            coordinator.init_phase(initial_state(self.start_iteration))
+        except NotLeaderError as e:  # its lease ran out during the barrier: a successor leads, follow it
+            coordinator.log.warning("%s; following the new leader", e)
+            return False
         return True
 
     def stop(self) -> None:

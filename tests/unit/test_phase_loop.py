@@ -142,3 +142,36 @@ def test_a_leader_whose_phase_moved_on_meanwhile_follows_it(when: str) -> None:
     loop = _loop(coordinator)
     loop.step(timeout=1.0)
     assert coordinator.advances == []
+
+
+def test_a_node_deposed_between_winning_the_seat_and_writing_the_first_phase_follows() -> None:
+    """Elected in a failover, its lease ran out while it waited for every node to register: the fenced first
+    write is refused and the loop goes on following the successor. (It used to die there, leaving a live node
+    that never acked again and the job waiting out its phase timeout.)"""
+
+    @dataclass
+    class DeposedAtOnce(FakeCoordinator):
+        seats: int = 0
+        loop: PhaseLoop | None = None
+
+        def seat(self) -> tuple[str | None, bool]:
+            self.seats += 1
+            if self.loop is not None:
+                self.loop.stop()  # this step is the last
+            return None, False
+
+        def campaign(self) -> bool:
+            return True
+
+        def wait_nodes(self, nodes: Any, timeout: float) -> dict:
+            return {}
+
+        def init_phase(self, state: PhaseState) -> None:
+            raise NotLeaderError("node0 may not write the phase: it is not the leader (node1 is)")
+
+    coordinator = DeposedAtOnce(next_state(initial_state()), leader=False)
+    coordinator.loop = _loop(coordinator)
+    coordinator.loop.run()  # returns (stopped) instead of raising
+    assert coordinator.seats == 1
+    assert coordinator.acks == [(coordinator.state.phase, {"done": True}, "")]  # its part done, as a follower
+    assert coordinator.advances == []
