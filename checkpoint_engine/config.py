@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from checkpoint_engine.contracts.config import ConfigError, Lifecycle, Section
+from checkpoint_engine.contracts.config import ConfigError, Lifecycle, LocalRegion, Section
 from checkpoint_engine.contracts.vllm_protocol import VllmSettings
 from checkpoint_engine.etcd_client import parse_endpoint
 
@@ -46,11 +46,16 @@ class PhaseConfig(Section):
 
 
 class TransferConfig(Section):
-    """How weights reach a node's vLLM: shared memory on the node; Mooncake's TransferEngine from others."""
+    """How weights reach a node's vLLM: shared memory or CUDA IPC on the node; Mooncake's TransferEngine from
+    others."""
 
     KEY = "transfer"
     kind: Literal["shm", "mooncake"] = "shm"
     protocol: Literal["tcp", "rdma"] = "tcp"  # Mooncake's transport between nodes
+    # The trainer's export for its own node's vLLM (contracts.config.LocalRegion). cuda_ipc keeps the version
+    # in GPU memory from EXPORT to ONLOAD, so vLLM's gpu_memory_utilization must leave room for one copy of
+    # the weights; Mooncake serves shared memory only, so a job of several nodes exports there.
+    local: LocalRegion = "auto"
 
     @model_validator(mode="after")
     def _protocol_needs_mooncake(self) -> TransferConfig:
@@ -58,7 +63,16 @@ class TransferConfig(Section):
             raise ConfigError(
                 f"transfer.protocol={self.protocol!r} applies to transfer.kind='mooncake' only; leave it at 'tcp'"
             )
+        if self.kind == "mooncake" and self.local == "cuda_ipc":
+            raise ConfigError(
+                "transfer.local='cuda_ipc' keeps the export in GPU memory, which Mooncake cannot serve to other "
+                "nodes: with transfer.kind='mooncake' set transfer.local to 'shm' or 'auto'"
+            )
         return self
+
+    def trainer_region(self) -> LocalRegion:
+        """What the trainer ranks are told (`RankConfig.weight_region`): they resolve auto by their device."""
+        return "shm" if self.kind == "mooncake" else self.local
 
 
 class EngineConfig(Section):

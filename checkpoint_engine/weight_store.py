@@ -8,6 +8,8 @@ A dropped version's region is not unlinked but renamed to the node's spare regio
 next EXPORT's `weight_region.RegionWriter` renames into place: writing into touched pages runs
 about three times faster than into a fresh tmpfs file.
 Regions of this job and node left by a crashed run are removed at start-up; all are removed on close.
+A version in GPU memory (`transfer.local=cuda_ipc`, one node) is registered and resolved the same way;
+its memory is the trainer's, so dropping it here only forgets it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class WeightStore:
             raise BadRequest(f"region {manifest.region!r} does not belong to this node (expected {self.prefix}*)")
         if manifest.version in self._held:
             raise NotNow(f"weight version {manifest.version} is already registered on {self.node}")
+        if self._server and manifest.device is not None:
+            raise BadRequest(
+                f"weight version {manifest.version} is in GPU memory, which Mooncake does not serve to other "
+                "nodes: a job with transfer.kind=mooncake exports to shared memory (transfer.local=shm)"
+            )
         transport = self._server.serve(manifest).to_dict() if self._server else {}
         self._held[manifest.version] = _Held(manifest, replica=False)
         self.coordinator.register_shards(manifest.version, manifest.to_dict(), transport)
@@ -97,7 +104,9 @@ class WeightStore:
             if self._server and not held.replica:
                 self._server.unserve(version)
         finally:
-            if keep_pages and not held.replica:
+            if held.manifest.device is not None:
+                pass  # a GPU region (transfer.local=cuda_ipc) is the trainer's: it frees it before ONLOAD
+            elif keep_pages and not held.replica:
                 retire_region(held.manifest.region, self.spare)
             else:
                 remove_region(held.manifest.region)

@@ -169,7 +169,7 @@ def bench_vllm(layers: int, hidden: int, repeats: int) -> None:
         naive_file = f"/dev/shm/timeshare-bench-{uuid.uuid4().hex[:8]}.safetensors"
 
         def via_shm() -> None:
-            llm.collective_rpc("load_from_shm", args=(steady.push(weights),))
+            llm.collective_rpc("load_region", args=(steady.push(weights),))
             llm.reset_prefix_cache()
 
         def naive() -> None:

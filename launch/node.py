@@ -162,6 +162,7 @@ def _rank_config(
         job=cfg.cluster.namespace(paths.root.name),
         node=cfg.cluster.node,
         exports=cfg.cluster.is_head,
+        weight_region=cfg.transfer.trainer_region(),
         start_iteration=start,
         tensor_parallel=cfg.parallel.trainer_tp,
         expert_parallel=cfg.parallel.trainer_ep,

@@ -385,6 +385,11 @@ class TrainConfig(Section):
                 f"rollout.sleep_level={rollout.sleep_level} needs a CUDA device (vLLM's sleep mode is its CUDA "
                 "memory allocator) and this machine has none; use 0, which keeps vLLM resident"
             )
+        if self.transfer.local == "cuda_ipc" and not has_cuda:
+            raise ConfigError(
+                "transfer.local='cuda_ipc' shares the export in GPU memory and this machine has no CUDA device; "
+                "use 'shm' or 'auto' (shared memory here)"
+            )
         if self.model.dtype == "bfloat16" and not (has_cuda or cpu_bfloat16):
             raise ConfigError(
                 "model.dtype='bfloat16' needs a CUDA device or a CPU with native bfloat16 (AVX512-BF16 or AMX) "

@@ -1,11 +1,12 @@
-"""Weight buffer in POSIX shared memory: HF-named tensors packed at aligned offsets in one region.
+"""Weight buffer: HF-named tensors packed at aligned offsets in one region, in shared memory or on a GPU.
 
 The producer (trainer EXPORT) writes through a `RegionWriter` (or the one-shot `write_region`);
 the consumer (vLLM's worker extension) calls `read_region` with the `Manifest` and gets verified
-tensors that view the mapped bytes (no copy, no disk).
+tensors that view the region's bytes (no copy, no disk).
 A region is a file under /dev/shm (what shm_open creates on Linux); files are used directly rather
 than `multiprocessing.shared_memory`, whose resource tracker unlinks a segment when any process
-that attached to it exits.
+that attached to it exits. A manifest with a `DeviceHandle` names a region in GPU memory instead,
+which `cuda_ipc.DeviceRegionWriter` wrote and shares by CUDA IPC; the slots and checksums are the same.
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ class TensorSlot:
 
 
 @dataclass(frozen=True)
+class DeviceHandle:
+    """A region in GPU memory as CUDA IPC shares it (what torch's `_share_cuda_` returns, bytes as hex),
+    and the GPU by its UUID: two processes on one node may number the GPUs differently."""
+
+    device_uuid: str
+    handle: str  # cudaIpcMemHandle of the allocation that holds the region
+    size: int  # bytes of the region's storage
+    offset: int  # of the storage in that allocation
+    ref_counter: str  # the producer's shared counter of the region's users (a file name, hex)
+    ref_counter_offset: int
+    event: str  # an IPC event the producer recorded after its last write (hex)
+    event_sync_required: bool
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Where each tensor of one weight version lives; small and picklable (it crosses processes)."""
 
@@ -46,6 +62,7 @@ class Manifest:
     version: int
     size: int
     slots: tuple[TensorSlot, ...] = field(default_factory=tuple)
+    device: DeviceHandle | None = None  # None: the region is /dev/shm/<region>
     schema: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +79,8 @@ class Manifest:
         if d.get("schema") != 1:
             raise ValueError(f"manifest schema {d.get('schema')!r} is not understood (expected 1)")
         slots = tuple(TensorSlot(**{**s, "shape": tuple(s["shape"])}) for s in d["slots"])
-        return cls(region=d["region"], version=d["version"], size=d["size"], slots=slots)
+        device = DeviceHandle(**d["device"]) if d.get("device") else None
+        return cls(region=d["region"], version=d["version"], size=d["size"], slots=slots, device=device)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -122,20 +140,21 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # flat first: 0-d tensors too
 
 
-def _fill(buf: mmap.mmap, slots: list[TensorSlot], tensors: Mapping[str, torch.Tensor]) -> list[TensorSlot]:
-    """Copy `tensors` to their slots in `buf`; returns the slots with checksums.
+def fill_region(dst: torch.Tensor, slots: list[TensorSlot], tensors: Mapping[str, torch.Tensor]) -> list[TensorSlot]:
+    """Copy `tensors` to their slots in the uint8 region `dst` (mapped shared memory, or GPU memory);
+    returns the slots with checksums.
 
     Each checksum is computed from the source tensor on a second thread while the copy runs, so it
     states what the producer meant to send and costs no extra pass over memory; the receiver's
-    verification then catches a bad copy as well as later corruption.
+    verification then catches a bad copy as well as later corruption. A copy to a GPU is queued
+    (asynchronous from pinned memory); the caller synchronises before sharing the region.
     """
-    dst = np.frombuffer(buf, dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as pool:
         sums = []
         for s, t in zip(slots, tensors.values(), strict=True):
-            src = as_bytes(t.cpu())
-            sums.append(pool.submit(checksum, src))
-            dst[s.offset : s.offset + s.nbytes] = src
+            src = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            sums.append(pool.submit(checksum, src.numpy()))
+            dst[s.offset : s.offset + s.nbytes].copy_(src, non_blocking=dst.is_cuda)
         return [replace(s, checksum=f.result()) for s, f in zip(slots, sums, strict=True)]
 
 
@@ -144,7 +163,7 @@ def write_region(name: str, version: int, tensors: Mapping[str, torch.Tensor]) -
     slots, size = plan_layout(tensors)
     buf = map_region(SHM_DIR / name, size, create=True)
     try:
-        slots = _fill(buf, slots, tensors)
+        slots = fill_region(torch.frombuffer(buf, dtype=torch.uint8), slots, tensors)
     finally:
         buf.close()
     return Manifest(region=name, version=version, size=size, slots=tuple(slots))
@@ -173,8 +192,12 @@ class RegionWriter:
         """Write `tensors` as weight version `version` of this node; fails if that region exists."""
         name = region_name(self.job, self.node, version)
         slots, size = plan_layout(tensors)
-        slots = _fill(self._claim(SHM_DIR / name, size), slots, tensors)
+        buf = torch.frombuffer(self._claim(SHM_DIR / name, size), dtype=torch.uint8)
+        slots = fill_region(buf, slots, tensors)
         return Manifest(region=name, version=version, size=size, slots=tuple(slots))
+
+    def release(self) -> None:
+        """Nothing to free before ONLOAD: a registered region belongs to the weight store, which retires it."""
 
     def discard(self, version: int) -> None:
         """Remove version `version`'s region that a writer which died during EXPORT left half written and never
@@ -223,16 +246,22 @@ class RegionWriter:
 
 
 def read_region(manifest: Manifest, verify: bool = True) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) views of the mapped region, after checking every tensor against its checksum.
+    """(name, tensor) views of the region, after checking every tensor against its checksum.
 
     A mismatch raises WeightVerificationError naming the tensor before anything is returned, so a
     corrupted push leaves the receiver on its previous version instead of half-loaded. The region
-    is mapped once; the mapping lives as long as the tensors do.
+    is mapped (or opened by CUDA IPC) once; the mapping lives as long as the tensors do. A GPU
+    region's tensors are checked on a host copy, one tensor at a time (the checksum runs on the CPU).
     """
-    raw = torch.frombuffer(map_region(SHM_DIR / manifest.region, manifest.size, create=False), dtype=torch.uint8)
+    if manifest.device is not None:
+        from checkpoint_engine.contracts import cuda_ipc
+
+        raw = cuda_ipc.open_region(manifest.device)
+    else:
+        raw = torch.frombuffer(map_region(SHM_DIR / manifest.region, manifest.size, create=False), dtype=torch.uint8)
     views = [raw[s.offset : s.offset + s.nbytes] for s in manifest.slots]
     for s, view in zip(manifest.slots, views, strict=True) if verify else ():
-        if checksum(view.numpy()) != s.checksum:
+        if checksum(view.cpu().numpy()) != s.checksum:
             raise WeightVerificationError(
                 f"tensor {s.name!r} of weight version {manifest.version} in {manifest.region} does not match "
                 f"its checksum {s.checksum or '(none)'}"

@@ -6,7 +6,8 @@ The job's rank 0 waits for each phase through its node's checkpoint engine and t
 by a broadcast; every rank then does the work (TP collectives need all of them) and each node's first
 rank reports it to its node's engine (only the head's rank 0 writes weights):
 TRAIN (RL updates on the last rollout's batch, checkpoint), OFFLOAD, EXPORT (HF tensors into the
-node's shared-memory region, registered with the engine), ONLOAD. A fresh run first does the
+node's weight region, in shared memory or on the GPU (`transfer.local`), registered with the engine), ONLOAD
+(which first frees a region on the GPU). A fresh run first does the
 supervised cold start; a resumed run loads its checkpoint and restarts at EXPORT of that iteration;
 ranks that torchrun started again after one died take the running job up at its next trainer phase.
 The rank exits at TRAIN of the iteration after the last one.
@@ -21,12 +22,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 
 from checkpoint_engine.contracts.acks import AckPayload, ExportAck, MetricsAck, MoveAck
+from checkpoint_engine.contracts.config import ConfigError, LocalRegion
+from checkpoint_engine.contracts.cuda_ipc import DeviceRegionWriter
 from checkpoint_engine.contracts.engine_client import EngineClient
 from checkpoint_engine.contracts.lifetime import die_with_parent
 from checkpoint_engine.contracts.phases import (
@@ -41,6 +44,7 @@ from checkpoint_engine.contracts.phases import (
 from checkpoint_engine.contracts.run_dir import RunPaths
 from checkpoint_engine.contracts.weight_region import RegionWriter
 from engine.batch import load_batch
+from sidecars.megatron import compat
 from sidecars.megatron import model as mg
 from sidecars.megatron.config import RankConfig
 from sidecars.megatron.offload import Offloader
@@ -48,6 +52,21 @@ from sidecars.megatron.parallel import RESTARTS, ParallelConfig, init_distribute
 from sidecars.megatron.trainer import Trainer
 
 log = logging.getLogger("timeshare.trainer")
+
+
+def resolve_region(setting: LocalRegion, on_gpu: bool) -> Literal["shm", "cuda_ipc"]:
+    """Where the exporting rank writes (`RankConfig.weight_region`): auto is GPU memory on a GPU, else shared memory."""
+    if setting == "auto":
+        return "cuda_ipc" if on_gpu else "shm"
+    if setting == "cuda_ipc" and not on_gpu:
+        raise ConfigError("transfer.local='cuda_ipc' needs the trainer on a GPU and this rank runs on CPU; use 'shm'")
+    return setting
+
+
+def weight_writer(cfg: RankConfig) -> RegionWriter | DeviceRegionWriter:
+    if resolve_region(cfg.weight_region, compat.on_gpu()) == "cuda_ipc":
+        return DeviceRegionWriter(cfg.job, cfg.node)
+    return RegionWriter(cfg.job, cfg.node)
 
 
 class TakeUpError(RuntimeError):
@@ -72,7 +91,7 @@ class Rank:
         # (on the head) also waits for the phase for every rank and writes each version's weights.
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.client = EngineClient(cfg.engine_url, token=cfg.engine_token) if local_rank == 0 else None
-        self.writer = RegionWriter(cfg.job, cfg.node) if self.rank == 0 and cfg.exports else None
+        self.writer = weight_writer(cfg) if self.rank == 0 and cfg.exports else None
         self.cold_start_seconds = 0.0  # reported with the first EXPORT, whose phase time includes it
 
     def _log(self, msg: str, *args: Any) -> None:
@@ -212,6 +231,8 @@ class Rank:
         self._report(state.iteration, state.phase, self.offloader.offload())
 
     def onload(self, state: PhaseState) -> None:
+        if self.writer is not None:
+            self.writer.release()  # a version in GPU memory: vLLM has loaded it or is gone
         moved = self.offloader.onload() if self.offloader.offloaded else MoveAck(seconds=0.0)
         self._report(state.iteration, state.phase, moved)
 

@@ -76,7 +76,7 @@ def create_app(llm, model: str, startup: StartupTimes):  # -> fastapi.FastAPI
             if state["asleep"]:
                 raise HTTPException(status_code=409, detail="asleep: POST /wake_up before pushing weights")
             try:
-                versions = llm.collective_rpc("load_from_shm", args=(body.manifest,))
+                versions = llm.collective_rpc("load_region", args=(body.manifest,))
             except Exception as e:  # the worker's own error (checksum, stale version) is the message
                 raise HTTPException(status_code=409, detail=str(e)) from e
             llm.reset_prefix_cache()

@@ -17,10 +17,10 @@ class WeightReceiverExtension:
 
     loaded_version: int = -1
 
-    def load_from_shm(self, manifest_dict: dict) -> int:
+    def load_region(self, manifest_dict: dict) -> int:
         """Load every tensor of a `Manifest` (as `to_dict()`: RPC arguments cross processes as
-        plain data) from shared memory, each verified against its checksum; returns the version
-        now live. A version not newer than the loaded one is refused."""
+        plain data) from its region (shared memory, or GPU memory by CUDA IPC), each verified against
+        its checksum; returns the version now live. A version not newer than the loaded one is refused."""
         manifest = Manifest.from_dict(manifest_dict)
         if manifest.version <= self.loaded_version:
             raise WeightVerificationError(
@@ -28,6 +28,7 @@ class WeightReceiverExtension:
             )
         tensors = read_region(manifest)  # verified before any is loaded
         self._reload(iter(tensors))
+        del tensors  # a GPU region's views: the trainer frees the region once every opener has let go
         self.loaded_version = manifest.version
         return self.loaded_version
 

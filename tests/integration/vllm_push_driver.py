@@ -47,7 +47,7 @@ def main() -> None:
     if args.manifest:
         with open(args.manifest) as f:
             manifest = Manifest.from_dict(json.load(f))
-        result["versions"] = llm.collective_rpc("load_from_shm", args=(manifest.to_dict(),))
+        result["versions"] = llm.collective_rpc("load_region", args=(manifest.to_dict(),))
         llm.reset_prefix_cache()
         result["after"] = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
     with open(args.out, "w") as f:

@@ -410,3 +410,13 @@ def test_sleep_needs_keep_alive_and_a_cuda_device() -> None:
     settings = cfg.vllm_settings(Path("/m"), port=8000)
     assert settings.sleep_mode
     assert not load_config(["rollout.lifecycle=keep_alive"]).vllm_settings(Path("/m"), port=8000).sleep_mode
+
+
+def test_cuda_ipc_needs_a_cuda_device_and_one_node() -> None:
+    cfg = load_config(["transfer.local=cuda_ipc"])
+    with pytest.raises(ConfigError, match=r"transfer\.local='cuda_ipc' shares the export in GPU memory"):
+        cfg.check_machine(has_cuda=False, cpu_bfloat16=False)
+    cfg.check_machine(has_cuda=True, cpu_bfloat16=False)
+    load_config(["transfer.local=auto"]).check_machine(has_cuda=False, cpu_bfloat16=False)
+    with pytest.raises(ConfigError, match="Mooncake cannot serve"):
+        load_config(["transfer=mooncake", "transfer.local=cuda_ipc"])

@@ -1,0 +1,177 @@
+"""The same-node push by CUDA IPC, the logic around the GPU: a device region is laid out and checksummed as a
+shared-memory region is, its manifest crosses processes as plain data, the receiver verifies it, the
+trainer frees it, the weight store only forgets it, and the configuration picks it where it can work.
+The IPC itself (share, open in another process) runs in tests/integration/test_cuda_ipc.py, on a GPU only."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+from checkpoint_engine.config import TransferConfig
+from checkpoint_engine.contracts import cuda_ipc
+from checkpoint_engine.contracts.config import ConfigError
+from checkpoint_engine.contracts.engine_api import BadRequest
+from checkpoint_engine.contracts.weight_region import (
+    SHM_DIR,
+    DeviceHandle,
+    Manifest,
+    RegionWriter,
+    WeightVerificationError,
+    list_regions,
+    read_region,
+)
+from checkpoint_engine.weight_store import WeightStore
+from sidecars.megatron.rank_main import resolve_region
+
+HANDLE = DeviceHandle(
+    device_uuid="GPU-0f3e",
+    handle="ab" * 32,
+    size=0,
+    offset=0,
+    ref_counter="2f746f726368",
+    ref_counter_offset=3,
+    event="cd" * 32,
+    event_sync_required=True,
+)
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model.embed_tokens.weight": torch.randn(50, 16, generator=g),
+        "model.norm.weight": torch.randn(16, generator=g).to(torch.bfloat16),
+        "lm_head.weight": torch.randn(50, 16, generator=g),
+    }
+
+
+class _FakeIpc:
+    """Stands in for CUDA IPC on a CPU: `share` records the region and returns a handle that names it;
+    `open_region` (patched in) returns the very tensor, as another process's opened handle would map it."""
+
+    def __init__(self) -> None:
+        self.shared: dict[str, torch.Tensor] = {}
+
+    def share(self, region: torch.Tensor) -> DeviceHandle:
+        key = f"{len(self.shared):02x}" * 32
+        self.shared[key] = region
+        return DeviceHandle(**{**HANDLE.__dict__, "handle": key, "size": region.numel()})
+
+    def open_region(self, h: DeviceHandle) -> torch.Tensor:
+        return self.shared[h.handle]
+
+
+@pytest.fixture
+def ipc(monkeypatch: pytest.MonkeyPatch) -> _FakeIpc:
+    fake = _FakeIpc()
+    monkeypatch.setattr(cuda_ipc, "open_region", fake.open_region)
+    return fake
+
+
+@pytest.fixture
+def job() -> str:
+    job = f"test-{uuid.uuid4().hex[:8]}"
+    yield job
+    for name in list_regions(f"timeshare-{job}-"):
+        (SHM_DIR / name).unlink()
+
+
+def test_a_device_region_has_the_layout_and_checksums_of_a_shared_memory_region(ipc: _FakeIpc, job: str) -> None:
+    tensors = _tensors()
+    device = cuda_ipc.DeviceRegionWriter(job, "n0", device=torch.device("cpu"), share=ipc.share).write(3, tensors)
+    shm = RegionWriter(job, "n0").write(3, tensors)
+    assert (device.slots, device.size, device.region) == (shm.slots, shm.size, shm.region)
+    assert device.digest() == shm.digest()  # a node that pulled the shm copy would agree on the weights
+    assert device.device is not None
+    assert shm.device is None
+
+    got = dict(read_region(Manifest.from_dict(json.loads(json.dumps(device.to_dict())))))
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype, name
+        assert torch.equal(got[name], t), name
+
+
+def test_the_receiver_refuses_a_device_region_whose_bytes_changed(ipc: _FakeIpc, job: str) -> None:
+    manifest = cuda_ipc.DeviceRegionWriter(job, "n0", device=torch.device("cpu"), share=ipc.share).write(0, _tensors())
+    slot = next(s for s in manifest.slots if s.name == "model.norm.weight")
+    ipc.open_region(manifest.device)[slot.offset] ^= 0xFF
+    with pytest.raises(WeightVerificationError, match=r"model\.norm\.weight"):
+        read_region(manifest)
+
+
+def test_the_writer_holds_each_version_until_onload_releases_them(ipc: _FakeIpc, job: str) -> None:
+    writer = cuda_ipc.DeviceRegionWriter(job, "n0", device=torch.device("cpu"), share=ipc.share)
+    writer.write(1, _tensors())
+    with pytest.raises(FileExistsError, match="version 1"):
+        writer.write(1, _tensors())
+    writer.write(2, _tensors())
+    assert writer.versions() == [1, 2]
+    writer.discard(2)  # an EXPORT that died before registering
+    assert writer.versions() == [1]
+    writer.release()
+    assert writer.versions() == []
+    writer.write(1, _tensors())  # after ONLOAD a version may be written again (a resumed run)
+
+
+def test_a_manifest_without_a_device_reads_as_before() -> None:
+    d = Manifest(region="timeshare-j-n0-v0", version=0, size=1).to_dict()
+    del d["device"]  # what a writer of shared memory only ever sent
+    assert Manifest.from_dict(d).device is None
+    assert Manifest.from_dict({**d, "device": HANDLE.__dict__}).device == HANDLE
+
+
+class _Coordinator:
+    def __init__(self) -> None:
+        self.registered: dict[int, dict] = {}
+
+    def register_shards(self, version: int, manifest: dict, transport: dict) -> None:
+        self.registered[version] = manifest
+
+    def shards(self, version: int) -> dict:
+        return {}
+
+
+def test_the_weight_store_registers_a_device_region_and_only_forgets_it(job: str) -> None:
+    coordinator = _Coordinator()
+    store = WeightStore(coordinator, job, "n0", mooncake=None)
+    spare = SHM_DIR / f"timeshare-{job}-n0-spare"
+    manifest = Manifest(region=f"timeshare-{job}-n0-v0", version=0, size=8, device=HANDLE)
+    store.register(manifest)
+    assert coordinator.registered[0]["device"]["handle"] == HANDLE.handle
+    assert store.resolve(0) == manifest
+    assert store.drop_older_than(1) == [0]  # no file to retire: the trainer frees the GPU memory
+    assert not spare.exists()
+    assert store.versions() == []
+    store.close()
+
+
+def test_the_weight_store_refuses_to_serve_a_device_region_to_other_nodes(job: str) -> None:
+    store = WeightStore(_Coordinator(), job, "n0", mooncake=None)
+    store._server = object()  # as with transfer.kind=mooncake; register must refuse before serving
+    with pytest.raises(BadRequest, match="Mooncake does not serve"):
+        store.register(Manifest(region=f"timeshare-{job}-n0-v0", version=0, size=8, device=HANDLE))
+    store._server = None
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "on_gpu", "expected"),
+    [("auto", True, "cuda_ipc"), ("auto", False, "shm"), ("shm", True, "shm"), ("cuda_ipc", True, "cuda_ipc")],
+)
+def test_the_rank_writes_where_the_setting_and_its_device_say(setting: str, on_gpu: bool, expected: str) -> None:
+    assert resolve_region(setting, on_gpu) == expected
+
+
+def test_a_rank_on_cpu_refuses_cuda_ipc_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"transfer\.local='cuda_ipc' needs the trainer on a GPU"):
+        resolve_region("cuda_ipc", on_gpu=False)
+
+
+def test_a_job_over_mooncake_exports_to_shared_memory() -> None:
+    assert TransferConfig(kind="mooncake").trainer_region() == "shm"  # auto: the other nodes pull shm
+    assert TransferConfig().trainer_region() == "auto"
+    with pytest.raises(ConfigError, match="Mooncake cannot serve"):
+        TransferConfig(kind="mooncake", local="cuda_ipc")
