@@ -70,9 +70,12 @@ class TransferConfig(Section):
             )
         return self
 
-    def trainer_region(self) -> LocalRegion:
-        """What the trainer ranks are told (`RankConfig.weight_region`): they resolve auto by their device."""
-        return "shm" if self.kind == "mooncake" else self.local
+    def local_region(self, has_cuda: bool) -> Literal["shm", "cuda_ipc"]:
+        """`local` as the node runs it (the launcher tells the engine and the trainer ranks): auto is cuda_ipc
+        on a machine with CUDA whose export no other node pulls, shared memory otherwise."""
+        if self.local == "auto":
+            return "cuda_ipc" if has_cuda and self.kind == "shm" else "shm"
+        return self.local
 
 
 class EngineConfig(Section):

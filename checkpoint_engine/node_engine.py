@@ -151,7 +151,13 @@ class NodeEngine:
         return StartVllmAck(pid=self.vllm.pid, seconds=woke, kept_alive=True, device_free_bytes=free)
 
     def begin_vllm_start(self, state: PhaseState) -> None:
-        """Begin vLLM's start-up in the background when EXPORT begins (START_VLLM's `begins_at`)."""
+        """Begin vLLM's start-up in the background when EXPORT begins (START_VLLM's `begins_at`).
+
+        Not with the version in GPU memory (transfer.local=cuda_ipc): vLLM then starts in its own turn, once
+        EXPORT holds the region, so that vLLM sizes its KV cache, and NVML is read before it, with the region
+        in place (the trainer frees it at ONLOAD, after TERMINATE_VLLM's check against that reading)."""
+        if self.cfg.transfer.local == "cuda_ipc":
+            return
         if self._early_start is None and not self.vllm.alive():
             self._early_start = self._starter.submit(self._start_vllm_process)
 

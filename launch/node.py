@@ -16,6 +16,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from checkpoint_engine.config import EngineConfig
 from checkpoint_engine.contracts.config import ConfigError
@@ -75,8 +76,17 @@ def start_node(
     ports = free_loopback_ports(2)
     engine_port, vllm_port = here.engine_port or ports[0], here.vllm_port or ports[1]
     token = None if ipaddress.ip_address(here.address).is_loopback else secrets.token_urlsafe(16)
+    region = cfg.transfer.local_region(has_cuda=_has_cuda())
     engine_cfg = _engine_config(
-        cfg, paths, model_dir, etcd, rollout=rollout, start=start, token=token, ports=(engine_port, vllm_port)
+        cfg,
+        paths,
+        model_dir,
+        etcd,
+        rollout=rollout,
+        start=start,
+        token=token,
+        ports=(engine_port, vllm_port),
+        region=region,
     )
     engine_file = engine_cfg.to_json_file(paths.engine_config(node))
     engine_log = paths.logs / f"engine-{node}.log"
@@ -88,9 +98,8 @@ def start_node(
     stack.callback(client.close)
     client.wait_for_engine(timeout=120, before_poll=lambda: check_exited("checkpoint engine", engine, engine_log))
 
-    rank_file = _rank_config(cfg, paths, model_dir, client.base_url, token, rollout=rollout, start=start).to_json_file(
-        paths.root / f"trainer-{node}.json"
-    )
+    rank_cfg = _rank_config(cfg, paths, model_dir, client.base_url, token, rollout=rollout, start=start, region=region)
+    rank_file = rank_cfg.to_json_file(paths.root / f"trainer-{node}.json")
     env = {"GLOO_SOCKET_IFNAME": here.interface} if here.interface else {}
     # torchrun: this node's place among the job's nodes, its ranks, and the rendezvous on the head
     place = ["--nnodes", str(len(here.nodes)), "--node-rank", str(here.nodes.index(node))]
@@ -109,6 +118,12 @@ def start_node(
     return Node(name=node, engine=engine, client=client, trainer=trainer, logs=paths.logs)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _engine_config(
     cfg: TrainConfig,
     paths: RunPaths,
@@ -119,9 +134,11 @@ def _engine_config(
     start: int,
     token: str | None,
     ports: tuple[int, int],
+    region: Literal["shm", "cuda_ipc"],
 ) -> EngineConfig:
     """This node's engine, from the run's sections (the engine reads them as one JSON file); `rollout` is
-    the effective one (long-context preset applied). A node after the head loads the head's exports."""
+    the effective one (long-context preset applied), `region` the resolved transfer.local. A node after the
+    head loads the head's exports."""
     here = cfg.cluster
     return EngineConfig(
         node=here.node,
@@ -138,7 +155,7 @@ def _engine_config(
         lifecycle=rollout.lifecycle,
         sleep_level=rollout.sleep_level,
         phase=cfg.phase,
-        transfer=cfg.transfer,
+        transfer=cfg.transfer.model_copy(update={"local": region}),
         vllm=cfg.vllm_settings(model_dir, host=here.address, port=ports[1]),
     )
 
@@ -152,6 +169,7 @@ def _rank_config(
     *,
     rollout: RolloutConfig,
     start: int,
+    region: Literal["shm", "cuda_ipc"],
 ) -> RankConfig:
     """What every trainer rank of this node runs from (`trainer-<node>.json`); `rollout` is the effective one."""
     return RankConfig(
@@ -162,7 +180,7 @@ def _rank_config(
         job=cfg.cluster.namespace(paths.root.name),
         node=cfg.cluster.node,
         exports=cfg.cluster.is_head,
-        weight_region=cfg.transfer.trainer_region(),
+        weight_region=region,
         start_iteration=start,
         tensor_parallel=cfg.parallel.trainer_tp,
         expert_parallel=cfg.parallel.trainer_ep,

@@ -5,8 +5,9 @@ left) into one device allocation, laid out and checksummed as a shared-memory re
 (`weight_region.plan_layout`, `fill_region`), and puts the allocation's IPC handle in the version's
 `Manifest`. vLLM's worker (`weight_region.read_region`) opens the handle, verifies the checksums, and loads
 from device memory: the bytes cross PCIe once, pinned, instead of host -> /dev/shm -> pageable copy to the GPU.
-The region lives until the trainer's ONLOAD (`release`), when vLLM has loaded it or is gone: vLLM sizes its
-KV cache at start-up with the region in place, so freeing it earlier gives vLLM nothing.
+The region lives until the trainer's ONLOAD (`release`), when vLLM has loaded it or is gone: the engine starts
+vLLM once the region is registered, so vLLM sizes its KV cache with the region in place and freeing it
+earlier would give vLLM nothing.
 
 Sharing goes through torch's own CUDA IPC (`storage._share_cuda_`, `rebuild_cuda_tensor`), whose producer
 keeps a shared block until every consumer has dropped it (the worker drops its views once loaded; a vLLM

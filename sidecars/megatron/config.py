@@ -7,9 +7,11 @@ algorithm section, and the few facts of the run the ranks need.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
-from checkpoint_engine.contracts.config import ConfigError, Dtype, LocalRegion, Section
+from checkpoint_engine.contracts.config import ConfigError, Dtype, Section
 from engine.algorithms.config import AlgoSection
 from engine.config import RolloutConfig, RunConfig
 
@@ -81,9 +83,8 @@ class RankConfig(Section):
     node: str
     # Only the head's trainer writes each version (global rank 0); the other nodes' engines pull it.
     exports: bool = True
-    # Where the exporting rank writes each version (transfer.local; "shm" whenever other nodes pull it):
-    # auto is cuda_ipc on a GPU, shm on a CPU (`weight_writer` in rank_main).
-    weight_region: LocalRegion = "auto"
+    # Where the exporting rank writes each version: transfer.local as the launcher resolved it for this node.
+    weight_region: Literal["shm", "cuda_ipc"]
     start_iteration: int = Field(ge=0)  # > 0: resume from the checkpoint of this iteration
     # From the launcher's sections (model, parallel, phase), which the ranks' layer does not import.
     tensor_parallel: int = Field(ge=1)

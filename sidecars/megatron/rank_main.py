@@ -22,13 +22,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
 from checkpoint_engine.contracts.acks import AckPayload, ExportAck, MetricsAck, MoveAck
-from checkpoint_engine.contracts.config import ConfigError, LocalRegion
+from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.cuda_ipc import DeviceRegionWriter
 from checkpoint_engine.contracts.engine_client import EngineClient
 from checkpoint_engine.contracts.lifetime import die_with_parent
@@ -54,19 +54,13 @@ from sidecars.megatron.trainer import Trainer
 log = logging.getLogger("timeshare.trainer")
 
 
-def resolve_region(setting: LocalRegion, on_gpu: bool) -> Literal["shm", "cuda_ipc"]:
-    """Where the exporting rank writes (`RankConfig.weight_region`): auto is GPU memory on a GPU, else shared memory."""
-    if setting == "auto":
-        return "cuda_ipc" if on_gpu else "shm"
-    if setting == "cuda_ipc" and not on_gpu:
+def weight_writer(cfg: RankConfig, on_gpu: bool) -> RegionWriter | DeviceRegionWriter:
+    """The exporting rank's writer of `cfg.weight_region` (transfer.local, resolved by the launcher)."""
+    if cfg.weight_region == "shm":
+        return RegionWriter(cfg.job, cfg.node)
+    if not on_gpu:  # the launcher's machine has CUDA, this rank's (its container) has not
         raise ConfigError("transfer.local='cuda_ipc' needs the trainer on a GPU and this rank runs on CPU; use 'shm'")
-    return setting
-
-
-def weight_writer(cfg: RankConfig) -> RegionWriter | DeviceRegionWriter:
-    if resolve_region(cfg.weight_region, compat.on_gpu()) == "cuda_ipc":
-        return DeviceRegionWriter(cfg.job, cfg.node)
-    return RegionWriter(cfg.job, cfg.node)
+    return DeviceRegionWriter(cfg.job, cfg.node)
 
 
 class TakeUpError(RuntimeError):
@@ -91,7 +85,7 @@ class Rank:
         # (on the head) also waits for the phase for every rank and writes each version's weights.
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.client = EngineClient(cfg.engine_url, token=cfg.engine_token) if local_rank == 0 else None
-        self.writer = weight_writer(cfg) if self.rank == 0 and cfg.exports else None
+        self.writer = weight_writer(cfg, compat.on_gpu()) if self.rank == 0 and cfg.exports else None
         self.cold_start_seconds = 0.0  # reported with the first EXPORT, whose phase time includes it
 
     def _log(self, msg: str, *args: Any) -> None:

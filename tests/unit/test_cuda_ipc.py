@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from checkpoint_engine.contracts.weight_region import (
     read_region,
 )
 from checkpoint_engine.weight_store import WeightStore
-from sidecars.megatron.rank_main import resolve_region
+from sidecars.megatron.rank_main import weight_writer
 
 HANDLE = DeviceHandle(
     device_uuid="GPU-0f3e",
@@ -158,20 +159,43 @@ def test_the_weight_store_refuses_to_serve_a_device_region_to_other_nodes(job: s
 
 
 @pytest.mark.parametrize(
-    ("setting", "on_gpu", "expected"),
-    [("auto", True, "cuda_ipc"), ("auto", False, "shm"), ("shm", True, "shm"), ("cuda_ipc", True, "cuda_ipc")],
+    ("local", "kind", "has_cuda", "expected"),
+    [
+        ("auto", "shm", True, "cuda_ipc"),
+        ("auto", "shm", False, "shm"),
+        ("auto", "mooncake", True, "shm"),  # the other nodes pull the head's shared memory
+        ("shm", "shm", True, "shm"),
+        ("cuda_ipc", "shm", True, "cuda_ipc"),
+    ],
 )
-def test_the_rank_writes_where_the_setting_and_its_device_say(setting: str, on_gpu: bool, expected: str) -> None:
-    assert resolve_region(setting, on_gpu) == expected
+def test_the_launcher_resolves_where_the_node_exports(local: str, kind: str, has_cuda: bool, expected: str) -> None:
+    assert TransferConfig(kind=kind, local=local).local_region(has_cuda) == expected
 
 
-def test_a_rank_on_cpu_refuses_cuda_ipc_by_name() -> None:
+def test_a_rank_without_a_gpu_refuses_cuda_ipc_by_name(job: str) -> None:
+    cfg = SimpleNamespace(weight_region="cuda_ipc", job=job, node="n0")
     with pytest.raises(ConfigError, match=r"transfer\.local='cuda_ipc' needs the trainer on a GPU"):
-        resolve_region("cuda_ipc", on_gpu=False)
+        weight_writer(cfg, on_gpu=False)
+    shm = SimpleNamespace(weight_region="shm", job=job, node="n0")
+    assert isinstance(weight_writer(shm, on_gpu=True), RegionWriter)
 
 
-def test_a_job_over_mooncake_exports_to_shared_memory() -> None:
-    assert TransferConfig(kind="mooncake").trainer_region() == "shm"  # auto: the other nodes pull shm
-    assert TransferConfig().trainer_region() == "auto"
+def test_mooncake_refuses_cuda_ipc() -> None:
     with pytest.raises(ConfigError, match="Mooncake cannot serve"):
         TransferConfig(kind="mooncake", local="cuda_ipc")
+
+
+def test_with_a_gpu_region_vllm_starts_in_its_turn_not_during_export() -> None:
+    """vLLM must size its KV cache, and NVML be read before it, with the trainer's region already on the GPU."""
+    from checkpoint_engine.node_engine import NodeEngine
+
+    started: list[object] = []
+    engine = object.__new__(NodeEngine)  # only what begin_vllm_start touches
+    engine._early_start, engine.vllm = None, SimpleNamespace(alive=lambda: False)
+    engine._starter = SimpleNamespace(submit=started.append)
+    engine.cfg = SimpleNamespace(transfer=TransferConfig(local="cuda_ipc"))
+    engine.begin_vllm_start(state=None)
+    assert started == []
+    engine.cfg = SimpleNamespace(transfer=TransferConfig(local="shm"))
+    engine.begin_vllm_start(state=None)
+    assert len(started) == 1
