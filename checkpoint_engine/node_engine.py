@@ -216,7 +216,8 @@ class NodeEngine:
         self._timed("register_weights", lambda: self.store.register(manifest))
         state, _ = self.coordinator.read_phase()
         if state is not None and state.phase is Phase.EXPORT and state.weight_version == manifest.version:
-            ack = payload.model_copy(update={"region": manifest.region, "bytes": manifest.size})
+            filled = {"region": manifest.region, "bytes": manifest.size, "on_device": manifest.device is not None}
+            ack = payload.model_copy(update=filled)
             self.coordinator.ack(state, ack.to_dict())
 
     def _load(self, version: int) -> UpdateWeightsResponse:

@@ -91,6 +91,7 @@ def _payload_metrics(phase: Phase, payload: AckPayload) -> dict[str, float]:
         return {
             "push/gb_per_s": payload.push_gb_per_s,
             "push/bytes": float(payload.bytes),
+            "push/cuda_ipc": float(payload.on_device),
             "export/convert_seconds": payload.convert_seconds,  # Megatron -> HF tensors, before the region write
             "push/weight_version": float(payload.weight_version),
             **cold,

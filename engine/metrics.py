@@ -100,7 +100,7 @@ def format_line(iteration: int, metrics: Mapping[str, float]) -> str:
     if (gap := take("logprob_gap/mean_abs")) is not None:
         parts.append(f"gap {gap:.1e}")
     if (push := take("push/gb_per_s")) is not None:
-        parts.append(f"push {push:.2f} GB/s")
+        parts.append(f"push {push:.2f} GB/s" + (" (CUDA IPC)" if take("push/cuda_ipc") else ""))
 
     phases = []
     for key in phase_keys(metrics.keys()):

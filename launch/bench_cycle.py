@@ -10,8 +10,9 @@ something):
   the whole iteration (vLLM's zygote imports once per job, niced, so TRAIN keeps the CPU);
 - `iteration`: mean seconds per iteration, and keep_alive's against terminate's;
 - `switch`: train -> rollout (offload, export, start_vllm, update_weights) and rollout -> train
-  (terminate_vllm, onload) apart; `push`: its GB/s (and a device-to-device copy of as many bytes where
-  there is a GPU); `logprob_gap`; on GPUs `device_memory_bytes`: the trainer's GPU before and after
+  (terminate_vllm, onload) apart; `push`: the trainer's write into the region and vLLM's load, in GB/s,
+  by which path (`via`: shm, or cuda_ipc on a GPU), and a device-to-device copy of as many bytes where
+  there is a GPU; `logprob_gap`; on GPUs `device_memory_bytes`: the trainer's GPU before and after
   OFFLOAD, and each GPU's free memory before vLLM starts and once it is gone;
 - `rollout_tokens_per_second`: vLLM's output inside the loop (tokens over the time in its
   generate calls), against a standalone vLLM serving the same requests (`launch/bench_standalone.py`:
@@ -98,7 +99,15 @@ def switch_and_push(lifecycle: str, later: list[dict[str, float]]) -> None:
     )
     push, pushed = _mean(later, "push/gb_per_s"), _mean(later, "push/bytes")
     if push is not None and pushed is not None:
-        _emit(lifecycle=lifecycle, measure="push", gb_per_s=round(push, 3), bytes=int(pushed), **_device_copy(pushed))
+        _emit(
+            lifecycle=lifecycle,
+            measure="push",
+            via="cuda_ipc" if _mean(later, "push/cuda_ipc") else "shm",
+            gb_per_s=round(push, 3),  # the trainer's write into the region (EXPORT, after the conversion)
+            load_gb_per_s=round(pushed / max(means["update_weights"], 1e-9) / 1e9, 3),  # vLLM's verify and load
+            bytes=int(pushed),
+            **_device_copy(pushed),
+        )
     gap = _mean(later, "logprob_gap/mean_abs")
     if gap is not None:
         _emit(lifecycle=lifecycle, measure="logprob_gap", mean_abs=gap)

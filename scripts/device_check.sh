@@ -7,7 +7,8 @@
 # Qwen2.5-0.5B-shaped model with random weights that the launcher writes (24 layers, hidden 896, 14 heads,
 # 2 KV heads, SwiGLU 4864, tied embeddings; the project's BPE vocabulary instead of Qwen's 151,936), in
 # bfloat16. Its lines: each phase's seconds, the switch train -> rollout and rollout -> train, the push's GB/s
-# next to a device-to-device copy of as many bytes, rollout tokens/s against a standalone vLLM, the logprob
+# (by CUDA IPC: transfer.local=auto on a GPU; `via` says which path ran) next to a device-to-device copy of as
+# many bytes, rollout tokens/s against a standalone vLLM, the logprob
 # gap, and the device's memory (the trainer's GPU before and after OFFLOAD, each GPU's free memory before
 # vLLM starts and once it is gone).
 # Needs the GPU stack in $PYTHON's environment: the Docker `gpu` target, or

@@ -48,6 +48,7 @@ class ExportAck(AckPayload):
     cold_start_seconds: float = 0.0  # the first EXPORT of a fresh run also waited for the cold start
     region: str = ""  # filled in by the engine that registered it
     bytes: int = 0
+    on_device: bool = False  # the region is in GPU memory, shared by CUDA IPC (transfer.local=cuda_ipc)
 
 
 class ExportWaitAck(AckPayload):

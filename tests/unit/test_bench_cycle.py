@@ -42,6 +42,8 @@ def test_the_switches_push_gap_and_device_memory_have_lines_of_their_own(capsys:
     assert lines["switch"]["train_to_rollout_seconds"] == 4.0  # offload, export, start_vllm, update_weights
     assert lines["switch"]["rollout_to_train_seconds"] == 3.0  # terminate_vllm 1 s, onload 2 s on average
     assert lines["push"]["gb_per_s"] == 3.0
+    assert lines["push"]["load_gb_per_s"] == 1.0  # 1 GB in UPDATE_WEIGHTS' 1 s
+    assert lines["push"]["via"] == "shm"
     assert "device_copy_gb_per_s" not in lines["push"]  # no GPU here
     assert lines["logprob_gap"]["mean_abs"] == 0.01  # the one iteration that measured it
     assert lines["device_memory_bytes"] == {
@@ -54,6 +56,9 @@ def test_the_switches_push_gap_and_device_memory_have_lines_of_their_own(capsys:
     }
     switch_and_push("terminate", [{"iteration": 1, **times}])  # a CPU run: no device line
     assert "device_memory_bytes" not in capsys.readouterr().out
+    switch_and_push("terminate", [{**rows[0], "push/cuda_ipc": 1.0}])
+    lines = {x["measure"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert lines["push"]["via"] == "cuda_ipc"
 
 
 def test_a_run_without_a_later_iteration_is_refused() -> None:
