@@ -13,8 +13,9 @@ Sharing goes through torch's own CUDA IPC (`storage._share_cuda_`, `rebuild_cuda
 keeps a shared block until every consumer has dropped it (the worker drops its views once loaded; a vLLM
 killed while loading leaves its block to the trainer's process until that exits). Needs both processes on
 one node with the same IPC namespace (containers: `--ipc=host`) and the GPU visible to both; the GPU is
-named by UUID, since each process numbers the GPUs it sees. GPU only: on a CPU machine `transfer.local=auto`
-is shared memory and `cuda_ipc` is refused.
+named by UUID, since each process numbers the GPUs it sees. With vLLM's tensor parallelism above 1, every
+worker opens the region on the trainer's GPU (a CUDA context there per worker, a peer copy to its own GPU).
+GPU only: on a CPU machine `transfer.local=auto` is shared memory and `cuda_ipc` is refused.
 """
 
 from __future__ import annotations
