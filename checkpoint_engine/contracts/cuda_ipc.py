@@ -9,22 +9,37 @@ The region lives until the trainer's ONLOAD (`release`), when vLLM has loaded it
 vLLM once the region is registered, so vLLM sizes its KV cache with the region in place and freeing it
 earlier would give vLLM nothing.
 
-Sharing goes through torch's own CUDA IPC (`storage._share_cuda_`, `rebuild_cuda_tensor`), whose producer
-keeps a shared block until every consumer has dropped it (the worker drops its views once loaded; a vLLM
-killed while loading leaves its block to the trainer's process until that exits). Needs both processes on
-one node with the same IPC namespace (containers: `--ipc=host`) and the GPU visible to both; the GPU is
-named by UUID, since each process numbers the GPUs it sees. With vLLM's tensor parallelism above 1, every
+Sharing goes through torch's own CUDA IPC (`storage._share_cuda_`, `rebuild_cuda_tensor`). torch counts one
+reader per share (a counter in a shared file that the share sets to 1 and each opener's release takes 1
+from) and keeps a freed block while the count is above 0; here a version is read by every vLLM worker (its
+tensor parallelism) and again by a vLLM restarted during ROLLOUT, and a vLLM killed while loading never
+gives its count back. So the writer shares each region once and clears the count itself before it frees the
+region (`release`): the phases guarantee that by ONLOAD every reader has loaded or is gone (a worker drops
+its views once loaded). Needs both processes on one node with the same IPC namespace (containers:
+`--ipc=host`) and the GPU visible to both; the GPU is named by UUID, since each process numbers the GPUs it
+sees. With vLLM's tensor parallelism above 1, every
 worker opens the region on the trainer's GPU (a CUDA context there per worker, a peer copy to its own GPU).
 GPU only: on a CPU machine `transfer.local=auto` is shared memory and `cuda_ipc` is refused.
 """
 
 from __future__ import annotations
 
+import logging
+import struct
 from collections.abc import Callable, Mapping
 
 import torch
 
-from checkpoint_engine.contracts.weight_region import DeviceHandle, Manifest, fill_region, plan_layout, region_name
+from checkpoint_engine.contracts.weight_region import (
+    SHM_DIR,
+    DeviceHandle,
+    Manifest,
+    fill_region,
+    plan_layout,
+    region_name,
+)
+
+log = logging.getLogger(__name__)
 
 
 def device_uuid(index: int) -> str:
@@ -81,6 +96,18 @@ def open_region(h: DeviceHandle) -> torch.Tensor:
     )
 
 
+def clear_readers(h: DeviceHandle) -> None:
+    """Set torch's count of `h`'s readers to 0, so that freeing the region frees it now (see the module's doc).
+    The count is an int64 slot of a POSIX shared-memory file torch names in the handle."""
+    path = SHM_DIR / bytes.fromhex(h.ref_counter).decode().lstrip("/")
+    try:
+        with path.open("r+b") as f:
+            f.seek(h.ref_counter_offset * 8)
+            f.write(struct.pack("=q", 0))
+    except FileNotFoundError:
+        log.warning("torch's reader count of a weight region (%s) is gone; its GPU memory may stay reserved", path)
+
+
 class DeviceRegionWriter:
     """The EXPORT side of `transfer.local=cuda_ipc`: each version in a device region this writer holds.
 
@@ -96,7 +123,7 @@ class DeviceRegionWriter:
     ) -> None:
         self.job, self.node, self._share = job, node, share
         self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
-        self._regions: dict[int, torch.Tensor] = {}
+        self._regions: dict[int, tuple[torch.Tensor, DeviceHandle]] = {}
 
     def write(self, version: int, tensors: Mapping[str, torch.Tensor]) -> Manifest:
         """Copy `tensors` into a new device region for `version`; fails if this writer holds that version."""
@@ -107,24 +134,31 @@ class DeviceRegionWriter:
         slots = fill_region(region, slots, tensors)
         if region.is_cuda:
             torch.cuda.synchronize(self.device)  # the copies are queued; vLLM must read them whole
-        self._regions[version] = region
+        handle = self._share(region)
+        self._regions[version] = (region, handle)
         name = region_name(self.job, self.node, version)
-        return Manifest(region=name, version=version, size=size, slots=tuple(slots), device=self._share(region))
+        return Manifest(region=name, version=version, size=size, slots=tuple(slots), device=handle)
 
     def versions(self) -> list[int]:
         return sorted(self._regions)
 
     def discard(self, version: int) -> None:
         """Free a version that was never registered (an EXPORT that failed part way)."""
-        self._regions.pop(version, None)
+        self._free(version)
 
     def release(self) -> None:
         """Free every region before ONLOAD: vLLM has loaded them (or was killed), training needs the memory."""
-        self._regions.clear()
+        for version in list(self._regions):
+            self._free(version)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.cuda.ipc_collect()  # blocks whose openers have closed them go back to the allocator now
+            torch.cuda.ipc_collect()  # a block torch kept back while counting readers goes now
             torch.cuda.empty_cache()
+
+    def _free(self, version: int) -> None:
+        held = self._regions.pop(version, None)
+        if held is not None:
+            clear_readers(held[1])  # the region itself goes with `held`'s last reference
 
     def close(self) -> None:
         self.release()

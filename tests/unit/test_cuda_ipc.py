@@ -6,7 +6,10 @@ The IPC itself (share, open in another process) runs in tests/integration/test_c
 from __future__ import annotations
 
 import json
+import struct
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -50,30 +53,53 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 
 class _FakeIpc:
-    """Stands in for CUDA IPC on a CPU: `share` records the region and returns a handle that names it;
-    `open_region` (patched in) returns the very tensor, as another process's opened handle would map it."""
+    """Stands in for CUDA IPC on a CPU: `share` records the region and returns a handle that names it, with a
+    reader count in a shared-memory file as torch's share makes one (slot 2 of 4, set to 1); `open_region`
+    (patched in) returns the very tensor, as another process's opened handle would map it."""
+
+    SLOT = 2
 
     def __init__(self) -> None:
         self.shared: dict[str, torch.Tensor] = {}
+        self.counters: list[Path] = []
 
     def share(self, region: torch.Tensor) -> DeviceHandle:
         key = f"{len(self.shared):02x}" * 32
         self.shared[key] = region
-        return DeviceHandle(**{**HANDLE.__dict__, "handle": key, "size": region.numel()})
+        counter = SHM_DIR / f"torch_test_{uuid.uuid4().hex[:8]}"
+        counter.write_bytes(struct.pack("=4q", 7, 7, 1, 7))
+        self.counters.append(counter)
+        return DeviceHandle(
+            **{
+                **HANDLE.__dict__,
+                "handle": key,
+                "size": region.numel(),
+                "ref_counter": f"/{counter.name}".encode().hex(),
+                "ref_counter_offset": self.SLOT,
+            }
+        )
+
+    def readers(self) -> list[tuple[int, ...]]:
+        return [struct.unpack("=4q", c.read_bytes()) for c in self.counters]
+
+    def close(self) -> None:
+        for c in self.counters:
+            c.unlink(missing_ok=True)
 
     def open_region(self, h: DeviceHandle) -> torch.Tensor:
         return self.shared[h.handle]
 
 
 @pytest.fixture
-def ipc(monkeypatch: pytest.MonkeyPatch) -> _FakeIpc:
+def ipc(monkeypatch: pytest.MonkeyPatch) -> Iterator[_FakeIpc]:
     fake = _FakeIpc()
     monkeypatch.setattr(cuda_ipc, "open_region", fake.open_region)
-    return fake
+    yield fake
+    fake.close()
 
 
 @pytest.fixture
-def job() -> str:
+def job() -> Iterator[str]:
     job = f"test-{uuid.uuid4().hex[:8]}"
     yield job
     for name in list_regions(f"timeshare-{job}-"):
@@ -112,8 +138,13 @@ def test_the_writer_holds_each_version_until_onload_releases_them(ipc: _FakeIpc,
     assert writer.versions() == [1, 2]
     writer.discard(2)  # an EXPORT that died before registering
     assert writer.versions() == [1]
+    assert ipc.readers()[0] == (7, 7, 1, 7)
     writer.release()
     assert writer.versions() == []
+    # Cleared, whoever read it: torch would keep a block whose count is not 0 (a TP-2 vLLM's two workers
+    # leave it at -1, a vLLM killed while loading at 1); the slots beside it are other shares'.
+    assert ipc.readers()[0] == (7, 7, 0, 7)
+    assert ipc.readers()[1] == (7, 7, 0, 7)  # the discarded version's
     writer.write(1, _tensors())  # after ONLOAD a version may be written again (a resumed run)
 
 
