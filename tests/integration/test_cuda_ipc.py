@@ -1,5 +1,6 @@
 """CUDA IPC for real: a region the trainer's writer shares is opened, verified and read by other processes,
-and its memory goes back when the writer releases it, however many read it. GPU only (the whole job on a GPU runs in scripts/device_check.sh)."""
+and its memory goes back when the writer releases it, however many read it. GPU only (the whole job on a
+GPU runs in scripts/device_check.sh)."""
 
 from __future__ import annotations
 
