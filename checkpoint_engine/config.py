@@ -52,9 +52,10 @@ class TransferConfig(Section):
     KEY = "transfer"
     kind: Literal["shm", "mooncake"] = "shm"
     protocol: Literal["tcp", "rdma"] = "tcp"  # Mooncake's transport between nodes
-    # The trainer's export for its own node's vLLM (contracts.config.LocalRegion). cuda_ipc keeps the version
-    # in GPU memory from EXPORT to ONLOAD, so vLLM's gpu_memory_utilization must leave room for one copy of
-    # the weights; Mooncake serves shared memory only, so a job of several nodes exports there.
+    # The trainer's export for its own node's vLLM (contracts.config.LocalRegion; the launcher resolves auto,
+    # `TrainConfig.local_region`). cuda_ipc keeps the version in GPU memory from EXPORT to ONLOAD, so vLLM's
+    # gpu_memory_utilization must leave room for one copy of the weights; Mooncake serves shared memory only,
+    # so a job of several nodes exports there.
     local: LocalRegion = "auto"
 
     @model_validator(mode="after")
@@ -70,12 +71,10 @@ class TransferConfig(Section):
             )
         return self
 
-    def local_region(self, has_cuda: bool) -> Literal["shm", "cuda_ipc"]:
-        """`local` as the node runs it (the launcher tells the engine and the trainer ranks): auto is cuda_ipc
-        on a machine with CUDA whose export no other node pulls, shared memory otherwise."""
-        if self.local == "auto":
-            return "cuda_ipc" if has_cuda and self.kind == "shm" else "shm"
-        return self.local
+    @property
+    def exports_on_device(self) -> bool:
+        """The node's version is in the trainer's GPU memory (as the launcher resolved `local`)."""
+        return self.local == "cuda_ipc"
 
 
 class EngineConfig(Section):

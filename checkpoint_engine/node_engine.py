@@ -156,7 +156,7 @@ class NodeEngine:
         Not with the version in GPU memory (transfer.local=cuda_ipc): vLLM then starts in its own turn, once
         EXPORT holds the region, so that vLLM sizes its KV cache, and NVML is read before it, with the region
         in place (the trainer frees it at ONLOAD, after TERMINATE_VLLM's check against that reading)."""
-        if self.cfg.transfer.local == "cuda_ipc":
+        if self.cfg.transfer.exports_on_device:
             return
         if self._early_start is None and not self.vllm.alive():
             self._early_start = self._starter.submit(self._start_vllm_process)
@@ -216,7 +216,7 @@ class NodeEngine:
         self._timed("register_weights", lambda: self.store.register(manifest))
         state, _ = self.coordinator.read_phase()
         if state is not None and state.phase is Phase.EXPORT and state.weight_version == manifest.version:
-            filled = {"region": manifest.region, "bytes": manifest.size, "on_device": manifest.device is not None}
+            filled = {"region": manifest.region, "bytes": manifest.size, "on_device": manifest.on_device}
             ack = payload.model_copy(update=filled)
             self.coordinator.ack(state, ack.to_dict())
 

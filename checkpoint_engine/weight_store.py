@@ -62,7 +62,7 @@ class WeightStore:
             raise BadRequest(f"region {manifest.region!r} does not belong to this node (expected {self.prefix}*)")
         if manifest.version in self._held:
             raise NotNow(f"weight version {manifest.version} is already registered on {self.node}")
-        if self._server and manifest.device is not None:
+        if self._server and manifest.on_device:
             raise BadRequest(
                 f"weight version {manifest.version} is in GPU memory, which Mooncake does not serve to other "
                 "nodes: a job with transfer.kind=mooncake exports to shared memory (transfer.local=shm)"
@@ -104,7 +104,7 @@ class WeightStore:
             if self._server and not held.replica:
                 self._server.unserve(version)
         finally:
-            if held.manifest.device is not None:
+            if held.manifest.on_device:
                 pass  # a GPU region (transfer.local=cuda_ipc) is the trainer's: it frees it before ONLOAD
             elif keep_pages and not held.replica:
                 retire_region(held.manifest.region, self.spare)

@@ -76,7 +76,7 @@ def start_node(
     ports = free_loopback_ports(2)
     engine_port, vllm_port = here.engine_port or ports[0], here.vllm_port or ports[1]
     token = None if ipaddress.ip_address(here.address).is_loopback else secrets.token_urlsafe(16)
-    region = cfg.transfer.local_region(has_cuda=_has_cuda())
+    region = cfg.local_region(has_cuda=_has_cuda())
     engine_cfg = _engine_config(
         cfg,
         paths,

@@ -273,6 +273,12 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _across_sections(self) -> TrainConfig:
+        if self.transfer.local == "cuda_ipc" and self.parallel.vllm_tp > 1:
+            raise ConfigError(
+                f"transfer.local='cuda_ipc' with parallel.vllm_tp={self.parallel.vllm_tp}: every vLLM worker would "
+                "open the region on the trainer's GPU (a CUDA context each, after vLLM sized its KV cache); use "
+                "'shm' or 'auto' (shm there)"
+            )
         if self.model.path is None and self.parallel.trainer_ep > 1:
             if self.model.arch != "qwen3_moe":
                 raise ConfigError(
@@ -375,6 +381,14 @@ class TrainConfig(Section):
             load_format=load_format,
             sleep_mode=rollout.sleep_level > 0,
         )
+
+    def local_region(self, has_cuda: bool) -> Literal["shm", "cuda_ipc"]:
+        """transfer.local as the node runs it (the launcher tells the engine and the ranks): auto is cuda_ipc on a
+        machine with CUDA where one vLLM worker reads the export and no other node pulls it, else shm."""
+        if self.transfer.local == "auto":
+            one_reader = self.transfer.kind == "shm" and self.parallel.vllm_tp == 1
+            return "cuda_ipc" if has_cuda and one_reader else "shm"
+        return self.transfer.local
 
     def check_machine(self, has_cuda: bool, cpu_bfloat16: bool) -> None:
         """Rules that depend on the machine the run starts on (`cpu_bfloat16`: its CPU computes in

@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv-gpu/bin/python}
-LIMIT=${LIMIT:-540}  # seconds for both runs together
+LIMIT=${LIMIT:-450}  # seconds for both runs of the bench together (the GPU tests before them: at most 120)
 
 OVERRIDES=(
   model.arch=qwen2
@@ -54,5 +54,12 @@ print(json.dumps({
     "free_bytes": free, "total_bytes": total,
 }))
 EOF
+# The GPU-only tests first (CUDA IPC between processes, the Megatron GPU path): one line with their outcome.
+if timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/integration/test_cuda_ipc.py \
+    tests/integration/test_megatron.py >"${TMPDIR:-/tmp}/device_check_tests.log" 2>&1; then
+  echo '{"check": "gpu_tests", "passed": true}'
+else
+  echo "{\"check\": \"gpu_tests\", \"passed\": false, \"log\": \"${TMPDIR:-/tmp}/device_check_tests.log\"}"
+fi
 # keep_alive sleeps at level 1 between rollouts (vLLM's weights to host memory, its KV cache freed).
 exec timeout "$LIMIT" "$PYTHON" -m launch.cli bench cycle --iterations 3 --sleep-level 1 "${OVERRIDES[@]}" "$@"

@@ -96,13 +96,20 @@ def open_region(h: DeviceHandle) -> torch.Tensor:
     )
 
 
+# torch's reader counts are int64 slots of a POSIX shared-memory file its RefcountedMapAllocator made, whose
+# data begins after a 64-byte header (the file's own reference count, which must be left alone).
+COUNTER_HEADER = 64
+
+
 def clear_readers(h: DeviceHandle) -> None:
-    """Set torch's count of `h`'s readers to 0, so that freeing the region frees it now (see the module's doc).
-    The count is an int64 slot of a POSIX shared-memory file torch names in the handle."""
+    """Set torch's count of `h`'s readers to 0, so that freeing the region frees it now (see the module's doc)."""
     path = SHM_DIR / bytes.fromhex(h.ref_counter).decode().lstrip("/")
+    at = COUNTER_HEADER + 8 * h.ref_counter_offset
     try:
         with path.open("r+b") as f:
-            f.seek(h.ref_counter_offset * 8)
+            if f.seek(0, 2) < at + 8:
+                raise ValueError(f"{path} has no reader count at byte {at}: not a torch CUDA IPC counter file")
+            f.seek(at)
             f.write(struct.pack("=q", 0))
     except FileNotFoundError:
         log.warning("torch's reader count of a weight region (%s) is gone; its GPU memory may stay reserved", path)

@@ -65,6 +65,11 @@ class Manifest:
     device: DeviceHandle | None = None  # None: the region is /dev/shm/<region>
     schema: int = 1
 
+    @property
+    def on_device(self) -> bool:
+        """The region is in GPU memory (`device`), not in /dev/shm."""
+        return self.device is not None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -63,6 +63,13 @@ def weight_writer(cfg: RankConfig, on_gpu: bool) -> RegionWriter | DeviceRegionW
     return DeviceRegionWriter(cfg.job, cfg.node)
 
 
+def region_lost(state: PhaseState, turn: Phase, weight_region: str) -> bool:
+    """A version in GPU memory died with the rank that wrote it: lost for good if vLLM has not loaded it yet
+    (the job is between its registration and UPDATE_WEIGHTS' end, and the ranks' next turn is ONLOAD)."""
+    waiting = state.phase in (Phase.EXPORT, Phase.START_VLLM, Phase.UPDATE_WEIGHTS)
+    return weight_region == "cuda_ipc" and turn is Phase.ONLOAD and waiting
+
+
 class TakeUpError(RuntimeError):
     """Ranks started again cannot take the running job up (torchrun then starts them again, or gives up)."""
 
@@ -192,6 +199,12 @@ class Rank:
         iteration, phase = next_turn(state, Owner.TRAINER)
         if phase is Phase.EXPORT and iteration in registered:  # EXPORT of i writes version i: it did, then died
             phase = Phase.ONLOAD
+        if region_lost(state, phase, self.cfg.weight_region):
+            raise TakeUpError(
+                f"restarted at {state.phase.value} of iteration {state.iteration}, before vLLM loaded version "
+                f"{state.weight_version}, which was in the dead rank's GPU memory (transfer.local=cuda_ipc): "
+                "the job has to restart"
+            )
         needed = trained_through(iteration, phase)
         if needed not in self.paths.complete_checkpoints():
             raise TakeUpError(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from checkpoint_engine.config import TransferConfig
 from checkpoint_engine.contracts import cuda_ipc
 from checkpoint_engine.contracts.config import ConfigError
 from checkpoint_engine.contracts.engine_api import BadRequest
+from checkpoint_engine.contracts.phases import Phase, PhaseState
+from checkpoint_engine.contracts.polling import poll_until
 from checkpoint_engine.contracts.weight_region import (
     SHM_DIR,
     DeviceHandle,
@@ -29,7 +33,8 @@ from checkpoint_engine.contracts.weight_region import (
     read_region,
 )
 from checkpoint_engine.weight_store import WeightStore
-from sidecars.megatron.rank_main import weight_writer
+from launch.config_loading import load_config
+from sidecars.megatron.rank_main import region_lost, weight_writer
 
 HANDLE = DeviceHandle(
     device_uuid="GPU-0f3e",
@@ -54,10 +59,11 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 class _FakeIpc:
     """Stands in for CUDA IPC on a CPU: `share` records the region and returns a handle that names it, with a
-    reader count in a shared-memory file as torch's share makes one (slot 2 of 4, set to 1); `open_region`
-    (patched in) returns the very tensor, as another process's opened handle would map it."""
+    reader count at slot 2 of a counter file laid out as torch's (a 64-byte header, then int64 slots: see
+    the test of a real one below), set to 1 as a share sets it; `open_region` (patched in) returns the very
+    tensor, as another process's opened handle would map it."""
 
-    SLOT = 2
+    SLOT, HEADER = 2, b"\xab" * 64
 
     def __init__(self) -> None:
         self.shared: dict[str, torch.Tensor] = {}
@@ -67,7 +73,7 @@ class _FakeIpc:
         key = f"{len(self.shared):02x}" * 32
         self.shared[key] = region
         counter = SHM_DIR / f"torch_test_{uuid.uuid4().hex[:8]}"
-        counter.write_bytes(struct.pack("=4q", 7, 7, 1, 7))
+        counter.write_bytes(self.HEADER + struct.pack("=4q", 7, 7, 1, 7))
         self.counters.append(counter)
         return DeviceHandle(
             **{
@@ -80,14 +86,17 @@ class _FakeIpc:
         )
 
     def readers(self) -> list[tuple[int, ...]]:
-        return [struct.unpack("=4q", c.read_bytes()) for c in self.counters]
+        """Each counter file's slots, once its header is seen untouched."""
+        files = [c.read_bytes() for c in self.counters]
+        assert all(f[:64] == self.HEADER for f in files)
+        return [struct.unpack("=4q", f[64:]) for f in files]
+
+    def open_region(self, h: DeviceHandle) -> torch.Tensor:
+        return self.shared[h.handle]
 
     def close(self) -> None:
         for c in self.counters:
             c.unlink(missing_ok=True)
-
-    def open_region(self, h: DeviceHandle) -> torch.Tensor:
-        return self.shared[h.handle]
 
 
 @pytest.fixture
@@ -129,6 +138,38 @@ def test_the_receiver_refuses_a_device_region_whose_bytes_changed(ipc: _FakeIpc,
         read_region(manifest)
 
 
+COUNTER_FILE = """
+import json, torch
+from checkpoint_engine.contracts.cuda_ipc import clear_readers
+from checkpoint_engine.contracts.weight_region import DeviceHandle
+slots = torch.tensor([7, 7, 1, 7], dtype=torch.int64)
+_, name, _ = slots.untyped_storage()._share_filename_cpu_()
+path = "/dev/shm/" + name.decode().lstrip("/")
+header = open(path, "rb").read(64)
+clear_readers(DeviceHandle("GPU-0", "", 0, 0, name.hex(), 2, "", False))
+print(json.dumps({"path": path, "slots": slots.tolist(), "header_kept": open(path, "rb").read(64) == header}))
+"""
+
+
+def test_clearing_a_reader_count_writes_its_slot_of_a_real_torch_counter_file() -> None:
+    """torch's RefcountedMapAllocator lays out its CUDA IPC counter files as it does a CPU storage shared by
+    file name: a header, then the slots. Run apart, since sharing by file name starts torch's shm manager."""
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNTER_FILE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    assert got["slots"] == [7, 7, 0, 7]
+    assert got["header_kept"]  # the file's own reference count, which torch's unlink depends on
+    gone = poll_until(lambda: True if not Path(got["path"]).exists() else None, timeout=20, every=0.2)
+    assert gone, "torch's shm manager removes the file once the process that shared it has exited"
+
+
 def test_the_writer_holds_each_version_until_onload_releases_them(ipc: _FakeIpc, job: str) -> None:
     writer = cuda_ipc.DeviceRegionWriter(job, "n0", device=torch.device("cpu"), share=ipc.share)
     writer.write(1, _tensors())
@@ -141,8 +182,8 @@ def test_the_writer_holds_each_version_until_onload_releases_them(ipc: _FakeIpc,
     assert ipc.readers()[0] == (7, 7, 1, 7)
     writer.release()
     assert writer.versions() == []
-    # Cleared, whoever read it: torch would keep a block whose count is not 0 (a TP-2 vLLM's two workers
-    # leave it at -1, a vLLM killed while loading at 1); the slots beside it are other shares'.
+    # Cleared, whoever read it: torch would keep a block whose count is not 0 (a vLLM restarted during ROLLOUT
+    # leaves it at -1, a vLLM killed while loading at 1); the slots beside it are other shares'.
     assert ipc.readers()[0] == (7, 7, 0, 7)
     assert ipc.readers()[1] == (7, 7, 0, 7)  # the discarded version's
     writer.write(1, _tensors())  # after ONLOAD a version may be written again (a resumed run)
@@ -190,17 +231,23 @@ def test_the_weight_store_refuses_to_serve_a_device_region_to_other_nodes(job: s
 
 
 @pytest.mark.parametrize(
-    ("local", "kind", "has_cuda", "expected"),
+    ("overrides", "has_cuda", "expected"),
     [
-        ("auto", "shm", True, "cuda_ipc"),
-        ("auto", "shm", False, "shm"),
-        ("auto", "mooncake", True, "shm"),  # the other nodes pull the head's shared memory
-        ("shm", "shm", True, "shm"),
-        ("cuda_ipc", "shm", True, "cuda_ipc"),
+        ([], True, "cuda_ipc"),  # auto
+        ([], False, "shm"),
+        (["transfer=mooncake"], True, "shm"),  # the other nodes pull the head's shared memory
+        (["parallel.vllm_tp=2"], True, "shm"),  # two workers would open the region on the trainer's GPU
+        (["transfer.local=shm"], True, "shm"),
+        (["transfer.local=cuda_ipc"], True, "cuda_ipc"),
     ],
 )
-def test_the_launcher_resolves_where_the_node_exports(local: str, kind: str, has_cuda: bool, expected: str) -> None:
-    assert TransferConfig(kind=kind, local=local).local_region(has_cuda) == expected
+def test_the_launcher_resolves_where_the_node_exports(overrides: list[str], has_cuda: bool, expected: str) -> None:
+    assert load_config(overrides).local_region(has_cuda) == expected
+
+
+def test_cuda_ipc_is_refused_for_several_vllm_workers() -> None:
+    with pytest.raises(ConfigError, match=r"transfer\.local='cuda_ipc' with parallel\.vllm_tp=2"):
+        load_config(["transfer.local=cuda_ipc", "parallel.vllm_tp=2"])
 
 
 def test_a_rank_without_a_gpu_refuses_cuda_ipc_by_name(job: str) -> None:
@@ -230,3 +277,20 @@ def test_with_a_gpu_region_vllm_starts_in_its_turn_not_during_export() -> None:
     engine.cfg = SimpleNamespace(transfer=TransferConfig(local="shm"))
     engine.begin_vllm_start(state=None)
     assert len(started) == 1
+
+
+@pytest.mark.parametrize(
+    ("phase", "turn", "region", "lost"),
+    [
+        (Phase.EXPORT, Phase.ONLOAD, "cuda_ipc", True),  # registered, then the rank died
+        (Phase.START_VLLM, Phase.ONLOAD, "cuda_ipc", True),
+        (Phase.UPDATE_WEIGHTS, Phase.ONLOAD, "cuda_ipc", True),
+        (Phase.ROLLOUT, Phase.ONLOAD, "cuda_ipc", False),  # vLLM has it
+        (Phase.EXPORT, Phase.EXPORT, "cuda_ipc", False),  # not registered: the new ranks write it again
+        (Phase.UPDATE_WEIGHTS, Phase.ONLOAD, "shm", False),  # the region outlives the rank
+    ],
+)
+def test_restarted_ranks_know_when_the_version_died_with_their_predecessor(
+    phase: Phase, turn: Phase, region: str, lost: bool
+) -> None:
+    assert region_lost(PhaseState(iteration=3, phase=phase, weight_version=3), turn, region) is lost
