@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 Dtype = Literal["float32", "bfloat16"]  # of the trainer's parameters and of vLLM (model.dtype)
 Lifecycle = Literal["terminate", "keep_alive"]  # vLLM after each rollout: killed, or kept (rollout.lifecycle)
 # Where a node's trainer writes each weight version for its vLLM (transfer.local): POSIX shared memory, or GPU
-# memory shared by CUDA IPC; auto: cuda_ipc when the trainer runs on a GPU and no other node reads the export.
+# memory shared by CUDA IPC; auto: cuda_ipc on a GPU where one vLLM worker and no other node read the export.
 LocalRegion = Literal["auto", "shm", "cuda_ipc"]
 
 

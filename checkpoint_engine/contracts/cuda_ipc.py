@@ -10,16 +10,15 @@ vLLM once the region is registered, so vLLM sizes its KV cache with the region i
 earlier would give vLLM nothing.
 
 Sharing goes through torch's own CUDA IPC (`storage._share_cuda_`, `rebuild_cuda_tensor`). torch counts one
-reader per share (a counter in a shared file that the share sets to 1 and each opener's release takes 1
-from) and keeps a freed block while the count is above 0; here a version is read by every vLLM worker (its
-tensor parallelism) and again by a vLLM restarted during ROLLOUT, and a vLLM killed while loading never
-gives its count back. So the writer shares each region once and clears the count itself before it frees the
-region (`release`): the phases guarantee that by ONLOAD every reader has loaded or is gone (a worker drops
-its views once loaded). Needs both processes on one node with the same IPC namespace (containers:
-`--ipc=host`) and the GPU visible to both; the GPU is named by UUID, since each process numbers the GPUs it
-sees. With vLLM's tensor parallelism above 1, every
-worker opens the region on the trainer's GPU (a CUDA context there per worker, a peer copy to its own GPU).
-GPU only: on a CPU machine `transfer.local=auto` is shared memory and `cuda_ipc` is refused.
+reader per share (a counter in a shared file that the share sets to 1 and each opener's release takes 1 from)
+and keeps a freed block while the count is above 0; here a version is read again by a vLLM restarted during
+ROLLOUT, and a vLLM killed while loading never gives its count back. So the writer shares each region once and
+clears the count itself before it frees the region (`release`): the phases guarantee that by ONLOAD every
+reader has loaded or is gone (a worker drops its views once loaded). Needs both processes on one node with the
+same IPC namespace (containers: `--ipc=host`) and the GPU visible to both; the GPU is named by UUID, since
+each process numbers the GPUs it sees. One vLLM worker only (`parallel.vllm_tp=1`): more would each open a
+CUDA context on the trainer's GPU after vLLM sized its KV cache, so the config refuses them. GPU only: on a
+CPU machine `transfer.local=auto` is shared memory and `cuda_ipc` is refused.
 """
 
 from __future__ import annotations

@@ -140,9 +140,13 @@ def map_region(path: Path, size: int, create: bool) -> mmap.mmap:
         os.close(fd)
 
 
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)  # flat first: 0-d tensors too
+
+
 def as_bytes(t: torch.Tensor) -> np.ndarray:
     """A uint8 view of a CPU tensor's storage (bfloat16 has no numpy dtype, so view as bytes first)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # flat first: 0-d tensors too
+    return _flat_bytes(t).numpy()
 
 
 def fill_region(dst: torch.Tensor, slots: list[TensorSlot], tensors: Mapping[str, torch.Tensor]) -> list[TensorSlot]:
@@ -158,12 +162,13 @@ def fill_region(dst: torch.Tensor, slots: list[TensorSlot], tensors: Mapping[str
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as pool:
         sums = []
         for s, t in zip(slots, tensors.values(), strict=True):
-            src = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            sums.append(pool.submit(checksum, src.numpy()))
+            src = _flat_bytes(t.cpu())  # a tensor still: a pinned source copies to the GPU asynchronously
+            src_bytes = src.numpy()
+            sums.append(pool.submit(checksum, src_bytes))
             if host is None:
                 dst[s.offset : s.offset + s.nbytes].copy_(src, non_blocking=True)
             else:
-                host[s.offset : s.offset + s.nbytes] = src.numpy()
+                host[s.offset : s.offset + s.nbytes] = src_bytes
         return [replace(s, checksum=f.result()) for s, f in zip(slots, sums, strict=True)]
 
 
@@ -262,7 +267,7 @@ def read_region(manifest: Manifest, verify: bool = True) -> list[tuple[str, torc
     is mapped (or opened by CUDA IPC) once; the mapping lives as long as the tensors do. A GPU
     region's tensors are checked on a host copy, one tensor at a time (the checksum runs on the CPU).
     """
-    if manifest.device is not None:
+    if manifest.device is not None:  # manifest.on_device, spelt so that the type checker knows it is set
         from checkpoint_engine.contracts import cuda_ipc
 
         raw = cuda_ipc.open_region(manifest.device)

@@ -28,7 +28,7 @@ class WeightReceiverExtension:
             )
         tensors = read_region(manifest)  # verified before any is loaded
         self._reload(iter(tensors))
-        del tensors  # a GPU region's views: the trainer frees the region once every opener has let go
+        del tensors  # a GPU region's views: the mapping closes with them, before the trainer frees the region
         self.loaded_version = manifest.version
         return self.loaded_version
 

@@ -49,7 +49,7 @@ def test_another_process_reads_the_shared_region_verified(tmp_path: Path) -> Non
     writer = DeviceRegionWriter("ipc-test", "n0")
     manifest = writer.write(0, tensors)
     (tmp_path / "m.json").write_text(json.dumps(manifest.to_dict()))
-    for _ in range(2):  # two readers of one share, as two vLLM workers (TP 2) or a vLLM restarted in ROLLOUT
+    for _ in range(2):  # two readers of one share, as a vLLM and the one restarted after it in ROLLOUT
         proc = subprocess.run(
             [sys.executable, "-c", READER, str(tmp_path / "m.json")],
             capture_output=True,
